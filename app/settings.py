@@ -1,0 +1,44 @@
+"""Settings, read from the environment with the TVFORGE_ prefix.
+
+The same code runs embedded (SQLite, local blob store, a private redis-server)
+and in production (PostgreSQL, a shared Redis); only these settings differ.
+"""
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TVFORGE_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="Root for the embedded database and blob store.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/tvforge.db.")
+    blob_dir: Path | None = Field(None, description="Content-addressed blob store; default <data_dir>/blobs.")
+    broker_url: str = Field("redis://127.0.0.1:6390/0", description="Celery broker (Redis).")
+    max_upload_bytes: int = Field(8 * 1024**3, description="Largest accepted upload; larger ones get 413.")
+    max_dataset_images: int = Field(200_000, description="Most images a dataset may hold.")
+    max_dataset_unpacked_bytes: int = Field(4 * 1024**3, description="Most bytes a dataset zip may unpack to.")
+    dataset_image_size: int = Field(224, description="Side to which zip images of mixed sizes are resized.")
+    job_time_limit_s: int = Field(6 * 3600, description="Hard time limit of one job attempt.")
+    heartbeat_interval_s: float = Field(5.0, description="How often a running job's worker touches its row.")
+    heartbeat_timeout_s: float = Field(60.0, description="A running job silent this long is taken as lost.")
+    reaper_interval_s: float = Field(10.0, description="How often workers look for lost jobs.")
+    max_attempts: int = Field(3, description="Attempts before a job whose workers keep dying is failed.")
+    device: str = Field("auto", description="Worker device: auto (CUDA when present), cpu or cuda.")
+    api_host: str = Field("127.0.0.1", description="Address the API binds to.")
+    api_port: int = Field(8000, description="Port the API binds to.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'tvforge.db').resolve()}"
+
+    @property
+    def resolved_blob_dir(self) -> Path:
+        return (self.blob_dir or self.data_dir / "blobs").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

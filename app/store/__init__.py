@@ -1,0 +1,1 @@
+"""Store layer: SQLAlchemy models and sessions, and the content-addressed blob store."""

@@ -1,0 +1,79 @@
+"""What a method receives besides its parameters: inputs on disk, a device, and the job's channels."""
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class Cancelled(Exception):
+    """Raised by JobContext.check_cancel when the job's owner asked to cancel."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build the base model: an open_clip architecture name or a full open_clip config."""
+
+    architecture: str | None = None
+    config: dict | None = None
+
+
+@dataclass(frozen=True)
+class TaskVectorInput:
+    id: str
+    name: str
+    path: Path
+    class_names: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    """A dataset in its canonical form: an .npz with <split>_images (uint8 N,H,W,3) and <split>_labels."""
+
+    id: str
+    name: str
+    path: Path
+    class_names: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    base_path: Path
+    base_spec: ModelSpec
+    task_vectors: list[TaskVectorInput]
+    datasets: dict[str, DatasetInput] = field(default_factory=dict)
+
+
+@dataclass
+class Progress:
+    stage: str
+    step: int = 0
+    total: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.step / self.total) if self.total else 0.0
+
+
+@dataclass
+class JobContext:
+    workdir: Path
+    device: str = "cpu"
+    seed: int = 0
+    report: Callable[[Progress], None] = lambda progress: None
+    is_cancelled: Callable[[], bool] = lambda: False
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def check_cancel(self) -> None:
+        """Call between steps: raises Cancelled once the owner asked to stop."""
+        if self.is_cancelled():
+            raise Cancelled()
+
+
+@dataclass
+class MethodResult:
+    """A method's output: the merged full state dict on disk, metrics, and JSON artifacts by name."""
+
+    checkpoint_path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, Any] = field(default_factory=dict)

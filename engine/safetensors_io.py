@@ -1,0 +1,227 @@
+"""Safetensors reading, validation and streaming writing.
+
+Headers are parsed and checked here before any tensor is touched, so a
+truncated or hostile file is refused without being mapped. Writing streams one
+tensor at a time (the header is known up front from names, dtypes and shapes),
+so producing a merged model never holds more than one tensor in memory.
+"""
+import json
+import os
+import math
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+# safetensors dtype -> (bytes per element, is floating point)
+DTYPES: dict[str, tuple[int, bool]] = {
+    "F64": (8, True), "F32": (4, True), "F16": (2, True), "BF16": (2, True),
+    "I64": (8, False), "I32": (4, False), "I16": (2, False), "I8": (1, False),
+    "U8": (1, False), "BOOL": (1, False),
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol 2+, torch's zip container
+
+
+class SafetensorsError(ValueError):
+    """A file that claims to be safetensors but is malformed."""
+
+
+class NotSafetensors(SafetensorsError):
+    """A file of another format altogether (pickle, zip, text ...)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return DTYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+
+def read_header(path: Path) -> Header:
+    """Parse and validate a safetensors header against the file's real size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8 or prefix.startswith(PICKLE_MAGIC):
+            raise NotSafetensors("not a safetensors file (pickle or zip container, or too short)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len == 0 or header_len > MAX_HEADER_BYTES:
+            raise NotSafetensors("not a safetensors file (implausible header length)")
+        raw = f.read(header_len)
+    if len(raw) < header_len:
+        raise SafetensorsError("file truncated inside the header")
+    if not raw.lstrip().startswith(b"{"):
+        raise NotSafetensors("not a safetensors file (header is not JSON)")
+    try:
+        parsed = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SafetensorsError(f"header is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise SafetensorsError("header is not a JSON object")
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError("__metadata__ must map strings to strings")
+
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in parsed.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise SafetensorsError(f"tensor {name!r}: malformed header entry") from None
+        if dtype not in DTYPES:
+            raise SafetensorsError(f"tensor {name!r}: unsupported dtype {dtype!r}")
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise SafetensorsError(f"tensor {name!r}: malformed shape {list(shape)}")
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+            raise SafetensorsError(f"tensor {name!r}: malformed data offsets")
+        if end - start != math.prod(shape) * DTYPES[dtype][0]:
+            raise SafetensorsError(f"tensor {name!r}: byte range does not match dtype and shape")
+        tensors[name] = TensorInfo(dtype, shape, start, end)
+
+    data_len = size - 8 - header_len
+    spans = sorted((t.start, t.end) for t in tensors.values())
+    position = 0
+    for start, end in spans:
+        if start != position:
+            raise SafetensorsError("tensor data is not contiguous (overlap or hole)")
+        position = end
+    if position > data_len:
+        raise SafetensorsError(f"file truncated: header needs {position} data bytes, file has {data_len}")
+    if position != data_len:
+        raise SafetensorsError("trailing bytes after the last tensor")
+    return Header(tensors, metadata)
+
+
+def check_finite(path: Path, header: Header) -> list[str]:
+    """Names of floating-point tensors holding NaN or Inf, read one tensor at a time."""
+    from safetensors import safe_open
+
+    bad = []
+    with safe_open(str(path), framework="pt") as f:
+        for name, info in header.tensors.items():
+            if info.is_float and info.numel and not bool(f.get_tensor(name).isfinite().all()):
+                bad.append(name)
+    return bad
+
+
+class StreamingWriter:
+    """Writes a safetensors file tensor by tensor, in the order the header lists them.
+
+    The header is fixed up front, with names sorted, so the same tensors always
+    give the same bytes.
+    """
+
+    def __init__(self, path: Path, entries: Iterable[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = path
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = dict(sorted(metadata.items()))
+        offset = 0
+        self._order: list[tuple[str, str, tuple[int, ...]]] = []
+        for name, dtype, shape in sorted(entries):
+            nbytes = math.prod(shape) * DTYPES[dtype][0]
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            self._order.append((name, dtype, tuple(shape)))
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self._order]
+
+    def write(self, name: str, tensor) -> None:
+        expected_name, dtype, shape = self._order[self._next]
+        if name != expected_name:
+            raise ValueError(f"expected tensor {expected_name!r} next, got {name!r}")
+        if tuple(tensor.shape) != shape or torch_dtype_name(tensor.dtype) != dtype:
+            raise ValueError(f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)}, header says {dtype} {shape}")
+        self._file.write(tensor_bytes(tensor))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            self._file.close()
+            raise ValueError(f"only {self._next} of {len(self._order)} tensors written")
+        self._file.flush()
+
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def abort(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+_TORCH_NAMES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
+
+
+def torch_dtype_name(dtype) -> str:
+    return _TORCH_NAMES[str(dtype).removeprefix("torch.")]
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {v: getattr(torch, k) for k, v in _TORCH_NAMES.items()}[name]
+
+
+def tensor_bytes(tensor) -> bytes:
+    """Little-endian raw bytes of a CPU tensor (bfloat16 through a 16-bit view)."""
+    import torch
+
+    t = tensor.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write a small dict of tensors in the same deterministic layout as StreamingWriter."""
+    entries = [(n, torch_dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
+    with StreamingWriter(path, entries, metadata) as writer:
+        for name in writer.names:
+            writer.write(name, tensors[name])
+
+
+__all__ = [
+    "DTYPES", "Header", "NotSafetensors", "SafetensorsError", "StreamingWriter", "TensorInfo",
+    "check_finite", "read_header", "save_tensors", "tensor_bytes", "torch_dtype", "torch_dtype_name",
+]
