@@ -58,6 +58,7 @@ class Progress:
 @dataclass
 class JobContext:
     workdir: Path
+    cache_dir: Path | None = None  # survives across jobs (zero-shot heads); None disables caching
     device: str = "cpu"
     seed: int = 0
     report: Callable[[Progress], None] = lambda progress: None
