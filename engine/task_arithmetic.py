@@ -1,4 +1,4 @@
-"""Task arithmetic: theta = theta_0 +/- lambda * sum_t tau_t."""
+"""Task arithmetic: theta = theta_0 +/- lambda * sum_t tau_t, lambda given or searched on validation data."""
 import torch
 
 from engine.context import JobContext, MergeInputs, MethodResult
@@ -7,8 +7,15 @@ from engine.streaming import merge_streaming
 
 
 def run(inputs: MergeInputs, params: TaskArithmeticParams, ctx: JobContext) -> MethodResult:
-    sign = -1.0 if params.operation == "negate" else 1.0
-    scale = sign * params.scaling
+    negate = params.operation == "negate"
+    scaling, metrics = params.scaling, {"scaling_source": "given"}
+    if params.validation_datasets:
+        from engine.evaluation import search_task_arithmetic_scaling  # loads open_clip only when searching
+
+        scaling, search = search_task_arithmetic_scaling(
+            inputs, params.validation_datasets, negate, params.control_dataset_id, ctx)
+        metrics = {"scaling_source": "search", **search}
+    scale = -scaling if negate else scaling
 
     def merge(_name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> torch.Tensor:
         total = torch.zeros_like(base)
@@ -19,4 +26,4 @@ def run(inputs: MergeInputs, params: TaskArithmeticParams, ctx: JobContext) -> M
 
     out = ctx.workdir / "merged.safetensors"
     count = merge_streaming(inputs.base_path, [tv.path for tv in inputs.task_vectors], out, merge, ctx)
-    return MethodResult(out, metrics={"scaling": params.scaling, "operation": params.operation, "tensors": count})
+    return MethodResult(out, metrics={"scaling": scaling, "operation": params.operation, "tensors": count, **metrics})

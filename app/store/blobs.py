@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,9 +24,8 @@ class PendingBlob:
     def __init__(self, store: "BlobStore", max_bytes: int | None):
         self._store = store
         self._max_bytes = max_bytes
-        fd_path = store.tmp_dir / f"{time.time_ns()}-{os.getpid()}-{os.urandom(4).hex()}"
-        self.path = fd_path
-        self._file: BinaryIO = open(fd_path, "wb")  # noqa: SIM115 - closed in finish()/discard()
+        self.path = store.pending_path()
+        self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in finish()/discard()
         self._hash = hashlib.sha256()
         self.size = 0
         self.sha256: str | None = None
@@ -36,10 +36,6 @@ class PendingBlob:
             raise TooLarge(f"more than {self._max_bytes} bytes")
         self._hash.update(data)
         self._file.write(data)
-
-    def copy_from(self, source: BinaryIO) -> None:
-        while chunk := source.read(CHUNK):
-            self.write(chunk)
 
     def finish(self) -> str:
         """Flush and fsync; the file stays under tmp/ until committed."""
@@ -92,13 +88,26 @@ class BlobStore:
         _fsync_dir(target.parent)
         return True
 
-    def put_file(self, source: Path) -> tuple[str, int, bool]:
-        """Store a copy of a local file; returns (sha256, size, created)."""
-        with self.pending() as blob, open(source, "rb") as f:
-            blob.copy_from(f)
-            sha = blob.finish()
-            created = self.commit(blob)
-            return sha, blob.size, created
+    def pending_path(self, suffix: str = "") -> Path:
+        """A fresh path under tmp/ for code that writes a whole file itself, then calls commit_file."""
+        return self.tmp_dir / f"{time.time_ns()}-{os.getpid()}-{os.urandom(4).hex()}{suffix}"
+
+    def commit_file(self, path: Path) -> tuple[str, int, bool]:
+        """Hash, fsync and move a finished file from tmp/ into place; returns (sha256, size, created)."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+            os.fsync(f.fileno())
+        sha, size = digest.hexdigest(), path.stat().st_size
+        target = self.path(sha)
+        if target.exists():
+            path.unlink()
+            return sha, size, False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        _fsync_dir(target.parent)
+        return sha, size, True
 
     def delete(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
@@ -134,7 +143,12 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@lru_cache
+def blob_store_at(root: Path) -> BlobStore:
+    return BlobStore(root)
+
+
 def get_blob_store() -> BlobStore:
     from app.settings import get_settings
 
-    return BlobStore(get_settings().resolved_blob_dir)
+    return blob_store_at(get_settings().resolved_blob_dir)

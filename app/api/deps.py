@@ -1,0 +1,43 @@
+"""Request dependencies: a database session, the caller's identity, the blob store."""
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.api.auth import owner_for_key
+from app.api.problems import Problem
+from app.settings import Settings, get_settings
+from app.store.blobs import BlobStore, get_blob_store
+from app.store.db import new_session
+
+bearer = HTTPBearer(auto_error=False, description="An API key made with `tvforge keys create`.")
+
+
+def get_session() -> Iterator[Session]:
+    session = new_session()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+BlobsDep = Annotated[BlobStore, Depends(get_blob_store)]
+
+
+def current_owner(session: SessionDep,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+    unauthorized = Problem(401, "A valid API key is required: Authorization: Bearer <key>.",
+                           slug="unauthorized", headers={"WWW-Authenticate": "Bearer"})
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise unauthorized
+    owner = owner_for_key(session, credentials.credentials)
+    if owner is None:
+        raise unauthorized
+    return owner
+
+
+OwnerDep = Annotated[str, Depends(current_owner)]

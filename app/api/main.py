@@ -1,0 +1,38 @@
+"""The FastAPI application."""
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+
+from app.api.problems import Problem, install_problem_handlers, problem_response
+from app.api.routes import base_models, checkpoints, datasets, health, jobs, task_vectors
+from app.api.schemas import ProblemOut
+from app.store.queries import BadCursor
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="tvforge",
+        version="1.0.0",
+        summary="Compose task vectors of open_clip models: task arithmetic, TIES, STA and aTLAS.",
+    )
+    install_problem_handlers(app)
+
+    @app.exception_handler(BadCursor)
+    async def _bad_cursor(request: Request, _exc: BadCursor):
+        return problem_response(Problem(422, "The cursor is not one this API gave out.", slug="bad-cursor"),
+                                request)
+
+    for module in (health, base_models, task_vectors, datasets, jobs, checkpoints):
+        app.include_router(module.router)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schema["components"].setdefault("schemas", {})["Problem"] = ProblemOut.model_json_schema()
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app
+
+
+app = create_app()

@@ -1,0 +1,113 @@
+"""Base models: an open_clip architecture or config, with weights from a file or an offline pretrained tag."""
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import exists, select
+
+from app.api.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep
+from app.api.forms import FormFields
+from app.api.problems import PROBLEM_RESPONSES, Problem, not_found
+from app.api.schemas import BaseModelOut, Page
+from app.api.uploads import FILE_PROPERTY, Upload, multipart_body, receive_upload
+from app.ids import new_id
+from app.store import weights
+from app.store.blobs import BlobStore
+from app.store.models import BaseModel, Job, TaskVector
+from app.store.queries import add_with_blob, delete_with_blob, get_owned, page
+from engine.context import ModelSpec
+from engine.safetensors_io import read_header, save_tensors
+
+router = APIRouter(prefix="/v1/base-models", tags=["base models"], responses=PROBLEM_RESPONSES)
+
+CREATE_BODY = multipart_body({
+    "name": {"type": "string", "maxLength": 200},
+    "architecture": {"type": "string", "description": "An open_clip model name, e.g. ViT-B-32."},
+    "config": {"type": "string", "description": "An open_clip model config, as JSON."},
+    "file": FILE_PROPERTY | {"description": "The full state dict as safetensors."},
+    "pretrained": {"type": "string", "description": "An open_clip pretrained tag resolvable offline."},
+}, ["name"])
+
+
+def _export_pretrained(blobs: BlobStore, spec: ModelSpec, tag: str):
+    import open_clip
+
+    try:
+        model = open_clip.create_model(spec.architecture, pretrained=tag)
+    except Exception as exc:  # open_clip raises RuntimeError for missing weights, ValueError for unknown tags
+        raise Problem(422, f"Pretrained weights {tag!r} for {spec.architecture!r} are not available "
+                           f"offline: {exc}", slug="pretrained-unavailable") from None
+    path = blobs.pending_path(".safetensors")
+    save_tensors(path, {k: v.detach().contiguous() for k, v in model.state_dict().items()})
+    return path
+
+
+def _register(session, blobs: BlobStore, owner: str, upload: Upload) -> BaseModel:
+    form = FormFields(upload)
+    name = form.text("name", required=True)
+    architecture = form.text("architecture")
+    config = form.json_value("config", dict)
+    pretrained = form.text("pretrained")
+    form.exactly_one("architecture", "config", architecture, config)
+    form.exactly_one("file", "pretrained", upload.file, pretrained)
+    if pretrained and config is not None:
+        form.errors.append({"loc": ["body", "pretrained"], "msg": "Pretrained tags need an architecture name",
+                            "type": "value_error"})
+    form.raise_if_errors()
+
+    spec = ModelSpec(architecture=architecture, config=config)
+    expected = weights.expected_state(spec)
+    if upload.file is not None:
+        header = weights.read_weights_header(upload.file.path, upload.filename)
+        counts = weights.validate_base(upload.file.path, header, expected)
+        created = blobs.commit(upload.file)
+        sha, size = upload.file.sha256, upload.file.size
+    else:
+        path = _export_pretrained(blobs, spec, pretrained)
+        counts = weights.counts(read_header(path))
+        sha, size, created = blobs.commit_file(path)
+    row = BaseModel(id=new_id("bm"), owner=owner, name=name, architecture=architecture, config=config,
+                    pretrained=pretrained, sha256=sha, size_bytes=size, tensor_count=counts.tensor_count,
+                    parameter_count=counts.parameter_count, visual_parameter_count=counts.visual_parameter_count,
+                    text_parameter_count=counts.text_parameter_count)
+    add_with_blob(session, blobs, sha, created, row)
+    return row
+
+
+@router.post("", status_code=201, response_model=BaseModelOut, openapi_extra=CREATE_BODY)
+async def create_base_model(request: Request, owner: OwnerDep, session: SessionDep, blobs: BlobsDep,
+                            settings: SettingsDep):
+    upload = await receive_upload(request, blobs, settings.max_upload_bytes)
+    try:
+        return await run_in_threadpool(_register, session, blobs, owner, upload)
+    except weights.WeightsError as exc:
+        raise Problem(exc.status, exc.detail, slug="invalid-weights") from None
+    finally:
+        upload.discard()
+
+
+@router.get("", response_model=Page[BaseModelOut])
+def list_base_models(owner: OwnerDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                     cursor: str | None = None):
+    items, next_cursor = page(session, BaseModel, owner, limit, cursor)
+    return {"items": items, "next_cursor": next_cursor}
+
+
+@router.get("/{base_model_id}", response_model=BaseModelOut)
+def get_base_model(base_model_id: str, owner: OwnerDep, session: SessionDep):
+    row = get_owned(session, BaseModel, base_model_id, owner)
+    if row is None:
+        raise not_found("base model", base_model_id)
+    return row
+
+
+@router.delete("/{base_model_id}", status_code=204, response_class=Response)
+def delete_base_model(base_model_id: str, owner: OwnerDep, session: SessionDep, blobs: BlobsDep):
+    row = get_owned(session, BaseModel, base_model_id, owner)
+    if row is None:
+        raise not_found("base model", base_model_id)
+    in_use = session.scalar(select(exists().where(TaskVector.base_model_id == row.id))) or session.scalar(
+        select(exists().where(Job.base_model_id == row.id)))
+    if in_use:
+        raise Problem(409, "Task vectors or jobs still use this base model; delete them first.", slug="in-use")
+    delete_with_blob(session, blobs, row)

@@ -1,0 +1,91 @@
+"""Datasets: zip folders or npz, validated and stored in one canonical npz form."""
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import exists, select
+
+from app.api.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep
+from app.api.forms import FormFields
+from app.api.problems import PROBLEM_RESPONSES, Problem, not_found
+from app.api.schemas import DatasetOut, Page
+from app.api.uploads import FILE_PROPERTY, Upload, multipart_body, receive_upload
+from app.ids import new_id
+from app.settings import Settings
+from app.store.blobs import BlobStore
+from app.store.datasets import DatasetError, DatasetLimits, ingest_dataset
+from app.store.models import ACTIVE_JOB_STATUSES, Dataset, Job, JobInput
+from app.store.queries import add_with_blob, delete_with_blob, get_owned, page
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=PROBLEM_RESPONSES)
+
+CREATE_BODY = multipart_body({
+    "name": {"type": "string", "maxLength": 200},
+    "class_names": {"type": "string", "description": "JSON array; its order defines label ids."},
+    "file": FILE_PROPERTY | {"description": "A zip of class/image folders (optionally under train/, val/, "
+                                            "test/) or an .npz with images (uint8) and labels."},
+}, ["name", "file"])
+
+
+def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload: Upload) -> Dataset:
+    form = FormFields(upload)
+    name = form.text("name", required=True)
+    class_names = form.class_names()
+    form.require_file(upload)
+    form.raise_if_errors()
+
+    limits = DatasetLimits(max_images=settings.max_dataset_images,
+                           max_unpacked_bytes=settings.max_dataset_unpacked_bytes,
+                           resize_to=settings.dataset_image_size)
+    canonical = blobs.pending_path(".npz")
+    try:
+        summary = ingest_dataset(upload.file.path, upload.filename, canonical, limits, class_names)
+        sha, size, created = blobs.commit_file(canonical)
+    finally:
+        canonical.unlink(missing_ok=True)
+    row = Dataset(id=new_id("ds"), owner=owner, name=name, source_format=summary.source_format,
+                  source_sha256=upload.file.sha256, sha256=sha, size_bytes=size, labeled=summary.labeled,
+                  class_names=summary.class_names, splits=summary.splits, image_shape=summary.image_shape)
+    add_with_blob(session, blobs, sha, created, row)
+    return row
+
+
+@router.post("", status_code=201, response_model=DatasetOut, openapi_extra=CREATE_BODY)
+async def create_dataset(request: Request, owner: OwnerDep, session: SessionDep, blobs: BlobsDep,
+                         settings: SettingsDep):
+    upload = await receive_upload(request, blobs, settings.max_upload_bytes)
+    try:
+        return await run_in_threadpool(_register, session, blobs, settings, owner, upload)
+    except DatasetError as exc:
+        raise Problem(exc.status, exc.detail, title=exc.title, slug="invalid-dataset") from None
+    finally:
+        upload.discard()
+
+
+@router.get("", response_model=Page[DatasetOut])
+def list_datasets(owner: OwnerDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                  cursor: str | None = None):
+    items, next_cursor = page(session, Dataset, owner, limit, cursor)
+    return {"items": items, "next_cursor": next_cursor}
+
+
+def _owned(session, dataset_id: str, owner: str) -> Dataset:
+    row = get_owned(session, Dataset, dataset_id, owner)
+    if row is None:
+        raise not_found("dataset", dataset_id)
+    return row
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, owner: OwnerDep, session: SessionDep):
+    return _owned(session, dataset_id, owner)
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response)
+def delete_dataset(dataset_id: str, owner: OwnerDep, session: SessionDep, blobs: BlobsDep):
+    row = _owned(session, dataset_id, owner)
+    active = select(exists().where(JobInput.dataset_id == row.id, JobInput.job_id == Job.id,
+                                   Job.status.in_(ACTIVE_JOB_STATUSES)))
+    if session.scalar(active):
+        raise Problem(409, "A queued or running job uses this dataset.", slug="in-use")
+    delete_with_blob(session, blobs, row)

@@ -1,0 +1,190 @@
+"""Composition jobs: the row is created and committed first, then its id is published to the broker."""
+import asyncio
+import hashlib
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from app.api.deps import OwnerDep, SessionDep
+from app.api.problems import PROBLEM_RESPONSES, Problem, not_found
+from app.api.schemas import CoefficientsOut, JobCreate, JobOut, Page
+from app.ids import new_id
+from app.store.db import session_scope
+from app.store.models import FINISHED_JOB_STATUSES, BaseModel, Dataset, Job, JobInput, TaskVector, utcnow
+from app.store.queries import get_owned, page
+from engine.registry import get_method, method_names
+from worker.queue import publish
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=PROBLEM_RESPONSES)
+RETRY_AFTER_S = "2"
+SSE_POLL_S = 0.5
+SSE_KEEPALIVE_S = 15.0
+
+
+def _invalid(loc: list, msg: str) -> Problem:
+    return Problem(422, "The job spec is not valid; see errors.", slug="validation",
+                   errors=[{"loc": ["body", *loc], "msg": msg, "type": "value_error"}])
+
+
+def _validated_params(body: JobCreate):
+    if body.method not in method_names():
+        raise _invalid(["method"], f"Unknown method; one of {', '.join(method_names())}")
+    try:
+        return get_method(body.method).params.model_validate(body.params)
+    except ValidationError as exc:
+        raise Problem(422, "The method's parameters are not valid; see errors.", slug="validation", errors=[
+            {"loc": ["body", "params", *map(str, err["loc"])], "msg": err["msg"], "type": err["type"]}
+            for err in exc.errors()]) from None
+
+
+def _check_inputs(session, owner: str, body: JobCreate, params) -> list[str]:
+    """Every id the job names must be the owner's and fit together; returns the dataset ids."""
+    if get_owned(session, BaseModel, body.base_model_id, owner) is None:
+        raise not_found("base model", body.base_model_id)
+    if len(set(body.task_vectors)) != len(body.task_vectors):
+        raise _invalid(["task_vectors"], "Task vector ids must be distinct")
+    for index, tv_id in enumerate(body.task_vectors):
+        tv = get_owned(session, TaskVector, tv_id, owner)
+        if tv is None:
+            raise not_found("task vector", tv_id)
+        if tv.base_model_id != body.base_model_id:
+            raise _invalid(["task_vectors", index], f"Task vector {tv_id} belongs to another base model")
+    strays = sorted(set(params.task_vector_ids()) - set(body.task_vectors))
+    if strays:
+        raise _invalid(["params"], f"Parameters name task vectors that are not in the job: {', '.join(strays)}")
+    dataset_ids = list(dict.fromkeys(params.dataset_ids()))
+    for dataset_id in dataset_ids:
+        if get_owned(session, Dataset, dataset_id, owner) is None:
+            raise not_found("dataset", dataset_id)
+    return dataset_ids
+
+
+def _request_hash(body: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _replay(session, owner: str, key: str, request_hash: str) -> Job | None:
+    job = session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+    if job is not None and job.request_hash != request_hash:
+        raise Problem(422, "This Idempotency-Key was already used with a different request.",
+                      slug="idempotency-key-reused")
+    return job
+
+
+@router.post("", status_code=202, response_model=JobOut)
+def create_job(body: JobCreate, response: Response, owner: OwnerDep, session: SessionDep,
+               idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+    request_hash = _request_hash(body)
+    if idempotency_key and (existing := _replay(session, owner, idempotency_key, request_hash)):
+        response.headers["Location"] = f"/v1/jobs/{existing.id}"
+        return existing
+    params = _validated_params(body)
+    dataset_ids = _check_inputs(session, owner, body, params)
+    job = Job(id=new_id("job"), owner=owner, method=body.method, base_model_id=body.base_model_id,
+              task_vector_ids=body.task_vectors, params=params.model_dump(mode="json"), seed=body.seed,
+              request_hash=request_hash, idempotency_key=idempotency_key, status="queued", progress={},
+              inputs=[JobInput(task_vector_id=tv) for tv in body.task_vectors]
+              + [JobInput(dataset_id=ds) for ds in dataset_ids])
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the race.
+        session.rollback()
+        existing = _replay(session, owner, idempotency_key, request_hash) if idempotency_key else None
+        if existing is None:
+            raise
+        job = existing
+    else:
+        publish(job.id)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job
+
+
+@router.get("", response_model=Page[JobOut])
+def list_jobs(owner: OwnerDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+              cursor: str | None = None,
+              status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|cancelled)$")] = None):
+    items, next_cursor = page(session, Job, owner, limit, cursor, (Job.status == status,) if status else ())
+    return {"items": items, "next_cursor": next_cursor}
+
+
+def _owned(session, job_id: str, owner: str) -> Job:
+    job = get_owned(session, Job, job_id, owner)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, response: Response, owner: OwnerDep, session: SessionDep):
+    job = _owned(session, job_id, owner)
+    if job.status not in FINISHED_JOB_STATUSES:
+        response.headers["Retry-After"] = RETRY_AFTER_S
+    return job
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
+def cancel_job(job_id: str, owner: OwnerDep, session: SessionDep):
+    _owned(session, job_id, owner)
+    # A queued job is cancelled at once; a running one is asked to stop between steps.
+    if not session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
+            status="cancelled", cancel_requested=True, finished_at=utcnow())).rowcount:
+        if not session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
+                cancel_requested=True)).rowcount:
+            session.rollback()
+            raise Problem(409, "The job has already finished.", slug="job-finished")
+    session.commit()
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def _snapshot(job_id: str) -> tuple[str, bool]:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        return JobOut.model_validate(job).model_dump_json(), job.status in FINISHED_JOB_STATUSES
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse, responses={
+    200: {"description": "Server-Sent Events: `progress` whenever the job changes, then `end`.",
+          "content": {"text/event-stream": {}}}})
+async def job_events(job_id: str, request: Request, owner: OwnerDep, session: SessionDep):
+    await run_in_threadpool(_owned, session, job_id, owner)
+
+    async def stream():
+        last, quiet_s = None, 0.0
+        while True:
+            payload, finished = await run_in_threadpool(_snapshot, job_id)
+            if payload != last:
+                yield f"event: progress\ndata: {payload}\n\n"
+                last, quiet_s = payload, 0.0
+            if finished:
+                yield f"event: end\ndata: {payload}\n\n"
+                return
+            if await request.is_disconnected():
+                return
+            if quiet_s >= SSE_KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                quiet_s = 0.0
+            await asyncio.sleep(SSE_POLL_S)
+            quiet_s += SSE_POLL_S
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/{job_id}/coefficients", response_model=CoefficientsOut)
+def job_coefficients(job_id: str, owner: OwnerDep, session: SessionDep):
+    job = _owned(session, job_id, owner)
+    coefficients = (job.artifacts or {}).get("coefficients")
+    if coefficients is None:
+        raise Problem(404, "This job has no learned coefficients (only finished aTLAS jobs do).",
+                      slug="no-coefficients")
+    known = {"task_vectors", "blocks", "values", "granularity"}
+    return CoefficientsOut(job_id=job.id, **{k: coefficients[k] for k in known},
+                           extra={k: v for k, v in coefficients.items() if k not in known})

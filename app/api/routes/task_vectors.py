@@ -1,0 +1,114 @@
+"""Task vectors: uploaded as tau directly, or as fine-tuned weights from which the base is subtracted."""
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import exists, select
+
+from app.api.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep
+from app.api.downloads import DOWNLOAD_RESPONSES, blob_response
+from app.api.forms import FormFields
+from app.api.problems import PROBLEM_RESPONSES, Problem, not_found
+from app.api.schemas import Page, TaskVectorOut
+from app.api.uploads import FILE_PROPERTY, Upload, multipart_body, receive_upload
+from app.ids import new_id
+from app.store import weights
+from app.store.blobs import BlobStore
+from app.store.models import ACTIVE_JOB_STATUSES, BaseModel, Job, JobInput, TaskVector
+from app.store.queries import add_with_blob, delete_with_blob, get_owned, page
+from engine.safetensors_io import read_header
+
+router = APIRouter(prefix="/v1/task-vectors", tags=["task vectors"], responses=PROBLEM_RESPONSES)
+
+CREATE_BODY = multipart_body({
+    "base_model_id": {"type": "string"},
+    "name": {"type": "string", "maxLength": 200},
+    "kind": {"type": "string", "enum": ["task_vector", "finetuned"], "default": "task_vector"},
+    "class_names": {"type": "string", "description": "JSON array of the task's class names."},
+    "file": FILE_PROPERTY | {"description": "safetensors: tau, or the fine-tuned state dict when kind=finetuned."},
+}, ["base_model_id", "name", "file"])
+
+
+def _register(session, blobs: BlobStore, owner: str, upload: Upload) -> TaskVector:
+    form = FormFields(upload)
+    base_model_id = form.text("base_model_id", required=True)
+    name = form.text("name", required=True)
+    kind = form.text("kind", choices=("task_vector", "finetuned")) or "task_vector"
+    class_names = form.class_names()
+    form.require_file(upload)
+    form.raise_if_errors()
+
+    base = get_owned(session, BaseModel, base_model_id, owner)
+    if base is None:
+        raise not_found("base model", base_model_id)
+    base_path = blobs.path(base.sha256)
+    base_header = read_header(base_path)
+    header = weights.read_weights_header(upload.file.path, upload.filename)
+    if kind == "finetuned":
+        tau_path = blobs.pending_path(".safetensors")
+        try:
+            weights.finetuned_to_task_vector(upload.file.path, header, base_path, base_header, tau_path)
+            tau_header = read_header(tau_path)
+            norm = weights.validate_task_vector(tau_path, tau_header, base_header)
+            sha, size, created = blobs.commit_file(tau_path)
+        finally:
+            tau_path.unlink(missing_ok=True)
+    else:
+        norm = weights.validate_task_vector(upload.file.path, header, base_header)
+        tau_header = header
+        created = blobs.commit(upload.file)
+        sha, size = upload.file.sha256, upload.file.size
+    row = TaskVector(id=new_id("tv"), owner=owner, base_model_id=base.id, name=name, source_kind=kind,
+                     sha256=sha, size_bytes=size, tensor_count=len(tau_header.tensors),
+                     parameter_count=tau_header.parameter_count, l2_norm=norm, class_names=class_names)
+    add_with_blob(session, blobs, sha, created, row)
+    return row
+
+
+@router.post("", status_code=201, response_model=TaskVectorOut, openapi_extra=CREATE_BODY)
+async def create_task_vector(request: Request, owner: OwnerDep, session: SessionDep, blobs: BlobsDep,
+                             settings: SettingsDep):
+    upload = await receive_upload(request, blobs, settings.max_upload_bytes)
+    try:
+        return await run_in_threadpool(_register, session, blobs, owner, upload)
+    except weights.WeightsError as exc:
+        raise Problem(exc.status, exc.detail, slug="invalid-weights") from None
+    finally:
+        upload.discard()
+
+
+@router.get("", response_model=Page[TaskVectorOut])
+def list_task_vectors(owner: OwnerDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                      cursor: str | None = None, base_model_id: str | None = None):
+    where = (TaskVector.base_model_id == base_model_id,) if base_model_id else ()
+    items, next_cursor = page(session, TaskVector, owner, limit, cursor, where)
+    return {"items": items, "next_cursor": next_cursor}
+
+
+def _owned(session, task_vector_id: str, owner: str) -> TaskVector:
+    row = get_owned(session, TaskVector, task_vector_id, owner)
+    if row is None:
+        raise not_found("task vector", task_vector_id)
+    return row
+
+
+@router.get("/{task_vector_id}", response_model=TaskVectorOut)
+def get_task_vector(task_vector_id: str, owner: OwnerDep, session: SessionDep):
+    return _owned(session, task_vector_id, owner)
+
+
+@router.get("/{task_vector_id}/download", response_class=Response, responses=DOWNLOAD_RESPONSES)
+def download_task_vector(task_vector_id: str, request: Request, owner: OwnerDep, session: SessionDep,
+                         blobs: BlobsDep):
+    row = _owned(session, task_vector_id, owner)
+    return blob_response(request, blobs, row.sha256, f"{row.id}.safetensors")
+
+
+@router.delete("/{task_vector_id}", status_code=204, response_class=Response)
+def delete_task_vector(task_vector_id: str, owner: OwnerDep, session: SessionDep, blobs: BlobsDep):
+    row = _owned(session, task_vector_id, owner)
+    active = select(exists().where(JobInput.task_vector_id == row.id, JobInput.job_id == Job.id,
+                                   Job.status.in_(ACTIVE_JOB_STATUSES)))
+    if session.scalar(active):
+        raise Problem(409, "A queued or running job uses this task vector.", slug="in-use")
+    delete_with_blob(session, blobs, row)

@@ -1,0 +1,121 @@
+"""Multipart uploads streamed straight into the blob store.
+
+Starlette's form parser would spool the whole body before the route runs; this
+reads the request stream chunk by chunk, hashes and writes the `file` part to a
+pending blob as it arrives, and stops at the size limit instead of after it.
+"""
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+
+from app.api.problems import Problem
+from app.store.blobs import BlobStore, PendingBlob, TooLarge
+
+MAX_FIELD_BYTES = 1024 * 1024
+
+
+@dataclass
+class Upload:
+    """Text fields of the form, and the `file` part as a finished pending blob (or None)."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    file: PendingBlob | None = None
+    filename: str = ""
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.discard()
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(413, f"The upload is larger than the limit of {limit} bytes.", slug="too-large")
+
+
+async def receive_upload(request: Request, blobs: BlobStore, max_bytes: int) -> Upload:
+    content_type, options = parse_options_header(request.headers.get("content-type"))
+    boundary = options.get(b"boundary")
+    if content_type != b"multipart/form-data" or not boundary:
+        raise Problem(415, "Send multipart/form-data with a `file` part.", slug="unsupported-media-type")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes + MAX_FIELD_BYTES:
+        raise _too_large(max_bytes)
+
+    upload = Upload()
+    part: dict[str, Any] = {}
+    header_field, header_value = bytearray(), bytearray()
+
+    def on_part_begin() -> None:
+        part.clear()
+        part["headers"] = {}
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header_field.extend(data[start:end])
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header_value.extend(data[start:end])
+
+    def on_header_end() -> None:
+        part["headers"][bytes(header_field).lower()] = bytes(header_value)
+        header_field.clear()
+        header_value.clear()
+
+    def on_headers_finished() -> None:
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition"))
+        name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        part["name"] = name
+        if name == "file" and b"filename" in disposition:
+            if upload.file is not None:
+                raise Problem(422, "Send exactly one `file` part.", slug="validation")
+            upload.filename = disposition[b"filename"].decode("utf-8", "replace")
+            upload.file = blobs.pending(max_bytes)
+            part["sink"] = upload.file
+        else:
+            part["buffer"] = bytearray()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if "sink" in part:
+            part["sink"].write(data[start:end])
+        else:
+            part["buffer"].extend(data[start:end])
+            if len(part["buffer"]) > MAX_FIELD_BYTES:
+                raise Problem(413, f"Form field {part['name']!r} is over {MAX_FIELD_BYTES} bytes.", slug="too-large")
+
+    def on_part_end() -> None:
+        if "buffer" in part:
+            try:
+                upload.fields[part["name"]] = part["buffer"].decode("utf-8")
+            except UnicodeDecodeError:
+                raise Problem(422, f"Form field {part['name']!r} is not UTF-8 text.", slug="validation") from None
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data, "on_part_end": on_part_end,
+    })
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+        if upload.file is not None:
+            upload.file.finish()
+    except TooLarge:
+        upload.discard()
+        raise _too_large(max_bytes) from None
+    except MultipartParseError as exc:
+        upload.discard()
+        raise Problem(400, f"Malformed multipart body: {exc}", slug="malformed-body") from None
+    except BaseException:
+        upload.discard()
+        raise
+    return upload
+
+
+def multipart_body(properties: dict[str, dict], required: list[str]) -> dict[str, Any]:
+    """OpenAPI requestBody for a streamed multipart route (FastAPI cannot infer it from Request)."""
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "properties": properties, "required": required}}}}}
+
+
+FILE_PROPERTY = {"type": "string", "format": "binary"}

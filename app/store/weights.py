@@ -1,0 +1,146 @@
+"""Validation of uploaded weight files against a base model, and fine-tuned -> task vector conversion.
+
+Everything here reads safetensors headers first and tensors one at a time,
+so a multi-gigabyte upload is checked without loading it whole.
+"""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.context import ModelSpec
+from engine.safetensors_io import (
+    Header,
+    NotSafetensors,
+    SafetensorsError,
+    StreamingWriter,
+    check_finite,
+    read_header,
+    torch_dtype_name,
+)
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+MAX_NAMES_IN_DETAIL = 5
+
+
+class WeightsError(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class TensorCounts:
+    tensor_count: int
+    parameter_count: int
+    visual_parameter_count: int
+    text_parameter_count: int
+
+
+def _names(names) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - MAX_NAMES_IN_DETAIL} more" if len(names) > MAX_NAMES_IN_DETAIL else ""
+    return ", ".join(names[:MAX_NAMES_IN_DETAIL]) + more
+
+
+def read_weights_header(path: Path, filename: str) -> Header:
+    """Header of an uploaded safetensors file; 415 for pickle or other formats, 422 for a broken one."""
+    if filename.lower().endswith(PICKLE_SUFFIXES):
+        raise WeightsError(415, f"{filename!r} looks like a pickle checkpoint; only safetensors is accepted.")
+    try:
+        return read_header(path)
+    except NotSafetensors as exc:
+        raise WeightsError(415, f"Only safetensors files are accepted: {exc}.") from None
+    except SafetensorsError as exc:
+        raise WeightsError(422, f"Invalid safetensors file: {exc}.") from None
+
+
+def expected_state(spec: ModelSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Names, dtypes and shapes of the model's state dict, built on the meta device (no weights allocated)."""
+    from engine.clip import build_model
+
+    try:
+        model = build_model(spec, device="meta")
+    except Exception as exc:  # open_clip raises RuntimeError, KeyError, ValueError ... for bad configs
+        raise WeightsError(422, f"open_clip cannot build this model: {exc}") from None
+    return {name: (torch_dtype_name(t.dtype), tuple(t.shape)) for name, t in model.state_dict().items()}
+
+
+def _require_finite(path: Path, header: Header) -> None:
+    bad = check_finite(path, header)
+    if bad:
+        raise WeightsError(422, f"Tensors hold NaN or Inf: {_names(bad)}.")
+
+
+def validate_base(path: Path, header: Header, expected: dict[str, tuple[str, tuple[int, ...]]]) -> TensorCounts:
+    missing = expected.keys() - header.tensors.keys()
+    unknown = header.tensors.keys() - expected.keys()
+    if unknown:
+        raise WeightsError(422, f"Keys unknown to the architecture: {_names(unknown)}.")
+    if missing:
+        raise WeightsError(422, f"Keys missing for the architecture: {_names(missing)}.")
+    wrong = [n for n, info in header.tensors.items() if info.shape != expected[n][1]]
+    if wrong:
+        n = wrong[0]
+        raise WeightsError(422, f"Shapes differ from the architecture for {_names(wrong)} "
+                                f"(e.g. {n}: {list(header.tensors[n].shape)} vs {list(expected[n][1])}).")
+    _require_finite(path, header)
+    return counts(header)
+
+
+def counts(header: Header) -> TensorCounts:
+    visual = sum(t.numel for n, t in header.tensors.items() if n.startswith("visual."))
+    total = header.parameter_count
+    return TensorCounts(len(header.tensors), total, visual, total - visual)
+
+
+def _check_against_base(header: Header, base: Header) -> None:
+    if not header.tensors:
+        raise WeightsError(422, "The file holds no tensors.")
+    unknown = header.tensors.keys() - base.tensors.keys()
+    if unknown:
+        raise WeightsError(422, f"Keys unknown to the base model: {_names(unknown)}.")
+    wrong = [n for n, info in header.tensors.items() if info.shape != base.tensors[n].shape]
+    if wrong:
+        n = wrong[0]
+        raise WeightsError(422, f"Shapes differ from the base model for {_names(wrong)} "
+                                f"(e.g. {n}: {list(header.tensors[n].shape)} vs {list(base.tensors[n].shape)}).")
+
+
+def validate_task_vector(path: Path, header: Header, base: Header) -> float:
+    """Checks a task vector against its base; returns its L2 norm."""
+    _check_against_base(header, base)
+    not_float = [n for n, info in header.tensors.items() if not (info.is_float and base.tensors[n].is_float)]
+    if not_float:
+        raise WeightsError(422, f"Task vectors cover floating-point tensors only: {_names(not_float)}.")
+    _require_finite(path, header)
+    squared = 0.0
+    with safe_open(str(path), framework="pt") as f:
+        for name in header.tensors:
+            squared += float(f.get_tensor(name).double().square().sum())
+    return math.sqrt(squared)
+
+
+def finetuned_to_task_vector(path: Path, header: Header, base_path: Path, base: Header, out: Path) -> None:
+    """tau = theta_ft - theta_0 over the floating-point tensors fine-tuning changed, written streaming.
+
+    Two passes: the first finds which tensors changed (so the output header is known up front),
+    the second writes their differences one at a time.
+    """
+    _check_against_base(header, base)
+    _require_finite(path, header)
+    changed: list[tuple[str, str, tuple[int, ...]]] = []
+    with safe_open(str(path), framework="pt") as ft, safe_open(str(base_path), framework="pt") as b0:
+        for name, info in header.tensors.items():
+            if info.is_float and base.tensors[name].is_float and not torch.equal(ft.get_tensor(name), b0.get_tensor(name)):
+                changed.append((name, info.dtype, info.shape))
+        if not changed:
+            raise WeightsError(422, "The fine-tuned weights equal the base model: the task vector would be empty.")
+        with StreamingWriter(out, changed) as writer:
+            for name in writer.names:
+                tuned = ft.get_tensor(name)
+                writer.write(name, (tuned.double() - b0.get_tensor(name).double()).to(tuned.dtype))
+

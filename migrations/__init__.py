@@ -1,0 +1,1 @@
+"""Alembic migrations of the tvforge database; shipped inside the package so `tvforge migrate` works when installed."""

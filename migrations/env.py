@@ -1,0 +1,58 @@
+"""Alembic environment: migrates the database of app.settings, or the URL set on the Alembic config."""
+from alembic import context
+from sqlalchemy import TypeDecorator, create_engine, pool
+
+from app.settings import get_settings
+from app.store.models import Base
+
+# No logging.config.fileConfig here: migrations run inside the CLI and the tests,
+# whose logging configuration must not be replaced.
+config = context.config
+target_metadata = Base.metadata
+
+
+def database_url() -> str:
+    return config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url
+
+
+def render_item(type_, obj, autogen_context):
+    """Render custom column types as their SQL type, so revisions never import app code."""
+    if type_ == "type" and isinstance(obj, TypeDecorator):
+        return f"sa.{obj.impl!r}"
+    return False
+
+
+def configure(url: str, **kwargs) -> None:
+    context.configure(
+        target_metadata=target_metadata,
+        # SQLite cannot ALTER most things in place; batch mode rebuilds the table instead.
+        render_as_batch=url.startswith("sqlite"),
+        compare_type=True,
+        render_item=render_item,
+        **kwargs,
+    )
+
+
+def run_migrations_offline() -> None:
+    url = database_url()
+    configure(url, url=url, literal_binds=True, dialect_opts={"paramstyle": "named"})
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    url = database_url()
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            configure(url, connection=connection)
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

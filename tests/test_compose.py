@@ -1,0 +1,71 @@
+"""docker-compose.yml is valid and wires the services as deployed: checked by docker-compose and by reading it."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def test_docker_compose_validates_the_file():
+    executable = shutil.which("docker-compose")
+    if executable is None:
+        pytest.fail("docker-compose not found on PATH; install it (apt-get install -y docker-compose)", pytrace=False)
+    result = subprocess.run([executable, "-f", str(COMPOSE_FILE), "config", "-q"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_services_and_their_health_checks(compose):
+    services = compose["services"]
+    assert set(services) == {"postgres", "redis", "migrate", "api", "worker"}
+    for name in ("postgres", "redis", "api", "worker"):
+        assert services[name]["healthcheck"]["test"], name
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    assert "ping" in services["redis"]["healthcheck"]["test"]
+    assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
+    assert "inspect ping" in " ".join(services["worker"]["healthcheck"]["test"])
+
+
+def test_start_order(compose):
+    services = compose["services"]
+    assert services["migrate"]["command"] == ["tvforge", "migrate"]
+    assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"] == {
+            "migrate": {"condition": "service_completed_successfully"},
+            "redis": {"condition": "service_healthy"},
+        }
+
+
+def test_worker_reserves_a_gpu(compose):
+    devices = compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(device["driver"] == "nvidia" and "gpu" in device["capabilities"] for device in devices)
+
+
+def test_api_and_worker_share_the_blob_store(compose):
+    services = compose["services"]
+    for name in ("migrate", "api", "worker"):
+        environment = services[name]["environment"]
+        assert environment["TVFORGE_DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert environment["TVFORGE_BROKER_URL"] == "redis://redis:6379/0"
+    blob_dir = services["api"]["environment"]["TVFORGE_BLOB_DIR"]
+    assert services["worker"]["environment"]["TVFORGE_BLOB_DIR"] == blob_dir
+    assert f"blobs:{blob_dir}" in services["api"]["volumes"]
+    assert f"blobs:{blob_dir}" in services["worker"]["volumes"]
+    assert "blobs" in compose["volumes"]
+
+
+@pytest.mark.parametrize("dockerfile, command", [("api.Dockerfile", "api"), ("worker.Dockerfile", "worker")])
+def test_images_run_tvforge_as_non_root(dockerfile, command):
+    text = (ROOT / "docker" / dockerfile).read_text()
+    assert "\nUSER tvforge\n" in text
+    assert f'CMD ["tvforge", "{command}"]' in text

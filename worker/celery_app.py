@@ -1,0 +1,28 @@
+"""The Celery application, configured for long jobs (Celery's own guidance).
+
+acks_late + reject_on_worker_lost: a job whose worker dies goes back to the broker.
+prefetch 1: a worker holds only the job it runs. The visibility timeout exceeds the
+hard time limit, so Redis never redelivers a job that is still legitimately running.
+"""
+from celery import Celery
+
+from app.settings import get_settings
+
+RUN_JOB = "tvforge.run_job"
+JOB_QUEUE = "tvforge.jobs"
+
+settings = get_settings()
+celery_app = Celery("tvforge", broker=settings.broker_url, include=["worker.tasks"])
+celery_app.conf.update(
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_soft_time_limit=settings.job_time_limit_s,
+    task_time_limit=settings.job_time_limit_s + 120,
+    broker_transport_options={"visibility_timeout": settings.job_time_limit_s + 3600},
+    broker_connection_retry_on_startup=True,
+    task_ignore_result=True,
+    task_default_queue=JOB_QUEUE,
+    worker_hijack_root_logger=False,
+    worker_send_task_events=False,
+)

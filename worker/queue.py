@@ -1,0 +1,39 @@
+"""Publishing job ids to the broker; the API and the reaper both go through here."""
+import logging
+from datetime import UTC, datetime
+
+from sqlalchemy import update
+
+from app.store.db import session_scope
+from app.store.models import Job
+
+log = logging.getLogger(__name__)
+
+
+def publish(job_id: str) -> bool:
+    """Send the job's id to the broker and note when; False if the broker could not be reached.
+
+    A job that could not be published stays queued with published_at empty, and the reaper tries again.
+    """
+    from worker.celery_app import RUN_JOB, celery_app
+
+    try:
+        celery_app.send_task(RUN_JOB, args=[job_id], retry=True,
+                             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
+    except Exception:  # kombu raises OperationalError and friends; the reaper retries later
+        log.warning("could not publish job %s; the reaper will retry", job_id, exc_info=True)
+        return False
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(published_at=datetime.now(UTC)))
+    return True
+
+
+def broker_reachable(timeout_s: float = 2.0) -> bool:
+    from worker.celery_app import celery_app
+
+    try:
+        with celery_app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=timeout_s)
+        return True
+    except Exception:  # any transport error means not reachable
+        return False

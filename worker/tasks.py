@@ -1,0 +1,36 @@
+"""Celery tasks and worker signals."""
+import os
+import socket
+
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
+
+from app.store.db import get_engine
+from worker.celery_app import RUN_JOB, celery_app
+from worker.reaper import Reaper
+from worker.runner import run_job
+
+_reaper: Reaper | None = None
+
+
+@celery_app.task(name=RUN_JOB)
+def run_job_task(job_id: str) -> str | None:
+    return run_job(job_id, worker_id=f"{socket.gethostname()}:{os.getpid()}")
+
+
+@worker_process_init.connect
+def _fresh_connections_after_fork(**_) -> None:
+    # Pooled connections inherited from the parent must not be shared with it.
+    get_engine().dispose(close=False)
+
+
+@worker_ready.connect
+def _start_reaper(**_) -> None:
+    global _reaper
+    _reaper = Reaper()
+    _reaper.start()
+
+
+@worker_shutdown.connect
+def _stop_reaper(**_) -> None:
+    if _reaper is not None:
+        _reaper.stop()
