@@ -61,6 +61,21 @@ def worker(concurrency: int = typer.Option(1, help="Jobs run at once (one per GP
                             "-Q", JOB_QUEUE, "--without-gossip", "--without-mingle"])
 
 
+@cli.command()
+def demo(url: str = typer.Option("http://127.0.0.1:8000", help="The running API."),
+         key: str = typer.Option(None, envvar="TVFORGE_API_KEY", help="API key; default: <data_dir>/admin.key."),
+         workdir: Path = typer.Option(Path("var/demo"), help="Where the demo's files go.")) -> None:
+    """Through HTTP only: register a tiny base and 3 task vectors, merge them, download and verify."""
+    from app.client import TvforgeClient
+    from app.demo import run_demo
+    from app.settings import get_settings
+
+    api_key = key or (get_settings().data_dir / "admin.key").read_text().strip()
+    with TvforgeClient(url, api_key) as client:
+        summary = run_demo(client, workdir, log=typer.echo)
+    typer.echo(f"demo passed: job {summary['job']['id']} matches theta_0 + lambda * sum(tau)")
+
+
 def _redis_binary() -> str:
     found = shutil.which("redis-server")
     if found:

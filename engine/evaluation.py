@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from engine.clip import build_model, image_logits, load_dataset, load_state_dict_file, preprocess_images, zero_shot_head
+from engine.clip import SPLITS, build_model, image_logits, load_dataset, load_state_dict_file, preprocess_images, zero_shot_head
 from engine.context import DatasetInput, JobContext, MergeInputs, Progress, TaskVectorInput
 from engine.params import SCALING_GRID
 
@@ -36,9 +36,17 @@ def autocast(device: str):
     return nullcontext()
 
 
-def pick_split(splits: dict[str, Split], order: Iterable[str], dataset_name: str) -> str:
+def split_sizes(path: Path) -> dict[str, int]:
+    """Number of labelled entries per split of a canonical .npz, reading only the labels."""
+    with np.load(path, allow_pickle=False) as data:
+        return {split: len(data[f"{split}_labels"]) for split in SPLITS
+                if f"{split}_images" in data and f"{split}_labels" in data}
+
+
+def pick_split(sizes: dict[str, int], order: Iterable[str], dataset_name: str) -> str:
+    """The first non-empty split in order, given the size of each split."""
     for split in order:
-        if split in splits and len(splits[split][0]):
+        if sizes.get(split):
             return split
     raise ValueError(f"dataset {dataset_name!r} has none of the splits {list(order)}")
 
@@ -61,7 +69,8 @@ class Task:
         return self.dataset.id
 
     def split(self, order: Iterable[str]) -> Split:
-        return self.splits[pick_split(self.splits, order, self.dataset.name)]
+        sizes = {name: len(labels) for name, (_, labels) in self.splits.items()}
+        return self.splits[pick_split(sizes, order, self.dataset.name)]
 
     @property
     def selection(self) -> Split:

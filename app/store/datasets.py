@@ -148,7 +148,9 @@ def _require_zip_container(source: Path, filename: str) -> None:
 
 def _check_entries(entries: list[zipfile.ZipInfo], limits: DatasetLimits) -> None:
     """Refuse from the headers alone what would be too big to read; reading counts bytes as well."""
-    declared = 0
+    declared = sum(info.file_size for info in entries)
+    if declared > limits.max_unpacked_bytes:
+        raise _too_large(f"the archive unpacks to {declared} bytes; the limit is {limits.max_unpacked_bytes}.")
     for info in entries:
         if info.flag_bits & 0x1:
             raise _invalid(f"zip entry {info.filename!r} is encrypted.")
@@ -156,9 +158,6 @@ def _check_entries(entries: list[zipfile.ZipInfo], limits: DatasetLimits) -> Non
             raise DatasetError(422, "Zip bomb refused",
                                f"zip entry {info.filename!r} claims {info.file_size} bytes from "
                                f"{info.compress_size} compressed (more than {MAX_COMPRESSION_RATIO}:1).")
-        declared += info.file_size
-    if declared > limits.max_unpacked_bytes:
-        raise _too_large(f"the archive unpacks to {declared} bytes; the limit is {limits.max_unpacked_bytes}.")
 
 
 class _UnpackBudget:

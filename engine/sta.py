@@ -1,0 +1,222 @@
+"""Selective task arithmetic (STA, arXiv 2411.16139): keep each task's important entries, then fuse.
+
+1. Importance, task by task with one model in memory: the model is set to
+   theta_t = theta_0 + tau_t and I_t = |tau_t * g_t| (or |theta_t * g_t|), with
+   g_t the gradient of the task's cross-entropy (its zero-shot head) on seeded
+   micro-batches of its calibration data, pooled as the mean over micro-batches
+   of the absolute product. Since |tau * g| = |tau| * |g|, this is |tau| times the
+   mean absolute gradient. A task vector without calibration data is scored by
+   |tau| (labelled "magnitude" in metrics["importance_source"]); so are tensors
+   that the classification loss does not reach (e.g. the text tower, whose
+   heads are frozen), counted in metrics["magnitude_tensors"].
+2. Normalisation: I_t is divided by its mean over the tensor (score 1 = the
+   tensor's average importance), which makes one threshold meaningful for every
+   task and layer. The mask keeps scores >= threshold (default 1), or the top
+   `density` fraction per tensor; zero-importance entries are never kept.
+3. Masks are bit-packed (numpy packbits) into one safetensors file per task in
+   ctx.workdir/sta/, with fp16 normalised scores beside them only for disjoint
+   fusion; fusion then streams tensor by tensor:
+   theta = theta_0 + lambda * sum_t s_t m_t tau_t, s_t = -1 for forgotten tasks.
+"""
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from engine.clip import image_logits, preprocess_images
+from engine.context import JobContext, MergeInputs, MethodResult, Progress
+from engine.evaluation import (
+    HeadFactory, InPlaceWeights, autocast, is_labelled, load_base_model, load_float_deltas, load_task, pick_split,
+    split_sizes,
+)
+from engine.params import StaParams
+from engine.safetensors_io import save_tensors
+from engine.streaming import merge_streaming
+
+CALIBRATION_SPLITS = ("train", "val")
+FP16_MAX = 65504.0  # normalised scores above this (a tensor dominated by a handful of entries) are clipped on disk
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool mask -> uint8 tensor of ceil(numel / 8) bytes, 8 entries per byte."""
+    return torch.from_numpy(np.packbits(mask.cpu().numpy().ravel()))
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    count = int(np.prod(shape, dtype=np.int64))
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=count).astype(bool).reshape(shape))
+
+
+def calibration_batches(images: np.ndarray, labels: np.ndarray, samples: int, micro_batch_size: int,
+                        seed: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """min(samples, N) images drawn without replacement (seeded), cut into micro-batches."""
+    order = np.random.default_rng(seed).permutation(len(images))[:samples]
+    return [(images[order[i:i + micro_batch_size]], labels[order[i:i + micro_batch_size]])
+            for i in range(0, len(order), micro_batch_size)]
+
+
+def mean_abs_gradients(model: torch.nn.Module, names: list[str], head: torch.Tensor,
+                       batches: list[tuple[np.ndarray, np.ndarray]], device: str,
+                       on_batch: Callable[[int], None] = lambda step: None) -> dict[str, torch.Tensor]:
+    """Mean over micro-batches of |d CE / d w| for the named parameters the loss reaches (float32, CPU).
+
+    Only these parameters require grad, and only for the duration of the call.
+    """
+    parameters = dict(model.named_parameters())
+    names = [name for name in names if name in parameters]
+    sums: dict[str, torch.Tensor] = {}
+    try:
+        for name in names:
+            parameters[name].requires_grad_(True)
+        for step, (images, labels) in enumerate(batches, start=1):
+            pixels = preprocess_images(images, model).to(device)
+            with autocast(device):
+                logits = image_logits(model, pixels, head)
+            loss = F.cross_entropy(logits.float(), torch.as_tensor(labels, device=device))
+            grads = torch.autograd.grad(loss, [parameters[name] for name in names], allow_unused=True)
+            for name, grad in zip(names, grads):
+                if grad is not None:
+                    magnitude = grad.detach().float().abs().cpu()
+                    sums[name] = sums[name] + magnitude if name in sums else magnitude
+            on_batch(step)
+    finally:
+        for name in names:
+            parameters[name].requires_grad_(False)
+    return {name: total / len(batches) for name, total in sums.items()}
+
+
+def normalise(scores: torch.Tensor) -> torch.Tensor:
+    """Scores divided by their mean over the tensor (all zeros stay zeros)."""
+    mean = scores.mean()
+    return scores / mean if mean > 0 else torch.zeros_like(scores)
+
+
+def select(normalised_scores: torch.Tensor, threshold: float, density: float | None) -> torch.Tensor:
+    """The mask of kept entries: score >= threshold, or the top density fraction (ties at the cut kept)."""
+    if density is not None:
+        keep = max(1, round(density * normalised_scores.numel()))
+        flat = normalised_scores.flatten()
+        threshold_value = flat.kthvalue(flat.numel() - keep + 1).values
+        return (normalised_scores >= threshold_value) & (normalised_scores > 0)
+    return (normalised_scores >= threshold) & (normalised_scores > 0)
+
+
+def planned_steps(inputs: MergeInputs, params: StaParams, tv_id: str) -> int:
+    """Progress steps of one task vector: its calibration micro-batches, or 1 for a magnitude score."""
+    dataset_id = params.calibration_datasets.get(tv_id)
+    if dataset_id is None:
+        return 1
+    sizes = split_sizes(inputs.datasets[dataset_id].path)
+    count = min(params.calibration_samples, sizes[pick_split(sizes, CALIBRATION_SPLITS, dataset_id)])
+    return -(-count // params.micro_batch_size)
+
+
+def run(inputs: MergeInputs, params: StaParams, ctx: JobContext) -> MethodResult:
+    known = {tv.id for tv in inputs.task_vectors}
+    unknown = sorted((set(params.calibration_datasets) | set(params.forget)) - known)
+    if unknown:
+        raise ValueError(f"task vectors {unknown} are not among the job's task vectors")
+    missing = sorted(set(params.dataset_ids()) - set(inputs.datasets))
+    if missing:
+        raise ValueError(f"datasets {missing} are not among the job's datasets")
+    mask_dir = ctx.workdir / "sta"
+    mask_dir.mkdir(parents=True, exist_ok=True)
+
+    model = load_base_model(inputs, ctx.device)
+    heads = HeadFactory(model, inputs, ctx)
+    weights = InPlaceWeights(model, inputs.base_path)
+    total = sum(planned_steps(inputs, params, tv.id) for tv in inputs.task_vectors)
+    done = 0
+
+    def advance(tv_id: str) -> None:
+        nonlocal done
+        done += 1
+        ctx.report(Progress("importance", done, total, {"task_vector": tv_id}))
+        ctx.check_cancel()
+
+    sources, densities, magnitude_tensors = {}, {}, {}
+    mask_paths, score_paths = [], []
+    for index, tv in enumerate(inputs.task_vectors):
+        ctx.check_cancel()
+        deltas = load_float_deltas(tv.path, weights.tensors)
+        gradients = {}
+        dataset_id = params.calibration_datasets.get(tv.id)
+        if dataset_id is not None:
+            task = load_task(inputs, dataset_id, heads, tv)  # head from theta_0: weights are restored here
+            images, labels = task.split(CALIBRATION_SPLITS)
+            if not is_labelled((images, labels)):
+                raise ValueError(f"calibration dataset {task.dataset.name!r} needs labels")
+            batches = calibration_batches(images, labels, params.calibration_samples, params.micro_batch_size,
+                                          seed=(ctx.seed, index))
+            weights.load(deltas)
+            gradients = mean_abs_gradients(model, sorted(deltas), task.head, batches, ctx.device,
+                                           on_batch=lambda _step, tv_id=tv.id: advance(tv_id))
+            weights.restore()
+            del task, batches
+        else:
+            advance(tv.id)
+        sources[tv.id] = "taylor" if dataset_id is not None else "magnitude"
+        magnitude_tensors[tv.id] = sum(1 for name in deltas if name not in gradients)
+
+        packed, scores, kept, entries = {}, {}, 0, 0
+        with safe_open(str(inputs.base_path), framework="pt") as base:
+            for name in sorted(deltas):
+                tau = deltas[name]
+                weight = (base.get_tensor(name).float() + tau) if params.importance == "theta" else tau
+                importance = weight.abs() * gradients[name] if name in gradients else tau.abs()
+                score = normalise(importance)
+                mask = select(score, params.threshold, params.density)
+                packed[name] = pack_mask(mask)
+                if params.disjoint:
+                    scores[name] = score.clamp(max=FP16_MAX).half()
+                kept += int(mask.sum())
+                entries += mask.numel()
+        del deltas, gradients
+        densities[tv.id] = kept / entries if entries else 0.0
+        mask_paths.append(mask_dir / f"masks-{index:04d}.safetensors")
+        save_tensors(mask_paths[-1], packed, {"task_vector_id": tv.id, "importance_source": sources[tv.id]})
+        if params.disjoint:
+            score_paths.append(mask_dir / f"scores-{index:04d}.safetensors")
+            save_tensors(score_paths[-1], scores, {"task_vector_id": tv.id})
+    del model, weights
+
+    out = ctx.workdir / "merged.safetensors"
+    signs = [-1.0 if tv.id in params.forget else 1.0 for tv in inputs.task_vectors]
+    count = fuse(inputs, mask_paths, score_paths, signs, params.scaling, out, ctx)
+    return MethodResult(out, metrics={
+        "importance": params.importance, "threshold": params.threshold, "density": params.density,
+        "scaling": params.scaling, "disjoint": params.disjoint, "forget": list(params.forget),
+        "importance_source": sources, "magnitude_tensors": magnitude_tensors, "mask_density": densities,
+        "tensors": count,
+    })
+
+
+def fuse(inputs: MergeInputs, mask_paths: list[Path], score_paths: list[Path], signs: list[float],
+         scaling: float, out: Path, ctx: JobContext) -> int:
+    """Stream theta_0 + scaling * sum_t sign_t m_t tau_t; with score_paths, each entry goes to one task only."""
+    with ExitStack() as stack:
+        masks = [stack.enter_context(safe_open(str(p), framework="pt")) for p in mask_paths]
+        scores = [stack.enter_context(safe_open(str(p), framework="pt")) for p in score_paths]
+
+        def merge(name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> torch.Tensor:
+            total = torch.zeros_like(base)
+            best = torch.full_like(base, -1.0)  # normalised scores are >= 0
+            for index, tau in enumerate(taus):
+                if tau is None:
+                    continue
+                mask = unpack_mask(masks[index].get_tensor(name), tuple(base.shape))
+                if scores:
+                    score = torch.where(mask, scores[index].get_tensor(name).float(), -1.0)
+                    wins = score > best  # strict: on a tie the earlier task keeps the entry
+                    total = torch.where(wins, signs[index] * tau, total)
+                    best = torch.where(wins, score, best)
+                else:
+                    total += signs[index] * torch.where(mask, tau, 0.0)
+            return base + scaling * total
+
+        return merge_streaming(inputs.base_path, [tv.path for tv in inputs.task_vectors], out, merge, ctx,
+                               stage="fusion")

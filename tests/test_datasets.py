@@ -1,0 +1,401 @@
+"""app.store.datasets: uploads built as real files, ingested into canonical npz files."""
+import io
+import pickle
+import struct
+import tempfile
+import time
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from app.store.datasets import DatasetError, DatasetLimits, ingest_dataset, load_canonical
+
+LIMITS = DatasetLimits(max_images=100, max_unpacked_bytes=20 * 1024 * 1024, resize_to=16)
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def image_bytes(color=RED, size=(8, 6), fmt="PNG", mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_zip(path: Path, entries: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> Path:
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return path
+
+
+def write_npz(path: Path, **arrays) -> Path:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+def ingest(tmp_path: Path, source: Path, limits=LIMITS, class_names=None, name="upload"):
+    out = tmp_path / f"{name}.canonical.npz"
+    summary = ingest_dataset(source, source.name, out, limits, class_names)
+    return summary, out
+
+
+def refused(tmp_path: Path, source: Path, status: int, limits=LIMITS, class_names=None) -> DatasetError:
+    """Ingest, expecting `status`; nothing may be left at the output path."""
+    out = tmp_path / "refused.canonical.npz"
+    with pytest.raises(DatasetError) as caught:
+        ingest_dataset(source, source.name, out, limits, class_names)
+    assert caught.value.status == status, caught.value.detail
+    assert caught.value.title and caught.value.detail
+    assert not out.exists()
+    return caught.value
+
+
+def patch_zip_header_field(path: Path, entry: str, local_offset: int, central_offset: int, value: bytes) -> None:
+    """Overwrite a field of one entry in both its local header and its central directory record."""
+    with zipfile.ZipFile(path) as archive:
+        local_at = archive.getinfo(entry).header_offset
+    raw = bytearray(path.read_bytes())
+    raw[local_at + local_offset:local_at + local_offset + len(value)] = value
+    central_at = raw.index(b"PK\x01\x02")
+    while raw[central_at + 46:central_at + 46 + len(entry)] != entry.encode():
+        central_at = raw.index(b"PK\x01\x02", central_at + 4)
+    raw[central_at + central_offset:central_at + central_offset + len(value)] = value
+    path.write_bytes(bytes(raw))
+
+
+# ---------------------------------------------------------------- zips of image folders
+
+
+def test_zip_with_splits(tmp_path):
+    source = write_zip(tmp_path / "pets.zip", {
+        "train/": b"",
+        "train/dog/c.bmp": image_bytes(BLUE, fmt="BMP"),
+        "train/cat/b.jpg": image_bytes(GREEN, fmt="JPEG"),
+        "train/cat/a.png": image_bytes(RED),
+        "val/cat/d.gif": image_bytes(RED, fmt="GIF"),
+        "val/dog/e.webp": image_bytes(BLUE, fmt="WEBP"),
+        "test/dog/f.png": image_bytes(128, mode="L"),
+    })
+    summary, out = ingest(tmp_path, source)
+    assert summary.source_format == "zip"
+    assert summary.labeled
+    assert summary.class_names == ["cat", "dog"]
+    assert summary.image_shape == [6, 8, 3]
+    assert summary.splits == {
+        "train": {"count": 3, "per_class": {"cat": 2, "dog": 1}},
+        "val": {"count": 2, "per_class": {"cat": 1, "dog": 1}},
+        "test": {"count": 1, "per_class": {"cat": 0, "dog": 1}},
+    }
+    splits = load_canonical(out)
+    assert list(splits) == ["train", "val", "test"]
+    images, labels = splits["train"]
+    assert images.dtype == np.uint8 and images.shape == (3, 6, 8, 3)
+    assert labels.dtype == np.int64 and labels.tolist() == [0, 0, 1]
+    assert (images[0] == RED).all()  # sorted by class then path: cat/a.png first
+    assert (images[2] == BLUE).all()
+    test_images, _ = splits["test"]
+    assert (test_images[0] == test_images[0, :, :, :1]).all()  # grayscale repeated into RGB
+    with np.load(out, allow_pickle=False) as data:
+        assert data["class_names"].dtype.kind == "U"
+        assert data["class_names"].tolist() == ["cat", "dog"]
+
+
+def test_zip_without_splits_takes_the_order_of_given_class_names(tmp_path):
+    source = write_zip(tmp_path / "flat.zip", {
+        "cat/1.png": image_bytes(RED), "dog/2.png": image_bytes(BLUE), "dog/3.png": image_bytes(BLUE),
+    })
+    summary, out = ingest(tmp_path, source, class_names=["dog", "cat"])
+    assert summary.class_names == ["dog", "cat"]
+    assert summary.splits == {"train": {"count": 3, "per_class": {"dog": 2, "cat": 1}}}
+    images, labels = load_canonical(out)["train"]
+    assert labels.tolist() == [0, 0, 1]
+    assert (images[2] == RED).all()
+
+
+def test_unlabeled_zip_ignores_folders_dotfiles_and_macos_metadata(tmp_path):
+    source = write_zip(tmp_path / "loose.zip", {
+        "b.png": image_bytes(BLUE), "a.png": image_bytes(RED), "sub/": b"", ".DS_Store": b"junk",
+        "__MACOSX/._a.png": b"junk", ".hidden/c.png": b"junk",
+    })
+    summary, out = ingest(tmp_path, source)
+    assert not summary.labeled and summary.class_names is None
+    assert summary.splits == {"train": {"count": 2}}
+    images, labels = load_canonical(out)["train"]
+    assert labels.tolist() == [-1, -1]
+    assert (images[0] == RED).all()
+    with np.load(out, allow_pickle=False) as data:
+        assert "class_names" not in data.files
+
+
+def test_unlabeled_zip_with_splits_keeps_given_class_names(tmp_path):
+    source = write_zip(tmp_path / "loose.zip", {"train/a.png": image_bytes(), "test/b.png": image_bytes()})
+    summary, out = ingest(tmp_path, source, class_names=["cat", "dog"])
+    assert not summary.labeled and summary.class_names == ["cat", "dog"]
+    assert summary.splits == {"train": {"count": 1}, "test": {"count": 1}}
+    assert {split: labels.tolist() for split, (_, labels) in load_canonical(out).items()} == {
+        "train": [-1], "test": [-1]}
+
+
+def test_mixed_sizes_are_resized(tmp_path):
+    source = write_zip(tmp_path / "mixed.zip", {
+        "cat/a.png": image_bytes(RED, size=(8, 6)), "dog/b.png": image_bytes(BLUE, size=(30, 40)),
+    })
+    summary, out = ingest(tmp_path, source)
+    assert summary.image_shape == [16, 16, 3]
+    images, _ = load_canonical(out)["train"]
+    assert images.shape == (2, 16, 16, 3)
+    assert (images[0] == RED).all() and (images[1] == BLUE).all()
+
+
+def test_same_upload_gives_identical_bytes(tmp_path):
+    entries = {"train/cat/a.png": image_bytes(RED), "train/dog/b.png": image_bytes(BLUE),
+               "val/cat/c.png": image_bytes(GREEN)}
+    first = write_zip(tmp_path / "first.zip", entries)
+    reordered = write_zip(tmp_path / "reordered.zip", dict(reversed(entries.items())), zipfile.ZIP_STORED)
+    _, out_first = ingest(tmp_path, first, name="first")
+    _, out_again = ingest(tmp_path, first, name="again")
+    _, out_reordered = ingest(tmp_path, reordered, name="reordered")
+    assert out_first.read_bytes() == out_again.read_bytes() == out_reordered.read_bytes()
+    with zipfile.ZipFile(out_first) as canonical:
+        assert {info.date_time for info in canonical.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+        assert {info.compress_type for info in canonical.infolist()} == {zipfile.ZIP_STORED}
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "/etc/evil.png", "cat/../../evil.png", "cat\\..\\..\\evil.png",
+                                  "C:/evil.png"])
+def test_zip_slip_is_refused(tmp_path, name):
+    source = write_zip(tmp_path / "slip.zip", {"cat/ok.png": image_bytes(), name: image_bytes()})
+    error = refused(tmp_path, source, 422)
+    assert error.title == "Unsafe zip entry"
+    assert repr(name) in error.detail
+
+
+@pytest.fixture(scope="module")
+def zip_bomb(tmp_path_factory) -> Path:
+    """A 300 MB run of zeros that deflates to about 300 KB, next to one real image."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("cat/ok.png", image_bytes())
+        with archive.open("cat/bomb.bmp", "w") as member:
+            zeros = bytes(4 * 1024 * 1024)
+            for _ in range(75):
+                member.write(zeros)
+    return path
+
+
+@pytest.mark.parametrize(("max_unpacked_bytes", "status"), [(100 * 1024**2, 413), (1024**3, 422)])
+def test_zip_bomb_is_refused_quickly_and_cheaply(tmp_path, zip_bomb, max_unpacked_bytes, status):
+    limits = DatasetLimits(max_images=10, max_unpacked_bytes=max_unpacked_bytes)
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        error = refused(tmp_path, zip_bomb, status, limits)
+    finally:
+        elapsed = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert elapsed < 1.0
+    assert peak < 10 * 1024 * 1024
+    assert "cat/bomb.bmp" in error.detail or str(max_unpacked_bytes) in error.detail
+
+
+def test_entry_larger_than_its_header_says_is_refused(tmp_path):
+    source = tmp_path / "lying.zip"
+    with zipfile.ZipFile(source, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("cat/ok.png", image_bytes())
+        archive.writestr("cat/lie.bmp", bytes(50 * 1024 * 1024))
+    patch_zip_header_field(source, "cat/lie.bmp", 22, 24, struct.pack("<I", 1000))  # uncompressed size
+    started = time.perf_counter()
+    error = refused(tmp_path, source, 422)
+    assert time.perf_counter() - started < 1.0
+    assert "cat/lie.bmp" in error.detail
+
+
+def test_encrypted_entry_is_refused(tmp_path):
+    source = write_zip(tmp_path / "locked.zip", {"cat/a.png": image_bytes()})
+    patch_zip_header_field(source, "cat/a.png", 6, 8, struct.pack("<H", 0x1))  # flag bit 0: encrypted
+    assert "encrypted" in refused(tmp_path, source, 422).detail
+
+
+def test_too_many_images(tmp_path):
+    source = write_zip(tmp_path / "many.zip", {f"cat/{i}.png": image_bytes() for i in range(4)})
+    refused(tmp_path, source, 413, DatasetLimits(max_images=3, max_unpacked_bytes=10**6))
+
+
+def test_too_many_unpacked_bytes(tmp_path):
+    source = write_zip(tmp_path / "big.zip", {f"cat/{i}.png": image_bytes() for i in range(4)})
+    refused(tmp_path, source, 413, DatasetLimits(max_images=10, max_unpacked_bytes=100))
+
+
+def test_image_over_the_pixel_limit(tmp_path):
+    source = write_zip(tmp_path / "huge.zip", {"cat/a.png": image_bytes(size=(8, 6))})
+    error = refused(tmp_path, source, 422, DatasetLimits(max_images=10, max_unpacked_bytes=10**6,
+                                                         max_image_pixels=47))
+    assert "cat/a.png" in error.detail
+
+
+@pytest.mark.parametrize("data", [b"not an image", image_bytes()[:45]])
+def test_undecodable_image_is_named(tmp_path, data):
+    source = write_zip(tmp_path / "broken.zip", {"cat/a.png": image_bytes(), "cat/broken.png": data})
+    assert "cat/broken.png" in refused(tmp_path, source, 422).detail
+
+
+@pytest.mark.parametrize("entries", [
+    {}, {"cat/": b"", ".DS_Store": b"x"},  # nothing to ingest
+    {"cat/a.png": image_bytes(), "b.png": image_bytes()},  # class folders for some images only
+    {"x/cat/y/a.png": image_bytes()},  # nested too deeply
+])
+def test_zip_layouts_that_are_not_datasets(tmp_path, entries):
+    refused(tmp_path, write_zip(tmp_path / "bad.zip", entries), 422)
+
+
+def test_class_names_must_match_the_folders(tmp_path):
+    source = write_zip(tmp_path / "pets.zip", {"cat/a.png": image_bytes(), "dog/b.png": image_bytes()})
+    assert "bird" in refused(tmp_path, source, 422, class_names=["cat", "bird"]).detail
+    refused(tmp_path, source, 422, class_names=["cat", "dog", "dog"])
+
+
+# ---------------------------------------------------------------- npz
+
+
+def test_npz_grayscale_with_default_class_names(tmp_path):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    summary, out = ingest(tmp_path, write_npz(tmp_path / "gray.npz", images=images,
+                                              labels=np.array([2, 0], dtype=np.uint8)))
+    assert summary.source_format == "npz" and summary.labeled
+    assert summary.class_names == ["0", "1", "2"]
+    assert summary.splits == {"train": {"count": 2, "per_class": {"0": 1, "1": 0, "2": 1}}}
+    assert summary.image_shape == [3, 4, 3]
+    canonical_images, labels = load_canonical(out)["train"]
+    assert canonical_images.shape == (2, 3, 4, 3)
+    assert (canonical_images == images[..., None]).all()
+    assert labels.dtype == np.int64 and labels.tolist() == [2, 0]
+
+
+def test_npz_rgb_with_stored_class_names(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 5, 5, 3), dtype=np.uint8)
+    source = write_npz(tmp_path / "rgb.npz", images=images, labels=np.array([1, 1, 0]),
+                       class_names=np.array(["cat", "dog"]))
+    summary, out = ingest(tmp_path, source)
+    assert summary.class_names == ["cat", "dog"]
+    assert summary.splits["train"]["per_class"] == {"cat": 1, "dog": 2}
+    canonical_images, _ = load_canonical(out)["train"]
+    assert (canonical_images == images).all()
+
+
+def test_npz_per_split_unlabeled_with_alpha(tmp_path):
+    rgba = np.full((2, 4, 4, 4), 7, dtype=np.uint8)
+    source = write_npz(tmp_path / "splits.npz", train_images=rgba, test_images=rgba[:1])
+    summary, out = ingest(tmp_path, source)
+    assert not summary.labeled and summary.class_names is None
+    assert summary.splits == {"train": {"count": 2}, "test": {"count": 1}}
+    splits = load_canonical(out)
+    assert splits["test"][0].shape == (1, 4, 4, 3)
+    assert splits["train"][1].tolist() == [-1, -1]
+
+
+def test_npz_per_split_labeled(tmp_path):
+    images = np.zeros((2, 4, 4, 1), dtype=np.uint8)
+    source = write_npz(tmp_path / "splits.npz", train_images=images, train_labels=np.array([0, 1]),
+                       val_images=images, val_labels=np.array([1, 1]))
+    summary, _ = ingest(tmp_path, source, class_names=["cat", "dog"])
+    assert summary.splits == {"train": {"count": 2, "per_class": {"cat": 1, "dog": 1}},
+                              "val": {"count": 2, "per_class": {"cat": 0, "dog": 2}}}
+
+
+class WouldCreateMarker:
+    """Unpickling this creates the marker file: proof of whether anything unpickled it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_npz_with_object_array_is_refused_without_unpickling(tmp_path):
+    marker = tmp_path / "unpickled"
+    source = write_npz(tmp_path / "evil.npz", images=np.zeros((1, 2, 2), dtype=np.uint8),
+                       labels=np.array([WouldCreateMarker(marker)], dtype=object))
+    error = refused(tmp_path, source, 415)
+    assert "pickled arrays are refused" in error.detail
+    assert not marker.exists()
+    with np.load(source, allow_pickle=True) as data:  # the trap is armed: unpickling would have sprung it
+        data["labels"]
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("arrays", [
+    {"images": np.zeros((2, 3, 3), dtype=np.float32)},
+    {"images": np.zeros((2, 3, 3, 2), dtype=np.uint8)},
+    {"images": np.zeros((2, 3), dtype=np.uint8)},
+    {"images": np.zeros((0, 3, 3), dtype=np.uint8)},
+    {"images": np.zeros((2, 3, 3), dtype=np.uint8), "labels": np.array([0, 1, 1])},
+    {"images": np.zeros((2, 3, 3), dtype=np.uint8), "labels": np.array([0.0, 1.0])},
+    {"images": np.zeros((2, 3, 3), dtype=np.uint8), "labels": np.array([0, -1])},
+    {"images": np.zeros((2, 3, 3), dtype=np.uint8), "labels": np.array([0, 2]), "class_names": np.array(["a", "b"])},
+    {"images": np.zeros((2, 3, 3), dtype=np.uint8), "extra": np.zeros(2)},
+    {"train_images": np.zeros((2, 3, 3), dtype=np.uint8), "test_images": np.zeros((2, 4, 4), dtype=np.uint8)},
+    {"train_images": np.zeros((2, 3, 3), dtype=np.uint8), "train_labels": np.array([0, 1]),
+     "test_images": np.zeros((2, 3, 3), dtype=np.uint8)},
+])
+def test_npz_content_that_is_not_a_dataset(tmp_path, arrays):
+    refused(tmp_path, write_npz(tmp_path / "bad.npz", **arrays), 422)
+
+
+def test_npz_with_too_many_images(tmp_path):
+    source = write_npz(tmp_path / "many.npz", images=np.zeros((4, 2, 2), dtype=np.uint8))
+    refused(tmp_path, source, 413, DatasetLimits(max_images=3, max_unpacked_bytes=10**6))
+
+
+@settings(max_examples=25, deadline=None)
+@given(count=st.integers(1, 4), height=st.integers(1, 5), width=st.integers(1, 5),
+       channels=st.sampled_from([None, 1, 3, 4]), labeled=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_npz_round_trip(count, height, width, channels, labeled, seed):
+    rng = np.random.default_rng(seed)
+    shape = (count, height, width) + ((channels,) if channels else ())
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
+    arrays = {"images": images} | ({"labels": rng.integers(0, 3, count)} if labeled else {})
+    expected_rgb = np.repeat(images.reshape(count, height, width, -1), 3, axis=3) if channels in (None, 1) \
+        else images[..., :3]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        summary, out = ingest(tmp_path, write_npz(tmp_path / "data.npz", **arrays))
+        canonical_images, canonical_labels = load_canonical(out)["train"]
+    assert summary.image_shape == [height, width, 3]
+    assert (canonical_images == expected_rgb).all()
+    assert canonical_labels.tolist() == (arrays["labels"].tolist() if labeled else [-1] * count)
+
+
+# ---------------------------------------------------------------- formats refused outright
+
+
+def test_torch_checkpoint_zip_is_refused(tmp_path):
+    source = write_zip(tmp_path / "model.pt", {
+        "archive/data.pkl": pickle.dumps({"weight": 1}), "archive/data/0": bytes(16), "archive/version": b"3\n",
+    })
+    assert "pickle" in refused(tmp_path, source, 415).detail
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("data.pkl", pickle.dumps([1, 2, 3])),
+    ("notes.txt", b"just some text\n"),
+    ("images.npy", b"\x93NUMPY\x01\x00" + bytes(8)),
+    ("empty.zip", b""),
+])
+def test_other_formats_are_unsupported(tmp_path, name, content):
+    source = tmp_path / name
+    source.write_bytes(content)
+    refused(tmp_path, source, 415)
+
+
+def test_truncated_zip_is_invalid(tmp_path):
+    source = write_zip(tmp_path / "pets.zip", {"cat/a.png": image_bytes()})
+    source.write_bytes(source.read_bytes()[:40])
+    refused(tmp_path, source, 422)
