@@ -130,11 +130,13 @@ def up() -> None:
     children.append(subprocess.Popen([*me, "worker"]))
     api_process = subprocess.Popen([*me, "api"])
     children.append(api_process)
+    # SIGTERM (docker stop, systemd, kill) shuts the children down as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     typer.echo(f"tvforge is up on http://{settings.api_host}:{settings.api_port} "
                f"(API key for owner 'admin' in {key_file})")
     try:
         api_process.wait()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         for child in reversed(children):

@@ -107,7 +107,8 @@ def preprocess_images(images_uint8: np.ndarray, model: torch.nn.Module) -> torch
     return ((pixels - mean) / std).contiguous()
 
 
-def _tokenizer(model: torch.nn.Module):
+def get_tokenizer(model: torch.nn.Module):
+    """The tokenizer matching a model made by build_model (open_clip's default BPE otherwise)."""
     name = getattr(model, "open_clip_name", None)
     if name is not None:
         return open_clip.get_tokenizer(name)
@@ -134,7 +135,7 @@ def zero_shot_head(model: torch.nn.Module, class_names: list[str], templates: li
         if cache_path.exists():
             return load_file(str(cache_path))["head"].to(device)
 
-    tokenizer = _tokenizer(model)
+    tokenizer = get_tokenizer(model)
     was_training = model.training
     model.eval()
     rows = []
@@ -194,6 +195,6 @@ def load_dataset(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 __all__ = [
-    "DEFAULT_TEMPLATES", "build_model", "config_model_name", "evaluate_accuracy", "image_logits",
+    "DEFAULT_TEMPLATES", "build_model", "config_model_name", "evaluate_accuracy", "get_tokenizer", "image_logits",
     "load_dataset", "load_state_dict_file", "preprocess_images", "zero_shot_head",
 ]

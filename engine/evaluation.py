@@ -30,9 +30,13 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # preprocessed pixels -> logi
 
 
 def autocast(device: str):
-    """Mixed precision on CUDA (bfloat16: no loss scaling needed); full precision on CPU."""
+    """Mixed precision on CUDA, full precision on CPU.
+
+    float16 rather than bfloat16: a task vector's entries are ~1e-3 of the weights they
+    change, below bfloat16's resolution; training pairs it with loss scaling.
+    """
     if device.startswith("cuda"):
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
     return nullcontext()
 
 
@@ -68,9 +72,16 @@ class Task:
     def name(self) -> str:
         return self.dataset.id
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {name: len(labels) for name, (_, labels) in self.splits.items()}
+
     def split(self, order: Iterable[str]) -> Split:
-        sizes = {name: len(labels) for name, (_, labels) in self.splits.items()}
-        return self.splits[pick_split(sizes, order, self.dataset.name)]
+        return self.splits[pick_split(self.sizes, order, self.dataset.name)]
+
+    def has_labelled(self, order: Iterable[str]) -> bool:
+        """Whether one of the splits in order exists, and the first such is labelled."""
+        return any(self.sizes.get(name) for name in order) and is_labelled(self.split(order))
 
     @property
     def selection(self) -> Split:

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from engine.clip import image_logits, preprocess_images
 from engine.context import JobContext, MergeInputs, MethodResult, Progress
 from engine.evaluation import (
-    HeadFactory, InPlaceWeights, autocast, is_labelled, load_base_model, load_float_deltas, load_task, pick_split,
+    HeadFactory, InPlaceWeights, is_labelled, load_base_model, load_float_deltas, load_task, pick_split,
     split_sizes,
 )
 from engine.params import StaParams
@@ -64,7 +64,8 @@ def mean_abs_gradients(model: torch.nn.Module, names: list[str], head: torch.Ten
                        on_batch: Callable[[int], None] = lambda step: None) -> dict[str, torch.Tensor]:
     """Mean over micro-batches of |d CE / d w| for the named parameters the loss reaches (float32, CPU).
 
-    Only these parameters require grad, and only for the duration of the call.
+    Only these parameters require grad, and only for the duration of the call. Full precision
+    even on CUDA: the calibration set is small and fp16 gradients of small weights underflow.
     """
     parameters = dict(model.named_parameters())
     names = [name for name in names if name in parameters]
@@ -74,9 +75,7 @@ def mean_abs_gradients(model: torch.nn.Module, names: list[str], head: torch.Ten
             parameters[name].requires_grad_(True)
         for step, (images, labels) in enumerate(batches, start=1):
             pixels = preprocess_images(images, model).to(device)
-            with autocast(device):
-                logits = image_logits(model, pixels, head)
-            loss = F.cross_entropy(logits.float(), torch.as_tensor(labels, device=device))
+            loss = F.cross_entropy(image_logits(model, pixels, head), torch.as_tensor(labels, device=device))
             grads = torch.autograd.grad(loss, [parameters[name] for name in names], allow_unused=True)
             for name, grad in zip(names, grads):
                 if grad is not None:

@@ -33,9 +33,9 @@ def write_zip(path: Path, entries: dict[str, bytes], compression=zipfile.ZIP_DEF
     return path
 
 
-def write_npz(path: Path, **arrays) -> Path:
+def write_npz(path: Path, compressed=False, **arrays) -> Path:
     with open(path, "wb") as f:
-        np.savez(f, **arrays)
+        (np.savez_compressed if compressed else np.savez)(f, **arrays)
     return path
 
 
@@ -259,6 +259,8 @@ def test_class_names_must_match_the_folders(tmp_path):
     source = write_zip(tmp_path / "pets.zip", {"cat/a.png": image_bytes(), "dog/b.png": image_bytes()})
     assert "bird" in refused(tmp_path, source, 422, class_names=["cat", "bird"]).detail
     refused(tmp_path, source, 422, class_names=["cat", "dog", "dog"])
+    (tmp_path / "refused.canonical.npz").write_bytes(b"left by the caller")  # still removed on failure
+    refused(tmp_path, source, 422, class_names=[])
 
 
 # ---------------------------------------------------------------- npz
@@ -278,9 +280,10 @@ def test_npz_grayscale_with_default_class_names(tmp_path):
     assert labels.dtype == np.int64 and labels.tolist() == [2, 0]
 
 
-def test_npz_rgb_with_stored_class_names(tmp_path):
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_rgb_with_stored_class_names(tmp_path, compressed):
     images = np.random.default_rng(0).integers(0, 256, (3, 5, 5, 3), dtype=np.uint8)
-    source = write_npz(tmp_path / "rgb.npz", images=images, labels=np.array([1, 1, 0]),
+    source = write_npz(tmp_path / "rgb.npz", compressed, images=images, labels=np.array([1, 1, 0]),
                        class_names=np.array(["cat", "dog"]))
     summary, out = ingest(tmp_path, source)
     assert summary.class_names == ["cat", "dog"]

@@ -194,7 +194,8 @@ def run_job(job_id: str, worker_id: str) -> str | None:
             workdir=workdir, cache_dir=settings.resolved_blob_dir.parent / "cache",
             device=resolve_device(settings.device), seed=loaded.seed, report=ProgressWriter(job_id, worker_id),
             is_cancelled=lambda: heartbeat.cancel_requested.is_set() or heartbeat.lost.is_set(),
-            metadata={"format": "pt", "tvforge.job_id": job_id, "tvforge.method": loaded.method},
+            # No job id here: the same spec and seed must give the same bytes.
+            metadata={"format": "pt", "tvforge.method": loaded.method},
         )
         result = spec.load_runner()(loaded.inputs, params, ctx)
         ctx.check_cancel()

@@ -95,10 +95,10 @@ def ingest_dataset(source: Path, filename: str, out_path: Path, limits: DatasetL
 
     Raises DatasetError; on any failure nothing is left at out_path.
     """
-    if class_names is not None:
-        _check_class_names(class_names, "class_names")
-        class_names = list(class_names)
     try:
+        if class_names is not None:
+            _check_class_names(class_names, "class_names")
+            class_names = list(class_names)
         with open(out_path, "wb") as out:
             summary = _ingest(Path(source), filename, out, limits, class_names)
             out.flush()
@@ -283,9 +283,11 @@ def _probe_image(data: bytes, name: str, limits: DatasetLimits) -> tuple[int, in
             size = image.size
     except Image.DecompressionBombError as exc:
         raise DatasetError(422, "Image too large", f"zip entry {name!r}: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise _invalid(f"zip entry {name!r} is not an image in a supported format "
+                       f"({', '.join(IMAGE_FORMATS)}).") from None
     except Exception as exc:  # Pillow's plugins raise many exception types on corrupt input
-        raise _invalid(f"zip entry {name!r} is not a decodable image ({', '.join(IMAGE_FORMATS)}): "
-                       f"{exc}") from None
+        raise _invalid(f"zip entry {name!r} is not a decodable image: {exc}") from None
     if size[0] * size[1] > limits.max_image_pixels:
         raise DatasetError(422, "Image too large", f"zip entry {name!r} is {size[0]}x{size[1]}, more than "
                                                    f"{limits.max_image_pixels} pixels.")

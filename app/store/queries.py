@@ -1,12 +1,15 @@
 """Queries shared by routes and workers: owner-scoped reads, cursor pages, blob references."""
 import base64
 import binascii
+import re
 
 from sqlalchemy import Select, exists, select
 from sqlalchemy.orm import Session
 
 from app.store.blobs import BlobStore
 from app.store.models import BaseModel, Checkpoint, Dataset, TaskVector
+
+ID_PATTERN = re.compile(r"[a-z]+_[0-9a-f]{32}")
 
 
 class BadCursor(ValueError):
@@ -25,9 +28,12 @@ def encode_cursor(last_id: str) -> str:
 
 def decode_cursor(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        last_id = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise BadCursor(cursor) from None
+    if not ID_PATTERN.fullmatch(last_id):
+        raise BadCursor(cursor)
+    return last_id
 
 
 def page(session: Session, model, owner: str, limit: int, cursor: str | None,

@@ -1,0 +1,1 @@
+"""The merge-quality benchmark: small honest tasks, a tiny CLIP, task vectors."""

@@ -1,0 +1,119 @@
+"""Contrastive pre-training of the tiny CLIP and per-task fine-tuning of its image tower."""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from engine.clip import get_tokenizer, image_logits, preprocess_images
+from bench.quality.tasks import TaskData
+
+# Caption forms seen in pre-training; the zero-shot templates (engine.clip.DEFAULT_TEMPLATES)
+# overlap with them only in part, as web captions and prompt templates do.
+CAPTION_TEMPLATES = [
+    "{c}",
+    "a photo of a {c}.",
+    "a picture of the {c}.",
+    "this is a {c}.",
+    "an example of a {c}.",
+    "a small image of a {c}.",
+    "a blurry photo of the {c}.",
+]
+
+
+def _cosine_lr(step: int, steps: int, peak: float, warmup_fraction: float = 0.05) -> float:
+    warmup = max(1, int(steps * warmup_fraction))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW that decays only matrices, not gains, biases or scalars."""
+    decayed = [p for p in params if p.ndim >= 2]
+    plain = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
+                              {"params": plain, "weight_decay": 0.0}], lr=lr)
+
+
+def pretrain_contrastive(model: torch.nn.Module, tasks: list[TaskData], steps: int, batch_size: int, lr: float,
+                         seed: int) -> list[float]:
+    """CLIP-style training on (image, caption) pairs from the tasks' pretrain splits, all towers.
+
+    Each batch mixes the tasks uniformly; captions are a random template around the class name.
+    Several images of a batch share a class, so the loss treats every caption of the image's
+    class as its positive (image->text over the batch's distinct captions, text->image over
+    all images of that class). Returns the loss per step.
+    """
+    generator = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    pixels, global_labels, task_of_image, offsets = [], [], [], [0]
+    captions = []
+    for index, task in enumerate(tasks):
+        images, labels = task.splits["pretrain"]
+        pixels.append(preprocess_images(images, model))
+        global_labels.append(labels + offsets[-1])
+        task_of_image.append(np.full(len(labels), index))
+        captions += task.class_names
+        offsets.append(offsets[-1] + len(task.class_names))
+    pixels = torch.cat(pixels)
+    global_labels = np.concatenate(global_labels)
+    task_of_image = np.concatenate(task_of_image)
+    # uniform over tasks, then uniform within a task
+    weights = 1.0 / np.bincount(task_of_image)[task_of_image]
+    weights /= weights.sum()
+    tokens = get_tokenizer(model)([t.format(c=c) for c in captions for t in CAPTION_TEMPLATES])
+    tokens = tokens.view(len(captions), len(CAPTION_TEMPLATES), -1)
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _adamw(params, lr, weight_decay=0.05)
+    losses = []
+    for step in tqdm(range(steps), desc="pre-train CLIP", leave=False):
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr)
+        batch = generator.choice(len(pixels), size=batch_size, p=weights)
+        classes, targets = np.unique(global_labels[batch], return_inverse=True)
+        templates = generator.integers(0, len(CAPTION_TEMPLATES), len(classes))
+        text = model.encode_text(tokens[classes, templates], normalize=True)
+        image = model.encode_image(pixels[batch], normalize=True)
+        logits = model.logit_scale.exp() * image @ text.T
+        targets = torch.from_numpy(targets)
+        same_class = F.one_hot(targets, len(classes)).T.float()
+        image_loss = F.cross_entropy(logits, targets)
+        text_loss = -(F.log_softmax(logits.T, dim=1) * same_class).sum(1).div(same_class.sum(1)).mean()
+        loss = (image_loss + text_loss) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss))
+    model.eval()
+    return losses
+
+
+def finetune_visual(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, head: torch.Tensor,
+                    steps: int, batch_size: int, lr: float, seed: int, desc: str) -> None:
+    """Cross-entropy fine-tuning of visual.* in place, through the frozen zero-shot head."""
+    generator = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    pixels = preprocess_images(images, model)
+    targets = torch.as_tensor(labels, dtype=torch.long)
+    visual = [p for name, p in model.named_parameters() if name.startswith("visual.")]
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("visual."))
+    optimizer = _adamw(visual, lr, weight_decay=0.1)
+    model.train()
+    for step in tqdm(range(steps), desc=f"fine-tune {desc}", leave=False):
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr)
+        batch = torch.from_numpy(generator.integers(0, len(pixels), batch_size))
+        loss = F.cross_entropy(image_logits(model, pixels[batch], head), targets[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)

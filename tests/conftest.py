@@ -1,0 +1,132 @@
+"""Shared fixtures: a live stack of real processes (redis-server, a Celery worker, uvicorn) and tiny assets."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.client import TvforgeClient
+from app.demo import DemoAssets, build_demo_assets
+from tests.services import free_port
+
+pytest_plugins = ["tests.conftest_services"]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "app.cli"]
+
+
+class Stack:
+    """The service as it runs in production, each part its own process, on throw-away state."""
+
+    def __init__(self, root: Path, broker_url: str, **settings):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = os.environ | {
+            "HF_HUB_OFFLINE": "1",
+            "TVFORGE_DATA_DIR": str(root / "var"),
+            "TVFORGE_BROKER_URL": broker_url,
+            "TVFORGE_API_PORT": str(self.port),
+            "TVFORGE_HEARTBEAT_INTERVAL_S": "0.5",
+            "TVFORGE_HEARTBEAT_TIMEOUT_S": "4",
+            "TVFORGE_REAPER_INTERVAL_S": "1",
+        } | {f"TVFORGE_{k.upper()}": str(v) for k, v in settings.items()}
+        self.api: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.run_cli("migrate")
+        self.owner_key = self.run_cli("keys", "create", "--owner", "alice").strip()
+        self.other_key = self.run_cli("keys", "create", "--owner", "mallory").strip()
+
+    def run_cli(self, *args: str) -> str:
+        return subprocess.run([*CLI, *args], env=self.env, cwd=REPO, check=True, capture_output=True,
+                              text=True, timeout=120).stdout
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        # A process group of its own, so a kill takes the Celery pool children too.
+        return subprocess.Popen([*CLI, *args], env=self.env, cwd=REPO, stdout=log, stderr=log,
+                                start_new_session=True)
+
+    def start_api(self) -> None:
+        self.api = self._spawn("api", "api")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.api.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError(f"the API did not start; see {self.root / 'api.log'}")
+
+    def stop_api(self) -> None:
+        self._stop(self.api)
+        self.api = None
+
+    def start_worker(self) -> subprocess.Popen:
+        worker = self._spawn(f"worker{len(self.workers)}", "worker")
+        self.workers.append(worker)
+        return worker
+
+    def kill_worker(self, worker: subprocess.Popen) -> None:
+        """SIGKILL to the worker and its pool children at once: no chance to clean up."""
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+
+    @staticmethod
+    def _stop(process: subprocess.Popen | None) -> None:
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            self._stop(worker)
+        self.stop_api()
+
+    def client(self, key: str | None = None) -> TvforgeClient:
+        return TvforgeClient(self.url, key or self.owner_key)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.root.glob("*.log"))
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory) -> DemoAssets:
+    return build_demo_assets(tmp_path_factory.mktemp("demo-assets"))
+
+
+_redis_db = iter(range(1, 16))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, redis_url) -> Iterator[Stack]:
+    """API + one worker, on fresh state and a Redis database of their own."""
+    live = Stack(tmp_path_factory.mktemp("stack"), f"{redis_url.rsplit('/', 1)[0]}/{next(_redis_db)}",
+                 max_upload_bytes=64 * 1024 * 1024)
+    live.start_api()
+    live.start_worker()
+    yield live
+    live.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Attach the stack's process logs to a failing test's report."""
+    outcome = yield
+    report = outcome.get_result()
+    live = item.funcargs.get("stack") if hasattr(item, "funcargs") else None
+    if report.failed and isinstance(live, Stack):
+        report.sections.append(("stack logs", live.logs()))

@@ -1,0 +1,99 @@
+"""Tiny merge jobs for the engine's method tests: a random tiny open_clip base, task vectors, datasets."""
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+from engine.clip import build_model
+from engine.context import DatasetInput, JobContext, MergeInputs, ModelSpec, Progress, TaskVectorInput
+from engine.safetensors_io import save_tensors
+
+TINY_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+SPEC = ModelSpec(config=TINY_CONFIG)
+CLASS_SETS = [["cat", "dog", "bird"], ["red square", "blue circle"], ["digit zero", "digit one", "digit two"]]
+
+
+def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: v.detach().contiguous() for k, v in build_model(SPEC).state_dict().items()}
+
+
+def write_task_vector(path: Path, state: dict[str, torch.Tensor], seed: int, scale: float = 0.02,
+                      prefix: str = "visual.") -> Path:
+    generator = torch.Generator().manual_seed(seed)
+    save_tensors(path, {name: scale * torch.randn(t.shape, generator=generator)
+                        for name, t in state.items() if name.startswith(prefix)})
+    return path
+
+
+def write_dataset(path: Path, n_classes: int, seed: int, sizes: dict[str, int], side: int = 12) -> Path:
+    """Images whose mean colour depends on the class (so labels carry some signal), uint8 [N,side,side,3]."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in sizes.items():
+        labels = np.arange(n) % n_classes
+        rng.shuffle(labels)
+        tint = (labels[:, None] * 255 // max(1, n_classes - 1))[:, None, None, :].repeat(3, axis=-1)
+        noise = rng.integers(0, 128, size=(n, side, side, 3))
+        arrays[f"{split}_images"] = ((tint + noise) // 2 + 32).clip(0, 255).astype(np.uint8)
+        arrays[f"{split}_labels"] = labels.astype(np.int64)
+    np.savez(path, **arrays)
+    return path
+
+
+@dataclass
+class Job:
+    inputs: MergeInputs
+    state: dict[str, torch.Tensor]
+    taus: dict[str, dict[str, torch.Tensor]]  # task vector id -> tensors
+
+
+def make_job(root: Path, n_vectors: int = 2, with_datasets: bool = True, seed: int = 0,
+             sizes: dict[str, int] | None = None) -> Job:
+    """Task vector i is "tv{i}" with dataset "ds{i}" (class set i); "ctrl" is an extra dataset."""
+    root.mkdir(parents=True, exist_ok=True)
+    state = tiny_state(seed)
+    base_path = root / "base.safetensors"
+    save_tensors(base_path, state)
+    sizes = sizes or {"train": 12, "val": 6, "test": 6}
+    vectors, datasets = [], {}
+    for i in range(n_vectors):
+        path = write_task_vector(root / f"tv{i}.safetensors", state, seed=100 + i)
+        classes = CLASS_SETS[i % len(CLASS_SETS)]
+        vectors.append(TaskVectorInput(f"tv{i}", f"vector {i}", path, classes))
+        if with_datasets:
+            ds_path = write_dataset(root / f"ds{i}.npz", len(classes), seed=200 + i, sizes=sizes)
+            datasets[f"ds{i}"] = DatasetInput(f"ds{i}", f"dataset {i}", ds_path, classes)
+    if with_datasets:
+        classes = CLASS_SETS[-1]
+        datasets["ctrl"] = DatasetInput("ctrl", "control", write_dataset(root / "ctrl.npz", 3, 300, sizes), classes)
+    from safetensors.torch import load_file
+
+    taus = {tv.id: load_file(str(tv.path)) for tv in vectors}
+    return Job(MergeInputs(base_path, SPEC, vectors, datasets), state, taus)
+
+
+@dataclass
+class Recorder:
+    """A JobContext's report and cancel channels: records progress, cancels after `cancel_after` checks."""
+
+    cancel_after: int | None = None
+    checks: int = 0
+    reports: list[Progress] = field(default_factory=list)
+
+    def is_cancelled(self) -> bool:
+        self.checks += 1
+        return self.cancel_after is not None and self.checks > self.cancel_after
+
+    def context(self, workdir: Path, seed: int = 0, cache_dir: Path | None = None) -> JobContext:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return JobContext(workdir=workdir, cache_dir=cache_dir, seed=seed, report=self.reports.append,
+                          is_cancelled=self.is_cancelled)
