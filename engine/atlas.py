@@ -305,7 +305,7 @@ def run(inputs: MergeInputs, params: AtlasParams, ctx: JobContext) -> MethodResu
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             ctx.report(Progress("training", step, total_steps, {"epoch": epoch, "loss": losses[-1]}))
         ctx.check_cancel()
         entry = epoch_entry(epoch, float(np.mean(losses)))
