@@ -67,6 +67,9 @@ def pretrain_contrastive(model: torch.nn.Module, tasks: list[TaskData], steps: i
     tokens = tokens.view(len(captions), len(CAPTION_TEMPLATES), -1)
 
     model.train()
+    # Token embeddings keep their random init: rows are distinct already, and a dense AdamW
+    # update of all 49408 rows would dominate the step time.
+    model.token_embedding.weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _adamw(params, lr, weight_decay=0.05)
     losses = []
@@ -89,7 +92,8 @@ def pretrain_contrastive(model: torch.nn.Module, tasks: list[TaskData], steps: i
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(float(loss))
+        losses.append(loss.item())
+    model.token_embedding.weight.requires_grad_(True)
     model.eval()
     return losses
 

@@ -1,0 +1,187 @@
+"""STA: Taylor importance and masks against direct autograd on a tiny open_clip, packing, fusion, forgetting."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from engine.clip import build_model, load_dataset, preprocess_images, zero_shot_head
+from engine.context import Cancelled
+from engine.params import StaParams
+from engine.registry import get_method
+from engine.sta import pack_mask, run, select, unpack_mask
+from tests.engine_jobs import SPEC, Recorder, make_job, one_thread, write_task_vector  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SAMPLES, MICRO = 10, 4  # 3 micro-batches, the last one partial
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    return make_job(tmp_path_factory.mktemp("sta") / "job", n_vectors=2)
+
+
+def read_masks(workdir, index):
+    path = workdir / "sta" / f"masks-{index:04d}.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def direct_importance(job, tv_id, dataset_id, seed, index, theta=False):
+    """mean over micro-batches of |w * dCE/dw|, w = tau (or theta_0 + tau), by autograd on the fine-tuned model."""
+    model = build_model(SPEC)
+    model.load_state_dict(job.state)
+    head = zero_shot_head(model, job.inputs.datasets[dataset_id].class_names)
+    tau = job.taus[tv_id]
+    model.load_state_dict({n: t + tau[n] if n in tau else t for n, t in job.state.items()})
+    images, labels = load_dataset(job.inputs.datasets[dataset_id].path)["train"]
+    order = np.random.default_rng((seed, index)).permutation(len(images))[:SAMPLES]
+    params = dict(model.named_parameters())
+    total = {n: torch.zeros_like(tau[n]) for n in tau}
+    batches = [order[i:i + MICRO] for i in range(0, len(order), MICRO)]
+    for batch in batches:
+        features = F.normalize(model.encode_image(preprocess_images(images[batch], model)), dim=-1)
+        loss = F.cross_entropy(features @ head.T, torch.as_tensor(labels[batch]))
+        grads = torch.autograd.grad(loss, [params[n] for n in tau])
+        for n, g in zip(tau, grads):
+            weight = job.state[n] + tau[n] if theta else tau[n]
+            total[n] += (weight * g).abs()
+    return {n: t / len(batches) for n, t in total.items()}
+
+
+@pytest.mark.parametrize("importance", ["tau", "theta"])
+def test_taylor_importance_and_masks_match_autograd(job, tmp_path, importance):
+    params = StaParams(calibration_datasets={"tv0": "ds0"}, calibration_samples=SAMPLES, micro_batch_size=MICRO,
+                       disjoint=True, importance=importance)
+    result = run(job.inputs, params, Recorder().context(tmp_path / "w", seed=3))
+    expected = direct_importance(job, "tv0", "ds0", seed=3, index=0, theta=importance == "theta")
+    masks = read_masks(tmp_path / "w", 0)
+    scores = load_file(str(tmp_path / "w" / "sta" / "scores-0000.safetensors"))
+    assert set(masks) == set(expected)
+    for name, importance_values in expected.items():
+        normalised = importance_values / importance_values.mean()
+        torch.testing.assert_close(scores[name].float(), normalised, rtol=2e-3, atol=1e-3)
+        mask = unpack_mask(masks[name], tuple(normalised.shape))
+        borderline = (normalised - 1.0).abs() < 1e-3
+        assert torch.equal(mask[~borderline], (normalised >= 1.0)[~borderline]), name
+    assert result.metrics["importance_source"] == {"tv0": "taylor", "tv1": "magnitude"}
+    assert result.metrics["magnitude_tensors"] == {"tv0": 0, "tv1": len(job.taus["tv1"])}
+
+
+def test_magnitude_fallback_and_fusion(job, tmp_path):
+    params = StaParams(calibration_datasets={"tv0": "ds0"}, calibration_samples=SAMPLES, micro_batch_size=MICRO,
+                       scaling=0.7)
+    result = run(job.inputs, params, Recorder().context(tmp_path / "w"))
+    masks = [read_masks(tmp_path / "w", i) for i in range(2)]
+    for name, tau in job.taus["tv1"].items():  # no calibration data: |tau| / mean |tau| >= 1
+        expected = tau.abs() >= tau.abs().mean()
+        assert torch.equal(unpack_mask(masks[1][name], tuple(tau.shape)), expected)
+    merged = load_file(str(result.checkpoint_path))
+    assert merged.keys() == job.state.keys()
+    for name, base in job.state.items():
+        expected = base.double()
+        for index, tau in enumerate(job.taus.values()):
+            if name in tau:
+                mask = unpack_mask(masks[index][name], tuple(base.shape))
+                expected = expected + 0.7 * torch.where(mask, tau.double(), 0.0)
+        torch.testing.assert_close(merged[name], expected.float(), rtol=1e-6, atol=1e-7)
+    assert 0 < result.metrics["mask_density"]["tv0"] < 1
+
+
+def test_forgetting_touches_only_the_masked_entries(job, tmp_path):
+    params = StaParams(calibration_datasets={"tv1": "ds1"}, forget=["tv1"], calibration_samples=SAMPLES,
+                       micro_batch_size=MICRO)
+    inputs = job.inputs.__class__(job.inputs.base_path, job.inputs.base_spec, job.inputs.task_vectors[1:],
+                                  job.inputs.datasets)
+    result = run(inputs, params, Recorder().context(tmp_path / "w"))
+    masks = read_masks(tmp_path / "w", 0)
+    merged = load_file(str(result.checkpoint_path))
+    for name, base in job.state.items():
+        if name not in job.taus["tv1"]:
+            assert torch.equal(merged[name], base)
+            continue
+        mask = unpack_mask(masks[name], tuple(base.shape))
+        assert torch.equal(merged[name][~mask], base[~mask])
+        torch.testing.assert_close(merged[name][mask], (base - job.taus["tv1"][name])[mask])
+
+
+def test_disjoint_gives_each_entry_to_the_higher_score(job, tmp_path):
+    params = StaParams(calibration_datasets={"tv0": "ds0", "tv1": "ds1"}, calibration_samples=SAMPLES,
+                       micro_batch_size=MICRO, disjoint=True, density=0.5)
+    result = run(job.inputs, params, Recorder().context(tmp_path / "w"))
+    masks = [read_masks(tmp_path / "w", i) for i in range(2)]
+    scores = [load_file(str(tmp_path / "w" / "sta" / f"scores-{i:04d}.safetensors")) for i in range(2)]
+    merged = load_file(str(result.checkpoint_path))
+    overlaps = 0
+    for name, tau0 in job.taus["tv0"].items():
+        shape, tau1 = tuple(tau0.shape), job.taus["tv1"][name]
+        m0, m1 = unpack_mask(masks[0][name], shape), unpack_mask(masks[1][name], shape)
+        assert m0.float().mean() == pytest.approx(0.5, abs=1 / m0.numel() + 1e-9)  # density, ties aside
+        first_wins = m0 & (~m1 | (scores[0][name] >= scores[1][name]))
+        expected = torch.where(first_wins, tau0, torch.where(m1, tau1, 0.0))
+        torch.testing.assert_close(merged[name] - job.state[name], expected, rtol=1e-5, atol=1e-6)
+        overlaps += int((m0 & m1).sum())
+    assert overlaps > 0  # the rule was exercised
+
+
+def test_deterministic_bytes_and_seed_matters(job, tmp_path):
+    params = StaParams(calibration_datasets={"tv0": "ds0", "tv1": "ds1"}, calibration_samples=6, micro_batch_size=2)
+    a = run(job.inputs, params, Recorder().context(tmp_path / "a", seed=1)).checkpoint_path.read_bytes()
+    b = run(job.inputs, params, Recorder().context(tmp_path / "b", seed=1)).checkpoint_path.read_bytes()
+    c = run(job.inputs, params, Recorder().context(tmp_path / "c", seed=2)).checkpoint_path.read_bytes()
+    assert a == b and a != c
+    for i in range(2):
+        assert (tmp_path / "a" / "sta" / f"masks-{i:04d}.safetensors").read_bytes() == \
+            (tmp_path / "b" / "sta" / f"masks-{i:04d}.safetensors").read_bytes()
+
+
+def test_text_tower_entries_fall_back_to_magnitude(job, tmp_path):
+    path = write_task_vector(tmp_path / "text.safetensors", job.state, seed=9, prefix="transformer.resblocks.0.")
+    vector = job.inputs.task_vectors[0].__class__("tvt", "text", path, ["cat", "dog", "bird"])
+    inputs = job.inputs.__class__(job.inputs.base_path, job.inputs.base_spec, [vector], job.inputs.datasets)
+    params = StaParams(calibration_datasets={"tvt": "ds0"}, calibration_samples=4, micro_batch_size=4)
+    result = run(inputs, params, Recorder().context(tmp_path / "w"))
+    assert result.metrics["importance_source"] == {"tvt": "taylor"}
+    assert result.metrics["magnitude_tensors"] == {"tvt": 12}  # the loss never reaches the text tower
+
+
+def test_cancel_between_micro_batches(job, tmp_path):
+    recorder = Recorder(cancel_after=3)
+    params = StaParams(calibration_datasets={"tv0": "ds0"}, calibration_samples=SAMPLES, micro_batch_size=MICRO)
+    with pytest.raises(Cancelled):
+        run(job.inputs, params, recorder.context(tmp_path / "w"))
+    assert recorder.checks == 4 and [p.stage for p in recorder.reports] == ["importance"] * 2
+    assert not (tmp_path / "w" / "merged.safetensors").exists()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=3), st.integers(0, 2**31))
+def test_packed_masks_round_trip(shape, seed):
+    mask = torch.from_numpy(np.random.default_rng(seed).random(shape) < 0.3)
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_mask(packed, tuple(shape)), mask)
+
+
+def test_select_threshold_and_density():
+    scores = torch.tensor([0.0, 0.5, 1.0, 2.0, 2.0, 4.0])
+    assert select(scores, 1.0, None).tolist() == [False, False, True, True, True, True]
+    assert select(scores, 1.0, 0.34).tolist() == [False, False, False, True, True, True]  # 2 kept + a tie
+    assert select(scores, 1.0, 1.0).tolist() == [False, True, True, True, True, True]  # never a zero score
+    assert not select(torch.zeros(5), 1.0, None).any()
+
+
+def test_params_schema():
+    assert get_method("sta").params is StaParams
+    params = StaParams(calibration_datasets={"a": "d", "b": "d"}, forget=["c", "a"])
+    assert params.dataset_ids() == ["d"] and params.task_vector_ids() == ["a", "b", "c"]
+    defaults = StaParams()
+    assert (defaults.threshold, defaults.density, defaults.scaling, defaults.importance) == (1.0, None, 1.0, "tau")
+    with pytest.raises(ValidationError):
+        StaParams(forget=["a", "a"])
+    with pytest.raises(ValidationError):
+        StaParams(density=0)

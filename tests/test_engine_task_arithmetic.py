@@ -1,0 +1,121 @@
+"""Task arithmetic: the merge itself, and lambda chosen on validation data as an independent search would."""
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from engine.clip import build_model, evaluate_accuracy, load_dataset, zero_shot_head
+from engine.context import Cancelled
+from engine.params import SCALING_GRID, TaskArithmeticParams
+from engine.registry import get_method
+from engine.task_arithmetic import run
+from tests.engine_jobs import SPEC, Recorder, make_job, one_thread  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    return make_job(tmp_path_factory.mktemp("ta") / "job", n_vectors=2)
+
+
+def expected_merge(job, scaling: float) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in job.state.items():
+        total = tensor.double()
+        for tau in job.taus.values():
+            if name in tau:
+                total = total + scaling * tau[name].double()
+        out[name] = total.to(tensor.dtype)
+    return out
+
+
+def assert_close_state(path, expected):
+    merged = load_file(str(path))
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-6, atol=1e-7)
+
+
+def test_given_scaling_add_and_negate(job, tmp_path):
+    result = run(job.inputs, TaskArithmeticParams(scaling=0.4), Recorder().context(tmp_path / "add"))
+    assert_close_state(result.checkpoint_path, expected_merge(job, 0.4))
+    assert result.metrics["scaling_source"] == "given"
+    result = run(job.inputs, TaskArithmeticParams(scaling=0.4, operation="negate"),
+                 Recorder().context(tmp_path / "neg"))
+    assert_close_state(result.checkpoint_path, expected_merge(job, -0.4))
+
+
+def independent_accuracies(job, scalings, dataset_ids, split="val"):
+    """{scaling: {dataset: accuracy}} of theta_0 + scaling * sum(tau), loaded through load_state_dict."""
+    model = build_model(SPEC)
+    model.load_state_dict(job.state)
+    heads = {ds: zero_shot_head(model, job.inputs.datasets[ds].class_names) for ds in dataset_ids}
+    data = {ds: load_dataset(job.inputs.datasets[ds].path)[split] for ds in dataset_ids}
+    table = {}
+    for scaling in scalings:
+        model.load_state_dict(expected_merge(job, scaling))
+        table[scaling] = {ds: evaluate_accuracy(model, *data[ds], heads[ds]) for ds in dataset_ids}
+    return table
+
+
+def independent_finetuned(job, pairs, split="val"):
+    model = build_model(SPEC)
+    model.load_state_dict(job.state)
+    heads = {ds: zero_shot_head(model, job.inputs.datasets[ds].class_names) for ds in pairs.values()}
+    out = {}
+    for tv, ds in pairs.items():
+        model.load_state_dict({n: t + job.taus[tv][n] if n in job.taus[tv] else t for n, t in job.state.items()})
+        out[ds] = evaluate_accuracy(model, *load_dataset(job.inputs.datasets[ds].path)[split], heads[ds])
+    return out
+
+
+def test_search_picks_the_best_mean_normalised_accuracy(job, tmp_path):
+    pairs = {"tv0": "ds0", "tv1": "ds1"}
+    recorder = Recorder()
+    result = run(job.inputs, TaskArithmeticParams(validation_datasets=pairs), recorder.context(tmp_path / "w"))
+    finetuned = independent_finetuned(job, pairs)
+    table = independent_accuracies(job, SCALING_GRID, list(pairs.values()))
+    scores = {s: np.mean([table[s][ds] / finetuned[ds] for ds in pairs.values()]) for s in SCALING_GRID}
+    best = max(SCALING_GRID, key=lambda s: (scores[s], -s))
+    assert result.metrics["scaling_source"] == "search"
+    assert result.metrics["finetuned_accuracy"] == pytest.approx(finetuned)
+    assert [row["accuracy"] for row in result.metrics["search"]] == [pytest.approx(table[s]) for s in SCALING_GRID]
+    assert result.metrics["scaling"] == best
+    assert_close_state(result.checkpoint_path, expected_merge(job, best))
+    assert {p.stage for p in recorder.reports} == {"finetuned_accuracy", "scaling_search", "merging"}
+
+
+def test_negation_search_keeps_control(job, tmp_path):
+    params = TaskArithmeticParams(operation="negate", validation_datasets={"tv0": "ds0"}, control_dataset_id="ctrl")
+    result = run(job.inputs, params, Recorder().context(tmp_path / "w"))
+    negated = [-s for s in SCALING_GRID]
+    table = independent_accuracies(job, negated, ["ds0", "ctrl"])
+    floor = 0.95 * table[-0.0]["ctrl"]
+    allowed = [s for s in SCALING_GRID if table[-s]["ctrl"] >= floor]
+    best = min(allowed, key=lambda s: (table[-s]["ds0"], s))
+    assert [row["control_accuracy"] for row in result.metrics["search"]] == \
+        [pytest.approx(table[-s]["ctrl"]) for s in SCALING_GRID]
+    assert result.metrics["scaling"] == best
+    assert_close_state(result.checkpoint_path, expected_merge(job, -best))
+
+
+def test_cancel_during_search(job, tmp_path):
+    recorder = Recorder(cancel_after=3)
+    with pytest.raises(Cancelled):
+        run(job.inputs, TaskArithmeticParams(validation_datasets={"tv0": "ds0"}), recorder.context(tmp_path / "w"))
+    assert not (tmp_path / "w" / "merged.safetensors").exists()
+
+
+def test_params_schema():
+    assert get_method("task_arithmetic").params is TaskArithmeticParams
+    params = TaskArithmeticParams(operation="negate", validation_datasets={"a": "d1", "b": "d1"},
+                                  control_dataset_id="c")
+    assert params.dataset_ids() == ["d1", "c"] and params.task_vector_ids() == ["a", "b"]
+    assert TaskArithmeticParams().dataset_ids() == [] and TaskArithmeticParams().scaling == 0.3
+    with pytest.raises(ValidationError):
+        TaskArithmeticParams(operation="negate", validation_datasets={"a": "d1"})
+    with pytest.raises(ValidationError):
+        TaskArithmeticParams(control_dataset_id="c")
+    assert SCALING_GRID[0] == 0.0 and SCALING_GRID[-1] == 1.0 and len(SCALING_GRID) == 21

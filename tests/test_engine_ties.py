@@ -1,0 +1,117 @@
+"""TIES: trim, elect, disjoint mean, against hand computations and an independent loop implementation."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from engine.context import Cancelled, MergeInputs, ModelSpec, TaskVectorInput
+from engine.params import TiesParams
+from engine.registry import get_method
+from engine.safetensors_io import save_tensors
+from engine.ties import run, ties_merge, trim
+from tests.engine_jobs import Recorder, make_job, one_thread  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Three 2x3 task vectors; with top_k 50 each keeps its 3 largest magnitudes.
+TAUS = [
+    torch.tensor([[1.0, -2.0, 0.5], [3.0, -0.1, 0.2]]),
+    torch.tensor([[-4.0, 1.0, 0.3], [2.0, 0.4, -0.6]]),
+    torch.tensor([[2.0, -1.5, -0.7], [-0.5, 0.8, 0.1]]),
+]
+# By hand: trimmed = [[1,-2,0],[3,0,0]], [[-4,1,0],[2,0,0]], [[2,-1.5,0],[0,0.8,0]];
+# sum = [[-1,-2.5,0],[5,0.8,0]] elects signs [[-,-,0],[+,+,0]];
+# agreeing entries: (0,0) -4; (0,1) -2,-1.5; (1,0) 3,2; (1,1) 0.8.
+MERGED_BY_HAND = torch.tensor([[-4.0, -1.75, 0.0], [2.5, 0.8, 0.0]])
+
+
+def test_trim_keeps_top_k_percent_by_magnitude():
+    assert torch.equal(trim(TAUS[0], 50), torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.0, 0.0]]))
+    # 20% of 6 entries is 1.2: rounded up to 2.
+    assert torch.equal(trim(TAUS[2], 20), torch.tensor([[2.0, -1.5, 0.0], [0.0, 0.0, 0.0]]))
+    assert torch.equal(trim(TAUS[1], 100), TAUS[1])
+    # Entries tied at the cut are all kept.
+    assert torch.equal(trim(torch.tensor([3.0, -1.0, 1.0, 0.5]), 50), torch.tensor([3.0, -1.0, 1.0, 0.0]))
+
+
+def test_elect_and_disjoint_mean_by_hand():
+    assert torch.equal(ties_merge(TAUS, 50), MERGED_BY_HAND)
+
+
+def reference_ties(taus: list[np.ndarray], top_k: float) -> np.ndarray:
+    """Entry-by-entry loops, float64."""
+    trimmed = []
+    for tau in taus:
+        flat = tau.ravel()
+        keep = int(np.ceil(top_k / 100 * flat.size))
+        cut = np.sort(np.abs(flat))[::-1][keep - 1]
+        trimmed.append(np.where(np.abs(tau) >= cut, tau, 0.0))
+    merged = np.zeros_like(taus[0])
+    for index in np.ndindex(merged.shape):
+        values = [t[index] for t in trimmed]
+        sign = np.sign(sum(values))
+        agreeing = [v for v in values if v != 0 and np.sign(v) == sign]
+        merged[index] = np.mean(agreeing) if agreeing else 0.0
+    return merged
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 12), st.sampled_from([10.0, 20.0, 50.0, 100.0]), st.integers(0, 2**31))
+def test_matches_loop_reference(n_tasks, size, top_k, seed):
+    rng = np.random.default_rng(seed)
+    taus = [rng.normal(size=(size,)).round(2) for _ in range(n_tasks)]  # rounding creates ties
+    merged = ties_merge([torch.from_numpy(t) for t in taus], top_k).numpy()
+    np.testing.assert_allclose(merged, reference_ties(taus, top_k), rtol=1e-12, atol=1e-12)
+
+
+def hand_job(tmp_path):
+    """A base with the 2x3 tensor in fp16, an int buffer and a tensor no vector touches."""
+    base = {"w": torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 1.0]], dtype=torch.float16),
+            "steps": torch.tensor([7], dtype=torch.int64), "untouched": torch.ones(4)}
+    save_tensors(tmp_path / "base.safetensors", base)
+    vectors = []
+    for i, tau in enumerate(TAUS):
+        save_tensors(tmp_path / f"tv{i}.safetensors", {"w": tau})
+        vectors.append(TaskVectorInput(f"tv{i}", f"tv{i}", tmp_path / f"tv{i}.safetensors"))
+    return base, MergeInputs(tmp_path / "base.safetensors", ModelSpec(architecture="ViT-B-32"), vectors)
+
+
+def test_run_writes_full_state_dict_in_base_dtypes(tmp_path):
+    base, inputs = hand_job(tmp_path)
+    recorder = Recorder()
+    result = run(inputs, TiesParams(top_k=50, scaling=0.5), recorder.context(tmp_path / "work"))
+    assert result.checkpoint_path == tmp_path / "work" / "merged.safetensors"
+    merged = load_file(str(result.checkpoint_path))
+    assert set(merged) == set(base)
+    assert merged["w"].dtype == torch.float16
+    expected = (base["w"].float() + 0.5 * MERGED_BY_HAND).half()
+    assert torch.equal(merged["w"], expected)
+    assert torch.equal(merged["steps"], base["steps"]) and torch.equal(merged["untouched"], base["untouched"])
+    assert result.metrics["merged_density"] == pytest.approx(4 / 6)
+    assert [p.step for p in recorder.reports] == [1, 2, 3] and recorder.reports[-1].fraction == 1.0
+
+
+def test_same_inputs_same_bytes(tmp_path):
+    job = make_job(tmp_path / "job", n_vectors=3, with_datasets=False)
+    first = run(job.inputs, TiesParams(), Recorder().context(tmp_path / "a")).checkpoint_path.read_bytes()
+    second = run(job.inputs, TiesParams(), Recorder().context(tmp_path / "b", seed=5)).checkpoint_path.read_bytes()
+    assert first == second
+
+
+def test_cancel_between_tensors_leaves_no_file(tmp_path):
+    _, inputs = hand_job(tmp_path)
+    recorder = Recorder(cancel_after=1)
+    with pytest.raises(Cancelled):
+        run(inputs, TiesParams(), recorder.context(tmp_path / "work"))
+    assert recorder.checks == 2
+    assert not (tmp_path / "work" / "merged.safetensors").exists()
+
+
+def test_registered():
+    spec = get_method("ties")
+    assert spec.params is TiesParams and spec.load_runner() is run
+    assert TiesParams().top_k == 20 and TiesParams().scaling == 1.0
+    with pytest.raises(ValueError):
+        TiesParams(top_k=0)
