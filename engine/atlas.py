@@ -29,7 +29,7 @@ from torch.func import functional_call
 from engine.clip import preprocess_images
 from engine.context import JobContext, MergeInputs, MethodResult, Progress, TaskVectorInput
 from engine.evaluation import (
-    CONTROL_KEPT, REPORT_SPLITS, SELECTION_SPLITS, HeadFactory, Task, accuracy, autocast,
+    CONTROL_KEPT, REPORT_SPLITS, SELECTION_SPLITS, HeadFactory, Task, accuracy, autocast, is_labelled,
     load_base_model, load_float_deltas, load_task, normalised, task_vector_by_id,
 )
 from engine.params import ATLAS_DEFAULTS, AtlasParams
@@ -50,6 +50,10 @@ class Composition:
     base: dict[str, torch.Tensor]
     stacks: dict[str, torch.Tensor]
     granularity: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.base.values())).dtype
 
     @property
     def coefficient_shape(self) -> tuple[int, int]:
@@ -84,12 +88,13 @@ def build_composition(model: torch.nn.Module, task_vectors: list[TaskVectorInput
                 uncomposed += 1
                 continue
             if name not in stacks:
-                stacks[name] = torch.zeros((len(task_vectors), *tower[name].shape), device=device)
+                stacks[name] = torch.zeros((len(task_vectors), *tower[name].shape), dtype=tower[name].dtype,
+                                           device=device)
             stacks[name][index] = delta.to(device)
     if not stacks:
         raise ValueError("no task vector changes the image tower (visual.*): nothing to compose")
     blocks = sorted(stacks)
-    base = {name: tower[name].detach().float() for name in blocks}
+    base = {name: tower[name].detach() for name in blocks}  # the frozen model's own tensors, not copies
     return Composition(blocks, base, stacks, granularity), uncomposed
 
 
@@ -106,7 +111,7 @@ class ComposedTower:
         weights = {name[len(TOWER):]: tensor for name, tensor in composed.items()}
         with autocast(str(pixels.device)):
             features = functional_call(self.model.visual, weights, (pixels,))
-        return F.normalize(features.float(), dim=-1)
+        return F.normalize(features.to(self.composition.dtype), dim=-1)  # autocast's fp16 back to the weights
 
     @torch.no_grad()
     def accuracy(self, coefficients: torch.Tensor, task: Task, split, batch_size: int, device: str) -> float:
@@ -182,6 +187,8 @@ def batch_parts(params: AtlasParams, tasks: list[Task], rng: np.random.Generator
 
     def part(task: Task, order, count: int, pool=None, **kwargs) -> BatchPart:
         images, labels = task.split(order)
+        if not kwargs.get("entropy") and not is_labelled((images, labels)):
+            raise ValueError(f"dataset {task.dataset.name!r} needs labels for {params.objective} training")
         pool = np.arange(len(images)) if pool is None else pool
         return BatchPart(task, images, labels, IndexStream(pool, rng), count, **kwargs)
 
@@ -210,7 +217,8 @@ def part_loss(part: BatchPart, features: torch.Tensor, labels: np.ndarray) -> to
 def load_tasks(inputs: MergeInputs, params: AtlasParams, heads: HeadFactory) -> list[Task]:
     """addition: one task per task vector with a dataset; otherwise [target] or [target, control]."""
     if params.mode == "addition":
-        return [load_task(inputs, ds, heads, task_vector_by_id(inputs, tv)) for tv, ds in params.task_datasets.items()]
+        return [load_task(inputs, ds, heads, task_vector_by_id(inputs, tv))
+                for tv, ds in params.task_datasets.items()]
     ids = [params.target_dataset_id] + ([params.control_dataset_id] if params.control_dataset_id else [])
     return [load_task(inputs, ds, heads) for ds in ids]
 
@@ -221,6 +229,14 @@ def evaluated(tasks: list[Task], order) -> list[Task]:
 
 
 def run(inputs: MergeInputs, params: AtlasParams, ctx: JobContext) -> MethodResult:
+    coefficients, curve, metrics = learn_coefficients(inputs, params, ctx)  # frees the model and stacks on return
+    out = ctx.workdir / "merged.safetensors"
+    write_checkpoint(inputs, coefficients, out, ctx)
+    return MethodResult(out, metrics=metrics, artifacts={"coefficients": coefficients, "learning_curve": curve})
+
+
+def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext) -> tuple[dict, list[dict], dict]:
+    """Train; returns the best epoch's coefficients (JSON), the learning curve and the metrics."""
     mode, device = params.mode, ctx.device
     default_lr, default_epochs = ATLAS_DEFAULTS[mode]
     lr, epochs = params.lr or default_lr, params.epochs or default_epochs
@@ -341,11 +357,7 @@ def run(inputs: MergeInputs, params: AtlasParams, ctx: JobContext) -> MethodResu
         "task_vectors": [tv.id for tv in inputs.task_vectors], "blocks": composition.blocks,
         "values": composition.coefficient_matrix(best), "granularity": params.granularity,
     }
-    del model, tower, composition
-    out = ctx.workdir / "merged.safetensors"
-    write_checkpoint(inputs, coefficient_json, out, ctx)
-    return MethodResult(out, metrics=metrics,
-                        artifacts={"coefficients": coefficient_json, "learning_curve": curve})
+    return coefficient_json, curve, metrics
 
 
 def write_checkpoint(inputs: MergeInputs, coefficients: dict, out: Path, ctx: JobContext) -> int:

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from engine.clip import SPLITS, build_model, image_logits, load_dataset, load_state_dict_file, preprocess_images, zero_shot_head
+from engine.clip import (
+    SPLITS, build_model, image_logits, load_dataset, load_state_dict_file, preprocess_images, zero_shot_head,
+)
 from engine.context import DatasetInput, JobContext, MergeInputs, Progress, TaskVectorInput
 from engine.params import SCALING_GRID
 
@@ -41,7 +43,7 @@ def autocast(device: str):
 
 
 def split_sizes(path: Path) -> dict[str, int]:
-    """Number of labelled entries per split of a canonical .npz, reading only the labels."""
+    """Number of entries per split of a canonical .npz, reading only the labels."""
     with np.load(path, allow_pickle=False) as data:
         return {split: len(data[f"{split}_labels"]) for split in SPLITS
                 if f"{split}_images" in data and f"{split}_labels" in data}
@@ -198,20 +200,22 @@ class InPlaceWeights:
         self.load({})
 
 
-def evaluate_checkpoint(inputs: MergeInputs, checkpoint: Path, dataset_ids: dict[str, str | None],
-                        ctx: JobContext, batch_size: int = 256) -> dict[str, dict[str, float]]:
-    """Accuracy of a merged checkpoint on each dataset's report split, and normalised accuracy.
+def evaluate_checkpoint(inputs: MergeInputs, checkpoint: Path, task_datasets: dict[str, str], ctx: JobContext,
+                        other_datasets: Iterable[str] = (), batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Accuracy of a merged checkpoint on each dataset's report split (test, else val, else train).
 
-    dataset_ids maps dataset id -> the task vector whose fine-tuned model normalises it (or None).
+    task_datasets maps task vector id -> its dataset, whose accuracy is also normalised by that
+    task's fine-tuned model theta_0 + tau_t; other_datasets (controls, targets) get accuracy only.
     """
     model = load_base_model(inputs, ctx.device)
     heads = HeadFactory(model, inputs, ctx)
-    tasks = [load_task(inputs, ds, heads, task_vector_by_id(inputs, tv) if tv else None)
-             for ds, tv in dataset_ids.items()]
+    tasks = [load_task(inputs, ds, heads, task_vector_by_id(inputs, tv)) for tv, ds in task_datasets.items()]
+    tasks += [load_task(inputs, ds, heads) for ds in other_datasets]
     weights = InPlaceWeights(model, inputs.base_path)
     finetuned = {}
     for task in tasks:
         if task.task_vector_id is not None:
+            ctx.check_cancel()
             weights.load(load_float_deltas(task_vector_by_id(inputs, task.task_vector_id).path, weights.tensors))
             finetuned[task.name] = model_accuracy(model, task, task.report, batch_size, ctx.device)
     model.load_state_dict(load_state_dict_file(checkpoint))

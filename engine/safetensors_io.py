@@ -63,16 +63,23 @@ def read_header(path: Path) -> Header:
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
-        if len(prefix) < 8 or prefix.startswith(PICKLE_MAGIC):
-            raise NotSafetensors("not a safetensors file (pickle or zip container, or too short)")
+        if len(prefix) < 8:
+            raise NotSafetensors("not a safetensors file (too short)")
+        # The prefix is a little-endian length, so its first byte may well be 0x80 (any length of
+        # 128 mod 256): the pickle and zip magics only name what a file is once it fails as safetensors.
+        foreign = prefix.startswith(PICKLE_MAGIC)
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len == 0 or header_len > MAX_HEADER_BYTES:
-            raise NotSafetensors("not a safetensors file (implausible header length)")
+            raise NotSafetensors("not a safetensors file (pickle or zip container)" if foreign
+                                 else "not a safetensors file (implausible header length)")
         raw = f.read(header_len)
     if len(raw) < header_len:
+        if foreign and not raw.lstrip().startswith(b"{"):
+            raise NotSafetensors("not a safetensors file (pickle or zip container)")
         raise SafetensorsError("file truncated inside the header")
     if not raw.lstrip().startswith(b"{"):
-        raise NotSafetensors("not a safetensors file (header is not JSON)")
+        raise NotSafetensors("not a safetensors file (pickle or zip container)" if foreign
+                             else "not a safetensors file (header is not JSON)")
     try:
         parsed = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -11,7 +11,7 @@
    heads are frozen), counted in metrics["magnitude_tensors"].
 2. Normalisation: I_t is divided by its mean over the tensor (score 1 = the
    tensor's average importance), which makes one threshold meaningful for every
-   task and layer. The mask keeps scores >= threshold (default 1), or the top
+   task and layer (see StaParams for the defaults). The mask keeps scores >= threshold (default 3), or the top
    `density` fraction per tensor; zero-importance entries are never kept.
 3. Masks are bit-packed (numpy packbits) into one safetensors file per task in
    ctx.workdir/sta/, with fp16 normalised scores beside them only for disjoint
@@ -76,7 +76,8 @@ def mean_abs_gradients(model: torch.nn.Module, names: list[str], head: torch.Ten
         for step, (images, labels) in enumerate(batches, start=1):
             pixels = preprocess_images(images, model).to(device)
             loss = F.cross_entropy(image_logits(model, pixels, head), torch.as_tensor(labels, device=device))
-            grads = torch.autograd.grad(loss, [parameters[name] for name in names], allow_unused=True)
+            grads = (torch.autograd.grad(loss, [parameters[name] for name in names], allow_unused=True)
+                     if loss.requires_grad else [None] * len(names))  # no named tensor reaches the loss
             for name, grad in zip(names, grads):
                 if grad is not None:
                     magnitude = grad.detach().float().abs().cpu()

@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from engine.clip import build_model
 from engine.context import DatasetInput, JobContext, MergeInputs, ModelSpec, Progress, TaskVectorInput
@@ -76,8 +77,6 @@ def make_job(root: Path, n_vectors: int = 2, with_datasets: bool = True, seed: i
     if with_datasets:
         classes = CLASS_SETS[-1]
         datasets["ctrl"] = DatasetInput("ctrl", "control", write_dataset(root / "ctrl.npz", 3, 300, sizes), classes)
-    from safetensors.torch import load_file
-
     taus = {tv.id: load_file(str(tv.path)) for tv in vectors}
     return Job(MergeInputs(base_path, SPEC, vectors, datasets), state, taus)
 

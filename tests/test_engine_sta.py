@@ -66,8 +66,8 @@ def test_taylor_importance_and_masks_match_autograd(job, tmp_path, importance):
         normalised = importance_values / importance_values.mean()
         torch.testing.assert_close(scores[name].float(), normalised, rtol=2e-3, atol=1e-3)
         mask = unpack_mask(masks[name], tuple(normalised.shape))
-        borderline = (normalised - 1.0).abs() < 1e-3
-        assert torch.equal(mask[~borderline], (normalised >= 1.0)[~borderline]), name
+        borderline = (normalised - params.threshold).abs() < 1e-3
+        assert torch.equal(mask[~borderline], (normalised >= params.threshold)[~borderline]), name
     assert result.metrics["importance_source"] == {"tv0": "taylor", "tv1": "magnitude"}
     assert result.metrics["magnitude_tensors"] == {"tv0": 0, "tv1": len(job.taus["tv1"])}
 
@@ -77,17 +77,17 @@ def test_magnitude_fallback_and_fusion(job, tmp_path):
                        scaling=0.7)
     result = run(job.inputs, params, Recorder().context(tmp_path / "w"))
     masks = [read_masks(tmp_path / "w", i) for i in range(2)]
-    for name, tau in job.taus["tv1"].items():  # no calibration data: |tau| / mean |tau| >= 1
-        expected = tau.abs() >= tau.abs().mean()
+    for name, tau in job.taus["tv1"].items():  # no calibration data: |tau| / mean |tau| >= threshold
+        expected = tau.abs() / tau.abs().mean() >= params.threshold
         assert torch.equal(unpack_mask(masks[1][name], tuple(tau.shape)), expected)
     merged = load_file(str(result.checkpoint_path))
     assert merged.keys() == job.state.keys()
     for name, base in job.state.items():
         expected = base.double()
-        for index, tau in enumerate(job.taus.values()):
-            if name in tau:
+        for index, vector in enumerate(job.taus.values()):
+            if name in vector:
                 mask = unpack_mask(masks[index][name], tuple(base.shape))
-                expected = expected + 0.7 * torch.where(mask, tau.double(), 0.0)
+                expected = expected + 0.7 * torch.where(mask, vector[name].double(), 0.0)
         torch.testing.assert_close(merged[name], expected.float(), rtol=1e-6, atol=1e-7)
     assert 0 < result.metrics["mask_density"]["tv0"] < 1
 
@@ -100,6 +100,7 @@ def test_forgetting_touches_only_the_masked_entries(job, tmp_path):
     result = run(inputs, params, Recorder().context(tmp_path / "w"))
     masks = read_masks(tmp_path / "w", 0)
     merged = load_file(str(result.checkpoint_path))
+    forgotten = 0
     for name, base in job.state.items():
         if name not in job.taus["tv1"]:
             assert torch.equal(merged[name], base)
@@ -107,6 +108,8 @@ def test_forgetting_touches_only_the_masked_entries(job, tmp_path):
         mask = unpack_mask(masks[name], tuple(base.shape))
         assert torch.equal(merged[name][~mask], base[~mask])
         torch.testing.assert_close(merged[name][mask], (base - job.taus["tv1"][name])[mask])
+        forgotten += int(mask.sum())
+    assert 0 < forgotten < sum(t.numel() for t in job.taus["tv1"].values())
 
 
 def test_disjoint_gives_each_entry_to_the_higher_score(job, tmp_path):
@@ -154,7 +157,8 @@ def test_cancel_between_micro_batches(job, tmp_path):
     params = StaParams(calibration_datasets={"tv0": "ds0"}, calibration_samples=SAMPLES, micro_batch_size=MICRO)
     with pytest.raises(Cancelled):
         run(job.inputs, params, recorder.context(tmp_path / "w"))
-    assert recorder.checks == 4 and [p.stage for p in recorder.reports] == ["importance"] * 2
+    # One check before the task, one after each of its micro-batches: the 4th stops the job after the 3rd batch.
+    assert recorder.checks == 4 and [p.step for p in recorder.reports] == [1, 2, 3]
     assert not (tmp_path / "w" / "merged.safetensors").exists()
 
 
@@ -180,7 +184,7 @@ def test_params_schema():
     params = StaParams(calibration_datasets={"a": "d", "b": "d"}, forget=["c", "a"])
     assert params.dataset_ids() == ["d"] and params.task_vector_ids() == ["a", "b", "c"]
     defaults = StaParams()
-    assert (defaults.threshold, defaults.density, defaults.scaling, defaults.importance) == (1.0, None, 1.0, "tau")
+    assert (defaults.threshold, defaults.density, defaults.scaling, defaults.importance) == (3.0, None, 1.0, "tau")
     with pytest.raises(ValidationError):
         StaParams(forget=["a", "a"])
     with pytest.raises(ValidationError):

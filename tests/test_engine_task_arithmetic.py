@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from engine.clip import build_model, evaluate_accuracy, load_dataset, zero_shot_head
 from engine.context import Cancelled
+from engine.evaluation import evaluate_checkpoint
 from engine.params import SCALING_GRID, TaskArithmeticParams
 from engine.registry import get_method
 from engine.task_arithmetic import run
@@ -85,6 +86,17 @@ def test_search_picks_the_best_mean_normalised_accuracy(job, tmp_path):
     assert result.metrics["scaling"] == best
     assert_close_state(result.checkpoint_path, expected_merge(job, best))
     assert {p.stage for p in recorder.reports} == {"finetuned_accuracy", "scaling_search", "merging"}
+
+
+def test_evaluate_checkpoint_normalises_by_the_finetuned_model(job, tmp_path):
+    result = run(job.inputs, TaskArithmeticParams(scaling=0.5), Recorder().context(tmp_path / "w"))
+    report = evaluate_checkpoint(job.inputs, result.checkpoint_path, {"tv1": "ds1"}, Recorder().context(tmp_path),
+                                 other_datasets=["ctrl"])
+    merged = independent_accuracies(job, [0.5], ["ds1", "ctrl"], split="test")[0.5]
+    finetuned = independent_finetuned(job, {"tv1": "ds1"}, split="test")
+    assert report["accuracy"] == pytest.approx(merged)
+    assert report["finetuned_accuracy"] == pytest.approx(finetuned)
+    assert report["normalised_accuracy"] == pytest.approx({"ds1": merged["ds1"] / finetuned["ds1"]})
 
 
 def test_negation_search_keeps_control(job, tmp_path):

@@ -150,3 +150,20 @@ def test_postgres_refuses_deleting_base_model_of_task_vector(migrated_postgres):
 
     with pytest.raises(IntegrityError, match="fk_task_vectors_base_model_id_base_models"):
         session.execute(delete(BaseModel).where(BaseModel.id == base_model.id))
+
+
+def test_ids_that_postgres_cannot_store_read_as_absent(fresh_postgres_url):
+    """A NUL byte in a path id must be a 404 on PostgreSQL too, not a driver error."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from app.store.migrate import upgrade
+    from app.store.models import Job
+    from app.store.queries import get_owned
+
+    upgrade(fresh_postgres_url)
+    engine = create_engine(fresh_postgres_url)
+    with Session(engine) as session:
+        assert get_owned(session, Job, "job_\x00", "alice") is None
+        assert get_owned(session, Job, "job_" + "0" * 32, "alice") is None
+    engine.dispose()

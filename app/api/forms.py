@@ -1,9 +1,21 @@
 """Typed reading of multipart text fields, collecting every error into one 422 problem."""
 import json
+import math
 from typing import Any
 
 from app.api.problems import Problem
 from app.api.uploads import Upload
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of the range of a finite number")
+    return value
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 class FormFields:
@@ -34,9 +46,15 @@ class FormFields:
         if raw is None:
             return None
         try:
-            value = json.loads(raw)
+            value = json.loads(raw, parse_float=_finite_float, parse_constant=_not_json)
         except json.JSONDecodeError as exc:
             self._error(name, f"Not valid JSON: {exc.msg}")
+            return None
+        except RecursionError:
+            self._error(name, "Not valid JSON: nested too deeply")
+            return None
+        except ValueError as exc:  # NaN, Infinity, 1e999, or an integer of more digits than Python parses
+            self._error(name, f"Not valid JSON: {exc}")
             return None
         if not isinstance(value, expected):
             self._error(name, f"Must be a JSON {expected.__name__}")

@@ -17,7 +17,12 @@ class BadCursor(ValueError):
 
 
 def get_owned(session: Session, model, resource_id: str, owner: str):
-    """The row if it exists and belongs to owner, else None (another owner's row looks absent)."""
+    """The row if it exists and belongs to owner, else None (another owner's row looks absent).
+
+    A string that is not shaped like an id is absent without a query (PostgreSQL refuses NUL bytes).
+    """
+    if not ID_PATTERN.fullmatch(resource_id):
+        return None
     row = session.get(model, resource_id)
     return row if row is not None and row.owner == owner else None
 

@@ -2,6 +2,7 @@
 import asyncio
 import hashlib
 import json
+import math
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -30,6 +31,30 @@ SSE_KEEPALIVE_S = 15.0
 def _invalid(loc: list, msg: str) -> Problem:
     return Problem(422, "The job spec is not valid; see errors.", slug="validation",
                    errors=[{"loc": ["body", *loc], "msg": msg, "type": "value_error"}])
+
+
+MAX_PARAMS_DEPTH = 32
+
+
+def _check_params_json(params: dict) -> None:
+    """422 for what pydantic's Any lets through: NaN or +-Infinity (Python's json reads them, and 1e999
+    as inf; they are not JSON, so no database or client could take them back) and nesting deeper than
+    the serializer can hash (walked iteratively, as parsed JSON may nest past the recursion limit)."""
+    errors, stack = [], [(params, ["params"])]
+    while stack:
+        item, loc = stack.pop()
+        if len(loc) > MAX_PARAMS_DEPTH:
+            errors.append({"loc": ["body", *loc[:MAX_PARAMS_DEPTH]], "msg": "Nested too deeply",
+                           "type": "too_deep"})
+            break
+        if isinstance(item, float) and not math.isfinite(item):
+            errors.append({"loc": ["body", *loc], "msg": "Must be a finite number", "type": "finite_number"})
+        elif isinstance(item, dict):
+            stack.extend((v, [*loc, str(k)]) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, [*loc, i]) for i, v in enumerate(item))
+    if errors:
+        raise Problem(422, "The method's parameters are not valid; see errors.", slug="validation", errors=errors)
 
 
 def _validated_params(body: JobCreate):
@@ -80,6 +105,7 @@ def _replay(session, owner: str, key: str, request_hash: str) -> Job | None:
 @router.post("", status_code=202, response_model=JobOut)
 def create_job(body: JobCreate, response: Response, owner: OwnerDep, session: SessionDep,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+    _check_params_json(body.params)
     request_hash = _request_hash(body)
     if idempotency_key and (existing := _replay(session, owner, idempotency_key, request_hash)):
         response.headers["Location"] = f"/v1/jobs/{existing.id}"

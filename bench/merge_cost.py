@@ -1,0 +1,156 @@
+"""Merge cost (benchmarks.md section 2): training-free merges over N task vectors of ViT-B/32 size.
+
+For N = 2, 8, 16 task vectors (random tensors with the shapes of ViT-B/32's image tower) and the full
+ViT-B/32 base, each merge runs in a fresh process. It reports:
+- wall time, and its ratio to the time of simply reading the N + 1 inputs and writing one output
+  (the memory-bandwidth bound, measured the same way in the same run);
+- peak anonymous memory (the process's own, sampled every 5 ms) and peak total RSS. Inputs are
+  memory-mapped, so total RSS also counts page-cache pages of the inputs, which the kernel can
+  drop at any time; anonymous memory is what must not grow with N.
+
+    python -m bench.merge_cost [--counts 2,8,16] [--architecture ViT-B-32] [--out bench/out/merge_cost.json]
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import typer
+
+CHUNK = 16 * 1024 * 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class PeakSampler(threading.Thread):
+    """Samples this process's anonymous RSS; the kernel keeps no high-water mark for it."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak_anon_kib = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.005):
+            self.peak_anon_kib = max(self.peak_anon_kib, _status_kib("RssAnon"))
+
+    def stop(self) -> dict:
+        self._done.set()
+        self.join()
+        return {"peak_anon_mib": self.peak_anon_kib / 1024, "peak_rss_mib": _status_kib("VmHWM") / 1024}
+
+
+def make_inputs(folder: Path, architecture: str, count: int) -> tuple[Path, list[Path]]:
+    import torch
+
+    from engine.clip import build_model
+    from engine.context import ModelSpec
+    from engine.safetensors_io import save_tensors
+
+    base_path = folder / "base.safetensors"
+    if not base_path.exists():
+        torch.manual_seed(0)
+        model = build_model(ModelSpec(architecture=architecture))
+        save_tensors(base_path, {k: v.detach().contiguous() for k, v in model.state_dict().items()})
+    shapes = {}
+    from safetensors import safe_open
+
+    with safe_open(str(base_path), framework="pt") as base:
+        for name in base.keys():
+            if name.startswith("visual."):
+                shapes[name] = base.get_slice(name).get_shape()
+    vector_paths = []
+    for index in range(count):
+        path = folder / f"tau_{index}.safetensors"
+        if not path.exists():
+            generator = torch.Generator().manual_seed(index + 1)
+            save_tensors(path, {name: 1e-3 * torch.randn(shape, generator=generator) for name, shape in shapes.items()})
+        vector_paths.append(path)
+    return base_path, vector_paths
+
+
+def child_merge(method: str, base_path: str, vector_paths: list[str], out_dir: str) -> dict:
+    from engine.context import JobContext, MergeInputs, ModelSpec, TaskVectorInput
+    from engine.registry import get_method
+
+    spec = get_method(method)
+    inputs = MergeInputs(Path(base_path), ModelSpec(architecture="unused"),
+                         [TaskVectorInput(f"tv{i}", f"tv{i}", Path(p)) for i, p in enumerate(vector_paths)])
+    sampler = PeakSampler()
+    sampler.start()
+    start = time.perf_counter()
+    spec.load_runner()(inputs, spec.params(), JobContext(workdir=Path(out_dir)))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, **sampler.stop()}
+
+
+def child_copy(base_path: str, vector_paths: list[str], out_dir: str) -> dict:
+    """The bound: read every input once, write one output of the base's size."""
+    sampler = PeakSampler()
+    sampler.start()
+    start = time.perf_counter()
+    buffer = bytearray(CHUNK)
+    for path in [*vector_paths, base_path]:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+    with open(base_path, "rb", buffering=0) as source, open(Path(out_dir) / "copy.bin", "wb") as out:
+        while n := source.readinto(buffer):
+            out.write(memoryview(buffer)[:n])
+        out.flush()
+        os.fsync(out.fileno())
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, **sampler.stop()}
+
+
+def _in_child(kind: str, *args: str) -> dict:
+    """Runs one measurement in a fresh interpreter, so peaks are not inherited from earlier runs."""
+    code = f"import json,sys; from bench.merge_cost import child_{kind}; print(json.dumps(child_{kind}(*json.loads(sys.argv[1]))))"
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], check=True, capture_output=True,
+                            text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option("ViT-B-32"),
+         methods: str = typer.Option("task_arithmetic,ties"),
+         workdir: Path = typer.Option(None, help="Where inputs are generated (default: a temp dir)."),
+         out: Path = typer.Option(Path("bench/out/merge_cost.json"))) -> None:
+    folder = workdir or Path(tempfile.mkdtemp(prefix="tvforge-merge-cost-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for count in sorted(int(c) for c in counts.split(",")):
+        base_path, vector_paths = make_inputs(folder, architecture, count)
+        paths = [str(p) for p in vector_paths]
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            _in_child("copy", str(base_path), paths, scratch)  # warm the page cache for both sides alike
+            bound = _in_child("copy", str(base_path), paths, scratch)
+            for method in methods.split(","):
+                merged = _in_child("merge", method, str(base_path), paths, scratch)
+                rows.append({"method": method, "task_vectors": count, "architecture": architecture, **merged,
+                             "bound_seconds": bound["seconds"], "ratio_to_bound": merged["seconds"] / bound["seconds"],
+                             "input_mib": sum(Path(p).stat().st_size for p in [*paths, base_path]) / 2**20})
+    header = "| method | N | inputs (MiB) | time (s) | bound (s) | time / bound | peak anon (MiB) | peak RSS (MiB) |"
+    lines = [header, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['task_vectors']} | {r['input_mib']:.0f} | {r['seconds']:.2f} | "
+                     f"{r['bound_seconds']:.2f} | {r['ratio_to_bound']:.1f} | {r['peak_anon_mib']:.0f} | "
+                     f"{r['peak_rss_mib']:.0f} |")
+    table = "\n".join(lines)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                               "rows": rows, "table": table}, indent=2))
+    typer.echo(table)
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,213 @@
+"""aTLAS: stacked composition vs a naive sum, gradients, training loop, outputs, determinism, cancel."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from safetensors.torch import load_file
+from torch.func import functional_call
+
+from engine.atlas import ComposedTower, IndexStream, build_composition, few_shot_indices, random_resized_crop_flip, run
+from engine.clip import build_model, zero_shot_head
+from engine.context import Cancelled
+from engine.params import AtlasParams
+from engine.registry import get_method
+from tests.engine_jobs import SPEC, Recorder, make_job, one_thread, write_task_vector  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    root = tmp_path_factory.mktemp("atlas") / "job"
+    job = make_job(root, n_vectors=2, sizes={"train": 12, "val": 6, "test": 6})
+    # A third vector also touches the text tower, which aTLAS leaves at theta_0.
+    path = write_task_vector(root / "tv2.safetensors", job.state, seed=7, prefix="")
+    vector = job.inputs.task_vectors[0].__class__("tv2", "vector 2", path, None)
+    job.inputs.task_vectors.append(vector)
+    job.taus["tv2"] = load_file(str(path))
+    return job
+
+
+@pytest.fixture(scope="module")
+def model(job):
+    model = build_model(SPEC)
+    model.load_state_dict(job.state)
+    return model.requires_grad_(False)
+
+
+def naive_weights(job, coefficients, blocks, isotropic=False):
+    """theta_0 + sum_t sum_b lambda[t, b] tau_t[b] for every tensor, entry by entry in a Python loop."""
+    out = {}
+    for name, base in job.state.items():
+        total = base.clone()
+        if name in blocks:
+            j = 0 if isotropic else blocks.index(name)
+            for t, tau in enumerate(job.taus.values()):
+                if name in tau:
+                    total = total + coefficients[t, j] * tau[name]
+        out[name] = total
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["block", "isotropic"])
+def test_composition_equals_naive_sum(job, model, granularity):
+    composition, uncomposed = build_composition(model, job.inputs.task_vectors, granularity, "cpu")
+    assert composition.blocks == sorted(n for n in job.state if n.startswith("visual."))
+    assert uncomposed == len(job.taus["tv2"]) - len(composition.blocks)
+    assert all(stack.shape[0] == 3 for stack in composition.stacks.values())
+    coefficients = torch.randn(composition.coefficient_shape, generator=torch.Generator().manual_seed(0))
+    assert coefficients.shape == (3, len(composition.blocks) if granularity == "block" else 1)
+    composed = composition.compose(coefficients)
+    expected = naive_weights(job, coefficients, composition.blocks, granularity == "isotropic")
+    for name in composition.blocks:
+        torch.testing.assert_close(composed[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def loss_of(features, head, labels):
+    return F.cross_entropy(features @ head.T, labels)
+
+
+def test_gradient_matches_independent_autograd_and_finite_differences(job, model):
+    composition, _ = build_composition(model, job.inputs.task_vectors, "block", "cpu")
+    tower = ComposedTower(model, composition)
+    head = zero_shot_head(model, ["cat", "dog", "bird"])
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 1])
+    start = 0.3 * torch.randn(composition.coefficient_shape, generator=torch.Generator().manual_seed(2))
+
+    coefficients = start.clone().requires_grad_(True)
+    loss_of(tower.features(coefficients, pixels), head, labels).backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+    # Independently: the whole CLIP through functional_call with naively summed weights.
+    independent = start.clone().requires_grad_(True)
+    weights = naive_weights(job, independent, composition.blocks)
+    features = F.normalize(functional_call(model, weights, (pixels,))[0], dim=-1)
+    loss_of(features, head, labels).backward()
+    torch.testing.assert_close(coefficients.grad, independent.grad, rtol=1e-4, atol=1e-6)
+
+    # Central differences in float64 on the coefficients with the largest gradients.
+    double_model = build_model(SPEC).double()
+    double_model.load_state_dict(job.state)
+    double_model.requires_grad_(False)
+    double_tower = ComposedTower(double_model, build_composition(double_model, job.inputs.task_vectors, "block",
+                                                                 "cpu")[0])
+
+    def double_loss(values):
+        return float(loss_of(double_tower.features(values, pixels.double()), head.double(), labels))
+
+    eps = 1e-5
+    for flat_index in coefficients.grad.abs().flatten().topk(3).indices.tolist():
+        index = np.unravel_index(flat_index, start.shape)
+        up, down = start.double().clone(), start.double().clone()
+        up[index] += eps
+        down[index] -= eps
+        numeric = (double_loss(up) - double_loss(down)) / (2 * eps)
+        assert float(coefficients.grad[index]) == pytest.approx(numeric, rel=2e-3, abs=1e-6)
+
+
+def read_checkpoint_expectation(job, coefficients_json):
+    values = torch.tensor(coefficients_json["values"], dtype=torch.float32)
+    return naive_weights(job, values, coefficients_json["blocks"])
+
+
+def test_addition_outputs_and_checkpoint(job, tmp_path):
+    params = AtlasParams(task_datasets={"tv0": "ds0", "tv1": "ds1"}, epochs=3, batch_size=8, lr=0.05)
+    recorder = Recorder()
+    result = run(job.inputs, params, recorder.context(tmp_path / "w", cache_dir=tmp_path / "cache"))
+    coefficients = result.artifacts["coefficients"]
+    assert coefficients["task_vectors"] == ["tv0", "tv1", "tv2"] and coefficients["granularity"] == "block"
+    assert coefficients["blocks"] == sorted(n for n in job.state if n.startswith("visual."))
+    assert np.array(coefficients["values"]).shape == (3, len(coefficients["blocks"]))
+    curve = result.artifacts["learning_curve"]
+    assert [entry["epoch"] for entry in curve] == [0, 1, 2, 3] and curve[0]["loss"] is None
+    best = max(curve, key=lambda entry: entry["mean_normalised_accuracy"])  # first of the ties
+    assert result.metrics["best_epoch"] == best["epoch"]
+    if best["epoch"] == 0:
+        assert not np.any(coefficients["values"])
+    assert set(result.metrics["accuracy"]) == {"ds0", "ds1"}
+    assert set(result.metrics["normalised_accuracy"]) == {"ds0", "ds1"}
+    merged = load_file(str(result.checkpoint_path))
+    expected = read_checkpoint_expectation(job, coefficients)
+    assert merged.keys() == job.state.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-6, atol=1e-7)
+    stages = [p.stage for p in recorder.reports]
+    # 4 images per task per step (batch 8, 2 tasks) over 12 training images: 3 steps an epoch.
+    assert stages.count("training") == 3 * 3 and stages.count("evaluation") == 4 and stages[-1] == "merging"
+    assert list((tmp_path / "cache").iterdir())  # heads cached for the next job
+
+
+def test_entropy_on_unlabelled_data_keeps_the_last_epoch(job, tmp_path):
+    images = np.load(job.inputs.datasets["ds1"].path)["train_images"]
+    np.savez(tmp_path / "unlabelled.npz", test_images=images, test_labels=np.full(len(images), -1))
+    dataset = job.inputs.datasets["ds1"].__class__("unl", "unlabelled", tmp_path / "unlabelled.npz", ["a", "b"])
+    inputs = job.inputs.__class__(job.inputs.base_path, job.inputs.base_spec, job.inputs.task_vectors,
+                                  {"unl": dataset})
+    params = AtlasParams(objective="entropy", target_dataset_id="unl", epochs=4, batch_size=12, lr=0.2)
+    result = run(inputs, params, Recorder().context(tmp_path / "w"))
+    curve = result.artifacts["learning_curve"]
+    assert curve[-1]["loss"] < curve[1]["loss"]  # entropy minimised
+    assert result.metrics["best_epoch"] == 4 and result.metrics["accuracy"] == {}
+    assert np.abs(result.artifacts["coefficients"]["values"]).max() > 0.05
+
+
+def test_negation_keeps_the_control(job, tmp_path):
+    params = AtlasParams(objective="negation", target_dataset_id="ds0", control_dataset_id="ctrl",
+                         granularity="isotropic", epochs=3, batch_size=8, lr=0.5)
+    result = run(job.inputs, params, Recorder().context(tmp_path / "w"))
+    curve = result.artifacts["learning_curve"]
+    floor = 0.95 * curve[0]["accuracy"]["ctrl"]
+    eligible = [entry for entry in curve if entry["accuracy"]["ctrl"] >= floor]
+    assert result.metrics["best_epoch"] == min(eligible, key=lambda entry: entry["accuracy"]["ds0"])["epoch"]
+    values = np.array(result.artifacts["coefficients"]["values"])
+    assert (values == values[:, :1]).all()  # isotropic: one scalar per vector, repeated per block
+
+
+def test_same_seed_same_bytes_few_shot_with_augmentation(job, tmp_path):
+    params = AtlasParams(target_dataset_id="ctrl", shots=2, epochs=2, batch_size=4)
+    runs = [run(job.inputs, params, Recorder().context(tmp_path / name, seed=seed))
+            for name, seed in [("a", 4), ("b", 4), ("c", 5)]]
+    data = [r.checkpoint_path.read_bytes() for r in runs]
+    assert data[0] == data[1]
+    assert runs[0].artifacts == runs[1].artifacts and runs[0].artifacts != runs[2].artifacts
+    assert runs[0].metrics["augment"] is True and runs[0].metrics["train_images"] == 6
+
+
+def test_cancel_between_steps(job, tmp_path):
+    recorder = Recorder(cancel_after=2)
+    params = AtlasParams(objective="entropy", target_dataset_id="ds1", epochs=2, batch_size=4)
+    with pytest.raises(Cancelled):
+        run(job.inputs, params, recorder.context(tmp_path / "w"))
+    assert [p.stage for p in recorder.reports] == ["evaluation", "training", "training"]
+    assert not (tmp_path / "w" / "merged.safetensors").exists()
+
+
+def test_sampling_and_augmentation_helpers():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    chosen = few_shot_indices(labels, 2, np.random.default_rng(0))
+    assert np.bincount(labels[chosen]).tolist() == [2, 2, 2]
+    assert chosen.tolist() == few_shot_indices(labels, 2, np.random.default_rng(0)).tolist()
+    stream = IndexStream(np.arange(5), np.random.default_rng(0))
+    drawn = stream.take(3).tolist() + stream.take(4).tolist()
+    assert sorted(drawn[:5]) == [0, 1, 2, 3, 4]  # each pass is a permutation
+    pixels = torch.randn(3, 3, 16, 16)
+    a = random_resized_crop_flip(pixels, torch.Generator().manual_seed(0))
+    b = random_resized_crop_flip(pixels, torch.Generator().manual_seed(0))
+    assert a.shape == pixels.shape and torch.equal(a, b) and not torch.equal(a, pixels)
+
+
+def test_params_schema():
+    assert get_method("atlas").params is AtlasParams
+    addition = AtlasParams(task_datasets={"a": "d1", "b": "d2"})
+    assert addition.mode == "addition" and addition.dataset_ids() == ["d1", "d2"]
+    assert addition.task_vector_ids() == ["a", "b"] and addition.granularity == "block"
+    assert AtlasParams(target_dataset_id="t", shots=4).mode == "few_shot"
+    negation = AtlasParams(objective="negation", target_dataset_id="t", control_dataset_id="c")
+    assert negation.dataset_ids() == ["t", "c"]
+    for bad in [{}, {"task_datasets": {"a": "d"}, "target_dataset_id": "t"}, {"task_datasets": {"a": "d"}, "shots": 2},
+                {"objective": "negation", "target_dataset_id": "t"},
+                {"objective": "entropy", "target_dataset_id": "t", "control_dataset_id": "c"}]:
+        with pytest.raises(ValidationError):
+            AtlasParams(**bad)
