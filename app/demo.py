@@ -33,7 +33,8 @@ def build_demo_assets(out_dir: Path, n_vectors: int = 3, seed: int = 0) -> DemoA
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    state = {k: v.detach().contiguous() for k, v in build_model(ModelSpec(config=TINY_CLIP_CONFIG)).state_dict().items()}
+    model = build_model(ModelSpec(config=TINY_CLIP_CONFIG))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     base_path = out_dir / "base.safetensors"
     save_tensors(base_path, state)
     generator = torch.Generator().manual_seed(seed + 1)

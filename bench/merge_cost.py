@@ -66,7 +66,7 @@ def make_inputs(folder: Path, architecture: str, count: int) -> tuple[Path, list
     from safetensors import safe_open
 
     with safe_open(str(base_path), framework="pt") as base:
-        for name in base.keys():
+        for name in base.keys():  # noqa: SIM118 - safe_open is not a dict
             if name.startswith("visual."):
                 shapes[name] = base.get_slice(name).get_shape()
     vector_paths = []
@@ -115,7 +115,8 @@ def child_copy(base_path: str, vector_paths: list[str], out_dir: str) -> dict:
 
 def _in_child(kind: str, *args: str) -> dict:
     """Runs one measurement in a fresh interpreter, so peaks are not inherited from earlier runs."""
-    code = f"import json,sys; from bench.merge_cost import child_{kind}; print(json.dumps(child_{kind}(*json.loads(sys.argv[1]))))"
+    code = (f"import json, sys; from bench.merge_cost import child_{kind}; "
+            f"print(json.dumps(child_{kind}(*json.loads(sys.argv[1]))))")
     result = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], check=True, capture_output=True,
                             text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     return json.loads(result.stdout.strip().splitlines()[-1])

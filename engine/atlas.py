@@ -27,10 +27,27 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from engine.clip import preprocess_images
-from engine.context import JobContext, MergeInputs, MethodResult, Progress, TaskVectorInput
+from engine.context import (
+    JobContext,
+    MergeInputs,
+    MethodResult,
+    Progress,
+    TaskVectorInput,
+)
 from engine.evaluation import (
-    CONTROL_KEPT, REPORT_SPLITS, SELECTION_SPLITS, HeadFactory, Task, accuracy, autocast, is_labelled,
-    load_base_model, load_float_deltas, load_task, normalised, task_vector_by_id,
+    CONTROL_KEPT,
+    REPORT_SPLITS,
+    SELECTION_SPLITS,
+    HeadFactory,
+    Task,
+    accuracy,
+    autocast,
+    is_labelled,
+    load_base_model,
+    load_float_deltas,
+    load_task,
+    normalised,
+    task_vector_by_id,
 )
 from engine.params import ATLAS_DEFAULTS, AtlasParams
 from engine.streaming import merge_streaming

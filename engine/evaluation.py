@@ -18,9 +18,21 @@ import torch
 from safetensors import safe_open
 
 from engine.clip import (
-    SPLITS, build_model, image_logits, load_dataset, load_state_dict_file, preprocess_images, zero_shot_head,
+    SPLITS,
+    build_model,
+    image_logits,
+    load_dataset,
+    load_state_dict_file,
+    preprocess_images,
+    zero_shot_head,
 )
-from engine.context import DatasetInput, JobContext, MergeInputs, Progress, TaskVectorInput
+from engine.context import (
+    DatasetInput,
+    JobContext,
+    MergeInputs,
+    Progress,
+    TaskVectorInput,
+)
 from engine.params import SCALING_GRID
 
 SELECTION_SPLITS = ("val", "train")

@@ -6,13 +6,12 @@ tensor at a time (the header is known up front from names, dtypes and shapes),
 so producing a merged model never holds more than one tensor in memory.
 """
 import json
-import os
 import math
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
 
 # safetensors dtype -> (bytes per element, is floating point)
 DTYPES: dict[str, tuple[int, bool]] = {

@@ -30,7 +30,13 @@ from safetensors import safe_open
 from engine.clip import image_logits, preprocess_images
 from engine.context import JobContext, MergeInputs, MethodResult, Progress
 from engine.evaluation import (
-    HeadFactory, InPlaceWeights, is_labelled, load_base_model, load_float_deltas, load_task, pick_split,
+    HeadFactory,
+    InPlaceWeights,
+    is_labelled,
+    load_base_model,
+    load_float_deltas,
+    load_task,
+    pick_split,
     split_sizes,
 )
 from engine.params import StaParams

@@ -30,7 +30,8 @@ def merge_streaming(base_path: Path, vector_paths: list[Path], out_path: Path,
         for step, name in enumerate(writer.names, start=1):
             ctx.check_cancel()
             base_tensor = base.get_tensor(name)
-            taus = [v.get_tensor(name).float() if name in keys else None for v, keys in zip(vectors, vector_keys)]
+            taus = [v.get_tensor(name).float() if name in keys else None
+                    for v, keys in zip(vectors, vector_keys, strict=True)]
             if base_tensor.is_floating_point() and any(t is not None for t in taus):
                 merged = merge(name, base_tensor.float(), taus).to(base_tensor.dtype)
             else:

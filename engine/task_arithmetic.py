@@ -10,7 +10,9 @@ def run(inputs: MergeInputs, params: TaskArithmeticParams, ctx: JobContext) -> M
     negate = params.operation == "negate"
     scaling, metrics = params.scaling, {"scaling_source": "given"}
     if params.validation_datasets:
-        from engine.evaluation import search_task_arithmetic_scaling  # loads open_clip only when searching
+        from engine.evaluation import (
+            search_task_arithmetic_scaling,  # loads open_clip only when searching
+        )
 
         scaling, search = search_task_arithmetic_scaling(
             inputs, params.validation_datasets, negate, params.control_dataset_id, ctx)

@@ -94,7 +94,7 @@ def test_a_job_that_keeps_losing_its_worker_fails_with_a_reason(stack, long_job)
     with stack.client() as client:
         job = long_job(client, epochs=500)
         for attempt in (1, 2, 3):  # max_attempts is 3
-            wait_until(lambda: running_with_progress(client, job["id"], attempt), 120)
+            wait_until(lambda attempt=attempt: running_with_progress(client, job["id"], attempt), 120)
             stack.kill_worker(stack.workers[-1])
             stack.start_worker()
         final = client.wait_for_job(job["id"], timeout_s=120)

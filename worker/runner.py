@@ -151,7 +151,8 @@ def _load(job_id: str) -> _LoadedJob:
     with session_scope() as session:
         job = session.get(Job, job_id)
         base = session.get(BaseModel, job.base_model_id)
-        vectors = {tv.id: tv for tv in session.scalars(select(TaskVector).where(TaskVector.id.in_(job.task_vector_ids)))}
+        rows = session.scalars(select(TaskVector).where(TaskVector.id.in_(job.task_vector_ids)))
+        vectors = {tv.id: tv for tv in rows}
         dataset_ids = [i.dataset_id for i in job.inputs if i.dataset_id]
         datasets = session.scalars(select(Dataset).where(Dataset.id.in_(dataset_ids))).all()
         inputs = MergeInputs(

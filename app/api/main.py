@@ -3,7 +3,14 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 
 from app.api.problems import Problem, install_problem_handlers, problem_response
-from app.api.routes import base_models, checkpoints, datasets, health, jobs, task_vectors
+from app.api.routes import (
+    base_models,
+    checkpoints,
+    datasets,
+    health,
+    jobs,
+    task_vectors,
+)
 from app.api.schemas import ProblemOut
 from app.store.queries import BadCursor
 

@@ -4,14 +4,23 @@ Starlette's form parser would spool the whole body before the route runs; this
 reads the request stream chunk by chunk, hashes and writes the `file` part to a
 pending blob as it arrives, and stops at the size limit instead of after it.
 """
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
-from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from fastapi.concurrency import run_in_threadpool
+from python_multipart.multipart import (
+    MultipartParseError,
+    MultipartParser,
+    parse_options_header,
+)
 
 from app.api.problems import Problem
 from app.store.blobs import BlobStore, PendingBlob, TooLarge
+from app.store.errors import RejectedInput
+
+T = TypeVar("T")
 
 MAX_FIELD_BYTES = 1024 * 1024
 
@@ -110,6 +119,17 @@ async def receive_upload(request: Request, blobs: BlobStore, max_bytes: int) -> 
         upload.discard()
         raise
     return upload
+
+
+async def ingest_upload(request: Request, blobs: BlobStore, max_bytes: int, ingest: Callable[[Upload], T]) -> T:
+    """Stream the upload in, run ingest on it in a thread, and always remove what ingest did not keep."""
+    upload = await receive_upload(request, blobs, max_bytes)
+    try:
+        return await run_in_threadpool(ingest, upload)
+    except RejectedInput as exc:
+        raise Problem(exc.status, exc.detail, title=exc.title, slug=exc.slug) from None
+    finally:
+        upload.discard()
 
 
 def multipart_body(properties: dict[str, dict], required: list[str]) -> dict[str, Any]:

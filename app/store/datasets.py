@@ -30,6 +30,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+from app.store.errors import RejectedInput
+
 SPLITS = ("train", "val", "test")
 MAX_COMPRESSION_RATIO = 200
 # Entries smaller than this cannot hurt whatever their ratio, and a blank BMP
@@ -46,14 +48,13 @@ ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-class DatasetError(Exception):
+class DatasetError(RejectedInput):
     """An upload that cannot become a dataset; status, title and detail make the problem response."""
 
+    slug = "invalid-dataset"
+
     def __init__(self, status: int, title: str, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.title = title
-        self.detail = detail
+        super().__init__(status, detail, title)
 
 
 def _unsupported(detail: str) -> DatasetError:
@@ -196,7 +197,7 @@ def _split_summary(labels: np.ndarray, class_names: list[str] | None, labeled: b
     summary: dict = {"count": int(len(labels))}
     if labeled:
         counts = np.bincount(labels, minlength=len(class_names))
-        summary["per_class"] = {name: int(count) for name, count in zip(class_names, counts)}
+        summary["per_class"] = {name: int(count) for name, count in zip(class_names, counts, strict=True)}
     return summary
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from app.store.errors import RejectedInput
 from engine.context import ModelSpec
 from engine.safetensors_io import (
     Header,
@@ -25,11 +26,8 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 MAX_NAMES_IN_DETAIL = 5
 
 
-class WeightsError(Exception):
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
+class WeightsError(RejectedInput):
+    slug = "invalid-weights"
 
 
 @dataclass(frozen=True)
@@ -135,7 +133,8 @@ def finetuned_to_task_vector(path: Path, header: Header, base_path: Path, base: 
     changed: list[tuple[str, str, tuple[int, ...]]] = []
     with safe_open(str(path), framework="pt") as ft, safe_open(str(base_path), framework="pt") as b0:
         for name, info in header.tensors.items():
-            if info.is_float and base.tensors[name].is_float and not torch.equal(ft.get_tensor(name), b0.get_tensor(name)):
+            both_float = info.is_float and base.tensors[name].is_float
+            if both_float and not torch.equal(ft.get_tensor(name), b0.get_tensor(name)):
                 changed.append((name, info.dtype, info.shape))
         if not changed:
             raise WeightsError(422, "The fine-tuned weights equal the base model: the task vector would be empty.")

@@ -2,14 +2,13 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import exists, select
 
 from app.api.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep
 from app.api.forms import FormFields
 from app.api.problems import PROBLEM_RESPONSES, Problem, not_found
 from app.api.schemas import BaseModelOut, Page
-from app.api.uploads import FILE_PROPERTY, Upload, multipart_body, receive_upload
+from app.api.uploads import FILE_PROPERTY, Upload, ingest_upload, multipart_body
 from app.ids import new_id
 from app.store import weights
 from app.store.blobs import BlobStore
@@ -77,13 +76,8 @@ def _register(session, blobs: BlobStore, owner: str, upload: Upload) -> BaseMode
 @router.post("", status_code=201, response_model=BaseModelOut, openapi_extra=CREATE_BODY)
 async def create_base_model(request: Request, owner: OwnerDep, session: SessionDep, blobs: BlobsDep,
                             settings: SettingsDep):
-    upload = await receive_upload(request, blobs, settings.max_upload_bytes)
-    try:
-        return await run_in_threadpool(_register, session, blobs, owner, upload)
-    except weights.WeightsError as exc:
-        raise Problem(exc.status, exc.detail, slug="invalid-weights") from None
-    finally:
-        upload.discard()
+    return await ingest_upload(request, blobs, settings.max_upload_bytes,
+                               lambda upload: _register(session, blobs, owner, upload))
 
 
 @router.get("", response_model=Page[BaseModelOut])

@@ -2,18 +2,17 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import exists, select
 
 from app.api.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep
 from app.api.forms import FormFields
 from app.api.problems import PROBLEM_RESPONSES, Problem, not_found
 from app.api.schemas import DatasetOut, Page
-from app.api.uploads import FILE_PROPERTY, Upload, multipart_body, receive_upload
+from app.api.uploads import FILE_PROPERTY, Upload, ingest_upload, multipart_body
 from app.ids import new_id
 from app.settings import Settings
 from app.store.blobs import BlobStore
-from app.store.datasets import DatasetError, DatasetLimits, ingest_dataset
+from app.store.datasets import DatasetLimits, ingest_dataset
 from app.store.models import ACTIVE_JOB_STATUSES, Dataset, Job, JobInput
 from app.store.queries import add_with_blob, delete_with_blob, get_owned, page
 
@@ -53,13 +52,8 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
 @router.post("", status_code=201, response_model=DatasetOut, openapi_extra=CREATE_BODY)
 async def create_dataset(request: Request, owner: OwnerDep, session: SessionDep, blobs: BlobsDep,
                          settings: SettingsDep):
-    upload = await receive_upload(request, blobs, settings.max_upload_bytes)
-    try:
-        return await run_in_threadpool(_register, session, blobs, settings, owner, upload)
-    except DatasetError as exc:
-        raise Problem(exc.status, exc.detail, title=exc.title, slug="invalid-dataset") from None
-    finally:
-        upload.discard()
+    return await ingest_upload(request, blobs, settings.max_upload_bytes,
+                               lambda upload: _register(session, blobs, settings, owner, upload))
 
 
 @router.get("", response_model=Page[DatasetOut])

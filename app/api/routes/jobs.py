@@ -17,7 +17,15 @@ from app.api.problems import PROBLEM_RESPONSES, Problem, not_found
 from app.api.schemas import CoefficientsOut, JobCreate, JobOut, Page
 from app.ids import new_id
 from app.store.db import session_scope
-from app.store.models import FINISHED_JOB_STATUSES, BaseModel, Dataset, Job, JobInput, TaskVector, utcnow
+from app.store.models import (
+    FINISHED_JOB_STATUSES,
+    BaseModel,
+    Dataset,
+    Job,
+    JobInput,
+    TaskVector,
+    utcnow,
+)
 from app.store.queries import get_owned, page
 from engine.registry import get_method, method_names
 from worker.queue import publish
@@ -160,12 +168,12 @@ def get_job(job_id: str, response: Response, owner: OwnerDep, session: SessionDe
 def cancel_job(job_id: str, owner: OwnerDep, session: SessionDep):
     _owned(session, job_id, owner)
     # A queued job is cancelled at once; a running one is asked to stop between steps.
-    if not session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
-            status="cancelled", cancel_requested=True, finished_at=utcnow())).rowcount:
-        if not session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
-                cancel_requested=True)).rowcount:
-            session.rollback()
-            raise Problem(409, "The job has already finished.", slug="job-finished")
+    cancelled_now = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
+        status="cancelled", cancel_requested=True, finished_at=utcnow())).rowcount
+    if not cancelled_now and not session.execute(update(Job).where(Job.id == job_id, Job.status == "running")
+                                                 .values(cancel_requested=True)).rowcount:
+        session.rollback()
+        raise Problem(409, "The job has already finished.", slug="job-finished")
     session.commit()
     return session.get(Job, job_id, populate_existing=True)
 
