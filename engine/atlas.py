@@ -322,12 +322,13 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
             drawn = [part.stream.take(part.count) for part in parts]
-            pixels = torch.cat([preprocess_images(part.images[idx], model) for part, idx in zip(parts, drawn)])
+            pixels = torch.cat([preprocess_images(part.images[idx], model)
+                                for part, idx in zip(parts, drawn, strict=True)])
             if augment:
                 pixels = random_resized_crop_flip(pixels, augment_generator)
             features = tower.features(coefficients, pixels.to(device))
             loss, offset = 0.0, 0
-            for part, idx in zip(parts, drawn):
+            for part, idx in zip(parts, drawn, strict=True):
                 share = features[offset:offset + len(idx)]
                 loss = loss + part.weight * part_loss(part, share, part.labels[idx])
                 offset += len(idx)
@@ -385,7 +386,7 @@ def write_checkpoint(inputs: MergeInputs, coefficients: dict, out: Path, ctx: Jo
         if name not in block_values:
             return base
         merged = base.clone()
-        for value, tau in zip(block_values[name], taus):
+        for value, tau in zip(block_values[name], taus, strict=True):
             if tau is not None:
                 merged += value * tau
         return merged

@@ -84,7 +84,7 @@ def mean_abs_gradients(model: torch.nn.Module, names: list[str], head: torch.Ten
             loss = F.cross_entropy(image_logits(model, pixels, head), torch.as_tensor(labels, device=device))
             grads = (torch.autograd.grad(loss, [parameters[name] for name in names], allow_unused=True)
                      if loss.requires_grad else [None] * len(names))  # no named tensor reaches the loss
-            for name, grad in zip(names, grads):
+            for name, grad in zip(names, grads, strict=True):
                 if grad is not None:
                     magnitude = grad.detach().float().abs().cpu()
                     sums[name] = sums[name] + magnitude if name in sums else magnitude

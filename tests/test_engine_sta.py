@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engine.clip import build_model, load_dataset, preprocess_images, zero_shot_head
@@ -26,9 +25,7 @@ def job(tmp_path_factory):
 
 
 def read_masks(workdir, index):
-    path = workdir / "sta" / f"masks-{index:04d}.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+    return load_file(str(workdir / "sta" / f"masks-{index:04d}.safetensors"))
 
 
 def direct_importance(job, tv_id, dataset_id, seed, index, theta=False):
@@ -47,7 +44,7 @@ def direct_importance(job, tv_id, dataset_id, seed, index, theta=False):
         features = F.normalize(model.encode_image(preprocess_images(images[batch], model)), dim=-1)
         loss = F.cross_entropy(features @ head.T, torch.as_tensor(labels[batch]))
         grads = torch.autograd.grad(loss, [params[n] for n in tau])
-        for n, g in zip(tau, grads):
+        for n, g in zip(tau, grads, strict=True):
             weight = job.state[n] + tau[n] if theta else tau[n]
             total[n] += (weight * g).abs()
     return {n: t / len(batches) for n, t in total.items()}

@@ -51,14 +51,22 @@ def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
 
 def _split(images: np.ndarray, labels: np.ndarray, sizes: SplitSizes, rng: np.random.Generator
            ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Shuffle and cut into splits; when the source is too small every split shrinks in proportion."""
-    wanted = np.array(sizes.as_tuple(), dtype=float)
-    if wanted.sum() > len(images):
-        wanted = np.floor(wanted * len(images) / wanted.sum())
+    """Shuffle and cut into splits; a source too small for all of them gets a smaller train split."""
+    counts = _split_counts(len(images), sizes)
     order = rng.permutation(len(images))
-    bounds = np.concatenate([[0], np.cumsum(wanted.astype(int))])
+    bounds = np.concatenate([[0], np.cumsum([counts[split] for split in SPLITS])])
     return {split: (images[order[a:b]], labels[order[a:b]].astype(np.int64))
             for split, a, b in zip(SPLITS, bounds[:-1], bounds[1:])}
+
+
+def _split_counts(available: int, sizes: SplitSizes) -> dict[str, int]:
+    """Pretrain, val and test keep their sizes (shrunk in proportion if they would take over half
+    the source); train gets what is left, up to its size."""
+    held = np.array([sizes.pretrain, sizes.val, sizes.test], dtype=float)
+    if held.sum() > available / 2:
+        held = np.floor(held * (available / 2) / held.sum())
+    pretrain, val, test = (int(n) for n in held)
+    return {"pretrain": pretrain, "train": min(sizes.train, available - int(held.sum())), "val": val, "test": test}
 
 
 def _balanced_labels(n: int, classes: int, rng: np.random.Generator) -> np.ndarray:
@@ -178,34 +186,55 @@ def _locate_local_flaw(gray: Image.Image) -> tuple[int, int, float]:
     return row + window // 2 + margin, col + window // 2 + margin, boxes.max() / np.median(boxes)
 
 
+TEXTILE_TRAIN_CROPS = 4  # crops per training photo; a photo's crops all stay in its split
+
+
+def _textile_crop(gray: np.ndarray, flaw: tuple[int, int] | None, rng: np.random.Generator) -> np.ndarray:
+    height, width = gray.shape
+    if flaw is None:
+        row, col = rng.integers(SIZE // 2, height - SIZE // 2), rng.integers(SIZE // 2, width - SIZE // 2)
+    else:
+        row, col = flaw[0] + rng.integers(-8, 9), flaw[1] + rng.integers(-8, 9)
+    top = int(np.clip(row - SIZE // 2, 0, height - SIZE))
+    left = int(np.clip(col - SIZE // 2, 0, width - SIZE))
+    return gray[top:top + SIZE, left:left + SIZE]
+
+
 def textiles(sizes: SplitSizes, rng: np.random.Generator) -> TaskData:
     """conformal-clip-data's 250x250 textile images as native-resolution 32x32 crops.
 
-    Downscaling a whole image to 32x32 erases local flaws (about 10 px), so each image
-    gives one crop at full resolution: random for flawless and global-flaw images, around
-    the located flaw (with jitter) for local-flaw images.
+    Downscaling a whole image to 32x32 erases local flaws (about 10 px), so crops are
+    taken at full resolution: anywhere for flawless and global-flaw images, around the
+    located flaw (with jitter) for local-flaw images. Photos are split first; training
+    photos give several crops each, the others one.
     """
     import conformal_clip_data
 
     root = conformal_clip_data.textile_simulated_root()
-    images, labels = [], []
+    photos: list[tuple[np.ndarray, int, tuple[int, int] | None]] = []
     for label, folder in enumerate(TEXTILE_CLASSES):
         for path in sorted((root / folder).glob("*.jpg")):
             gray = Image.open(path).convert("L")
-            width, height = gray.size
+            flaw = None
             if folder == "local":
                 row, col, contrast = _locate_local_flaw(gray)
                 if contrast < DEFECT_CONTRAST_MIN:
                     continue
-                row, col = row + rng.integers(-8, 9), col + rng.integers(-8, 9)
-            else:
-                row, col = rng.integers(SIZE // 2, height - SIZE // 2), rng.integers(SIZE // 2, width - SIZE // 2)
-            top = int(np.clip(row - SIZE // 2, 0, height - SIZE))
-            left = int(np.clip(col - SIZE // 2, 0, width - SIZE))
-            images.append(np.asarray(gray.crop((left, top, left + SIZE, top + SIZE))))
-            labels.append(label)
-    return TaskData("textiles", list(TEXTILE_CLASSES.values()),
-                    _split(_gray_to_rgb(np.stack(images)), np.array(labels), sizes, rng))
+                flaw = (row, col)
+            photos.append((np.asarray(gray), label, flaw))
+
+    counts = _split_counts(len(photos), sizes)
+    counts["train"] = len(photos) - counts["pretrain"] - counts["val"] - counts["test"]
+    order = rng.permutation(len(photos))
+    splits, start = {}, 0
+    for split in SPLITS:
+        chosen = order[start:start + counts[split]]
+        start += counts[split]
+        picks = np.tile(chosen, TEXTILE_TRAIN_CROPS if split == "train" else 1)
+        picks = rng.permutation(picks)[:sizes.train] if split == "train" else picks
+        images = np.stack([_textile_crop(photos[i][0], photos[i][2], rng) for i in picks])
+        splits[split] = (_gray_to_rgb(images), np.array([photos[i][1] for i in picks], dtype=np.int64))
+    return TaskData("textiles", list(TEXTILE_CLASSES.values()), splits)
 
 
 # --- procedural images -------------------------------------------------------------------
@@ -247,9 +276,9 @@ def _draw_shape(label: int, rng: np.random.Generator) -> np.ndarray:
     scale = 4  # draw large, then downsample for anti-aliased edges
     background = _noisy_background(rng)
     ink = _random_colour(rng)
-    while np.abs(ink - background.mean((0, 1))).sum() < 0.6:
+    while np.abs(ink - background.mean((0, 1))).sum() < 0.8:
         ink = _random_colour(rng)
-    radius = rng.uniform(6, 13)
+    radius = rng.uniform(8, 14)
     cx, cy = rng.uniform(radius, SIZE - radius, 2)
     mask = Image.new("L", (SIZE * scale, SIZE * scale), 0)
     pen = ImageDraw.Draw(mask)
@@ -259,7 +288,7 @@ def _draw_shape(label: int, rng: np.random.Generator) -> np.ndarray:
     elif label == 5:
         pen.ellipse(box, outline=255, width=int(radius * scale * rng.uniform(0.25, 0.4)))
     else:
-        polygon = _shape_polygon(label, cx * scale, cy * scale, radius * scale, rng.uniform(0, 2 * np.pi))
+        polygon = _shape_polygon(label, cx * scale, cy * scale, radius * scale, rng.normal(0, np.radians(15)))
         pen.polygon(polygon, fill=255)
     alpha = np.asarray(mask.resize((SIZE, SIZE), Image.BOX), float)[..., None] / 255
     return background * (1 - alpha) + ink * alpha + rng.normal(0, 0.03, (SIZE, SIZE, 3))
@@ -335,16 +364,16 @@ def _draw_texture(label: int, rng: np.random.Generator) -> np.ndarray:
     return image + rng.normal(0, 0.05, (SIZE, SIZE, 3))
 
 
-DOT_COUNTS = ["one dot", "two dots", "three dots", "four dots", "five dots"]
+DOT_COUNTS = ["one dot", "two dots", "three dots", "four dots"]
 
 
 def _draw_dots(label: int, rng: np.random.Generator) -> np.ndarray:
     count = label + 1
     background = _noisy_background(rng)
     ink = _random_colour(rng)
-    while np.abs(ink - background.mean((0, 1))).sum() < 0.6:
+    while np.abs(ink - background.mean((0, 1))).sum() < 0.8:
         ink = _random_colour(rng)
-    radius = rng.uniform(2.0, 3.5)
+    radius = rng.uniform(3.0, 4.5)
     centres: list[np.ndarray] = []
     while len(centres) < count:  # rejection sampling keeps dots apart so they can be counted
         candidate = rng.uniform(radius + 1, SIZE - radius - 1, 2)
