@@ -108,6 +108,19 @@ def demo_assets(tmp_path_factory) -> DemoAssets:
     return build_demo_assets(tmp_path_factory.mktemp("demo-assets"))
 
 
+@pytest.fixture(scope="session")
+def quick_bench_assets(tmp_path_factory):
+    """The quality benchmark's --quick assets (a pre-trained tiny CLIP, task vectors, datasets), built once.
+
+    TVFORGE_TEST_ASSETS_DIR names a folder to keep them in between runs (the build is cached by its
+    config's hash there); by default they go to a temporary folder.
+    """
+    from bench.quality.build_assets import build_assets
+
+    folder = os.environ.get("TVFORGE_TEST_ASSETS_DIR")
+    return build_assets(Path(folder) if folder else tmp_path_factory.mktemp("bench-assets"), quick=True)
+
+
 _redis_db = iter(range(1, 16))
 
 

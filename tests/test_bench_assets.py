@@ -14,8 +14,8 @@ from engine.safetensors_io import read_header
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_assets(tmp_path_factory.mktemp("assets"), quick=True)
+def assets(quick_bench_assets):
+    return quick_bench_assets
 
 
 def test_files_exist_and_load_without_pickle(assets):

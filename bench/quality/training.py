@@ -98,8 +98,18 @@ def pretrain_contrastive(model: torch.nn.Module, tasks: list[TaskData], steps: i
     return losses
 
 
+def random_shift(pixels: torch.Tensor, max_shift: int, generator: np.random.Generator) -> torch.Tensor:
+    """Translate each image by up to max_shift pixels (edges replicated): label-preserving for every task."""
+    if max_shift == 0:
+        return pixels
+    size = pixels.shape[-1]
+    padded = F.pad(pixels, (max_shift,) * 4, mode="replicate")
+    offsets = generator.integers(0, 2 * max_shift + 1, (len(pixels), 2))
+    return torch.stack([image[:, top:top + size, left:left + size] for image, (top, left) in zip(padded, offsets)])
+
+
 def finetune_visual(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, head: torch.Tensor,
-                    steps: int, batch_size: int, lr: float, seed: int, desc: str) -> None:
+                    steps: int, batch_size: int, lr: float, seed: int, desc: str, max_shift: int = 0) -> None:
     """Cross-entropy fine-tuning of visual.* in place, through the frozen zero-shot head."""
     generator = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -114,7 +124,8 @@ def finetune_visual(model: torch.nn.Module, images: np.ndarray, labels: np.ndarr
         for group in optimizer.param_groups:
             group["lr"] = _cosine_lr(step, steps, lr)
         batch = torch.from_numpy(generator.integers(0, len(pixels), batch_size))
-        loss = F.cross_entropy(image_logits(model, pixels[batch], head), targets[batch])
+        inputs = random_shift(pixels[batch], max_shift, generator)
+        loss = F.cross_entropy(image_logits(model, inputs, head), targets[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

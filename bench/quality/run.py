@@ -1,0 +1,497 @@
+"""Merge quality (benchmarks.md section 1): every composition method on the benchmark's tiny-CLIP assets.
+
+    python -m bench.quality.run [--quick] [--assets DIR] [--out bench/out/quality.json]
+
+One command: build (or reuse: they are cached by a hash of their configuration) the assets of
+bench.quality.build_assets, run every composition through the engine's registered runners
+(engine.registry.get_method(name).load_runner(), exactly what a worker runs), evaluate each
+written checkpoint on every task's test split, print markdown tables and write them as JSON
+with each row's parameters, its timings and the machine it ran on.
+
+Tables (data use: selection on `val`, training and calibration on `train`, reports on `test`):
+1. Task addition over all tasks with vectors: zero-shot, each fine-tuned model on its own task,
+   task arithmetic (lambda searched on val), TIES, STA, aTLAS, aTLAS isotropic.
+2. Negation: per target task (one task vector), with one control task.
+3. Few-shot (k shots per class of the held-out task's train split) and unlabelled test-time
+   adaptation (entropy) on the held-out task, with every other task's vector.
+4. (full run) STA ablation: threshold 1-4 and per-tensor density 0.05-0.2.
+
+Everything is seeded (JobContext.seed 0, torch.manual_seed(0) before each runner).
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.quality.assets import Assets, TaskAssets  # noqa: E402
+from bench.quality.build_assets import build_assets  # noqa: E402
+from bench.quality.tables import render_markdown  # noqa: E402
+from engine.clip import load_state_dict_file  # noqa: E402
+from engine.context import DatasetInput, JobContext, MergeInputs, TaskVectorInput  # noqa: E402
+from engine.evaluation import (  # noqa: E402
+    HeadFactory,
+    Task,
+    load_base_model,
+    load_task,
+    model_accuracy,
+    normalised,
+    pick_split,
+    split_sizes,
+)
+from engine.params import ATLAS_DEFAULTS, AtlasParams  # noqa: E402
+from engine.registry import get_method  # noqa: E402
+from engine.safetensors_io import read_header  # noqa: E402
+
+SEED = 0
+UNLABELLED_SUFFIX = "-unlabelled"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What the benchmark sets beyond the methods' defaults, sized to a 2-core CPU.
+
+    aTLAS epochs: a training step costs in proportion to its images, so addition and negation
+    get a budget of training images per run, and epochs = round(budget / images per epoch)
+    (at least 1, at most the default), whatever the assets' train-split sizes.
+    aTLAS learning rates: AdamW moves a coefficient by about lr per step, and the paper's
+    rates (1e-3 addition and entropy, 5e-3 negation) assume thousands of steps. This CPU
+    budget allows a few hundred, after which coefficients at the paper's rates are still
+    within ~0.05-0.15 of 0 (measured: the model stays at zero-shot), so the rates are
+    raised to let them reach task-arithmetic-sized values (0.3-1). Few-shot keeps its 0.1.
+    """
+
+    atlas_addition_images: int  # training images per run (default: 20 epochs)
+    atlas_addition_batch: int  # default 128, split equally across the tasks
+    atlas_addition_lr: float  # default 1e-3
+    atlas_negation_images: int  # default: 10 epochs
+    atlas_negation_lr: float  # default 5e-3
+    atlas_few_shot_epochs: int  # default 10 (lr 0.1, the default)
+    atlas_entropy_epochs: int  # default 10
+    atlas_entropy_lr: float  # default 1e-3
+    negation_targets: int  # how many target tasks (each with the same control)
+    shots: tuple[int, ...]
+    sta_ablation: bool
+
+
+FULL = RunConfig(atlas_addition_images=48_000, atlas_addition_batch=128, atlas_addition_lr=1e-2,
+                 atlas_negation_images=24_000, atlas_negation_lr=2e-2, atlas_few_shot_epochs=10,
+                 atlas_entropy_epochs=10, atlas_entropy_lr=1e-2, negation_targets=2, shots=(1, 4, 16),
+                 sta_ablation=True)
+QUICK = RunConfig(atlas_addition_images=9_600, atlas_addition_batch=64, atlas_addition_lr=1e-2,
+                  atlas_negation_images=4_000, atlas_negation_lr=2e-2, atlas_few_shot_epochs=5,
+                  atlas_entropy_epochs=3, atlas_entropy_lr=1e-2, negation_targets=1, shots=(1, 4),
+                  sta_ablation=False)
+
+
+def epochs_for(budget_images: int, steps_per_epoch: int, batch_size: int, default: int) -> int:
+    return max(1, min(default, round(budget_images / (steps_per_epoch * batch_size))))
+
+
+def train_size(task: TaskAssets) -> int:
+    """Images in the split aTLAS trains on (train, else val), as the engine picks it."""
+    sizes = split_sizes(task.dataset_path)
+    return sizes[pick_split(sizes, ("train", "val"), task.name)]
+
+
+NOTES = [
+    "Every row is a checkpoint written by the engine's registered runner (a worker's code path), "
+    "evaluated with its zero-shot heads on each task's test split; fine-tuned = theta_0 + tau_t "
+    "written by task arithmetic at lambda 1.",
+    "Selection (lambda search, aTLAS best epoch) uses val; aTLAS trains and STA calibrates on train, "
+    "the split the task vectors were fine-tuned on.",
+    "aTLAS epochs are sized to a CPU budget of training images and its learning rates raised "
+    "(see RunConfig in bench/quality/run.py); few-shot keeps lr 0.1 and picks its epoch on the full "
+    "labelled val split.",
+    "Test-time adaptation sees only the held-out task's test images without labels (a dataset whose "
+    "one split has labels -1), so it keeps the last epoch.",
+    "Negation: each target's own task vector only; control = the task the base model classifies best "
+    "relative to chance; task arithmetic's search grid stops at lambda 1.",
+]
+STA_ABLATION = [{"threshold": t} for t in (1.0, 2.0, 3.0, 4.0)] + [{"density": d} for d in (0.05, 0.1, 0.2)]
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def task_vector_input(task: TaskAssets) -> TaskVectorInput:
+    return TaskVectorInput(id=task.name, name=task.name, path=task.vector_path, class_names=task.class_names)
+
+
+def dataset_input(task: TaskAssets) -> DatasetInput:
+    return DatasetInput(id=task.name, name=task.name, path=task.dataset_path, class_names=task.class_names)
+
+
+def merge_inputs(assets: Assets, vectors: list[TaskAssets], extra: dict[str, DatasetInput] | None = None
+                 ) -> MergeInputs:
+    datasets = {t.name: dataset_input(t) for t in [*assets.tasks, assets.held_out]}
+    return MergeInputs(assets.base_path, assets.model_spec, [task_vector_input(t) for t in vectors],
+                       {**datasets, **(extra or {})})
+
+
+def unlabelled_dataset(task: TaskAssets, folder: Path) -> DatasetInput:
+    """The task's test images as the only split, labels -1: test-time adaptation sees no label at all
+    (no labelled split to pick an epoch with either, so the runner keeps the last epoch)."""
+    with np.load(task.dataset_path, allow_pickle=False) as data:
+        images = data["test_images"]
+    path = folder / f"{task.name}{UNLABELLED_SUFFIX}.npz"
+    np.savez(path, train_images=images, train_labels=np.full(len(images), -1, dtype=np.int64))
+    return DatasetInput(id=task.name + UNLABELLED_SUFFIX, name=task.name + UNLABELLED_SUFFIX, path=path,
+                        class_names=task.class_names)
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+class Bench:
+    """Runs engine methods in their own work folders and evaluates their checkpoints on test splits."""
+
+    def __init__(self, assets: Assets, workdir: Path):
+        self.assets, self.workdir = assets, workdir
+        self.cache_dir = workdir / "head-cache"
+        self.counter = 0
+        inputs = merge_inputs(assets, assets.tasks)
+        self.ctx = JobContext(workdir=workdir / "eval", cache_dir=self.cache_dir, seed=SEED)
+        self.model = load_base_model(inputs, self.ctx.device)
+        heads = HeadFactory(self.model, inputs, self.ctx)
+        self.tasks: dict[str, Task] = {name: load_task(inputs, name, heads) for name in inputs.datasets}
+        self.base_header = {name: (info.dtype, tuple(info.shape))
+                            for name, info in read_header(assets.base_path).tensors.items()}
+
+    def run(self, method: str, inputs: MergeInputs, params: dict, label: str) -> dict:
+        """Run one composition through the engine's registered runner; returns its record."""
+        spec = get_method(method)
+        validated = spec.params(**params)
+        self.counter += 1
+        folder = self.workdir / "jobs" / f"{self.counter:02d}-{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        ctx = JobContext(workdir=folder, cache_dir=self.cache_dir, seed=SEED)
+        torch.manual_seed(SEED)
+        started = time.perf_counter()
+        result = spec.load_runner()(inputs, validated, ctx)
+        seconds = time.perf_counter() - started
+        record = {"method": method, "params": validated.model_dump(mode="json"),
+                  "task_vectors": [tv.id for tv in inputs.task_vectors],
+                  "checkpoint": str(result.checkpoint_path), "method_s": round(seconds, 2),
+                  "metrics": summarise_metrics(method, result.metrics)}
+        if "learning_curve" in result.artifacts:  # selection-split accuracy per epoch (epoch 0: zero-shot)
+            record["learning_curve"] = [
+                {"epoch": e["epoch"], "loss": e["loss"], "mean_normalised_accuracy": e.get("mean_normalised_accuracy"),
+                 "accuracy": e["accuracy"]} for e in result.artifacts["learning_curve"]]
+        return record
+
+    def check_checkpoint(self, path: Path) -> dict:
+        """A full state dict with the base's names, dtypes and shapes, every float finite."""
+        header = {name: (info.dtype, tuple(info.shape)) for name, info in read_header(path).tensors.items()}
+        state = load_state_dict_file(path)
+        finite = all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+        return {"tensors": len(header), "same_names_dtypes_shapes_as_base": header == self.base_header,
+                "finite": finite}
+
+    @torch.no_grad()
+    def evaluate(self, checkpoint: Path, names: list[str]) -> tuple[dict[str, float], float]:
+        """Test accuracy per task of a checkpoint (strict load), and the seconds it took."""
+        started = time.perf_counter()
+        self.model.load_state_dict(load_state_dict_file(checkpoint), strict=True)
+        accuracy = {name: model_accuracy(self.model, self.tasks[name], self.tasks[name].report, 256,
+                                         self.ctx.device) for name in names}
+        return accuracy, time.perf_counter() - started
+
+
+def summarise_metrics(method: str, metrics: dict) -> dict:
+    """The parts of a runner's metrics worth keeping in the benchmark JSON (no search tables)."""
+    keep = {
+        "task_arithmetic": ["scaling", "scaling_source", "operation"],
+        "ties": ["top_k", "scaling", "merged_density"],
+        "sta": ["threshold", "density", "scaling", "importance_source", "mask_density", "forget"],
+        "atlas": ["mode", "granularity", "lr", "epochs", "steps", "batch_size", "augment", "best_epoch",
+                  "coefficients", "shots", "train_images"],
+    }[method]
+    out = {key: metrics[key] for key in keep if key in metrics}
+    if method == "task_arithmetic" and "selection" in metrics:
+        out["selection"] = {k: v for k, v in metrics["selection"].items() if k != "accuracy"}
+    if method == "sta" and "mask_density" in metrics:
+        out["mean_mask_density"] = float(np.mean(list(metrics["mask_density"].values())))
+    return out
+
+
+def with_scores(record: dict, accuracy: dict[str, float], finetuned: dict[str, float] | None = None) -> dict:
+    record["accuracy"] = accuracy
+    record["mean_accuracy"] = float(np.mean(list(accuracy.values())))
+    if finetuned is not None:
+        record["normalised_accuracy"] = {n: normalised(accuracy[n], finetuned[n]) for n in accuracy}
+        record["mean_normalised_accuracy"] = float(np.mean(list(record["normalised_accuracy"].values())))
+    return record
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+def addition_table(bench: Bench, config: RunConfig) -> dict:
+    assets = bench.assets
+    names = [t.name for t in assets.tasks]
+    inputs = merge_inputs(assets, assets.tasks)
+    by_task = {n: n for n in names}
+    rows: list[dict] = []
+
+    accuracy, eval_s = bench.evaluate(assets.base_path, names)
+    zero_shot = {"row": "zero-shot", "method": None, "params": {}, "method_s": 0.0, "eval_s": round(eval_s, 2)}
+
+    finetuned, ft_s, ft_eval = {}, 0.0, 0.0
+    ft_records = []
+    for task in assets.tasks:  # theta_0 + tau_t, written by the engine's task arithmetic at lambda 1
+        record = bench.run("task_arithmetic", merge_inputs(assets, [task]), {"scaling": 1.0}, f"finetuned-{task.name}")
+        acc, seconds = bench.evaluate(Path(record["checkpoint"]), [task.name])
+        finetuned[task.name] = acc[task.name]
+        ft_s += record["method_s"]
+        ft_eval += seconds
+        record["checkpoint_check"] = bench.check_checkpoint(Path(record["checkpoint"]))
+        ft_records.append(record)
+    rows.append(with_scores(zero_shot, accuracy, finetuned))
+    rows.append(with_scores({"row": "fine-tuned (each on its own task)", "method": "task_arithmetic",
+                             "params": {"scaling": 1.0, "task_vectors": "one at a time"},
+                             "method_s": round(ft_s, 2), "eval_s": round(ft_eval, 2), "per_task": ft_records},
+                            finetuned, finetuned))
+    log(f"  zero-shot mean {rows[0]['mean_accuracy']:.3f}, fine-tuned mean {rows[1]['mean_accuracy']:.3f}")
+
+    batch = config.atlas_addition_batch
+    steps_per_epoch = max(math.ceil(train_size(t) / max(1, batch // len(names))) for t in assets.tasks)
+    epochs = epochs_for(config.atlas_addition_images, steps_per_epoch, batch, ATLAS_DEFAULTS["addition"][1])
+    atlas_common = {"task_datasets": by_task, "epochs": epochs, "batch_size": batch, "lr": config.atlas_addition_lr}
+    plan = [
+        ("task arithmetic (lambda searched on val)", "task_arithmetic", {"validation_datasets": by_task}),
+        ("TIES (defaults)", "ties", {}),
+        ("STA (defaults, calibration on train)", "sta", {"calibration_datasets": by_task}),
+        ("aTLAS (block)", "atlas", atlas_common),
+        ("aTLAS isotropic", "atlas", {**atlas_common, "granularity": "isotropic"}),
+    ]
+    for label, method, params in plan:
+        record = bench.run(method, inputs, params, method)
+        accuracy, eval_s = bench.evaluate(Path(record["checkpoint"]), names)
+        record.update(row=label, eval_s=round(eval_s, 2),
+                      checkpoint_check=bench.check_checkpoint(Path(record["checkpoint"])))
+        rows.append(with_scores(record, accuracy, finetuned))
+        log(f"  {label}: mean {record['mean_accuracy']:.3f}, normalised {record['mean_normalised_accuracy']:.3f}"
+            f" ({record['method_s']:.1f}s + eval {eval_s:.1f}s)")
+    return {"tasks": names, "finetuned_accuracy": finetuned, "rows": rows}
+
+
+def negation_tasks(assets: Assets, count: int) -> tuple[str, list[str]]:
+    """Control: the task the base model classifies best relative to chance (what negation must keep);
+    targets: the next best `count` whose class names share no word-set with the control's."""
+    def lift(task: TaskAssets) -> float:
+        chance = 1 / len(task.class_names)
+        return (task.zero_shot["val"] - chance) / (1 - chance)
+
+    ranked = sorted(assets.tasks, key=lift, reverse=True)
+    control = ranked[0]
+    words = {w for name in control.class_names for w in name.split()}
+    targets = [t.name for t in ranked[1:] if not (words & {w for n in t.class_names for w in n.split()})]
+    return control.name, targets[:count]
+
+
+def negation_table(bench: Bench, config: RunConfig) -> dict:
+    assets = bench.assets
+    control, targets = negation_tasks(assets, config.negation_targets)
+    rows = []
+    base_acc, base_s = bench.evaluate(assets.base_path, [*targets, control])
+    for target in targets:
+        inputs = merge_inputs(assets, [assets.task(target)])
+        batch = AtlasParams.model_fields["batch_size"].default  # half of each batch is the target's
+        steps_per_epoch = math.ceil(train_size(assets.task(target)) / (batch // 2))
+        epochs = epochs_for(config.atlas_negation_images, steps_per_epoch, batch, ATLAS_DEFAULTS["negation"][1])
+        rows.append({"target": target, "control": control, "row": "zero-shot", "method": None, "params": {},
+                     "method_s": 0.0, "eval_s": round(base_s, 2),
+                     "target_accuracy": base_acc[target], "control_accuracy": base_acc[control]})
+        plan = [
+            ("task arithmetic negate (lambda searched)", "task_arithmetic",
+             {"operation": "negate", "validation_datasets": {target: target}, "control_dataset_id": control}),
+            ("STA forget (defaults)", "sta", {"calibration_datasets": {target: target}, "forget": [target]}),
+            ("aTLAS negation", "atlas", {"objective": "negation", "target_dataset_id": target,
+                                         "control_dataset_id": control, "epochs": epochs,
+                                         "lr": config.atlas_negation_lr}),
+        ]
+        for label, method, params in plan:
+            record = bench.run(method, inputs, params, f"negate-{target}-{method}")
+            accuracy, eval_s = bench.evaluate(Path(record["checkpoint"]), [target, control])
+            record.update(target=target, control=control, row=label, eval_s=round(eval_s, 2),
+                          target_accuracy=accuracy[target], control_accuracy=accuracy[control],
+                          checkpoint_check=bench.check_checkpoint(Path(record["checkpoint"])))
+            rows.append(record)
+            log(f"  {target} / {label}: target {accuracy[target]:.3f}, control {accuracy[control]:.3f}"
+                f" ({record['method_s']:.1f}s)")
+    for row in rows:
+        zero = base_acc[row["control"]]
+        row["control_kept"] = row["control_accuracy"] / zero if zero > 0 else 0.0
+    return {"control": control, "targets": targets, "control_zero_shot": base_acc[control], "rows": rows}
+
+
+def few_shot_table(bench: Bench, config: RunConfig) -> dict:
+    assets = bench.assets
+    held = assets.held_out.name
+    unlabelled = unlabelled_dataset(assets.held_out, bench.workdir)
+    inputs = merge_inputs(assets, assets.tasks, {unlabelled.id: unlabelled})
+    base_acc, base_s = bench.evaluate(assets.base_path, [held])
+    rows = [{"row": "zero-shot", "method": None, "params": {}, "method_s": 0.0, "eval_s": round(base_s, 2),
+             "accuracy": {"zero-shot": base_acc[held]}}]
+    few = {"row": "aTLAS few-shot", "method": "atlas", "accuracy": {}, "runs": {}, "method_s": 0.0, "eval_s": 0.0}
+    for shots in config.shots:
+        params = {"target_dataset_id": held, "shots": shots, "epochs": config.atlas_few_shot_epochs}
+        record = bench.run("atlas", inputs, params, f"few-shot-{shots}")
+        accuracy, eval_s = bench.evaluate(Path(record["checkpoint"]), [held])
+        record.update(eval_s=round(eval_s, 2), accuracy=accuracy[held],
+                      checkpoint_check=bench.check_checkpoint(Path(record["checkpoint"])))
+        few["runs"][str(shots)] = record
+        few["accuracy"][f"{shots}-shot"] = accuracy[held]
+        few["method_s"] = round(few["method_s"] + record["method_s"], 2)
+        few["eval_s"] = round(few["eval_s"] + eval_s, 2)
+        log(f"  {shots}-shot: {accuracy[held]:.3f} ({record['method_s']:.1f}s)")
+    rows.append(few)
+    params = {"objective": "entropy", "target_dataset_id": unlabelled.id, "epochs": config.atlas_entropy_epochs,
+              "lr": config.atlas_entropy_lr}
+    record = bench.run("atlas", inputs, params, "entropy")
+    accuracy, eval_s = bench.evaluate(Path(record["checkpoint"]), [held])
+    record.update(row="aTLAS entropy (unlabelled test images)", eval_s=round(eval_s, 2),
+                  accuracy={"unlabelled": accuracy[held]},
+                  checkpoint_check=bench.check_checkpoint(Path(record["checkpoint"])))
+    rows.append(record)
+    log(f"  entropy: {accuracy[held]:.3f} ({record['method_s']:.1f}s)")
+    return {"target": held, "shots": list(config.shots), "task_vectors": [t.name for t in assets.tasks],
+            "rows": rows}
+
+
+def sta_ablation_table(bench: Bench, addition: dict) -> dict:
+    assets = bench.assets
+    names = addition["tasks"]
+    finetuned = addition["finetuned_accuracy"]
+    inputs = merge_inputs(assets, assets.tasks)
+    default = next(r for r in addition["rows"] if r["method"] == "sta")
+    rows = []
+    for setting in STA_ABLATION:
+        if setting == {"threshold": default["params"]["threshold"]} and default["params"]["density"] is None:
+            rows.append({**default, "row": f"threshold {setting['threshold']:g} (default)"})
+            continue
+        params = {"calibration_datasets": {n: n for n in names}, **setting}
+        key, value = next(iter(setting.items()))
+        record = bench.run("sta", inputs, params, f"sta-{key}-{value:g}")
+        accuracy, eval_s = bench.evaluate(Path(record["checkpoint"]), names)
+        record.update(row=f"{key} {value:g}", eval_s=round(eval_s, 2))
+        rows.append(with_scores(record, accuracy, finetuned))
+        log(f"  STA {key} {value:g}: normalised {record['mean_normalised_accuracy']:.3f},"
+            f" density {record['metrics']['mean_mask_density']:.3f}")
+    return {"tasks": names, "rows": rows}
+
+
+# The papers' ordering on task addition, as (better, worse) row-label prefixes.
+ORDERING = [("aTLAS (block)", "STA"), ("aTLAS (block)", "TIES"), ("STA", "task arithmetic"),
+            ("TIES", "task arithmetic"), ("task arithmetic", "zero-shot")]
+
+
+def papers_ordering(addition: dict) -> list[dict]:
+    """Whether each pair of the papers' ordering holds on mean normalised test accuracy."""
+    def score(prefix: str) -> float:
+        return next(r for r in addition["rows"] if r["row"].startswith(prefix))["mean_normalised_accuracy"]
+
+    return [{"better": better, "worse": worse, "scores": [score(better), score(worse)],
+             "holds": score(better) > score(worse)} for better, worse in ORDERING]
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def machine_info(threads: int) -> dict:
+    import open_clip
+
+    return {
+        "cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "torch_threads": threads,
+        "torch": torch.__version__, "open_clip": open_clip.__version__, "numpy": np.__version__,
+        "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
+        "device": "cpu", "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def run_benchmark(assets_dir: Path, quick: bool, workdir: Path, threads: int = 1) -> dict:
+    config = QUICK if quick else FULL
+    torch.set_num_threads(threads)
+    info = machine_info(threads)
+    started = time.perf_counter()
+    log(f"assets: {assets_dir} ({'quick' if quick else 'full'})")
+    reused = (assets_dir / "manifest.json").exists()
+    assets = build_assets(assets_dir, quick=quick, threads=threads)
+    torch.set_num_threads(threads)  # build_assets sets it only when it builds
+    assets_s = time.perf_counter() - started
+    reused = reused and assets.manifest.get("timings") is not None and assets_s < 30
+    log(f"assets ready in {assets_s:.0f}s")
+    bench = Bench(assets, workdir)
+    timings = {"assets_s": round(assets_s, 1)}
+    tables = {}
+    for name, build in [("addition", lambda: addition_table(bench, config)),
+                        ("negation", lambda: negation_table(bench, config)),
+                        ("few_shot", lambda: few_shot_table(bench, config))]:
+        log(f"{name}:")
+        clock = time.perf_counter()
+        tables[name] = build()
+        timings[f"{name}_s"] = round(time.perf_counter() - clock, 1)
+    if config.sta_ablation:
+        log("sta_ablation:")
+        clock = time.perf_counter()
+        tables["sta_ablation"] = sta_ablation_table(bench, tables["addition"])
+        timings["sta_ablation_s"] = round(time.perf_counter() - clock, 1)
+    timings["total_s"] = round(time.perf_counter() - started, 1)
+    info["load_average_at_end"] = list(os.getloadavg())
+    result = {
+        "benchmark": "merge_quality", "quick": quick, "seed": SEED,
+        "assets": {"root": str(assets.root), "config_hash": assets.manifest["config_hash"],
+                   "reused": reused, "build_timings": assets.manifest.get("timings"),
+                   "build_threads": assets.manifest.get("threads"),
+                   "tasks": {t.name: {"classes": len(t.class_names), "zero_shot": t.zero_shot,
+                                      "fine_tuned": t.fine_tuned} for t in [*assets.tasks, assets.held_out]},
+                   "held_out": assets.held_out.name},
+        "config": asdict(config), "machine": info, "timings": timings, "tables": tables,
+    }
+    result["ordering"] = papers_ordering(tables["addition"])
+    result["notes"] = NOTES
+    result["markdown"] = render_markdown(result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="quick assets, fewer epochs/targets/shots (~3 min)")
+    parser.add_argument("--assets", type=Path, default=None,
+                        help="assets folder (default bench/assets, or bench/assets/quick with --quick)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON output (default bench/out/quality.json, or quality-quick.json with --quick)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the jobs' checkpoints here (default: a temporary folder, deleted)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: fastest for this tiny model on a shared CPU)")
+    args = parser.parse_args(argv)
+    assets_dir = args.assets or Path("bench/assets/quick" if args.quick else "bench/assets")
+    out = args.out or Path("bench/out/quality-quick.json" if args.quick else "bench/out/quality.json")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tvforge-quality-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run_benchmark(assets_dir, args.quick, workdir, args.threads)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(result["markdown"])
+    print(f"\nwritten to {out}; total {result['timings']['total_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The merge-quality benchmark, --quick: one run, then its measured structure and sanity."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+from safetensors.torch import load_file
+
+from engine.context import DatasetInput, JobContext, MergeInputs, ModelSpec, TaskVectorInput
+from engine.evaluation import evaluate_checkpoint
+from engine.registry import get_method
+from engine.safetensors_io import read_header
+
+REPO = Path(__file__).resolve().parents[1]
+ADDITION_ROWS = ["zero-shot", "fine-tuned", "task arithmetic", "TIES", "STA", "aTLAS (block)", "aTLAS isotropic"]
+NEGATION_ROWS = ["zero-shot", "task arithmetic negate", "STA forget", "aTLAS negation"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    out = root / "quality.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.quality.run", "--quick", "--assets", str(root / "assets"),
+         "--out", str(out), "--workdir", str(root / "work")],
+        cwd=REPO, env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return {"result": json.loads(out.read_text()), "stdout": completed.stdout, "out": out}
+
+
+def row(rows: list[dict], prefix: str) -> dict:
+    matches = [r for r in rows if r["row"].startswith(prefix)]
+    assert len(matches) == 1, (prefix, [r["row"] for r in rows])
+    return matches[0]
+
+
+def is_fraction(value) -> bool:
+    return isinstance(value, float | int) and 0.0 <= value <= 1.0
+
+
+def composition_records(result: dict) -> list[dict]:
+    """Every record of a job the engine ran (each wrote a checkpoint)."""
+    tables = result["tables"]
+    records = [r for r in tables["addition"]["rows"] if r["method"] and "per_task" not in r]
+    records += [r for r in tables["addition"]["rows"] for r in r.get("per_task", [])]
+    records += [r for r in tables["negation"]["rows"] if r["method"]]
+    for r in tables["few_shot"]["rows"]:
+        records += list(r["runs"].values()) if "runs" in r else ([r] if r["method"] else [])
+    return records
+
+
+def test_json_round_trips_and_markdown_printed(run):
+    result = run["result"]
+    assert json.loads(json.dumps(result)) == result
+    assert json.loads(run["out"].read_text()) == result
+    assert result["markdown"] in run["stdout"]
+    for heading in ("1. Task addition", "2. Negation", "3. Few-shot"):
+        assert heading in result["markdown"]
+    machine = result["machine"]
+    assert machine["cpu_count"] >= 1 and machine["torch_threads"] >= 1 and machine["torch"]
+    assert result["timings"]["total_s"] > 0
+
+
+def test_addition_table(run):
+    table = run["result"]["tables"]["addition"]
+    tasks = table["tasks"]
+    assert len(tasks) >= 2
+    assert len(table["rows"]) == len(ADDITION_ROWS)
+    for prefix in ADDITION_ROWS:
+        r = row(table["rows"], prefix)
+        assert set(r["accuracy"]) == set(tasks)
+        assert all(is_fraction(v) for v in r["accuracy"].values()), r
+        assert is_fraction(r["mean_accuracy"])
+        assert math.isclose(r["mean_accuracy"], sum(r["accuracy"].values()) / len(tasks))
+        assert r["mean_normalised_accuracy"] >= 0
+        assert r["method_s"] >= 0 and r["eval_s"] > 0
+
+
+def test_fine_tuned_beats_zero_shot_on_every_task(run):
+    rows = run["result"]["tables"]["addition"]["rows"]
+    zero_shot, finetuned = row(rows, "zero-shot"), row(rows, "fine-tuned")
+    for task, accuracy in finetuned["accuracy"].items():
+        assert accuracy > zero_shot["accuracy"][task], task
+    assert finetuned["mean_normalised_accuracy"] == pytest.approx(1.0)
+
+
+def test_atlas_addition_clears_zero_shot(run):
+    rows = run["result"]["tables"]["addition"]["rows"]
+    atlas, zero_shot = row(rows, "aTLAS (block)"), row(rows, "zero-shot")
+    assert atlas["mean_normalised_accuracy"] >= zero_shot["mean_normalised_accuracy"]
+
+
+def test_negation_table(run):
+    table = run["result"]["tables"]["negation"]
+    assert table["targets"] and table["control"] not in table["targets"]
+    for target in table["targets"]:
+        rows = [r for r in table["rows"] if r["target"] == target]
+        assert len(rows) == len(NEGATION_ROWS)
+        for prefix in NEGATION_ROWS:
+            r = row(rows, prefix)
+            assert r["control"] == table["control"]
+            assert is_fraction(r["target_accuracy"]) and is_fraction(r["control_accuracy"])
+            if r["method"]:
+                assert r["task_vectors"] == [target]  # only the forgotten task's vector
+
+
+def test_few_shot_table(run):
+    table = run["result"]["tables"]["few_shot"]
+    assert table["target"] not in table["task_vectors"]
+    zero_shot = row(table["rows"], "zero-shot")
+    few = row(table["rows"], "aTLAS few-shot")
+    entropy = row(table["rows"], "aTLAS entropy")
+    assert is_fraction(zero_shot["accuracy"]["zero-shot"])
+    assert set(few["accuracy"]) == {f"{k}-shot" for k in table["shots"]}
+    assert all(is_fraction(v) for v in few["accuracy"].values())
+    assert {run["params"]["shots"] for run in few["runs"].values()} == set(table["shots"])
+    assert is_fraction(entropy["accuracy"]["unlabelled"])
+    assert entropy["params"]["objective"] == "entropy"
+
+
+def test_every_row_names_valid_params_and_is_timed(run):
+    records = composition_records(run["result"])
+    assert len(records) >= 10
+    for record in records:
+        get_method(record["method"]).params(**record["params"])  # what ran is a valid job spec
+        assert record["method_s"] > 0
+
+
+def test_each_checkpoint_is_a_full_state_dict(run):
+    result = run["result"]
+    base = read_header(Path(result["assets"]["root"]) / "base.safetensors").tensors
+    for record in composition_records(result):
+        path = Path(record["checkpoint"])
+        header = read_header(path).tensors
+        assert set(header) == set(base), path
+        state = load_file(str(path))
+        for name, info in base.items():
+            assert header[name].dtype == info.dtype and tuple(header[name].shape) == tuple(info.shape), name
+            if state[name].is_floating_point():
+                assert state[name].isfinite().all(), (path, name)
+        assert record["checkpoint_check"] == {"tensors": len(base), "same_names_dtypes_shapes_as_base": True,
+                                              "finite": True}
+
+
+def test_accuracies_agree_with_the_engines_evaluate_checkpoint(run, tmp_path):
+    """The benchmark's own evaluation loop gives what engine.evaluation.evaluate_checkpoint gives."""
+    result = run["result"]
+    root = Path(result["assets"]["root"])
+    manifest = json.loads((root / "manifest.json").read_text())
+    config = json.loads((root / manifest["model_config"]).read_text())
+    vectors = [TaskVectorInput(t["name"], t["name"], root / t["task_vector"], t["class_names"])
+               for t in manifest["tasks"]]
+    datasets = {t["name"]: DatasetInput(t["name"], t["name"], root / t["dataset"], t["class_names"])
+                for t in manifest["tasks"]}
+    inputs = MergeInputs(root / manifest["base"], ModelSpec(config=config), vectors, datasets)
+    ties = row(result["tables"]["addition"]["rows"], "TIES")
+    measured = evaluate_checkpoint(inputs, Path(ties["checkpoint"]), {n: n for n in datasets},
+                                   JobContext(workdir=tmp_path))
+    assert measured["accuracy"] == pytest.approx(ties["accuracy"])
+    assert measured["normalised_accuracy"] == pytest.approx(ties["normalised_accuracy"])

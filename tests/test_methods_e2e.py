@@ -1,0 +1,99 @@
+"""STA and aTLAS jobs on the benchmark's assets, through the HTTP API and a real Celery worker.
+
+Each downloaded checkpoint must be what the engine computes directly from the same inputs,
+parameters and seed, and so must its accuracies.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.context import DatasetInput, JobContext, MergeInputs, TaskVectorInput
+from engine.evaluation import evaluate_checkpoint
+from engine.registry import get_method
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def registered(stack, quick_bench_assets):
+    """The assets uploaded over HTTP: {task name: (task vector id, dataset id)} and the base model id."""
+    assets = quick_bench_assets
+    with stack.client() as client:
+        base = client.register_base_model("bench-base", assets.base_path, config=assets.model_config)
+        ids = {}
+        for task in assets.tasks:
+            vector = client.upload_task_vector(base["id"], task.name, task.vector_path, class_names=task.class_names)
+            dataset = client.upload_dataset(task.name, task.dataset_path, class_names=task.class_names)
+            ids[task.name] = (vector["id"], dataset["id"])
+    return base["id"], ids
+
+
+def engine_inputs(assets, ids) -> MergeInputs:
+    """The same inputs as the job's, read from the asset files instead of the service's blob store."""
+    tasks = {task.name: task for task in assets.tasks}
+    return MergeInputs(
+        base_path=assets.base_path, base_spec=assets.model_spec,
+        task_vectors=[TaskVectorInput(tv, name, tasks[name].vector_path, tasks[name].class_names)
+                      for name, (tv, _) in ids.items()],
+        datasets={ds: DatasetInput(ds, name, tasks[name].dataset_path, tasks[name].class_names)
+                  for name, (_, ds) in ids.items()})
+
+
+def run_over_http(stack, base_id, ids, method, params, download_to: Path):
+    """Submit, follow the job's Server-Sent Events to the end, download the checkpoint."""
+    with stack.client() as client:
+        job = client.create_job(method, base_id, [tv for tv, _ in ids.values()], params, seed=7)
+        events = list(client.events(job["id"]))
+        final = events[-1][1]
+        assert final["status"] == "succeeded", final["error"]
+        client.download_checkpoint(final["result"]["checkpoint_id"], download_to)
+        coefficients = client.http.get(f"/v1/jobs/{job['id']}/coefficients")
+    return final, events, coefficients
+
+
+def run_directly(method, params, inputs, workdir: Path):
+    spec = get_method(method)
+    workdir.mkdir()
+    return spec.load_runner()(inputs, spec.params.model_validate(params), JobContext(workdir=workdir, seed=7))
+
+
+def assert_same_tensors(path: Path, expected: Path) -> None:
+    """Tensor for tensor, bit for bit (the files' headers differ: the service adds its metadata)."""
+    got, want = load_file(str(path)), load_file(str(expected))
+    assert got.keys() == want.keys()
+    different = [name for name in want if not torch.equal(got[name], want[name])]
+    assert not different, different[:5]
+
+
+@pytest.mark.parametrize("method", ["sta", "atlas"])
+def test_http_job_reproduces_the_engine(method, stack, registered, quick_bench_assets, tmp_path):
+    base_id, ids = registered
+    task_datasets = {tv: ds for tv, ds in ids.values()}
+    params = ({"calibration_datasets": task_datasets, "calibration_samples": 64} if method == "sta"
+              else {"task_datasets": task_datasets, "epochs": 2, "batch_size": 32})
+
+    final, events, coefficients = run_over_http(stack, base_id, ids, method, params, tmp_path / "http.safetensors")
+    inputs = engine_inputs(quick_bench_assets, ids)
+    direct = run_directly(method, params, inputs, tmp_path / "direct")
+
+    progress = [job["progress"] for event, job in events if event == "progress" and job["status"] == "running"]
+    assert any(p["stage"] and p["total"] > 0 for p in progress), progress
+    assert_same_tensors(tmp_path / "http.safetensors", direct.checkpoint_path)
+    context = JobContext(workdir=tmp_path)
+    over_http = evaluate_checkpoint(inputs, tmp_path / "http.safetensors", task_datasets, context)
+    in_engine = evaluate_checkpoint(inputs, direct.checkpoint_path, task_datasets, context)
+    assert over_http == in_engine
+    assert all(0.0 <= acc <= 1.0 for acc in over_http["accuracy"].values())
+
+    if method == "atlas":
+        assert final["result"]["metrics"]["accuracy"] == pytest.approx(over_http["accuracy"])
+        assert coefficients.status_code == 200
+        body = coefficients.json()
+        assert body["task_vectors"] == [tv for tv, _ in ids.values()]
+        assert len(body["values"]) == len(ids)
+        assert all(len(row) == len(body["blocks"]) for row in body["values"])
+    else:
+        assert final["result"]["metrics"]["importance_source"] == {tv: "taylor" for tv in task_datasets}
+        assert coefficients.status_code == 404
