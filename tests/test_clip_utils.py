@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from engine.clip import (
-    DEFAULT_TEMPLATES, build_model, evaluate_accuracy, image_logits, load_dataset, load_state_dict_file,
-    preprocess_images, zero_shot_head,
+    DEFAULT_TEMPLATES,
+    build_model,
+    evaluate_accuracy,
+    image_logits,
+    load_dataset,
+    load_state_dict_file,
+    preprocess_images,
+    zero_shot_head,
 )
 from engine.context import ModelSpec
 from engine.safetensors_io import NotSafetensors, save_tensors

@@ -56,7 +56,7 @@ def _split(images: np.ndarray, labels: np.ndarray, sizes: SplitSizes, rng: np.ra
     order = rng.permutation(len(images))
     bounds = np.concatenate([[0], np.cumsum([counts[split] for split in SPLITS])])
     return {split: (images[order[a:b]], labels[order[a:b]].astype(np.int64))
-            for split, a, b in zip(SPLITS, bounds[:-1], bounds[1:])}
+            for split, a, b in zip(SPLITS, bounds[:-1], bounds[1:], strict=True)}
 
 
 def _split_counts(available: int, sizes: SplitSizes) -> dict[str, int]:

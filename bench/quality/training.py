@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine.clip import get_tokenizer, image_logits, preprocess_images
 from bench.quality.tasks import TaskData
+from engine.clip import get_tokenizer, image_logits, preprocess_images
 
 # Caption forms seen in pre-training; the zero-shot templates (engine.clip.DEFAULT_TEMPLATES)
 # overlap with them only in part, as web captions and prompt templates do.
@@ -105,7 +105,8 @@ def random_shift(pixels: torch.Tensor, max_shift: int, generator: np.random.Gene
     size = pixels.shape[-1]
     padded = F.pad(pixels, (max_shift,) * 4, mode="replicate")
     offsets = generator.integers(0, 2 * max_shift + 1, (len(pixels), 2))
-    return torch.stack([image[:, top:top + size, left:left + size] for image, (top, left) in zip(padded, offsets)])
+    crops = [image[:, top:top + size, left:left + size] for image, (top, left) in zip(padded, offsets, strict=True)]
+    return torch.stack(crops)
 
 
 def finetune_visual(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, head: torch.Tensor,
