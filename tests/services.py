@@ -70,7 +70,7 @@ def start_redis() -> tuple[str, Callable[[], None]]:
     for _ in range(START_ATTEMPTS):
         port = free_port()
         # A file, not a pipe: nobody reads the log while the server runs, and a full pipe would block it.
-        log = tempfile.TemporaryFile()
+        log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
         process = subprocess.Popen(
             [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=log,
