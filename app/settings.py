@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(10.0, description="How often workers look for lost jobs.")
     max_attempts: int = Field(3, description="Attempts before a job whose workers keep dying is failed.")
     device: str = Field("auto", description="Worker device: auto (CUDA when present), cpu or cuda.")
+    torch_threads: int = Field(0, ge=0, description="CPU threads a job's torch ops use; 0 keeps torch's default.")
     api_host: str = Field("127.0.0.1", description="Address the API binds to.")
     api_port: int = Field(8000, description="Port the API binds to.")
 

@@ -35,6 +35,8 @@ class Stack:
             "TVFORGE_HEARTBEAT_INTERVAL_S": "0.5",
             "TVFORGE_HEARTBEAT_TIMEOUT_S": "4",
             "TVFORGE_REAPER_INTERVAL_S": "1",
+            # API, worker and pytest share two cores here: one torch thread each avoids oversubscription.
+            "TVFORGE_TORCH_THREADS": "1",
         } | {f"TVFORGE_{k.upper()}": str(v) for k, v in settings.items()}
         self.api: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []

@@ -4,6 +4,7 @@ import socket
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
+from app.settings import get_settings
 from app.store.db import get_engine
 from worker.celery_app import RUN_JOB, celery_app
 from worker.reaper import Reaper
@@ -18,9 +19,14 @@ def run_job_task(job_id: str) -> str | None:
 
 
 @worker_process_init.connect
-def _fresh_connections_after_fork(**_) -> None:
+def _init_pool_process(**_) -> None:
     # Pooled connections inherited from the parent must not be shared with it.
     get_engine().dispose(close=False)
+    threads = get_settings().torch_threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @worker_ready.connect
