@@ -53,10 +53,16 @@ def run_over_http(stack, base_id, ids, method, params, download_to: Path):
     return final, events, coefficients
 
 
-def run_directly(method, params, inputs, workdir: Path):
+def run_directly(method, params, inputs, workdir: Path, threads: int):
+    """The engine in this process, with the worker's thread count (reductions sum in thread-dependent order)."""
     spec = get_method(method)
     workdir.mkdir()
-    return spec.load_runner()(inputs, spec.params.model_validate(params), JobContext(workdir=workdir, seed=7))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return spec.load_runner()(inputs, spec.params.model_validate(params), JobContext(workdir=workdir, seed=7))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def assert_same_tensors(path: Path, expected: Path) -> None:
@@ -76,7 +82,7 @@ def test_http_job_reproduces_the_engine(method, stack, registered, quick_bench_a
 
     final, events, coefficients = run_over_http(stack, base_id, ids, method, params, tmp_path / "http.safetensors")
     inputs = engine_inputs(quick_bench_assets, ids)
-    direct = run_directly(method, params, inputs, tmp_path / "direct")
+    direct = run_directly(method, params, inputs, tmp_path / "direct", int(stack.env["TVFORGE_TORCH_THREADS"]))
 
     progress = [job["progress"] for event, job in events if event == "progress" and job["status"] == "running"]
     assert any(p["stage"] and p["total"] > 0 for p in progress), progress
