@@ -61,6 +61,8 @@ def test_json_round_trips_and_markdown_printed(run):
     assert result["markdown"] in run["stdout"]
     for heading in ("1. Task addition", "2. Negation", "3. Few-shot"):
         assert heading in result["markdown"]
+    assert [pair["holds"] for pair in result["ordering"]] == [a > b for a, b in
+                                                              (pair["scores"] for pair in result["ordering"])]
     machine = result["machine"]
     assert machine["cpu_count"] >= 1 and machine["torch_threads"] >= 1 and machine["torch"]
     assert result["timings"]["total_s"] > 0
@@ -133,6 +135,7 @@ def test_every_row_names_valid_params_and_is_timed(run):
 
 def test_each_checkpoint_is_a_full_state_dict(run):
     result = run["result"]
+    assert result["checkpoints_kept"]
     base = read_header(Path(result["assets"]["root"]) / "base.safetensors").tensors
     for record in composition_records(result):
         path = Path(record["checkpoint"])
