@@ -18,6 +18,7 @@ negation by the lowest target accuracy whose control accuracy stays >= 0.95 x
 zero-shot control. Ties go to the earlier epoch.
 """
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -382,7 +383,7 @@ def write_checkpoint(inputs: MergeInputs, coefficients: dict, out: Path, ctx: Jo
     """Stream theta_0 + sum_t Lambda[t, b] tau_t[b] for the composed blocks; every other tensor stays theta_0."""
     block_values = {name: [row[j] for row in coefficients["values"]] for j, name in enumerate(coefficients["blocks"])}
 
-    def merge(name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> torch.Tensor:
+    def merge(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
         if name not in block_values:
             return base
         merged = base.clone()

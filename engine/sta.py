@@ -18,7 +18,7 @@
    fusion; fusion then streams tensor by tensor:
    theta = theta_0 + lambda * sum_t s_t m_t tau_t, s_t = -1 for forgotten tasks.
 """
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -208,7 +208,7 @@ def fuse(inputs: MergeInputs, mask_paths: list[Path], score_paths: list[Path], s
         masks = [stack.enter_context(safe_open(str(p), framework="pt")) for p in mask_paths]
         scores = [stack.enter_context(safe_open(str(p), framework="pt")) for p in score_paths]
 
-        def merge(name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> torch.Tensor:
+        def merge(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
             total = torch.zeros_like(base)
             best = torch.full_like(base, -1.0)  # normalised scores are >= 0
             for index, tau in enumerate(taus):

@@ -1,5 +1,5 @@
 """Streaming merges over memory-mapped safetensors: one output tensor in memory at a time."""
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -9,8 +9,24 @@ from safetensors import safe_open
 from engine.context import JobContext, Progress
 from engine.safetensors_io import StreamingWriter, read_header
 
-# (name, base tensor in float32, [task vector tensors in float32, None where absent]) -> merged float32
-TensorMerge = Callable[[str, torch.Tensor, list[torch.Tensor | None]], torch.Tensor]
+
+class VectorSlices(Sequence):
+    """The task vectors' slices of one tensor (float32, None where a vector lacks it), each read from
+    its memory map only when indexed: a merge that walks them once holds one slice at a time."""
+
+    def __init__(self, handles: list, keys: list[set[str]], name: str):
+        self._handles, self._keys, self._name = handles, keys, name
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def __getitem__(self, index: int) -> torch.Tensor | None:
+        handle, keys = self._handles[index], self._keys[index]
+        return handle.get_tensor(self._name).float() if self._name in keys else None
+
+
+# (name, base tensor in float32, the vectors' slices) -> merged float32
+TensorMerge = Callable[[str, torch.Tensor, Sequence[torch.Tensor | None]], torch.Tensor]
 
 
 def merge_streaming(base_path: Path, vector_paths: list[Path], out_path: Path,
@@ -30,10 +46,9 @@ def merge_streaming(base_path: Path, vector_paths: list[Path], out_path: Path,
         for step, name in enumerate(writer.names, start=1):
             ctx.check_cancel()
             base_tensor = base.get_tensor(name)
-            taus = [v.get_tensor(name).float() if name in keys else None
-                    for v, keys in zip(vectors, vector_keys, strict=True)]
-            if base_tensor.is_floating_point() and any(t is not None for t in taus):
-                merged = merge(name, base_tensor.float(), taus).to(base_tensor.dtype)
+            if base_tensor.is_floating_point() and any(name in keys for keys in vector_keys):
+                slices = VectorSlices(vectors, vector_keys, name)
+                merged = merge(name, base_tensor.float(), slices).to(base_tensor.dtype)
             else:
                 merged = base_tensor
             writer.write(name, merged)

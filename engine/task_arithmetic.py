@@ -1,4 +1,6 @@
 """Task arithmetic: theta = theta_0 +/- lambda * sum_t tau_t, lambda given or searched on validation data."""
+from collections.abc import Sequence
+
 import torch
 
 from engine.context import JobContext, MergeInputs, MethodResult
@@ -19,7 +21,7 @@ def run(inputs: MergeInputs, params: TaskArithmeticParams, ctx: JobContext) -> M
         metrics = {"scaling_source": "search", **search}
     scale = -scaling if negate else scaling
 
-    def merge(_name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> torch.Tensor:
+    def merge(_name: str, base: torch.Tensor, taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
         total = torch.zeros_like(base)
         for tau in taus:
             if tau is not None:
