@@ -7,10 +7,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.api.auth import owner_for_key
-from app.api.problems import Problem
+from app.api.problems import Problem, not_found
 from app.settings import Settings, get_settings
 from app.store.blobs import BlobStore, get_blob_store
 from app.store.db import new_session
+from app.store.models import BaseModel, Checkpoint, Dataset, Job, TaskVector
+from app.store.queries import get_owned
 
 bearer = HTTPBearer(auto_error=False, description="An API key made with `tvforge keys create`.")
 
@@ -41,3 +43,15 @@ def current_owner(session: SessionDep,
 
 
 OwnerDep = Annotated[str, Depends(current_owner)]
+
+
+RESOURCE_NAMES = {BaseModel: "base model", TaskVector: "task vector", Dataset: "dataset", Job: "job",
+                  Checkpoint: "checkpoint"}
+
+
+def owned_or_404(session: Session, model, resource_id: str, owner: str):
+    """The owner's row, or a 404 problem (another owner's row is answered exactly like a missing one)."""
+    row = get_owned(session, model, resource_id, owner)
+    if row is None:
+        raise not_found(RESOURCE_NAMES[model], resource_id)
+    return row

@@ -28,6 +28,7 @@ from bench.quality.tasks import SplitSizes, TaskData, build_task
 from bench.quality.training import finetune_visual, pretrain_contrastive
 from engine.clip import DEFAULT_TEMPLATES, build_model, evaluate_accuracy, zero_shot_head
 from engine.context import ModelSpec
+from engine.evaluation import file_sha256
 from engine.safetensors_io import save_tensors
 
 # Bump when the code changes what a configuration produces, so cached assets are rebuilt.
@@ -90,14 +91,6 @@ def _accuracies(model: torch.nn.Module, task: TaskData, head: torch.Tensor) -> d
     return {split: round(evaluate_accuracy(model, *task.splits[split], head), 4) for split in ("val", "test")}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _existing(out: Path, digest: str) -> Assets | None:
     """The assets in out if a finished build of this configuration is there (the manifest is written last)."""
     try:
@@ -158,7 +151,7 @@ def build_assets(out: Path, quick: bool = False, config: BuildConfig | None = No
     base_state = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
     save_tensors(out / "base.safetensors", base_state)
     (out / "model_config.json").write_text(json.dumps(config.model_config, indent=2))
-    base_sha256 = _sha256(out / "base.safetensors")
+    base_sha256 = file_sha256(out / "base.safetensors")
     timings["pretrain_s"] = round(time.perf_counter() - clock, 1)
 
     clock = time.perf_counter()

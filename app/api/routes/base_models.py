@@ -4,16 +4,16 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import exists, select
 
-from app.api.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep
+from app.api.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep, owned_or_404
 from app.api.forms import FormFields
-from app.api.problems import PROBLEM_RESPONSES, Problem, not_found
+from app.api.problems import PROBLEM_RESPONSES, Problem
 from app.api.schemas import BaseModelOut, Page
 from app.api.uploads import FILE_PROPERTY, Upload, ingest_upload, multipart_body
 from app.ids import new_id
 from app.store import weights
 from app.store.blobs import BlobStore
 from app.store.models import BaseModel, Job, TaskVector
-from app.store.queries import add_with_blob, delete_with_blob, get_owned, page
+from app.store.queries import add_with_blob, delete_with_blob, page
 from engine.context import ModelSpec
 from engine.safetensors_io import read_header, save_tensors
 
@@ -89,17 +89,13 @@ def list_base_models(owner: OwnerDep, session: SessionDep, limit: Annotated[int,
 
 @router.get("/{base_model_id}", response_model=BaseModelOut)
 def get_base_model(base_model_id: str, owner: OwnerDep, session: SessionDep):
-    row = get_owned(session, BaseModel, base_model_id, owner)
-    if row is None:
-        raise not_found("base model", base_model_id)
+    row = owned_or_404(session, BaseModel, base_model_id, owner)
     return row
 
 
 @router.delete("/{base_model_id}", status_code=204, response_class=Response)
 def delete_base_model(base_model_id: str, owner: OwnerDep, session: SessionDep, blobs: BlobsDep):
-    row = get_owned(session, BaseModel, base_model_id, owner)
-    if row is None:
-        raise not_found("base model", base_model_id)
+    row = owned_or_404(session, BaseModel, base_model_id, owner)
     in_use = session.scalar(select(exists().where(TaskVector.base_model_id == row.id))) or session.scalar(
         select(exists().where(Job.base_model_id == row.id)))
     if in_use:

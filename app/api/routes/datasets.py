@@ -4,9 +4,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import exists, select
 
-from app.api.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep
+from app.api.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep, owned_or_404
 from app.api.forms import FormFields
-from app.api.problems import PROBLEM_RESPONSES, Problem, not_found
+from app.api.problems import PROBLEM_RESPONSES, Problem
 from app.api.schemas import DatasetOut, Page
 from app.api.uploads import FILE_PROPERTY, Upload, ingest_upload, multipart_body
 from app.ids import new_id
@@ -14,7 +14,7 @@ from app.settings import Settings
 from app.store.blobs import BlobStore
 from app.store.datasets import DatasetLimits, ingest_dataset
 from app.store.models import ACTIVE_JOB_STATUSES, Dataset, Job, JobInput
-from app.store.queries import add_with_blob, delete_with_blob, get_owned, page
+from app.store.queries import add_with_blob, delete_with_blob, page
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=PROBLEM_RESPONSES)
 
@@ -63,21 +63,15 @@ def list_datasets(owner: OwnerDep, session: SessionDep, limit: Annotated[int, Qu
     return {"items": items, "next_cursor": next_cursor}
 
 
-def _owned(session, dataset_id: str, owner: str) -> Dataset:
-    row = get_owned(session, Dataset, dataset_id, owner)
-    if row is None:
-        raise not_found("dataset", dataset_id)
-    return row
-
 
 @router.get("/{dataset_id}", response_model=DatasetOut)
 def get_dataset(dataset_id: str, owner: OwnerDep, session: SessionDep):
-    return _owned(session, dataset_id, owner)
+    return owned_or_404(session, Dataset, dataset_id, owner)
 
 
 @router.delete("/{dataset_id}", status_code=204, response_class=Response)
 def delete_dataset(dataset_id: str, owner: OwnerDep, session: SessionDep, blobs: BlobsDep):
-    row = _owned(session, dataset_id, owner)
+    row = owned_or_404(session, Dataset, dataset_id, owner)
     active = select(exists().where(JobInput.dataset_id == row.id, JobInput.job_id == Job.id,
                                    Job.status.in_(ACTIVE_JOB_STATUSES)))
     if session.scalar(active):

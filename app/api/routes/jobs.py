@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from app.api.deps import OwnerDep, SessionDep
-from app.api.problems import PROBLEM_RESPONSES, Problem, not_found
+from app.api.deps import OwnerDep, SessionDep, owned_or_404
+from app.api.problems import PROBLEM_RESPONSES, Problem
 from app.api.schemas import CoefficientsOut, JobCreate, JobOut, Page
 from app.ids import new_id
 from app.store.db import session_scope
@@ -26,7 +26,7 @@ from app.store.models import (
     TaskVector,
     utcnow,
 )
-from app.store.queries import get_owned, page
+from app.store.queries import page
 from engine.registry import get_method, method_names
 from worker.queue import publish
 
@@ -78,14 +78,11 @@ def _validated_params(body: JobCreate):
 
 def _check_inputs(session, owner: str, body: JobCreate, params) -> list[str]:
     """Every id the job names must be the owner's and fit together; returns the dataset ids."""
-    if get_owned(session, BaseModel, body.base_model_id, owner) is None:
-        raise not_found("base model", body.base_model_id)
+    owned_or_404(session, BaseModel, body.base_model_id, owner)
     if len(set(body.task_vectors)) != len(body.task_vectors):
         raise _invalid(["task_vectors"], "Task vector ids must be distinct")
     for index, tv_id in enumerate(body.task_vectors):
-        tv = get_owned(session, TaskVector, tv_id, owner)
-        if tv is None:
-            raise not_found("task vector", tv_id)
+        tv = owned_or_404(session, TaskVector, tv_id, owner)
         if tv.base_model_id != body.base_model_id:
             raise _invalid(["task_vectors", index], f"Task vector {tv_id} belongs to another base model")
     strays = sorted(set(params.task_vector_ids()) - set(body.task_vectors))
@@ -93,8 +90,7 @@ def _check_inputs(session, owner: str, body: JobCreate, params) -> list[str]:
         raise _invalid(["params"], f"Parameters name task vectors that are not in the job: {', '.join(strays)}")
     dataset_ids = list(dict.fromkeys(params.dataset_ids()))
     for dataset_id in dataset_ids:
-        if get_owned(session, Dataset, dataset_id, owner) is None:
-            raise not_found("dataset", dataset_id)
+        owned_or_404(session, Dataset, dataset_id, owner)
     return dataset_ids
 
 
@@ -149,16 +145,10 @@ def list_jobs(owner: OwnerDep, session: SessionDep, limit: Annotated[int, Query(
     return {"items": items, "next_cursor": next_cursor}
 
 
-def _owned(session, job_id: str, owner: str) -> Job:
-    job = get_owned(session, Job, job_id, owner)
-    if job is None:
-        raise not_found("job", job_id)
-    return job
-
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, response: Response, owner: OwnerDep, session: SessionDep):
-    job = _owned(session, job_id, owner)
+    job = owned_or_404(session, Job, job_id, owner)
     if job.status not in FINISHED_JOB_STATUSES:
         response.headers["Retry-After"] = RETRY_AFTER_S
     return job
@@ -166,7 +156,7 @@ def get_job(job_id: str, response: Response, owner: OwnerDep, session: SessionDe
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
 def cancel_job(job_id: str, owner: OwnerDep, session: SessionDep):
-    _owned(session, job_id, owner)
+    owned_or_404(session, Job, job_id, owner)
     # A queued job is cancelled at once; a running one is asked to stop between steps.
     cancelled_now = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
         status="cancelled", cancel_requested=True, finished_at=utcnow())).rowcount
@@ -188,7 +178,7 @@ def _snapshot(job_id: str) -> tuple[str, bool]:
     200: {"description": "Server-Sent Events: `progress` whenever the job changes, then `end`.",
           "content": {"text/event-stream": {}}}})
 async def job_events(job_id: str, request: Request, owner: OwnerDep, session: SessionDep):
-    await run_in_threadpool(_owned, session, job_id, owner)
+    await run_in_threadpool(owned_or_404, session, Job, job_id, owner)
 
     async def stream():
         last, quiet_s = None, 0.0
@@ -214,7 +204,7 @@ async def job_events(job_id: str, request: Request, owner: OwnerDep, session: Se
 
 @router.get("/{job_id}/coefficients", response_model=CoefficientsOut)
 def job_coefficients(job_id: str, owner: OwnerDep, session: SessionDep):
-    job = _owned(session, job_id, owner)
+    job = owned_or_404(session, Job, job_id, owner)
     coefficients = (job.artifacts or {}).get("coefficients")
     if coefficients is None:
         raise Problem(404, "This job has no learned coefficients (only finished aTLAS jobs do).",

@@ -4,17 +4,17 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import exists, select
 
-from app.api.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep
+from app.api.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep, owned_or_404
 from app.api.downloads import DOWNLOAD_RESPONSES, blob_response
 from app.api.forms import FormFields
-from app.api.problems import PROBLEM_RESPONSES, Problem, not_found
+from app.api.problems import PROBLEM_RESPONSES, Problem
 from app.api.schemas import Page, TaskVectorOut
 from app.api.uploads import FILE_PROPERTY, Upload, ingest_upload, multipart_body
 from app.ids import new_id
 from app.store import weights
 from app.store.blobs import BlobStore
 from app.store.models import ACTIVE_JOB_STATUSES, BaseModel, Job, JobInput, TaskVector
-from app.store.queries import add_with_blob, delete_with_blob, get_owned, page
+from app.store.queries import add_with_blob, delete_with_blob, page
 from engine.safetensors_io import read_header
 
 router = APIRouter(prefix="/v1/task-vectors", tags=["task vectors"], responses=PROBLEM_RESPONSES)
@@ -37,9 +37,7 @@ def _register(session, blobs: BlobStore, owner: str, upload: Upload) -> TaskVect
     form.require_file(upload)
     form.raise_if_errors()
 
-    base = get_owned(session, BaseModel, base_model_id, owner)
-    if base is None:
-        raise not_found("base model", base_model_id)
+    base = owned_or_404(session, BaseModel, base_model_id, owner)
     base_path = blobs.path(base.sha256)
     base_header = read_header(base_path)
     header = weights.read_weights_header(upload.file.path, upload.filename)
@@ -79,28 +77,22 @@ def list_task_vectors(owner: OwnerDep, session: SessionDep, limit: Annotated[int
     return {"items": items, "next_cursor": next_cursor}
 
 
-def _owned(session, task_vector_id: str, owner: str) -> TaskVector:
-    row = get_owned(session, TaskVector, task_vector_id, owner)
-    if row is None:
-        raise not_found("task vector", task_vector_id)
-    return row
-
 
 @router.get("/{task_vector_id}", response_model=TaskVectorOut)
 def get_task_vector(task_vector_id: str, owner: OwnerDep, session: SessionDep):
-    return _owned(session, task_vector_id, owner)
+    return owned_or_404(session, TaskVector, task_vector_id, owner)
 
 
 @router.get("/{task_vector_id}/download", response_class=Response, responses=DOWNLOAD_RESPONSES)
 def download_task_vector(task_vector_id: str, request: Request, owner: OwnerDep, session: SessionDep,
                          blobs: BlobsDep):
-    row = _owned(session, task_vector_id, owner)
+    row = owned_or_404(session, TaskVector, task_vector_id, owner)
     return blob_response(request, blobs, row.sha256, f"{row.id}.safetensors")
 
 
 @router.delete("/{task_vector_id}", status_code=204, response_class=Response)
 def delete_task_vector(task_vector_id: str, owner: OwnerDep, session: SessionDep, blobs: BlobsDep):
-    row = _owned(session, task_vector_id, owner)
+    row = owned_or_404(session, TaskVector, task_vector_id, owner)
     active = select(exists().where(JobInput.task_vector_id == row.id, JobInput.job_id == Job.id,
                                    Job.status.in_(ACTIVE_JOB_STATUSES)))
     if session.scalar(active):
