@@ -2,6 +2,7 @@
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union
 
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from engine.methods.catalogue import METHODS
@@ -9,6 +10,11 @@ from engine.methods.spec import MethodSpec, StrictModel
 from store.jobs import JobStatus
 
 T = TypeVar("T")
+
+
+# Finds what a client already uploaded (the same file's sha256), so that it can skip the upload.
+Sha256Query = Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="Only rows of the file with this "
+                                                                               "sha256 (lowercase hex).")]
 
 
 class Out(BaseModel):

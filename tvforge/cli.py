@@ -10,9 +10,12 @@ from urllib.parse import urlparse
 
 import typer
 
+from tvforge.user_commands import register as register_user_commands
+
 cli = typer.Typer(help="tvforge: compose task vectors of open_clip models.", no_args_is_help=True)
 keys = typer.Typer(help="API keys.", no_args_is_help=True)
 cli.add_typer(keys, name="keys")
+register_user_commands(cli)
 
 
 @cli.command()
@@ -106,6 +109,16 @@ def demo(url: str = typer.Option("http://127.0.0.1:8000", help="The running API.
     with TvforgeClient(url, api_key) as client:
         summary = run_demo(client, workdir, log=typer.echo)
     typer.echo(f"demo passed: job {summary['job']['id']} matches theta_0 + lambda * sum(tau)")
+
+
+@cli.command("demo-assets")
+def demo_assets(folder: Path = typer.Argument(Path("examples/assets"), help="Where the files go.")) -> None:
+    """Write the demo's tiny CLIP base and 3 task vectors (what examples/*.yaml name)."""
+    from tvforge.demo import build_demo_assets
+
+    assets = build_demo_assets(folder)
+    for path in [assets.base_path, *assets.vector_paths]:
+        typer.echo(str(path))
 
 
 def _redis_binary() -> str:

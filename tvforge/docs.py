@@ -1,7 +1,8 @@
-"""docs/methods.md, generated from the method catalogue: `python -m tvforge.docs` rewrites it.
+"""docs/methods.md and docs/recipe.schema.json, generated from the method catalogue: `python -m tvforge.docs`
+rewrites them.
 
-A test compares the file with this output, so a method added to the catalogue without its
-documentation (or a changed default) fails the suite until the file is regenerated.
+Tests compare the files with this output, so a method added to the catalogue without its
+documentation (or a changed default) fails the suite until the files are regenerated.
 """
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ from engine.methods.catalogue import METHODS
 from engine.methods.spec import MethodSpec
 
 METHODS_DOC = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+RECIPE_SCHEMA = METHODS_DOC.with_name("recipe.schema.json")
 
 HEADER = """# Composition methods
 
@@ -67,6 +69,13 @@ def methods_markdown() -> str:
     return "\n\n".join([HEADER.strip(), *(method_section(spec) for spec in METHODS.values())]) + "\n"
 
 
+def recipe_schema_json() -> str:
+    from tvforge.recipe import recipe_json_schema
+
+    return json.dumps(recipe_json_schema(), indent=2) + "\n"
+
+
 if __name__ == "__main__":
     METHODS_DOC.write_text(methods_markdown())
-    print(f"wrote {METHODS_DOC}")
+    RECIPE_SCHEMA.write_text(recipe_schema_json())
+    print(f"wrote {METHODS_DOC} and {RECIPE_SCHEMA}")

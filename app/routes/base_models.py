@@ -8,7 +8,7 @@ from sqlalchemy.exc import IntegrityError
 from app.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep, owned_or_404
 from app.forms import FormFields
 from app.problems import PROBLEM_RESPONSES, Problem
-from app.schemas import BaseModelOut, Page
+from app.schemas import BaseModelOut, Page, Sha256Query
 from app.uploads import FILE_PROPERTY, Upload, ingest_upload, multipart_body
 from engine.context import ModelSpec
 from engine.safetensors_io import read_header, save_tensors
@@ -89,8 +89,9 @@ async def create_base_model(request: Request, owner: OwnerDep, session: SessionD
 
 @router.get("", response_model=Page[BaseModelOut])
 def list_base_models(owner: OwnerDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                     cursor: str | None = None):
-    items, next_cursor = page(session, BaseModel, owner, limit, cursor)
+                     cursor: str | None = None, sha256: Sha256Query = None):
+    where = (BaseModel.sha256 == sha256,) if sha256 else ()
+    items, next_cursor = page(session, BaseModel, owner, limit, cursor, where)
     return {"items": items, "next_cursor": next_cursor}
 
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Request, Response
 from app.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep, owned_or_404
 from app.forms import FormFields
 from app.problems import PROBLEM_RESPONSES, Problem
-from app.schemas import DatasetOut, Page
+from app.schemas import DatasetOut, Page, Sha256Query
 from app.uploads import FILE_PROPERTY, Upload, ingest_upload, multipart_body
 from store.blobs import BlobStore
 from store.datasets import DatasetLimits, ingest_dataset
@@ -63,8 +63,9 @@ async def create_dataset(request: Request, owner: OwnerDep, session: SessionDep,
 
 @router.get("", response_model=Page[DatasetOut])
 def list_datasets(owner: OwnerDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                  cursor: str | None = None):
-    items, next_cursor = page(session, Dataset, owner, limit, cursor)
+                  cursor: str | None = None, source_sha256: Sha256Query = None):
+    where = (Dataset.source_sha256 == source_sha256,) if source_sha256 else ()
+    items, next_cursor = page(session, Dataset, owner, limit, cursor, where)
     return {"items": items, "next_cursor": next_cursor}
 
 

@@ -7,7 +7,7 @@ from app.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep, owned_or_404
 from app.downloads import DOWNLOAD_RESPONSES, blob_response
 from app.forms import FormFields
 from app.problems import PROBLEM_RESPONSES, Problem
-from app.schemas import Page, TaskVectorOut
+from app.schemas import Page, Sha256Query, TaskVectorOut
 from app.uploads import FILE_PROPERTY, Upload, ingest_upload, multipart_body
 from engine.safetensors_io import read_header
 from store import weights
@@ -70,8 +70,9 @@ async def create_task_vector(request: Request, owner: OwnerDep, session: Session
 
 @router.get("", response_model=Page[TaskVectorOut])
 def list_task_vectors(owner: OwnerDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                      cursor: str | None = None, base_model_id: str | None = None):
-    where = (TaskVector.base_model_id == base_model_id,) if base_model_id else ()
+                      cursor: str | None = None, base_model_id: str | None = None, sha256: Sha256Query = None):
+    where = ((TaskVector.base_model_id == base_model_id,) if base_model_id else ()) + (
+        (TaskVector.sha256 == sha256,) if sha256 else ())
     items, next_cursor = page(session, TaskVector, owner, limit, cursor, where)
     return {"items": items, "next_cursor": next_cursor}
 

@@ -1,0 +1,225 @@
+"""The user's command line and SDK against a real stack: `tvforge merge RECIPE.yaml`, resource commands,
+retries through a proxy that loses answers, resumed downloads, and recipe validation."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+from tests.flaky_proxy import FlakyProxy
+from tvforge.client import TvforgeClient
+from tvforge.demo import TINY_CLIP_CONFIG, build_demo_assets
+from tvforge.docs import RECIPE_SCHEMA, recipe_schema_json
+from tvforge.recipe import RECIPE
+
+pytestmark = pytest.mark.integration
+EXAMPLE = REPO / "examples" / "ties.yaml"
+
+
+def tvforge(*args: str, stack=None, key: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    if stack is not None:
+        env |= {"TVFORGE_URL": stack.url, "TVFORGE_API_KEY": key or stack.owner_key,
+                "TVFORGE_CONFIG": "/nonexistent"}
+    result = subprocess.run([sys.executable, "-m", "tvforge.cli", *args], env=env, cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"tvforge {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory) -> Path:
+    """examples/ties.yaml in a folder of its own, beside the assets `tvforge demo-assets` writes."""
+    folder = tmp_path_factory.mktemp("example")
+    shutil.copy(EXAMPLE, folder / "ties.yaml")
+    tvforge("demo-assets", str(folder / "assets"))
+    return folder / "ties.yaml"
+
+
+def test_the_example_recipe_names_the_demo_assets_config():
+    recipe = yaml.safe_load(EXAMPLE.read_text())
+    assert recipe["base"]["config"] == TINY_CLIP_CONFIG
+
+
+@pytest.fixture(scope="module")
+def merged(stack, example) -> tuple[subprocess.CompletedProcess, Path]:
+    """`tvforge merge` of the example, once: its output and the checkpoint's path."""
+    result = tvforge("merge", str(example), stack=stack)
+    return result, Path(result.stdout.strip().splitlines()[-1])
+
+
+def test_merge_runs_the_example_and_the_checkpoint_loads_with_plain_open_clip(merged, example):
+    result, output = merged
+    assert output == example.parent / "merged-ties.safetensors"
+    assert "job " in result.stderr and "succeeded" in result.stderr
+
+    merged = load_file(str(output))
+    model = open_clip.CLIP(**TINY_CLIP_CONFIG)
+    model.load_state_dict(merged, strict=True)
+    base = load_file(str(example.parent / "assets" / "base.safetensors"))
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all(k.startswith("visual.") for k in changed)
+    image = torch.rand(2, 3, 32, 32)
+    assert model.encode_image(image).shape == (2, TINY_CLIP_CONFIG["embed_dim"])
+
+
+def test_merge_again_reuses_every_upload_and_the_same_job(stack, example, merged):
+    with stack.client() as client:
+        before = {path: len(list(client.iterate(path))) for path in ("/v1/base-models", "/v1/task-vectors",
+                                                                      "/v1/jobs")}
+        result = tvforge("merge", str(example), stack=stack)
+        after = {path: len(list(client.iterate(path))) for path in before}
+    assert after == before
+    assert result.stderr.count("(already on the server)") == 4
+
+
+def test_merge_with_an_unknown_param_exits_2_naming_the_field_and_uploads_nothing(stack, example):
+    bad = example.parent / "bad.yaml"
+    recipe = yaml.safe_load(example.read_text())
+    recipe["params"]["topk"] = 10
+    recipe["params"]["merge"] = "median"
+    bad.write_text(yaml.safe_dump(recipe))
+    with stack.client() as client:
+        before = len(list(client.iterate("/v1/task-vectors")))
+        result = tvforge("merge", str(bad), stack=stack, check=False)
+        assert len(list(client.iterate("/v1/task-vectors"))) == before
+    assert result.returncode == 2
+    assert "ties.params.topk" in result.stderr and "ties.params.merge" in result.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.update(method="nope"), "method"),
+    (lambda r: r["params"].update(validation_datasets={"task-z": "mnist"}), "'task-z' is not one of the recipe's"),
+    (lambda r: r.update(datasets={"task-a": "a.npz"}), "share the name"),
+    (lambda r: r["vectors"].update({"task-d": "missing.safetensors"}), "vectors.task-d: no file"),
+    (lambda r: r["base"].pop("config"), "exactly one of architecture and config"),
+])
+def test_recipe_check_lists_what_is_wrong(example, change, message):
+    recipe = yaml.safe_load(example.read_text())
+    change(recipe)
+    bad = example.parent / "bad-check.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    result = tvforge("recipe", "check", str(bad), check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_published_recipe_schema_is_the_current_one_and_accepts_the_example():
+    assert RECIPE_SCHEMA.read_text() == recipe_schema_json(), "run `python -m tvforge.docs`"
+    published = json.loads(RECIPE_SCHEMA.read_text())
+    RECIPE.validate_python(yaml.safe_load(EXAMPLE.read_text()))
+    assert {m["properties"]["method"]["const"] for m in published["$defs"].values() if "method" in
+            m.get("properties", {})} == {"task_arithmetic", "ties", "sta", "atlas"}
+
+
+def test_resource_commands_list_show_and_remove(stack, example, merged, tmp_path):
+    vector = tmp_path / "extra.safetensors"
+    shutil.copy(example.parent / "assets" / "task_vector_0.safetensors", vector)
+    with stack.client() as client:
+        base_id = next(iter(client.iterate("/v1/base-models")))["id"]
+    vector_id = tvforge("vectors", "add", str(vector), "--base", base_id, "--name", "extra",
+                        stack=stack).stdout.strip()
+    listed = json.loads(tvforge("vectors", "ls", "--json", stack=stack).stdout)
+    assert vector_id in {row["id"] for row in listed}
+    shown = json.loads(tvforge("vectors", "show", vector_id, stack=stack).stdout)
+    assert shown["sha256"] == hashlib.sha256(vector.read_bytes()).hexdigest()
+    downloaded = tmp_path / "back.safetensors"
+    tvforge("vectors", "download", vector_id, str(downloaded), stack=stack)
+    assert downloaded.read_bytes() == vector.read_bytes()
+    tvforge("vectors", "rm", vector_id, stack=stack)
+    missing = tvforge("vectors", "show", vector_id, stack=stack, check=False)
+    assert missing.returncode == 1 and "404" in missing.stderr
+    other = tvforge("vectors", "ls", "--json", stack=stack, key=stack.other_key)
+    assert json.loads(other.stdout) == []
+
+
+def _flaky_client(stack, decide) -> tuple[TvforgeClient, FlakyProxy]:
+    proxy = FlakyProxy(stack.port, decide)
+    client = TvforgeClient(proxy.url, stack.owner_key, backoff_s=0.05)
+    client.http.headers["Connection"] = "close"  # one request per proxied connection: each is judged alone
+    return client, proxy
+
+
+def _lose_first(prefix: bytes, keep_bytes: int = 0):
+    lost = []
+
+    def decide(head: bytes) -> int | None:
+        if head.startswith(prefix) and not lost:
+            lost.append(head)
+            return keep_bytes
+        return None
+    return decide
+
+
+def test_a_job_whose_answer_is_lost_is_retried_with_its_key_and_runs_once(stack, demo_assets):
+    client, proxy = _flaky_client(stack, _lose_first(b"POST /v1/jobs"))
+    with client, stack.client() as direct:
+        base = direct.register_base_model("flaky-base", demo_assets.base_path, config=demo_assets.config)
+        vector = direct.upload_task_vector(base["id"], "flaky-v", demo_assets.vector_paths[0])
+        jobs_before = len(list(direct.iterate("/v1/jobs")))
+        job = client.create_job("task_arithmetic", base["id"], [vector["id"]], {"scaling": 0.5})
+        assert proxy.cuts == 1
+        assert len(list(direct.iterate("/v1/jobs"))) == jobs_before + 1
+        assert direct.get_job(job["id"])["id"] == job["id"]
+    proxy.close()
+
+
+def test_an_upload_whose_answer_is_lost_is_found_not_repeated(stack, demo_assets):
+    client, proxy = _flaky_client(stack, _lose_first(b"POST /v1/task-vectors"))
+    with client, stack.client() as direct:
+        base = direct.register_base_model("flaky-upload-base", demo_assets.base_path, config=demo_assets.config)
+        row = client.upload_task_vector(base["id"], "lost-answer", demo_assets.vector_paths[1])
+        named = [v for v in direct.iterate("/v1/task-vectors", base_model_id=base["id"]) if v["name"] == "lost-answer"]
+    assert proxy.cuts == 1
+    assert [v["id"] for v in named] == [row["id"]]
+    proxy.close()
+
+
+def test_a_cut_download_resumes_with_range_and_checks_the_sha256(stack, merged, tmp_path):
+    with stack.client() as direct:
+        job = next(j for j in direct.iterate("/v1/jobs") if j["status"] == "succeeded" and j["kind"] == "merge")
+        checkpoint = direct.get_checkpoint(job["result"]["checkpoint_id"])
+    cut_at = checkpoint["size_bytes"] // 3
+    client, proxy = _flaky_client(stack, _lose_first(b"GET /v1/checkpoints/" + checkpoint["id"].encode()
+                                                     + b"/download", keep_bytes=cut_at))
+    seen = []
+    with client:
+        dest = client.download_checkpoint(checkpoint["id"], tmp_path / "resumed.safetensors",
+                                          progress=lambda done, total: seen.append(done))
+    proxy.close()
+    assert proxy.cuts == 1
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == checkpoint["sha256"]
+    assert not (tmp_path / "resumed.safetensors.part").exists()
+    assert seen[-1] == checkpoint["size_bytes"]
+
+
+def test_sdk_typed_responses_match_the_live_openapi(stack):
+    """Every TypedDict of the SDK declares exactly the fields of its schema in /openapi.json."""
+    from typing import get_type_hints
+
+    from tvforge import client as sdk
+
+    with stack.client() as direct:
+        schemas = direct.get("/openapi.json")["components"]["schemas"]
+    pairs = {"BaseModelInfo": "BaseModelOut", "TaskVectorInfo": "TaskVectorOut", "DatasetInfo": "DatasetOut",
+             "JobInfo": "JobOut", "JobProgress": "ProgressOut", "CheckpointInfo": "CheckpointOut",
+             "CoefficientsInfo": "CoefficientsOut"}
+    for typed, schema in pairs.items():
+        assert set(get_type_hints(getattr(sdk, typed))) == set(schemas[schema]["properties"]), typed
+
+
+def test_demo_assets_are_what_build_demo_assets_writes(tmp_path):
+    tvforge("demo-assets", str(tmp_path / "cli"))
+    direct = build_demo_assets(tmp_path / "direct")
+    for path in [direct.base_path, *direct.vector_paths]:
+        assert (tmp_path / "cli" / path.name).read_bytes() == path.read_bytes()

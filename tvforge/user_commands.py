@@ -1,0 +1,309 @@
+"""The user's commands (`tvforge merge`, `tvforge models|vectors|datasets|jobs|checkpoints ...`): the SDK over
+HTTP, with rich progress. The server and key come from --url/--key, TVFORGE_URL/TVFORGE_API_KEY, the config
+file (TVFORGE_CONFIG, default ~/.config/tvforge/config.toml), else the embedded service's own (`tvforge up`)."""
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from tvforge.client import FINISHED, ApiError, TvforgeClient, load_config
+
+console = Console(stderr=True, soft_wrap=True)  # progress and reports; stdout carries only what a script would parse
+out = Console(soft_wrap=True)
+
+UrlOption = typer.Option(None, "--url", envvar="TVFORGE_URL", help="The API, e.g. http://127.0.0.1:8000.")
+KeyOption = typer.Option(None, "--key", envvar="TVFORGE_API_KEY", help="API key.")
+
+
+def open_client(url: str | None, key: str | None) -> TvforgeClient:
+    try:
+        config = load_config(url, key)
+    except ValueError:
+        # No key anywhere: the embedded service's (`tvforge up` writes it under the data dir).
+        from tvforge.settings import get_settings
+
+        settings = get_settings()
+        key_file = settings.data_dir / "admin.key"
+        if not key_file.is_file():
+            console.print("[red]no API key[/]: pass --key, set TVFORGE_API_KEY, or write api_key in "
+                          "~/.config/tvforge/config.toml")
+            raise typer.Exit(2) from None
+        return TvforgeClient(url or f"http://{settings.api_host}:{settings.api_port}", key_file.read_text().strip())
+    return TvforgeClient(config.url, config.api_key)
+
+
+@contextmanager
+def api_errors() -> Iterator[None]:
+    """A problem from the server, printed as the user can act on it, and exit status 1."""
+    try:
+        yield
+    except ApiError as exc:
+        console.print(f"[red]{exc.status} {exc.problem.get('title', '')}[/]: {exc.problem.get('detail', '')}")
+        for error in exc.problem.get("errors") or []:
+            console.print(f"  {'.'.join(str(p) for p in error.get('loc', []))}: {error.get('msg')}")
+        raise typer.Exit(1) from None
+
+
+def byte_progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=console, transient=False)
+
+
+def progress_callback(progress: Progress, label: str) -> Callable[[int, int], None]:
+    task = progress.add_task(label, total=None)
+    return lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def watch_job(client: TvforgeClient, job_id: str) -> dict:
+    """Follow the job's event stream with a progress bar until it ends; the finished job."""
+    job = client.get_job(job_id)
+    if job["status"] in FINISHED:
+        return job
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                  TextColumn("{task.fields[info]}"), console=console) as progress:
+        task = progress.add_task(f"job {job_id}", total=1.0, info=job["status"])
+        for _event, job in client.events(job_id):
+            step = job["progress"]
+            info = " ".join(filter(None, [job["status"], step.get("stage"),
+                                          f"{step['step']}/{step['total']}" if step.get("total") else None]))
+            progress.update(task, completed=step.get("fraction") or 0.0, info=info)
+    return client.get_job(job_id)
+
+
+def print_rows(rows: list[dict], columns: list[str], as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*[_cell(row.get(c)) for c in columns])
+    out.print(table)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def resource_app(name: str, path: str, columns: list[str], help_text: str) -> typer.Typer:
+    """ls, show and rm of one kind of resource."""
+    app = typer.Typer(help=help_text, no_args_is_help=True)
+
+    @app.command("ls")
+    def ls(url: str = UrlOption, key: str = KeyOption,
+           as_json: bool = typer.Option(False, "--json", help="JSON instead of a table.")) -> None:
+        """List them all."""
+        with api_errors(), open_client(url, key) as client:
+            print_rows(list(client.iterate(path)), columns, as_json)
+
+    @app.command("show")
+    def show(resource_id: str, url: str = UrlOption, key: str = KeyOption) -> None:
+        """Everything the server says about one."""
+        with api_errors(), open_client(url, key) as client:
+            out.print_json(json.dumps(client.get(f"{path}/{resource_id}")))
+
+    @app.command("rm")
+    def rm(resource_id: str, url: str = UrlOption, key: str = KeyOption) -> None:
+        """Delete one (refused while a queued or running job uses it)."""
+        with api_errors(), open_client(url, key) as client:
+            client.delete(f"{path}/{resource_id}")
+        console.print(f"deleted {name} {resource_id}")
+
+    return app
+
+
+models = resource_app("base model", "/v1/base-models", ["id", "name", "architecture", "parameter_count", "created_at"],
+                      "Base models.")
+vectors = resource_app("task vector", "/v1/task-vectors", ["id", "name", "base_model_id", "l2_norm", "created_at"],
+                       "Task vectors.")
+datasets = resource_app("dataset", "/v1/datasets", ["id", "name", "labeled", "source_format", "created_at"],
+                        "Datasets.")
+jobs = resource_app("job", "/v1/jobs", ["id", "kind", "method", "status", "created_at", "finished_at"], "Jobs.")
+checkpoints = typer.Typer(help="Merged checkpoints.", no_args_is_help=True)
+
+
+@models.command("add")
+def models_add(file: Path = typer.Argument(..., exists=True, dir_okay=False), name: str = typer.Option(None),
+               architecture: str = typer.Option(None, help="An open_clip model name."),
+               config: Path = typer.Option(None, exists=True, dir_okay=False, help="An open_clip config, JSON."),
+               url: str = UrlOption, key: str = KeyOption) -> None:
+    """Register a base model from a safetensors state dict."""
+    with api_errors(), open_client(url, key) as client, byte_progress() as progress:
+        row = client.register_base_model(name or file.stem, file, architecture=architecture,
+                                         config=json.loads(config.read_text()) if config else None,
+                                         progress=progress_callback(progress, f"upload {file.name}"))
+    typer.echo(row["id"])
+
+
+@vectors.command("add")
+def vectors_add(file: Path = typer.Argument(..., exists=True, dir_okay=False),
+                base: str = typer.Option(..., help="The base model's id."), name: str = typer.Option(None),
+                finetuned: bool = typer.Option(False, help="The file holds fine-tuned weights, not tau."),
+                url: str = UrlOption, key: str = KeyOption) -> None:
+    """Upload a task vector (or fine-tuned weights, with --finetuned)."""
+    with api_errors(), open_client(url, key) as client, byte_progress() as progress:
+        row = client.upload_task_vector(base, name or file.stem, file, kind="finetuned" if finetuned else "task_vector",
+                                        progress=progress_callback(progress, f"upload {file.name}"))
+    typer.echo(row["id"])
+
+
+@vectors.command("download")
+def vectors_download(vector_id: str, dest: Path = typer.Argument(None), url: str = UrlOption,
+                     key: str = KeyOption) -> None:
+    """Download a stored task vector (resumes an interrupted download)."""
+    with api_errors(), open_client(url, key) as client, byte_progress() as progress:
+        path = client.download_task_vector(vector_id, dest or Path(f"{vector_id}.safetensors"),
+                                           progress=progress_callback(progress, vector_id))
+    typer.echo(str(path))
+
+
+@datasets.command("add")
+def datasets_add(file: Path = typer.Argument(..., exists=True, dir_okay=False), name: str = typer.Option(None),
+                 url: str = UrlOption, key: str = KeyOption) -> None:
+    """Upload a dataset (npz, or a zip of class folders)."""
+    with api_errors(), open_client(url, key) as client, byte_progress() as progress:
+        row = client.upload_dataset(name or file.stem, file,
+                                    progress=progress_callback(progress, f"upload {file.name}"))
+    typer.echo(row["id"])
+
+
+@jobs.command("watch")
+def jobs_watch(job_id: str, url: str = UrlOption, key: str = KeyOption) -> None:
+    """Follow a job's progress until it ends; exit status 1 unless it succeeded."""
+    with api_errors(), open_client(url, key) as client:
+        job = watch_job(client, job_id)
+    report_job(job)
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@jobs.command("cancel")
+def jobs_cancel(job_id: str, url: str = UrlOption, key: str = KeyOption) -> None:
+    """Ask a queued or running job to stop."""
+    with api_errors(), open_client(url, key) as client:
+        job = client.cancel_job(job_id)
+    console.print(f"job {job_id}: {job['status']}, cancel requested")
+
+
+@checkpoints.command("show")
+def checkpoints_show(checkpoint_id: str, url: str = UrlOption, key: str = KeyOption) -> None:
+    """A checkpoint's job, sha256, size and contents."""
+    with api_errors(), open_client(url, key) as client:
+        out.print_json(json.dumps(client.get_checkpoint(checkpoint_id)))
+
+
+@checkpoints.command("rm")
+def checkpoints_rm(checkpoint_id: str, url: str = UrlOption, key: str = KeyOption) -> None:
+    """Delete a checkpoint."""
+    with api_errors(), open_client(url, key) as client:
+        client.delete(f"/v1/checkpoints/{checkpoint_id}")
+    console.print(f"deleted checkpoint {checkpoint_id}")
+
+
+@checkpoints.command("download")
+def checkpoints_download(checkpoint_id: str, dest: Path = typer.Argument(None), url: str = UrlOption,
+                         key: str = KeyOption) -> None:
+    """Download a checkpoint (resumes an interrupted download, checks the sha256)."""
+    with api_errors(), open_client(url, key) as client, byte_progress() as progress:
+        path = client.download_checkpoint(checkpoint_id, dest or Path(f"{checkpoint_id}.safetensors"),
+                                          progress=progress_callback(progress, checkpoint_id))
+    typer.echo(str(path))
+
+
+def report_job(job: dict) -> None:
+    """What a finished job chose and measured, in a few lines."""
+    console.print(f"job {job['id']}: [bold]{job['status']}[/]")
+    if job.get("error"):
+        console.print(f"[red]{job['error'].get('title', 'error')}[/]: {job['error'].get('detail', '')}")
+    metrics = (job.get("result") or {}).get("metrics") or {}
+    for name, chosen in (metrics.get("chosen") or {}).items():
+        console.print(f"  {name} = {chosen.get('value')} ({chosen.get('source')})")
+    evaluation = metrics.get("evaluation")
+    if evaluation:
+        table = Table("dataset", "split", "accuracy", "normalised", title="evaluation")
+        for dataset_id, row in evaluation.get("datasets", {}).items():
+            table.add_row(dataset_id, row.get("split"), _cell(row.get("accuracy")),
+                          _cell(row.get("normalised_accuracy")))
+        console.print(table)
+
+
+def merge(recipe_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A recipe (YAML)."),
+          output: Path = typer.Option(None, "--output", "-o", help="Where the checkpoint goes; default: the "
+                                                                  "recipe's `output`, else <job id>.safetensors."),
+          url: str = UrlOption, key: str = KeyOption) -> None:
+    """Run a merge recipe: upload what it names (skipping files the server holds), submit the job, follow
+    its progress, download the checkpoint."""
+    from tvforge.recipe import RecipeError, RecipeRun, idempotency_key, load_recipe
+
+    try:
+        recipe = load_recipe(recipe_file)
+    except RecipeError as exc:
+        console.print(f"[red]invalid recipe[/] {exc}")
+        raise typer.Exit(2) from None
+    root = recipe_file.resolve().parent
+    with api_errors(), open_client(url, key) as client:
+        with byte_progress() as progress:
+            run = RecipeRun(client, recipe, root,
+                            report=lambda u: console.print(f"{u.what} {u.name}: {u.id}"
+                                                           f"{' (already on the server)' if u.reused else ''}"),
+                            upload_progress=lambda label: progress_callback(progress, f"upload {label}"))
+            body = run.resolve()
+        job = client.create_job(body["method"], body["base_model_id"], body["task_vectors"], body["params"],
+                                body["seed"], idempotency_key=idempotency_key(body))
+        console.print(f"job {job['id']} ({job['method']}): {job['status']}")
+        job = watch_job(client, job["id"])
+        report_job(job)
+        if job["status"] != "succeeded":
+            raise typer.Exit(1)
+        dest = output or (root / recipe.output if recipe.output else Path(f"{job['id']}.safetensors"))
+        with byte_progress() as progress:
+            client.download_checkpoint(job["result"]["checkpoint_id"], dest,
+                                       progress=progress_callback(progress, f"download {dest.name}"))
+    typer.echo(str(dest))
+
+
+recipe = typer.Typer(help="Merge recipes.", no_args_is_help=True)
+
+
+@recipe.command("schema")
+def recipe_schema() -> None:
+    """The recipes' JSON Schema (for editors; also docs/recipe.schema.json)."""
+    from tvforge.recipe import recipe_json_schema
+
+    out.print_json(json.dumps(recipe_json_schema()))
+
+
+@recipe.command("check")
+def recipe_check(recipe_file: Path = typer.Argument(..., exists=True, dir_okay=False)) -> None:
+    """Validate a recipe without contacting the server."""
+    from tvforge.recipe import RecipeError, load_recipe
+
+    try:
+        parsed = load_recipe(recipe_file)
+    except RecipeError as exc:
+        console.print(f"[red]invalid recipe[/] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"{recipe_file}: a valid {parsed.method} recipe with {len(parsed.vectors)} vector(s)")
+
+
+def register(cli: typer.Typer) -> None:
+    cli.command()(merge)
+    cli.add_typer(recipe, name="recipe")
+    for name, app in [("models", models), ("vectors", vectors), ("datasets", datasets), ("jobs", jobs),
+                      ("checkpoints", checkpoints)]:
+        cli.add_typer(app, name=name)
