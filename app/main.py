@@ -12,6 +12,7 @@ from app.routes import (
     jobs,
     methods,
     task_vectors,
+    ui,
 )
 from app.schemas import ProblemOut
 from engine.methods.catalogue import METHODS
@@ -31,8 +32,9 @@ def create_app() -> FastAPI:
         return problem_response(Problem(422, "The cursor is not one this API gave out.", slug="bad-cursor"),
                                 request)
 
-    for module in (health, methods, base_models, task_vectors, datasets, jobs, evaluations, checkpoints):
+    for module in (health, methods, base_models, task_vectors, datasets, jobs, evaluations, checkpoints, ui):
         app.include_router(module.router)
+    app.mount("/ui/static", ui.static_files, name="ui-static")
 
     def openapi() -> dict:
         if app.openapi_schema is None:

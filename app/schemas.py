@@ -192,3 +192,10 @@ class CoefficientsOut(BaseModel):
     values: list[list[float]]
     granularity: str
     extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class LearningCurveOut(BaseModel):
+    job_id: str
+    epochs: list[dict[str, Any]] = Field(
+        description="One entry per epoch (epoch 0: before training): loss, accuracy per selection dataset, the "
+                    "split each was measured on, and for addition the normalised accuracies.")

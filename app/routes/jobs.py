@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 
 from app.deps import OwnerDep, SessionDep, owned_or_404
 from app.problems import PROBLEM_RESPONSES, Problem
-from app.schemas import CoefficientsOut, JobCreate, JobFields, JobOut, Page
+from app.schemas import CoefficientsOut, JobCreate, JobFields, JobOut, LearningCurveOut, Page
 from app.submit import invalid, submit
 from store import jobs
 from store.db import session_scope
@@ -136,3 +136,12 @@ def job_coefficients(job_id: str, owner: OwnerDep, session: SessionDep):
     known = {"task_vectors", "blocks", "values", "granularity"}
     return CoefficientsOut(job_id=job.id, **{k: coefficients[k] for k in known},
                            extra={k: v for k, v in coefficients.items() if k not in known})
+
+
+@router.get("/{job_id}/learning-curve", response_model=LearningCurveOut)
+def job_learning_curve(job_id: str, owner: OwnerDep, session: SessionDep):
+    job = owned_or_404(session, Job, job_id, owner)
+    curve = (job.artifacts or {}).get("learning_curve")
+    if curve is None:
+        raise Problem(404, "This job has no learning curve (only finished aTLAS jobs do).", slug="no-learning-curve")
+    return LearningCurveOut(job_id=job.id, epochs=curve)
