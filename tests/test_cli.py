@@ -1,6 +1,7 @@
 """The user's command line and SDK against a real stack: `tvforge merge RECIPE.yaml`, resource commands,
 retries through a proxy that loses answers, resumed downloads, and recipe validation."""
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -223,3 +224,30 @@ def test_demo_assets_are_what_build_demo_assets_writes(tmp_path):
     direct = build_demo_assets(tmp_path / "direct")
     for path in [direct.base_path, *direct.vector_paths]:
         assert (tmp_path / "cli" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_merge_writes_a_model_card_whose_provenance_is_in_the_checkpoint_itself(stack, merged, example):
+    from engine.safetensors_io import read_header
+
+    result, output = merged
+    card_md = output.with_name("merged-ties.card.md").read_text()
+    metadata = read_header(output).metadata
+    recipe, inputs, software = (json.loads(metadata[k]) for k in ("tvforge.recipe", "tvforge.inputs",
+                                                                  "tvforge.software"))
+    assert recipe == {"method": "ties", "params": {"top_k": 20.0, "merge": "sum"}, "seed": 0}
+    files = [example.parent / "assets" / f"task_vector_{i}.safetensors" for i in range(3)]
+    assert [tv["sha256"] for tv in inputs["task_vectors"]] == [hashlib.sha256(f.read_bytes()).hexdigest()
+                                                               for f in files]
+    assert inputs["base_model"]["sha256"] == hashlib.sha256(
+        (example.parent / "assets" / "base.safetensors").read_bytes()).hexdigest()
+    assert software["torch"] == importlib.metadata.version("torch")
+    for tv in inputs["task_vectors"]:
+        assert tv["sha256"] in card_md
+    assert "## Chosen values" in card_md and "| scaling |" in card_md
+
+    with stack.client() as client:
+        job = next(j for j in client.iterate("/v1/jobs") if j["method"] == "ties" and j["status"] == "succeeded")
+        card = client.checkpoint_card(job["result"]["checkpoint_id"])
+        assert card["recipe"] == recipe and card["inputs"] == inputs and card["software"] == software
+        assert card["checkpoint"]["sha256"] == hashlib.sha256(output.read_bytes()).hexdigest()
+        assert card["chosen"] == job["result"]["metrics"]["chosen"]

@@ -81,3 +81,15 @@ def test_ui_page_is_served_with_a_strict_content_security_policy(stack):
     assert response.status_code == 200 and "dashboard.js" in response.text
     assert "script-src 'self'" in response.headers["content-security-policy"]
     assert httpx.get(f"{stack.url}/ui/static/dashboard.js").status_code == 200
+
+
+def test_an_atlas_card_carries_its_coefficients_table(stack, atlas_job):
+    with stack.client() as client:
+        checkpoint_id = atlas_job["job"]["result"]["checkpoint_id"]
+        card = client.checkpoint_card(checkpoint_id)
+        markdown = client.checkpoint_card(checkpoint_id, markdown=True)
+    assert card["coefficients"]["values"] == atlas_job["coefficients"]["values"]
+    assert card["recipe"]["method"] == "atlas" and card["recipe"]["params"]["objective"] == "entropy"
+    table = markdown.split("## Learned coefficients (block)")[1].split("## Software")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| tv_")]
+    assert len(rows) == 3 and all(len(r.split("|")) == len(atlas_job["coefficients"]["blocks"]) + 3 for r in rows)

@@ -373,6 +373,15 @@ class TvforgeClient:
     def get_checkpoint(self, checkpoint_id: str) -> CheckpointInfo:
         return self.get(f"/v1/checkpoints/{checkpoint_id}")
 
+    def checkpoint_card(self, checkpoint_id: str, markdown: bool = False) -> dict | str:
+        """The checkpoint's model card: a dict, or its markdown text."""
+        if markdown:
+            response = self.request("GET", f"/v1/checkpoints/{checkpoint_id}/card", params={"format": "markdown"})
+            if response.status_code >= 400:
+                self._json(response)  # raises ApiError with the problem
+            return response.text
+        return self.get(f"/v1/checkpoints/{checkpoint_id}/card")
+
     def download_checkpoint(self, checkpoint_id: str, dest: Path, progress: Progress | None = None) -> Path:
         """The checkpoint's file at dest, resuming dest.part if an earlier download was cut off."""
         meta = self.get_checkpoint(checkpoint_id)

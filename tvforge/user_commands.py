@@ -207,6 +207,18 @@ def checkpoints_show(checkpoint_id: str, url: str = UrlOption, key: str = KeyOpt
         out.print_json(json.dumps(client.get_checkpoint(checkpoint_id)))
 
 
+@checkpoints.command("card")
+def checkpoints_card(checkpoint_id: str, as_json: bool = typer.Option(False, "--json", help="JSON, not markdown."),
+                     url: str = UrlOption, key: str = KeyOption) -> None:
+    """The checkpoint's model card: recipe, input sha256s, software, chosen values, metrics, coefficients."""
+    with api_errors(), open_client(url, key) as client:
+        card = client.checkpoint_card(checkpoint_id, markdown=not as_json)
+    if as_json:
+        out.print_json(json.dumps(card))
+    else:
+        typer.echo(card)
+
+
 @checkpoints.command("rm")
 def checkpoints_rm(checkpoint_id: str, url: str = UrlOption, key: str = KeyOption) -> None:
     """Delete a checkpoint."""
@@ -274,6 +286,9 @@ def merge(recipe_file: Path = typer.Argument(..., exists=True, dir_okay=False, h
         with byte_progress() as progress:
             client.download_checkpoint(job["result"]["checkpoint_id"], dest,
                                        progress=progress_callback(progress, f"download {dest.name}"))
+        card = dest.with_name(dest.name.removesuffix(".safetensors") + ".card.md")
+        card.write_text(client.checkpoint_card(job["result"]["checkpoint_id"], markdown=True))
+        console.print(f"model card: {card}")
     typer.echo(str(dest))
 
 

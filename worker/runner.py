@@ -1,5 +1,8 @@
 """Running one job: claim the row, heartbeat, call the engine, store the artifacts, record the outcome."""
+import importlib.metadata
+import json
 import logging
+import platform
 import shutil
 import tempfile
 import threading
@@ -100,6 +103,7 @@ class _LoadedJob:
     base_model_id: str
     owner: str
     checkpoint_paths: dict[str, Path]  # evaluations: the checkpoints they name, by id
+    provenance: dict[str, str]  # written into the checkpoint's safetensors metadata (the model card's core)
 
 
 def _load(job_id: str) -> _LoadedJob:
@@ -128,7 +132,31 @@ def _load(job_id: str) -> _LoadedJob:
             missing = sorted({i for i in named if i} - set(checkpoint_paths))
             if missing:
                 raise ValueError(f"checkpoints {missing} were deleted after this evaluation was queued")
-        return _LoadedJob(job.kind, job.method, job.params, job.seed, inputs, base.id, job.owner, checkpoint_paths)
+        provenance = checkpoint_provenance(job, base, [vectors[tv_id] for tv_id in job.task_vector_ids], datasets)
+        return _LoadedJob(job.kind, job.method, job.params, job.seed, inputs, base.id, job.owner, checkpoint_paths,
+                          provenance)
+
+
+def checkpoint_provenance(job: Job, base: BaseModel, vectors: list[TaskVector], datasets: list[Dataset]) -> dict:
+    """What made the checkpoint, as safetensors metadata (JSON strings): the recipe, every input's sha256 and the
+    software. No job id or time: the same spec and seed must still give the same bytes."""
+    recipe = {"method": job.method, "params": job.params, "seed": job.seed}
+    inputs = {"base_model": {"name": base.name, "sha256": base.sha256, "architecture": base.architecture,
+                             "config": base.config},
+              "task_vectors": [{"name": tv.name, "sha256": tv.sha256, "kind": tv.source_kind} for tv in vectors],
+              "datasets": [{"name": d.name, "sha256": d.sha256} for d in sorted(datasets, key=lambda d: d.id)]}
+    return {"tvforge.recipe": json.dumps(recipe, sort_keys=True), "tvforge.inputs": json.dumps(inputs, sort_keys=True),
+            "tvforge.software": json.dumps(software_versions(), sort_keys=True)}
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("tvforge", "torch", "open_clip_torch", "safetensors", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
 
 
 def _evaluate(loaded: _LoadedJob, ctx: JobContext) -> dict:
@@ -169,7 +197,7 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
             device=resolve_device(settings.device), seed=loaded.seed, report=ProgressWriter(job_id, worker_id),
             is_cancelled=lambda: heartbeat.cancel_requested.is_set() or heartbeat.lost.is_set(),
             # No job id here: the same spec and seed must give the same bytes.
-            metadata={"format": "pt", "tvforge.method": str(loaded.method)},
+            metadata={"format": "pt", "tvforge.method": str(loaded.method), **loaded.provenance},
         )
         if loaded.kind == JobKind.EVALUATION:
             report = _evaluate(loaded, ctx)

@@ -1,12 +1,15 @@
 """Merged checkpoints produced by jobs."""
+from typing import Literal
+
 from fastapi import APIRouter, Request, Response
 
+from app.cards import card_markdown, model_card
 from app.deps import BlobsDep, OwnerDep, SessionDep, owned_or_404
 from app.downloads import DOWNLOAD_RESPONSES, blob_response
 from app.problems import PROBLEM_RESPONSES, Problem
 from app.schemas import CheckpointOut
 from store import jobs
-from store.models import Checkpoint
+from store.models import Checkpoint, Job
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=PROBLEM_RESPONSES)
 
@@ -21,6 +24,19 @@ def download_checkpoint(checkpoint_id: str, request: Request, owner: OwnerDep, s
                         blobs: BlobsDep):
     row = owned_or_404(session, Checkpoint, checkpoint_id, owner)
     return blob_response(request, blobs, row.sha256, f"{row.job_id}-merged.safetensors")
+
+
+@router.get("/{checkpoint_id}/card", responses={200: {
+    "description": "The model card: recipe, input sha256s and software (read from the file's metadata), chosen "
+                   "values, metrics and coefficients (from the job). `?format=markdown` for text/markdown.",
+    "content": {"application/json": {}, "text/markdown": {}}}})
+def checkpoint_card(checkpoint_id: str, owner: OwnerDep, session: SessionDep, blobs: BlobsDep,
+                    format: Literal["json", "markdown"] = "json"):
+    row = owned_or_404(session, Checkpoint, checkpoint_id, owner)
+    card = model_card(row, session.get(Job, row.job_id), blobs.path(row.sha256))
+    if format == "markdown":
+        return Response(card_markdown(card), media_type="text/markdown; charset=utf-8")
+    return card
 
 
 @router.delete("/{checkpoint_id}", status_code=204, response_class=Response)
