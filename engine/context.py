@@ -66,11 +66,21 @@ class JobContext:
     report: Callable[[Progress], None] = lambda progress: None
     is_cancelled: Callable[[], bool] = lambda: False
     metadata: dict[str, str] = field(default_factory=dict)
+    written: dict[Path, "WrittenFile"] = field(default_factory=dict)  # checkpoints the engine wrote, by path
 
     def check_cancel(self) -> None:
         """Call between steps: raises Cancelled once the owner asked to stop."""
         if self.is_cancelled():
             raise Cancelled()
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """Facts about a checkpoint taken while it was written: its sha256, size and non-finite float tensors."""
+
+    sha256: str
+    size: int
+    non_finite: list[str]
 
 
 @dataclass
@@ -80,3 +90,4 @@ class MethodResult:
     checkpoint_path: Path
     metrics: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)
+    checkpoint_sha256: str | None = None  # set by run_method when the engine hashed the file as it wrote it

@@ -21,7 +21,11 @@ class NonFiniteWeights(ValueError):
 def run_method(spec: MethodSpec, inputs: MergeInputs, params: MethodParams, ctx: JobContext) -> MethodResult:
     """The method's checkpoint, checked finite tensor by tensor, then evaluated on the job's datasets."""
     result = spec.runner()(inputs, params, ctx)
-    bad = check_finite(result.checkpoint_path, read_header(result.checkpoint_path))
+    written = ctx.written.get(result.checkpoint_path)
+    if written is not None:
+        bad, result.checkpoint_sha256 = written.non_finite, written.sha256
+    else:  # a method that wrote its file some other way: read it back
+        bad = check_finite(result.checkpoint_path, read_header(result.checkpoint_path))
     if bad:
         result.checkpoint_path.unlink(missing_ok=True)
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

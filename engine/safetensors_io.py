@@ -5,6 +5,7 @@ truncated or hostile file is refused without being mapped. Writing streams one
 tensor at a time (the header is known up front from names, dtypes and shapes),
 so producing a merged model never holds more than one tensor in memory.
 """
+import hashlib
 import json
 import math
 import os
@@ -142,7 +143,8 @@ class StreamingWriter:
     """Writes a safetensors file tensor by tensor, in the order the header lists them.
 
     The header is fixed up front, with names sorted, so the same tensors always
-    give the same bytes.
+    give the same bytes. The file's sha256 and the names of float tensors holding NaN or Inf
+    are taken from the bytes as they are written, so nobody reads the file again for them.
     """
 
     def __init__(self, path: Path, entries: Iterable[tuple[str, str, tuple[int, ...]]],
@@ -161,8 +163,21 @@ class StreamingWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._digest = hashlib.sha256()
+        self.size = 0
+        self.non_finite: list[str] = []
+        self._put(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
+
+    def _put(self, data: bytes) -> None:
+        self._file.write(data)
+        self._digest.update(data)
+        self.size += len(data)
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 of the bytes written so far (the whole file once closed)."""
+        return self._digest.hexdigest()
 
     @property
     def names(self) -> list[str]:
@@ -174,7 +189,9 @@ class StreamingWriter:
             raise ValueError(f"expected tensor {expected_name!r} next, got {name!r}")
         if tuple(tensor.shape) != shape or torch_dtype_name(tensor.dtype) != dtype:
             raise ValueError(f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)}, header says {dtype} {shape}")
-        self._file.write(tensor_bytes(tensor))
+        if tensor.is_floating_point() and tensor.numel() and not bool(tensor.isfinite().all()):
+            self.non_finite.append(name)
+        self._put(tensor_bytes(tensor))
         self._next += 1
 
     def close(self) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.context import JobContext, Progress
+from engine.context import JobContext, Progress, WrittenFile
 from engine.safetensors_io import StreamingWriter, read_header
 
 
@@ -66,7 +66,8 @@ def merge_streaming(base_path: Path, vector_paths: list[Path], out_path: Path,
                 merged = base_tensor
             writer.write(name, merged)
             ctx.report(Progress(stage, step, total))
-        return total
+    ctx.written[out_path] = WrittenFile(writer.sha256, writer.size, writer.non_finite)
+    return total
 
 
 # (name, the vectors' slices) -> the merged task vector of that tensor, float32

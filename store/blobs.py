@@ -99,14 +99,20 @@ class BlobStore:
         """A fresh path under tmp/ for code that writes a whole file itself, then calls commit_file."""
         return self.tmp_dir / f"{time.time_ns()}-{os.getpid()}-{os.urandom(4).hex()}{suffix}"
 
-    def commit_file(self, path: Path) -> tuple[str, int, bool]:
-        """Hash, fsync and move a finished file from tmp/ into place; returns (sha256, size, created)."""
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-            os.fsync(f.fileno())
-        sha, size = digest.hexdigest(), path.stat().st_size
+    def commit_file(self, path: Path, known_sha256: str | None = None) -> tuple[str, int, bool]:
+        """Hash, fsync and move a finished file from tmp/ into place; returns (sha256, size, created).
+
+        known_sha256: the digest its writer took of the bytes as it wrote and fsynced them (the engine's
+        StreamingWriter does), which spares reading the file again.
+        """
+        if known_sha256 is None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    digest.update(chunk)
+                os.fsync(f.fileno())
+            known_sha256 = digest.hexdigest()
+        sha, size = known_sha256, path.stat().st_size
         target = self.path(sha)
         if target.exists():
             os.utime(target)  # in use again: the collector's grace period starts over

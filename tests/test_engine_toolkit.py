@@ -13,7 +13,7 @@ from engine.context import ModelSpec
 from engine.data import load_dataset, preprocess_images
 from engine.heads import DEFAULT_TEMPLATES, image_logits, zero_shot_head
 from engine.metrics import evaluate_accuracy
-from engine.safetensors_io import NotSafetensors, save_tensors
+from engine.safetensors_io import NotSafetensors, save_tensors, torch_dtype_name
 from engine.weights import build_model, load_state_dict_file
 
 TINY_CONFIG = {
@@ -130,3 +130,20 @@ def test_load_dataset_reads_splits(tmp_path):
     splits = load_dataset(path)
     assert set(splits) == {"train", "test"}
     assert splits["train"][1].dtype == np.int64
+
+
+def test_streaming_writer_hashes_and_checks_what_it_writes(tmp_path):
+    import hashlib
+
+    from engine.safetensors_io import StreamingWriter
+
+    tensors = {"a": torch.tensor([1.0, float("inf")]), "b": torch.arange(3), "c": torch.zeros(0),
+               "d": torch.tensor([[float("nan")]], dtype=torch.float16), "e": torch.ones(2, 2)}
+    path = tmp_path / "w.safetensors"
+    with StreamingWriter(path, [(n, torch_dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()],
+                         {"k": "v"}) as writer:
+        for name in writer.names:
+            writer.write(name, tensors[name])
+    assert writer.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert writer.size == path.stat().st_size
+    assert writer.non_finite == ["a", "d"]

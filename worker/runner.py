@@ -210,7 +210,7 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
         result = run_method(spec, loaded.inputs, params, ctx)
         ctx.check_cancel()
         header = read_header(result.checkpoint_path)
-        sha, size, _ = blobs.commit_file(result.checkpoint_path)
+        sha, size, _ = blobs.commit_file(result.checkpoint_path, result.checkpoint_sha256)
         checkpoint = Checkpoint(id=new_id("ckpt"), owner=loaded.owner, job_id=job_id, sha256=sha, size_bytes=size,
                                 format="safetensors", contents={
                                     "kind": "merged_state_dict", "base_model_id": loaded.base_model_id,

@@ -18,6 +18,7 @@ from engine.methods.ties.params import TiesParams
 from engine.metrics import chosen, given_or_default
 from engine.safetensors_io import read_header
 from engine.scaling_search import SearchSpec, search_scaling, searched
+from engine.selection import EXACT_IN_FLOAT32, kth_largest_magnitude
 from engine.streaming import collect_deltas, merge_streaming
 
 
@@ -26,8 +27,10 @@ def trim_cut(magnitude: torch.Tensor, top_k: float) -> float:
     keep = math.ceil(top_k / 100 * magnitude.numel())
     if keep >= magnitude.numel():
         return 0.0
-    flat = magnitude.flatten()
-    return float(flat.kthvalue(flat.numel() - keep + 1).values)
+    if magnitude.dtype not in EXACT_IN_FLOAT32:  # float64 (tests' references): a sort-based selection
+        flat = magnitude.flatten()
+        return float(flat.kthvalue(flat.numel() - keep + 1).values)
+    return kth_largest_magnitude(lambda: [magnitude], keep)
 
 
 def trim(tau: torch.Tensor, top_k: float, cut: float | None = None) -> torch.Tensor:
@@ -37,11 +40,15 @@ def trim(tau: torch.Tensor, top_k: float, cut: float | None = None) -> torch.Ten
 
 
 def global_cut(path: Path, names: set[str], top_k: float) -> float:
-    """The top_k cut over every named float tensor of one task vector file, flattened together."""
+    """The top_k cut over every named float tensor of one task vector file, as if flattened together; read
+    tensor by tensor from the memory map (twice: one pass per radix level), never concatenated."""
     with safe_open(str(path), framework="pt") as vector:
         present = sorted(names & set(vector.keys()))
-        magnitudes = [vector.get_tensor(name).float().abs().flatten() for name in present]
-    return trim_cut(torch.cat(magnitudes), top_k) if magnitudes else 0.0
+        total = sum(math.prod(vector.get_slice(name).get_shape()) for name in present)
+        keep = math.ceil(top_k / 100 * total)
+        if not present or keep >= total:
+            return 0.0
+        return kth_largest_magnitude(lambda: (vector.get_tensor(name) for name in present), keep)
 
 
 def ties_merge(taus: Sequence[torch.Tensor | None], top_k: float, cuts: Sequence[float] | None = None,
@@ -49,27 +56,35 @@ def ties_merge(taus: Sequence[torch.Tensor | None], top_k: float, cuts: Sequence
     """The merged task vector of one tensor: the trimmed entries agreeing with the elected sign, averaged
     (mean) or summed (sum). cuts: each vector's global cut; None trims each tensor on its own.
 
-    Two passes over the vectors, holding one at a time (taus may load lazily): the first sums the
-    trimmed vectors to elect each entry's sign, the second merges the entries that agree with it.
+    One pass over the vectors, holding one at a time (taus may load lazily). The reference's two passes
+    (sum the trimmed vectors to elect each entry's sign, then merge the entries agreeing with it) give the
+    same numbers from running sums kept apart by sign: the entries agreeing with a positive elected sign
+    are exactly the positive ones, so their sum and count are the positive running sum and count, added in
+    the same order. The elected sign is taken from the full running sum, as the reference computes it.
     """
-    present = [index for index, tau in enumerate(taus) if tau is not None]
-    if cuts is None:
-        cuts = {index: trim_cut(taus[index].abs(), top_k) for index in present}
-    trimmed_sum = None
-    for index in present:
-        trimmed = trim(taus[index], top_k, cuts[index])
-        trimmed_sum = trimmed if trimmed_sum is None else trimmed_sum.add_(trimmed)
+    trimmed_sum = positive_sum = negative_sum = positive_count = negative_count = None
+    for index, tau in enumerate(taus):
+        if tau is None:
+            continue
+        cut = trim_cut(tau.abs(), top_k) if cuts is None else cuts[index]
+        trimmed = torch.where(tau.abs() >= cut, tau, torch.zeros_like(tau))
+        positive, negative = trimmed > 0, trimmed < 0
+        if trimmed_sum is None:
+            trimmed_sum = trimmed.clone()
+            positive_sum, negative_sum = torch.where(positive, trimmed, 0.0), torch.where(negative, trimmed, 0.0)
+            positive_count, negative_count = positive.float(), negative.float()
+            continue
+        trimmed_sum += trimmed
+        positive_sum += torch.where(positive, trimmed, 0.0)
+        negative_sum += torch.where(negative, trimmed, 0.0)
+        positive_count += positive
+        negative_count += negative
     elected = torch.sign(trimmed_sum)
-    total = torch.zeros_like(trimmed_sum)
-    count = torch.zeros_like(trimmed_sum)
-    for index in present:
-        trimmed = trim(taus[index], top_k, cuts[index])
-        agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)
-        total += torch.where(agrees, trimmed, torch.zeros_like(trimmed))
-        count += agrees
+    total = torch.where(elected > 0, positive_sum, torch.where(elected < 0, negative_sum, 0.0))
     if merge == "sum":
         return total
-    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    count = torch.where(elected > 0, positive_count, torch.where(elected < 0, negative_count, 0.0))
+    return torch.where(count > 0, total / count.clamp(min=1), 0.0)
 
 
 def run(inputs: MergeInputs, params: TiesParams, ctx: JobContext) -> MethodResult:

@@ -1,0 +1,79 @@
+"""The radix top-k cut against torch's own selection, and TIES's one-pass merge against the two-pass reference."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.methods.ties.method import ties_merge
+from engine.selection import kth_largest_magnitude
+
+finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)  # subnormals and zeros too
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(finite32, min_size=1, max_size=40), min_size=1, max_size=4), st.data())
+def test_kth_largest_magnitude_is_kthvalue_over_the_concatenation(chunks, data):
+    tensors = [torch.tensor(chunk, dtype=torch.float32) for chunk in chunks]
+    flat = torch.cat(tensors).abs()
+    k = data.draw(st.integers(1, flat.numel()))
+    expected = float(flat.kthvalue(flat.numel() - k + 1).values)
+    assert kth_largest_magnitude(lambda: iter(tensors), k) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 2000), st.integers(0, 2**31), st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
+def test_kth_largest_magnitude_with_many_ties_and_zeros(size, seed, dtype):
+    generator = torch.Generator().manual_seed(seed)
+    values = (torch.randint(-5, 6, (size,), generator=generator) * 0.25).to(dtype)  # few distinct values, zeros
+    k = int(torch.randint(1, size + 1, (1,), generator=generator))
+    flat = values.float().abs()
+    assert kth_largest_magnitude(lambda: [values], k) == float(flat.kthvalue(size - k + 1).values)
+
+
+def test_kth_largest_magnitude_refuses_what_float32_cannot_hold_exactly():
+    with pytest.raises(TypeError):
+        kth_largest_magnitude(lambda: [torch.ones(3, dtype=torch.float64)], 1)
+    with pytest.raises(ValueError):
+        kth_largest_magnitude(lambda: [torch.ones(3)], 4)
+
+
+def two_pass_reference(taus, top_k, cuts, merge):
+    """The TIES code's order of work (ties_minimal.ipynb): trim all, elect by the sum, then merge agreeing."""
+    trimmed = []
+    for index, tau in enumerate(taus):
+        if tau is None:
+            continue
+        if cuts is None:
+            flat = tau.abs().flatten()
+            keep = int(np.ceil(top_k / 100 * flat.numel()))
+            cut = 0.0 if keep >= flat.numel() else float(flat.kthvalue(flat.numel() - keep + 1).values)
+        else:
+            cut = cuts[index]
+        trimmed.append(torch.where(tau.abs() >= cut, tau, torch.zeros_like(tau)))
+    total_sum = torch.zeros_like(trimmed[0])
+    for t in trimmed:
+        total_sum += t
+    elected = torch.sign(total_sum)
+    total, count = torch.zeros_like(total_sum), torch.zeros_like(total_sum)
+    for t in trimmed:
+        agrees = (torch.sign(t) == elected) & (t != 0)
+        total += torch.where(agrees, t, torch.zeros_like(t))
+        count += agrees
+    if merge == "sum":
+        return total
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 300), st.sampled_from([5.0, 20.0, 60.0, 100.0]),
+       st.sampled_from(["mean", "sum"]), st.booleans(), st.booleans(), st.integers(0, 2**31))
+def test_one_pass_ties_equals_the_two_pass_reference_bit_for_bit(n, size, top_k, merge, global_cuts, gap, seed):
+    generator = torch.Generator().manual_seed(seed)
+    taus = [(torch.randn(size, generator=generator) * 4).round() / 4 for _ in range(n)]  # ties and exact zeros
+    if gap and n > 1:
+        taus[1] = None
+    cuts = [float(torch.rand(1, generator=generator)) for _ in range(n)] if global_cuts else None
+    merged = ties_merge(taus, top_k, cuts, merge)
+    expected = two_pass_reference(taus, top_k, cuts, merge)
+    assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
