@@ -76,14 +76,11 @@ def keys_revoke(key_id: str = typer.Argument(..., help="The key's id, as `tvforg
 
 @cli.command()
 def api(host: str = typer.Option(None), port: int = typer.Option(None)) -> None:
-    """Serve the HTTP API with uvicorn."""
-    import uvicorn
-
+    """Serve the HTTP API with uvicorn (header, body-idle, keep-alive and shutdown timeouts from the settings)."""
+    from app.server import serve
     from tvforge.settings import get_settings
 
-    settings = get_settings()
-    uvicorn.run("app.main:app", host=host or settings.api_host, port=port or settings.api_port,
-                proxy_headers=True, log_level="info")
+    serve(get_settings(), host, port)
 
 
 @cli.command()

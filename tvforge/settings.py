@@ -39,6 +39,14 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="CPU threads a job's torch ops use; 0 keeps torch's default.")
     api_host: str = Field("127.0.0.1", description="Address the API binds to.")
     api_port: int = Field(8000, description="Port the API binds to.")
+    header_timeout_s: float = Field(10.0, gt=0, description="A request's headers must arrive within this; slower "
+                                                            "connections are closed.")
+    body_idle_timeout_s: float = Field(30.0, gt=0, description="A request body that stops arriving for this long "
+                                                               "gets 408 (its partial upload is dropped).")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="Idle keep-alive connections close after this.")
+    max_connections: int = Field(1000, ge=1, description="Open connections past this get 503.")
+    graceful_shutdown_s: float = Field(30.0, ge=0, description="On SIGTERM, requests in flight get this long to "
+                                                               "finish.")
 
     head_cache_max_bytes: int = Field(1024**3, description="Zero-shot heads cached on disk, least recently used "
                                                           "pruned past this size.")

@@ -1,0 +1,94 @@
+"""uvicorn, hardened against slow clients: a deadline for a request's headers (uvicorn has none, so a client
+trickling header bytes held a connection forever), an idle timeout while a request body arrives (an ASGI
+middleware: a stalled upload gets 408 and its partial file is dropped like any interrupted upload), a cap on
+open connections (503 beyond it), keep-alive and graceful-shutdown timeouts. `tvforge api` and the Docker
+image both start the API through serve()."""
+import asyncio
+
+from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from tvforge.settings import Settings
+
+
+class HeaderDeadlineProtocol(HttpToolsProtocol):
+    """Closes a connection whose request headers are not complete within header_timeout_s of their first
+    byte (or of the connection opening): the slowloris defence uvicorn leaves out."""
+
+    header_timeout_s = 10.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_deadline is None:  # the next request on a kept-alive connection
+            self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_deadline()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_header_deadline()
+        super().connection_lost(exc)
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing():
+            self.logger.info("closing a connection whose request headers took over %s s", self.header_timeout_s)
+            self.transport.close()
+
+
+class BodyIdleTimeout(HTTPException):
+    """Raised from receive(): the app's problem handlers answer it as a 408 problem, and the upload that was
+    reading the body cleans up as for any interrupted upload."""
+
+    def __init__(self, idle_s: float):
+        super().__init__(408, f"No request body arrived for {idle_s:g} s.", headers={"Connection": "close"})
+
+
+class BodyIdleTimeoutMiddleware:
+    """A request body that stops arriving for idle_s seconds ends the request with a 408 problem. Only reads
+    of the body are timed: once it is complete, receive() waits for a disconnect as long as it must
+    (streamed responses listen that way)."""
+
+    def __init__(self, app, idle_s: float):
+        self.app, self.idle_s = app, idle_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body_complete = False
+
+        async def timed_receive():
+            nonlocal body_complete
+            if body_complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_s)
+            except TimeoutError:
+                raise BodyIdleTimeout(self.idle_s) from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_complete = True
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
+def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+    import uvicorn
+
+    from app.main import app
+
+    HeaderDeadlineProtocol.header_timeout_s = settings.header_timeout_s
+    uvicorn.run(BodyIdleTimeoutMiddleware(app, settings.body_idle_timeout_s), host=host or settings.api_host,
+                port=port or settings.api_port, proxy_headers=True, log_level="info", http=HeaderDeadlineProtocol,
+                timeout_keep_alive=settings.keep_alive_timeout_s, limit_concurrency=settings.max_connections,
+                timeout_graceful_shutdown=settings.graceful_shutdown_s)

@@ -1,0 +1,118 @@
+"""Slow and stalled clients against the real server (`tvforge api`): trickled headers are cut off, a stalled
+upload gets 408 and leaves nothing behind, and stalled connections do not starve anyone else."""
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.conftest import Stack, _redis_db
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def strict_stack(tmp_path_factory, redis_url):
+    live = Stack(tmp_path_factory.mktemp("slow"), f"{redis_url.rsplit('/', 1)[0]}/{next(_redis_db)}",
+                 header_timeout_s=1, body_idle_timeout_s=1.5)
+    live.start_api()
+    yield live
+    live.stop()
+
+
+def _connect(stack) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", stack.port), timeout=15)
+
+
+def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> tuple[bool, bytes]:
+    """Whether the server closes sock within seconds while we trickle a byte every 0.2 s; what it sent."""
+    received = b""
+    deadline = time.monotonic() + seconds
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return True, received
+            received += chunk
+        except TimeoutError:
+            pass
+        try:
+            if trickle:
+                sock.sendall(trickle)
+        except OSError:
+            return True, received
+    return False, received
+
+
+def test_trickled_headers_are_cut_off_at_the_deadline(strict_stack):
+    sock = _connect(strict_stack)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+    closed, _ = _closed_within(sock, 8, trickle=b"X")  # never finishes its headers
+    assert closed and time.monotonic() - started < 5
+    sock.close()
+
+
+def test_an_idle_connection_that_never_sends_a_request_is_closed(strict_stack):
+    sock = _connect(strict_stack)
+    closed, received = _closed_within(sock, 8)
+    assert closed and received == b""
+    sock.close()
+
+
+NAME_PART = b"--b\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nx"
+
+
+def _stalled_upload(stack, body_head: bytes = NAME_PART) -> socket.socket:
+    sock = _connect(stack)
+    sock.sendall(b"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + stack.owner_key.encode()
+                 + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n" + body_head)
+    return sock
+
+
+def test_a_stalled_upload_gets_408_and_leaves_no_file_and_no_row(strict_stack):
+    tmp_dir = strict_stack.root / "var" / "blobs" / "tmp"
+    before = set(tmp_dir.iterdir()) if tmp_dir.exists() else set()
+    sock = _stalled_upload(strict_stack, b"--b\r\nContent-Disposition: form-data; name=\"file\"; "
+                                         b"filename=\"d.npz\"\r\n\r\n" + b"\0" * 50_000)
+    closed, received = _closed_within(sock, 10)
+    sock.close()
+    assert closed and received.startswith(b"HTTP/1.1 408"), received[:200]
+    assert b"application/problem+json" in received
+    with strict_stack.client() as client:
+        assert client.get("/v1/datasets")["items"] == []
+    time.sleep(0.5)
+    assert (set(tmp_dir.iterdir()) if tmp_dir.exists() else set()) == before
+
+
+def test_stalled_uploads_and_trickling_headers_do_not_starve_other_requests(strict_stack):
+    stalled = [_stalled_upload(strict_stack) for _ in range(24)]
+    trickling = [_connect(strict_stack) for _ in range(8)]
+    for sock in trickling:
+        sock.sendall(b"GET /v1/jobs HTTP/1.1\r\n")
+    stop = threading.Event()
+
+    def keep_trickling():
+        while not stop.wait(0.2):
+            for sock in trickling:
+                try:
+                    sock.sendall(b"X")
+                except OSError:
+                    pass
+
+    threading.Thread(target=keep_trickling, daemon=True).start()
+    try:
+        def poll(_):
+            headers = {"Authorization": f"Bearer {strict_stack.owner_key}"}
+            return httpx.get(f"{strict_stack.url}/v1/jobs", headers=headers, timeout=20).status_code
+
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(poll, range(48)))
+        assert statuses == [200] * 48
+    finally:
+        stop.set()
+        for sock in stalled + trickling:
+            sock.close()
