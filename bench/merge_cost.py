@@ -81,7 +81,7 @@ def make_inputs(folder: Path, architecture: str, count: int) -> tuple[Path, list
     return base_path, vector_paths
 
 
-def child_merge(method: str, base_path: str, vector_paths: list[str], out_dir: str) -> dict:
+def child_merge(method: str, architecture: str, base_path: str, vector_paths: list[str], out_dir: str) -> dict:
     import torch
 
     from engine.context import JobContext, MergeInputs, ModelSpec, TaskVectorInput
@@ -90,7 +90,7 @@ def child_merge(method: str, base_path: str, vector_paths: list[str], out_dir: s
     torch.set_num_threads(1)
     spec = get_method(method)
     runner = spec.runner()  # imported before the clock starts: the merge is timed, not torch's import
-    inputs = MergeInputs(Path(base_path), ModelSpec(architecture="unused"),
+    inputs = MergeInputs(Path(base_path), ModelSpec(architecture=architecture),
                          [TaskVectorInput(f"tv{i}", f"tv{i}", Path(p)) for i, p in enumerate(vector_paths)])
     sampler = PeakSampler()
     sampler.start()
@@ -144,7 +144,7 @@ def main(counts: str = typer.Option("2,8"), architecture: str = typer.Option("Vi
             for _ in range(repeats):
                 runs["bound"].append(_in_child("copy", str(base_path), paths, scratch))
                 for method in methods.split(","):
-                    runs[method].append(_in_child("merge", method, str(base_path), paths, scratch))
+                    runs[method].append(_in_child("merge", method, architecture, str(base_path), paths, scratch))
                     for leftover in Path(scratch).glob("*.safetensors"):
                         leftover.unlink()
         bound = statistics.median(r["seconds"] for r in runs["bound"])

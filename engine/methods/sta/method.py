@@ -33,7 +33,7 @@ from engine.evaluator import EvalTarget, Evaluator
 from engine.heads import HeadFactory, image_logits
 from engine.methods.sta.params import STA_SCALING_GRID, StaParams
 from engine.metrics import given_or_default
-from engine.safetensors_io import save_tensors
+from engine.safetensors_io import read_header, save_tensors
 from engine.scaling_search import SearchSpec, search_scaling, searched
 from engine.streaming import collect_deltas, merge_streaming
 from engine.weights import InPlaceWeights, load_base_model, load_float_deltas
@@ -127,9 +127,12 @@ def run(inputs: MergeInputs, params: StaParams, ctx: JobContext) -> MethodResult
     mask_dir = ctx.workdir / "sta"
     mask_dir.mkdir(parents=True, exist_ok=True)
 
-    model = load_base_model(inputs, ctx.device)
-    heads = HeadFactory(model, inputs, ctx)
-    weights = InPlaceWeights(model, inputs.base_path)
+    # Data-free scores (|tau|) need no model: build it only to take gradients on calibration data.
+    needs_model = bool(params.calibration_datasets)
+    model = load_base_model(inputs, ctx.device) if needs_model else None
+    heads = HeadFactory(model, inputs, ctx) if needs_model else None
+    weights = InPlaceWeights(model, inputs.base_path) if needs_model else None
+    base_tensors = weights.tensors if weights is not None else read_header(inputs.base_path).tensors
     total = sum(planned_steps(inputs, params, tv.id) for tv in inputs.task_vectors)
     done = 0
 
@@ -143,7 +146,7 @@ def run(inputs: MergeInputs, params: StaParams, ctx: JobContext) -> MethodResult
     mask_paths, score_paths = [], []
     for index, tv in enumerate(inputs.task_vectors):
         ctx.check_cancel()
-        deltas = load_float_deltas(tv.path, weights.tensors)
+        deltas = load_float_deltas(tv.path, base_tensors)
         gradients = {}
         dataset_id = params.calibration_datasets.get(tv.id)
         if dataset_id is not None:
