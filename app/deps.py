@@ -7,6 +7,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.problems import Problem, not_found
+from app.rate_limits import rate_limits
 from store.blobs import BlobStore, get_blob_store
 from store.db import new_session
 from store.keys import owner_for_key
@@ -32,7 +33,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 BlobsDep = Annotated[BlobStore, Depends(get_blob_store)]
 
 
-def current_owner(session: SessionDep,
+def current_owner(session: SessionDep, settings: SettingsDep,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
     unauthorized = Problem(401, "A valid API key is required: Authorization: Bearer <key>.",
                            slug="unauthorized", headers={"WWW-Authenticate": "Bearer"})
@@ -42,6 +43,7 @@ def current_owner(session: SessionDep,
     session.rollback()  # ends the read: the connection goes back to the pool before the route runs
     if owner is None:
         raise unauthorized
+    rate_limits(settings).check(owner)
     return owner
 
 

@@ -97,5 +97,5 @@ def install_problem_handlers(app: FastAPI) -> None:
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"description": HTTPStatus(status).phrase,
              "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
-    for status in (400, 401, 404, 409, 413, 415, 422)
+    for status in (400, 401, 404, 408, 409, 413, 415, 422, 429)
 }

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="CPU threads a job's torch ops use; 0 keeps torch's default.")
     api_host: str = Field("127.0.0.1", description="Address the API binds to.")
     api_port: int = Field(8000, description="Port the API binds to.")
+    rate_limit: str = Field("100/second;3000/minute", description="Requests each owner may make, as `limits` "
+                                                                "strings separated by ';' (empty: no limit).")
+    rate_limit_storage: str = Field("memory://", description="Where rate-limit counters live: memory:// (one API "
+                                                              "process) or a redis:// URL shared by all of them.")
     header_timeout_s: float = Field(10.0, gt=0, description="A request's headers must arrive within this; slower "
                                                             "connections are closed.")
     body_idle_timeout_s: float = Field(30.0, gt=0, description="A request body that stops arriving for this long "
