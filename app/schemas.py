@@ -199,3 +199,11 @@ class LearningCurveOut(BaseModel):
     epochs: list[dict[str, Any]] = Field(
         description="One entry per epoch (epoch 0: before training): loss, accuracy per selection dataset, the "
                     "split each was measured on, and for addition the normalised accuracies.")
+
+
+class DryRunOut(BaseModel):
+    valid: bool = True
+    method: str
+    estimate: dict[str, Any] = Field(description="images: through the image tower (training and evaluation); "
+                                                 "peak_bytes / peak_gib: the worker's memory (engine/cost.py).")
+    limits: dict[str, Any] = Field(description="The service's bounds the estimate was checked against.")

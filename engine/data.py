@@ -48,6 +48,22 @@ def split_sizes(path: Path) -> dict[str, int]:
                 if f"{split}_images" in data and f"{split}_labels" in data}
 
 
+def image_side(path: Path) -> int:
+    """The larger side of a canonical .npz's images, from the stored array's header only."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.endswith("_images.npy"):
+                with archive.open(name) as member:
+                    version = np.lib.format.read_magic(member)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape = read(member)[0]
+                    return max(shape[1:3]) if len(shape) >= 3 else 0
+    return 0
+
+
 def pick_split(sizes: dict[str, int], order: Iterable[str], dataset_name: str) -> str:
     """The first non-empty split in order, given the size of each split."""
     order = list(order)

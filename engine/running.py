@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.context import JobContext, MergeInputs, MethodResult, Progress
-from engine.data import REPORT_SPLITS
+from engine.cost import JobEstimate, TowerShape, estimate_job
+from engine.data import REPORT_SPLITS, image_side, split_sizes
 from engine.evaluator import EvalTarget, Evaluator
 from engine.methods.spec import MethodParams, MethodSpec
 from engine.safetensors_io import check_finite, read_header
@@ -84,3 +85,19 @@ def evaluate(inputs: MergeInputs, weights: Path | None, items: list[EvaluationIt
     else:
         evaluator.use_checkpoint(weights)
     return evaluator.report(targets, REPORT_SPLITS, references)
+
+
+def estimate_inputs(spec: MethodSpec, inputs: MergeInputs, params: MethodParams) -> JobEstimate:
+    """engine.cost's estimate of a job from its files' headers (no tensor or image is read)."""
+    import open_clip
+
+    header = read_header(inputs.base_path)
+    parameters = sum(info.numel for info in header.tensors.values())
+    visual = sum(info.numel for name, info in header.tensors.items() if name.startswith("visual."))
+    config = inputs.base_spec.config or open_clip.get_model_config(inputs.base_spec.architecture) or {}
+    shape = TowerShape.from_config(config, parameters, visual)
+    sizes, side = {}, 0
+    for dataset_id, dataset in inputs.datasets.items():
+        sizes[dataset_id] = split_sizes(dataset.path)
+        side = max(side, image_side(dataset.path))
+    return estimate_job(spec.name, params, shape, len(inputs.task_vectors), sizes, side)

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="CPU threads a job's torch ops use; 0 keeps torch's default.")
     api_host: str = Field("127.0.0.1", description="Address the API binds to.")
     api_port: int = Field(8000, description="Port the API binds to.")
+    max_job_images: int = Field(2_000_000, ge=1, description="A job may push at most this many images through "
+                                                               "the model (training and evaluation); more: 422.")
+    worker_memory_bytes: int = Field(16 * 1024**3, ge=1, description="Memory of a worker: a job estimated to need "
+                                                                      "more is refused (422).")
     rate_limit: str = Field("100/second;3000/minute", description="Requests each owner may make, as `limits` "
                                                                 "strings separated by ';' (empty: no limit).")
     rate_limit_storage: str = Field("memory://", description="Where rate-limit counters live: memory:// (one API "

@@ -22,7 +22,7 @@ from engine.context import (
     TaskVectorInput,
 )
 from engine.methods.catalogue import get_method
-from engine.running import EvaluationItem, evaluate, run_method
+from engine.running import EvaluationItem, estimate_inputs, evaluate, run_method
 from engine.safetensors_io import read_header
 from store import jobs
 from store.blobs import get_blob_store
@@ -172,6 +172,34 @@ def job_vector_ids(loaded: _LoadedJob) -> list[str]:
     return [tv.id for tv in loaded.inputs.task_vectors]
 
 
+class TooLargeForWorker(Exception):
+    pass
+
+
+def free_memory_bytes(device: str) -> int:
+    """Free memory of the device a job runs on: the GPU's, or the machine's MemAvailable."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 2**62  # not Linux: nothing to compare with
+
+
+def refuse_if_too_large(spec, inputs, params, device: str, memory_bytes: int) -> None:
+    """A job the engine estimates (engine.cost) to need more memory than the device has free (or than
+    TVFORGE_WORKER_MEMORY_BYTES gives this worker) is refused with the numbers, instead of being killed
+    half-way by the kernel or CUDA."""
+    estimate = estimate_inputs(spec, inputs, params)
+    free = min(free_memory_bytes(device), memory_bytes)
+    if estimate.peak_bytes > free:
+        raise TooLargeForWorker(f"this job needs about {estimate.peak_bytes / 2**30:.1f} GiB and the worker's "
+                                f"{device} has {free / 2**30:.1f} GiB free: a smaller batch_size or fewer task "
+                                f"vectors, or a larger worker")
+
+
 def resolve_device(setting: str) -> str:
     if setting != "auto":
         return setting
@@ -207,6 +235,7 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
             return JobStatus.SUCCEEDED if ok else None
         spec = get_method(loaded.method)
         params = spec.params.model_validate(loaded.params)
+        refuse_if_too_large(spec, loaded.inputs, params, ctx.device, settings.worker_memory_bytes)
         result = run_method(spec, loaded.inputs, params, ctx)
         ctx.check_cancel()
         header = read_header(result.checkpoint_path)
@@ -234,6 +263,8 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
 
         if isinstance(exc, SoftTimeLimitExceeded):
             error = jobs.problem("Time limit", f"The job ran past {settings.job_time_limit_s} s.", "time-limit")
+        elif isinstance(exc, TooLargeForWorker):
+            error = jobs.problem("Too large for this worker", str(exc), "too-large-for-worker")
         else:
             log.exception("job %s failed", job_id)
             error = jobs.problem("Job failed", f"{type(exc).__name__}: {exc}", "job-failed")

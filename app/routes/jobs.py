@@ -4,12 +4,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.deps import OwnerDep, SessionDep, owned_or_404
+from app.deps import OwnerDep, SessionDep, SettingsDep, owned_or_404
 from app.problems import PROBLEM_RESPONSES, Problem
-from app.schemas import CoefficientsOut, JobCreate, JobFields, JobOut, LearningCurveOut, Page
+from app.schemas import CoefficientsOut, DryRunOut, JobCreate, JobFields, JobOut, LearningCurveOut, Page
 from app.submit import invalid, submit
+from engine.cost import JobEstimate, TowerShape, estimate_job
 from store import jobs
 from store.db import session_scope
 from store.ids import new_id
@@ -41,11 +42,47 @@ def _check_inputs(session, owner: str, body: JobFields) -> list[str]:
     return dataset_ids
 
 
-@router.post("", status_code=202, response_model=JobOut)
-def create_job(body: JobCreate, response: Response, owner: OwnerDep, session: SessionDep,
-               idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+def _estimate(session, body: JobFields, dataset_ids: list[str]) -> JobEstimate:
+    """What the job will cost a worker (engine.cost), from the rows' sizes alone."""
+    import open_clip
+
+    base = session.get(BaseModel, body.base_model_id)
+    config = base.config or open_clip.get_model_config(base.architecture) or {}
+    shape = TowerShape.from_config(config, base.parameter_count, base.visual_parameter_count)
+    datasets = [session.get(Dataset, dataset_id) for dataset_id in dataset_ids]
+    sizes = {d.id: {split: info["count"] for split, info in d.splits.items()} for d in datasets}
+    side = max((max(d.image_shape[:2]) for d in datasets), default=0)
+    return estimate_job(body.method, body.params, shape, len(body.task_vectors), sizes, side)
+
+
+def _within_bounds(estimate: JobEstimate, settings) -> None:
+    if estimate.images > settings.max_job_images:
+        raise Problem(422, f"This job would push about {estimate.images:,} images through the model; this service "
+                           f"takes at most {settings.max_job_images:,} per job (TVFORGE_MAX_JOB_IMAGES): fewer "
+                           f"epochs, a smaller batch or smaller datasets.", slug="job-too-large")
+    if estimate.peak_bytes > settings.worker_memory_bytes:
+        raise Problem(422, f"This job would need about {estimate.peak_bytes / 2**30:.1f} GiB on a worker, which has "
+                           f"{settings.worker_memory_bytes / 2**30:.1f} GiB (TVFORGE_WORKER_MEMORY_BYTES): a smaller "
+                           f"batch_size or fewer task vectors.", slug="job-too-large")
+
+
+@router.post("", status_code=202, response_model=JobOut, responses={
+    200: {"model": DryRunOut, "description": "With ?dry_run=true: the job is valid; what it would cost. Nothing "
+                                            "is queued."}})
+def create_job(body: JobCreate, response: Response, owner: OwnerDep, session: SessionDep, settings: SettingsDep,
+               idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+               dry_run: Annotated[bool, Query(description="Validate everything and estimate the cost; queue "
+                                                          "nothing.")] = False):
+    if dry_run:
+        estimate = _estimate(session, body, _check_inputs(session, owner, body))
+        _within_bounds(estimate, settings)
+        return JSONResponse(DryRunOut(method=body.method, estimate=estimate.as_dict(), limits={
+            "max_job_images": settings.max_job_images,
+            "worker_memory_bytes": settings.worker_memory_bytes}).model_dump(), status_code=200)
+
     def build(digest: str) -> Job:
         dataset_ids = _check_inputs(session, owner, body)
+        _within_bounds(_estimate(session, body, dataset_ids), settings)
         # The params echoed back are the ones the request set; defaults and chosen values go to result.metrics.
         return Job(id=new_id("job"), owner=owner, kind=JobKind.MERGE.value, method=body.method,
                    base_model_id=body.base_model_id, task_vector_ids=body.task_vectors,

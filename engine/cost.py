@@ -1,0 +1,129 @@
+"""What a job will cost a worker, from its spec and the sizes of its inputs alone (nothing is loaded): the images
+it pushes through the image tower and its peak memory. The API refuses a job over the service's bounds and
+answers dry runs with these numbers; a worker refuses a job that would not fit its device. Pure arithmetic.
+
+Memory of a training step follows Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", section 4.1): a transformer layer keeps s*b*h*(34 + 5*a*s/h) bytes of 16-bit
+activations for the backward pass (s tokens, b batch, h width, a heads); in float32 that doubles.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+FLOAT32 = 4
+# The formula counts a fused fp16 layer; open_clip's eager float32 layers keep more (a 4-layer, width-256 tower at
+# batch 128 kept 850 MiB where the formula, doubled for float32, gives 665): a factor of 1.5 covers it.
+EAGER_FP32_FACTOR = 1.5
+SEARCH_POINTS = 21  # the largest lambda grid of the training-free methods
+# The process before any tensor: python, torch, open_clip and the engine imported measure 0.74 GiB of RSS
+# (torch 2.14, CPU); the allocator's slack and the loaded model's bookkeeping make it about 0.9.
+RUNTIME_BYTES = 900 * 2**20
+
+
+@dataclass(frozen=True)
+class TowerShape:
+    """The image tower's size; tokens/width/heads/layers are None for a tower that is not a ViT."""
+
+    parameters: int  # every parameter of the model (theta_0 is held whole)
+    visual_parameters: int
+    image_size: int
+    tokens: int | None = None
+    width: int | None = None
+    heads: int | None = None
+    layers: int | None = None
+
+    @classmethod
+    def from_config(cls, config: dict, parameters: int, visual_parameters: int) -> "TowerShape":
+        """From an open_clip model config (its vision_cfg)."""
+        vision = config.get("vision_cfg", {})
+        image_size = vision.get("image_size", 224)
+        image_size = image_size[0] if isinstance(image_size, list | tuple) else image_size
+        if vision.get("timm_model_name") or not isinstance(vision.get("layers"), int) or "patch_size" not in vision:
+            return cls(parameters, visual_parameters, image_size)
+        width = vision.get("width", 768)
+        return cls(parameters, visual_parameters, image_size, tokens=(image_size // vision["patch_size"]) ** 2 + 1,
+                   width=width, heads=max(1, width // vision.get("head_width", 64)), layers=vision["layers"])
+
+    def activation_bytes(self, batch: int) -> int:
+        """float32 activations kept for backward by a batch through the tower."""
+        if self.tokens is None:  # not a transformer: scale by parameters, as a ViT of that size would
+            return batch * 64 * self.visual_parameters // 1000
+        s, h, a = self.tokens, self.width, self.heads
+        return int(EAGER_FP32_FACTOR * 2 * s * batch * h * (34 + 5 * a * s / h) * self.layers)
+
+    def image_bytes(self, images: int) -> int:
+        return images * 3 * self.image_size**2 * FLOAT32
+
+
+@dataclass(frozen=True)
+class JobEstimate:
+    images: int  # through the image tower, training steps and evaluations together
+    peak_bytes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"peak_gib": round(self.peak_bytes / 2**30, 2)}
+
+
+def dataset_bytes(split_sizes: dict[str, dict[str, int]], image_side: int) -> int:
+    """The job's datasets held in memory as uint8 images (every split of every dataset)."""
+    return sum(count for sizes in split_sizes.values() for count in sizes.values()) * 3 * image_side**2
+
+
+def first_split(sizes: dict[str, int], order: tuple[str, ...]) -> int:
+    return next((sizes[s] for s in order if sizes.get(s)), 0)
+
+
+def atlas_estimate(params, shape: TowerShape, n_vectors: int, split_sizes: dict[str, dict[str, int]],
+                   dataset_side: int) -> JobEstimate:
+    """aTLAS: epochs x steps x batch training images (forward and backward), every epoch's selection
+    evaluation, and memory for theta_0, the stacked vectors, the composed tower, a batch's activations and
+    the datasets."""
+    recipe = params.recipe
+    epochs = params.epochs or recipe.epochs
+    order = (params.train_split,) if params.train_split else recipe.train_splits
+    mode = params.mode
+    if mode == "addition":
+        per_task = max(1, params.batch_size // max(1, len(params.task_datasets)))
+        train = [first_split(split_sizes.get(ds, {}), order) for ds in params.task_datasets.values()]
+        steps = min((math.ceil(n / per_task) for n in train if n), default=0)
+    elif mode == "few_shot":
+        size = first_split(split_sizes.get(params.target_dataset_id, {}), order)
+        shots = min(size, params.shots * 1000) if params.shots else size  # at most 1000 classes of k shots
+        steps = max(10, math.ceil(shots / params.batch_size))
+    else:
+        size = first_split(split_sizes.get(params.target_dataset_id, {}), order)
+        steps = math.ceil(size / max(1, params.batch_size // (2 if mode == "negation" else 1)))
+    selection = sum(first_split(sizes, ("val", "train")) for sizes in split_sizes.values())
+    reports = sum(first_split(sizes, ("test", "val", "train")) for sizes in split_sizes.values())
+    images = epochs * steps * params.batch_size + (epochs + 1) * selection + reports
+    peak = (RUNTIME_BYTES + shape.parameters * FLOAT32 + (n_vectors + 2) * shape.visual_parameters * FLOAT32
+            + shape.activation_bytes(params.batch_size) + shape.image_bytes(params.batch_size)
+            + dataset_bytes(split_sizes, dataset_side))
+    return JobEstimate(images, peak)
+
+
+def search_estimate(params, shape: TowerShape, split_sizes: dict[str, dict[str, int]], grid: int,
+                    dataset_side: int) -> JobEstimate:
+    """A training-free merge: one model and one merged vector in memory; a lambda search evaluates every
+    grid point on each dataset's val split, then the report splits once."""
+    validation = sum(first_split(sizes, ("val", "train")) for sizes in split_sizes.values())
+    reports = sum(first_split(sizes, ("test", "val", "train")) for sizes in split_sizes.values())
+    eval_batch = 256
+    peak = (RUNTIME_BYTES + 2 * shape.parameters * FLOAT32 + shape.visual_parameters * FLOAT32
+            + shape.activation_bytes(eval_batch) // 4 + dataset_bytes(split_sizes, dataset_side))
+    return JobEstimate(grid * validation + reports, peak)
+
+
+def estimate_job(method: str, params, shape: TowerShape, n_vectors: int, split_sizes: dict[str, dict[str, int]],
+                 dataset_side: int) -> JobEstimate:
+    """The estimate of a `method` job with these params over datasets of these split sizes (dataset id ->
+    {split: images}) whose images are dataset_side pixels square."""
+    if method == "atlas":
+        return atlas_estimate(params, shape, n_vectors, split_sizes, dataset_side)
+    grid = SEARCH_POINTS if getattr(params, "validation_datasets", None) else 0
+    estimate = search_estimate(params, shape, split_sizes, grid, dataset_side)
+    calibrated = len(getattr(params, "calibration_datasets", {}) or {})
+    if calibrated:  # STA: forward and backward over the calibration samples of each calibrated vector
+        micro = params.micro_batch_size
+        estimate = JobEstimate(estimate.images + calibrated * params.calibration_samples,
+                               estimate.peak_bytes + shape.activation_bytes(micro) + shape.parameters * FLOAT32)
+    return estimate

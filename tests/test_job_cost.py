@@ -1,0 +1,145 @@
+"""Job cost: dry runs, the service's bounds, and engine.cost's memory estimate against a measured aTLAS run."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, register_long_job_inputs
+from tvforge.client import ApiError
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def inputs(stack, demo_assets, tmp_path_factory) -> dict:
+    with stack.client() as client:
+        return register_long_job_inputs(client, demo_assets, tmp_path_factory.mktemp("cost"))
+
+
+def _atlas(ids: dict, **params) -> dict:
+    return {"method": "atlas", "base_model_id": ids["base"], "task_vectors": ids["vectors"],
+            "params": {"objective": "entropy", "target_dataset_id": ids["dataset"], **params}}
+
+
+def test_a_dry_run_validates_and_estimates_without_queueing(stack, inputs):
+    with stack.client() as client:
+        before = len(list(client.iterate("/v1/jobs")))
+        response = client.http.post("/v1/jobs?dry_run=true", json=_atlas(inputs, epochs=3, batch_size=16))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["valid"] and body["method"] == "atlas"
+        # 48 target images: 3 epochs x 3 steps x 16, 4 selection passes over them, 1 report pass.
+        assert body["estimate"]["images"] == 3 * 3 * 16 + 4 * 48 + 48
+        assert 0 < body["estimate"]["peak_bytes"] < body["limits"]["worker_memory_bytes"]
+        assert len(list(client.iterate("/v1/jobs"))) == before
+        bad = client.http.post("/v1/jobs?dry_run=true", json=_atlas(inputs, target_dataset_id="ds_missing"))
+        assert bad.status_code == 404
+
+
+def test_a_job_beyond_the_image_bound_is_refused_and_nothing_is_queued(stack, inputs):
+    with stack.client() as client:
+        before = len(list(client.iterate("/v1/jobs")))
+        with pytest.raises(ApiError) as refused:
+            client.create_job("atlas", inputs["base"], inputs["vectors"],
+                              _atlas(inputs, epochs=1000, batch_size=4096)["params"])
+        assert refused.value.status == 422
+        assert "TVFORGE_MAX_JOB_IMAGES" in refused.value.problem["detail"]
+        assert len(list(client.iterate("/v1/jobs"))) == before
+
+
+def test_a_worker_refuses_a_job_its_memory_cannot_hold(tmp_path_factory, demo_assets):
+    """The API takes the job (its bound is the largest worker's); this worker is given 0.5 GiB."""
+    from tests.conftest import Stack
+    from tests.services import start_redis
+
+    redis_url, stop_redis = start_redis()  # a broker of its own: no other module's worker takes the job
+    small = Stack(tmp_path_factory.mktemp("small-worker"), redis_url)
+    small.start_api()
+    small.env["TVFORGE_WORKER_MEMORY_BYTES"] = str(2**29)
+    small.start_worker()
+    try:
+        with small.client() as client:
+            ids = register_long_job_inputs(client, demo_assets, tmp_path_factory.mktemp("small-inputs"))
+            job = client.create_job("atlas", ids["base"], ids["vectors"], _atlas(ids, epochs=1)["params"])
+            job = client.wait_for_job(job["id"], timeout_s=120)
+    finally:
+        small.stop()
+        stop_redis()
+    assert job["status"] == "failed"
+    assert job["error"]["title"] == "Too large for this worker"
+    assert "GiB" in job["error"]["detail"] and "0.5 GiB free" in job["error"]["detail"]
+
+
+MEASURE = """
+import json, resource, sys, tempfile, torch
+from pathlib import Path
+torch.set_num_threads(1)
+from engine.context import JobContext, MergeInputs, ModelSpec, TaskVectorInput, DatasetInput
+from engine.methods.catalogue import get_method
+args = json.loads(sys.argv[1])
+spec = get_method("atlas")
+inputs = MergeInputs(Path(args["base"]), ModelSpec(config=args["config"]),
+                     [TaskVectorInput(f"tv{i}", f"tv{i}", Path(p)) for i, p in enumerate(args["vectors"])],
+                     {"ds": DatasetInput("ds", "target", Path(args["dataset"]), ["red", "green", "blue"])})
+params = spec.params(objective="entropy", target_dataset_id="ds", epochs=1, batch_size=args["batch"])
+spec.runner()(inputs, params, JobContext(workdir=Path(tempfile.mkdtemp())))
+print(json.dumps({"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+WIDE_CONFIG = {  # activations dominate: 65 tokens x width 256 x 4 layers
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 256, "head_width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+
+
+def _assets(folder, config, demo_assets):
+    """Base and two task vectors of config (random); and the side of its images."""
+    import torch
+
+    from engine.context import ModelSpec
+    from engine.safetensors_io import save_tensors
+    from engine.weights import build_model
+
+    if config == demo_assets.config:
+        return demo_assets.base_path, demo_assets.vector_paths, 32
+    torch.manual_seed(0)
+    state = {k: v.detach().contiguous() for k, v in build_model(ModelSpec(config=config)).state_dict().items()}
+    save_tensors(folder / "base.safetensors", state)
+    vectors = []
+    for i in range(2):
+        save_tensors(folder / f"tv{i}.safetensors", {k: 0.01 * torch.randn(v.shape) for k, v in state.items()
+                                                     if k.startswith("visual.") and v.is_floating_point()})
+        vectors.append(folder / f"tv{i}.safetensors")
+    return folder / "base.safetensors", vectors, config["vision_cfg"]["image_size"]
+
+
+@pytest.mark.parametrize("wide, batch", [(False, 16), (False, 256), (True, 128)])
+def test_the_memory_estimate_bounds_a_measured_atlas_run_within_a_factor_of_two(demo_assets, tmp_path, wide, batch):
+    import numpy as np
+
+    from engine.cost import TowerShape, estimate_job
+    from engine.methods.atlas.params import AtlasParams
+    from engine.safetensors_io import read_header
+    from store.weights import counts
+
+    config = WIDE_CONFIG if wide else demo_assets.config
+    base, vectors, side = _assets(tmp_path, config, demo_assets)
+    rng = np.random.default_rng(0)
+    dataset = tmp_path / "target.npz"
+    np.savez(dataset, train_images=rng.integers(0, 256, (256, side, side, 3), dtype=np.uint8),
+             train_labels=rng.integers(0, 3, 256), class_names=np.array(["red", "green", "blue"]))
+    args = {"base": str(base), "config": config, "batch": batch, "vectors": [str(p) for p in vectors],
+            "dataset": str(dataset)}
+    result = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(args)], cwd=REPO, check=True,
+                            capture_output=True, text=True, timeout=300)
+    measured = json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+    tensor_counts = counts(read_header(base))
+    shape = TowerShape.from_config(config, tensor_counts.parameter_count, tensor_counts.visual_parameter_count)
+    params = AtlasParams(objective="entropy", target_dataset_id="ds", epochs=1, batch_size=batch)
+    estimate = estimate_job("atlas", params, shape, len(vectors), {"ds": {"train": 256}}, side)
+    print(f"{'wide' if wide else 'tiny'} batch {batch}: measured {measured / 2**20:.0f} MiB, "
+          f"estimated {estimate.peak_bytes / 2**20:.0f} MiB")
+    assert measured <= estimate.peak_bytes <= 2 * measured
