@@ -6,6 +6,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import TimeoutError as SqlPoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.schemas import JOB_BODIES
@@ -87,6 +88,11 @@ def install_problem_handlers(app: FastAPI) -> None:
         problem = Problem(422, "The request is not valid; see errors.", slug="validation",
                           errors=_validation_errors(exc))
         return problem_response(problem, request)
+
+    @app.exception_handler(SqlPoolTimeout)
+    async def _pool_exhausted(request: Request, exc: SqlPoolTimeout) -> JSONResponse:
+        return problem_response(Problem(503, "The service is at capacity; retry shortly.", slug="busy",
+                                        headers={"Retry-After": "1"}), request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -20,11 +20,14 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 @lru_cache
 def engine_for(url: str) -> Engine:
+    # As many pooled connections as the API has threads to use them (AnyIO's threadpool holds 40): a thread
+    # never waits for a connection while another request's thread sits idle holding one.
+    pool = {"pool_size": get_settings().db_pool_size, "max_overflow": 0, "pool_timeout": 10}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url, pool_pre_ping=True, **pool)
     return engine
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def strict_stack(tmp_path_factory, redis_url):
     live = Stack(tmp_path_factory.mktemp("slow"), f"{redis_url.rsplit('/', 1)[0]}/{next(_redis_db)}",
-                 header_timeout_s=1, body_idle_timeout_s=1.5)
+                 header_timeout_s=1, body_idle_timeout_s=1.5, rate_limit="")
     live.start_api()
     yield live
     live.stop()
@@ -116,3 +116,24 @@ def test_stalled_uploads_and_trickling_headers_do_not_starve_other_requests(stri
         stop.set()
         for sock in stalled + trickling:
             sock.close()
+
+
+def test_a_hundred_concurrent_pollers_are_all_served(strict_stack):
+    """More requests in flight than the API has threads: every one is answered, none waits on a connection
+    that a request queued for a thread holds (that deadlock served 0 requests in 30 s, then 500s)."""
+    import asyncio
+
+    headers = {"Authorization": f"Bearer {strict_stack.owner_key}"}
+
+    async def poller(http: httpx.AsyncClient) -> list[int]:
+        return [(await http.get(f"{strict_stack.url}/v1/jobs", headers=headers)).status_code for _ in range(5)]
+
+    async def main() -> list[int]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+            return [s for statuses in await asyncio.gather(*(poller(http) for _ in range(120))) for s in statuses]
+
+    started = time.monotonic()
+    statuses = asyncio.run(main())
+    assert statuses == [200] * 600
+    assert time.monotonic() - started < 60

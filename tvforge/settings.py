@@ -43,6 +43,8 @@ class Settings(BaseSettings):
                                                                "the model (training and evaluation); more: 422.")
     worker_memory_bytes: int = Field(16 * 1024**3, ge=1, description="Memory of a worker: a job estimated to need "
                                                                       "more is refused (422).")
+    db_pool_size: int = Field(40, ge=1, le=1000, description="Pooled database connections per process (the API's "
+                                                             "threadpool has 40 threads).")
     rate_limit: str = Field("100/second;3000/minute", description="Requests each owner may make, as `limits` "
                                                                 "strings separated by ';' (empty: no limit).")
     rate_limit_storage: str = Field("memory://", description="Where rate-limit counters live: memory:// (one API "

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import exists, select
 from sqlalchemy.exc import IntegrityError
 
-from app.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep, owned_or_404
+from app.deps import BlobsDep, OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
 from app.forms import FormFields
 from app.problems import PROBLEM_RESPONSES, Problem
 from app.schemas import BaseModelOut, Page, Sha256Query
@@ -19,7 +19,8 @@ from store.models import BaseModel, Job, TaskVector
 from store.queries import add_with_blob, page
 from tvforge.settings import Settings
 
-router = APIRouter(prefix="/v1/base-models", tags=["base models"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/base-models", tags=["base models"], responses=PROBLEM_RESPONSES,
+                   route_class=ReleasingRoute)
 
 CREATE_BODY = multipart_body({
     "name": {"type": "string", "maxLength": 200},

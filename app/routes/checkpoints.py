@@ -4,14 +4,15 @@ from typing import Literal
 from fastapi import APIRouter, Request, Response
 
 from app.cards import card_markdown, model_card
-from app.deps import BlobsDep, OwnerDep, SessionDep, owned_or_404
+from app.deps import BlobsDep, OwnerDep, ReleasingRoute, SessionDep, owned_or_404
 from app.downloads import DOWNLOAD_RESPONSES, blob_response
 from app.problems import PROBLEM_RESPONSES, Problem
 from app.schemas import CheckpointOut
 from store import jobs
 from store.models import Checkpoint, Job
 
-router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=PROBLEM_RESPONSES,
+                   route_class=ReleasingRoute)
 
 
 @router.get("/{checkpoint_id}", response_model=CheckpointOut)

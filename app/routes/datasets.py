@@ -3,7 +3,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from app.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep, owned_or_404
+from app.deps import BlobsDep, OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
 from app.forms import FormFields
 from app.problems import PROBLEM_RESPONSES, Problem
 from app.schemas import DatasetOut, Page, Sha256Query
@@ -15,7 +15,8 @@ from store.models import Dataset, JobInput
 from store.queries import add_with_blob, delete_unless_in_use, page
 from tvforge.settings import Settings
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=PROBLEM_RESPONSES,
+                   route_class=ReleasingRoute)
 
 CREATE_BODY = multipart_body({
     "name": {"type": "string", "maxLength": 200},

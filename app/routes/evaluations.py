@@ -3,14 +3,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 
-from app.deps import OwnerDep, SessionDep, owned_or_404
+from app.deps import OwnerDep, ReleasingRoute, SessionDep, owned_or_404
 from app.problems import PROBLEM_RESPONSES
 from app.schemas import EvaluationCreate, JobOut
 from app.submit import invalid, submit
 from store.ids import new_id
 from store.models import BaseModel, Checkpoint, Dataset, Job, JobInput, JobKind, TaskVector
 
-router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"], responses=PROBLEM_RESPONSES,
+                   route_class=ReleasingRoute)
 
 
 def _base_of_checkpoint(session, checkpoint: Checkpoint) -> str:

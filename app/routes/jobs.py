@@ -6,7 +6,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.deps import OwnerDep, SessionDep, SettingsDep, owned_or_404
+from app.deps import OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
 from app.problems import PROBLEM_RESPONSES, Problem
 from app.schemas import CoefficientsOut, DryRunOut, JobCreate, JobFields, JobOut, LearningCurveOut, Page
 from app.submit import invalid, submit
@@ -18,7 +18,8 @@ from store.jobs import JobStatus
 from store.models import BaseModel, Dataset, Job, JobInput, JobKind, TaskVector
 from store.queries import page
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=PROBLEM_RESPONSES,
+                   route_class=ReleasingRoute)
 RETRY_AFTER_S = "2"
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0

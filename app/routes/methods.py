@@ -1,13 +1,14 @@
 """The method catalogue: what each composition method does, its params schema and the results it reports."""
 from fastapi import APIRouter
 
-from app.deps import OwnerDep
+from app.deps import OwnerDep, ReleasingRoute
 from app.problems import PROBLEM_RESPONSES, not_found
 from app.schemas import MethodOut
 from engine.methods.catalogue import METHODS
 from engine.methods.spec import MethodSpec
 
-router = APIRouter(prefix="/v1/methods", tags=["methods"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/methods", tags=["methods"], responses=PROBLEM_RESPONSES,
+                   route_class=ReleasingRoute)
 
 
 def _out(spec: MethodSpec) -> MethodOut:

@@ -3,7 +3,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from app.deps import BlobsDep, OwnerDep, SessionDep, SettingsDep, owned_or_404
+from app.deps import BlobsDep, OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
 from app.downloads import DOWNLOAD_RESPONSES, blob_response
 from app.forms import FormFields
 from app.problems import PROBLEM_RESPONSES, Problem
@@ -16,7 +16,8 @@ from store.ids import new_id
 from store.models import BaseModel, JobInput, TaskVector
 from store.queries import add_with_blob, delete_unless_in_use, page
 
-router = APIRouter(prefix="/v1/task-vectors", tags=["task vectors"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/task-vectors", tags=["task vectors"], responses=PROBLEM_RESPONSES,
+                   route_class=ReleasingRoute)
 
 CREATE_BODY = multipart_body({
     "base_model_id": {"type": "string"},
