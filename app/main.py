@@ -2,6 +2,7 @@
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 
+from app import metrics
 from app.problems import Problem, install_problem_handlers, problem_response
 from app.routes import (
     base_models,
@@ -35,6 +36,8 @@ def create_app() -> FastAPI:
     for module in (health, methods, base_models, task_vectors, datasets, jobs, evaluations, checkpoints, ui):
         app.include_router(module.router)
     app.mount("/ui/static", ui.static_files, name="ui-static")
+    app.include_router(metrics.router)
+    app.middleware("http")(metrics.record_latency)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

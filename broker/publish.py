@@ -34,3 +34,18 @@ def broker_reachable(timeout_s: float = 2.0) -> bool:
         return True
     except Exception:  # any transport error means not reachable
         return False
+
+
+def queue_depth(timeout_s: float = 2.0) -> int | None:
+    """Job ids waiting in the broker's queue (Redis LLEN); None if the broker cannot be asked."""
+    import redis
+
+    from broker.celery_app import JOB_QUEUE
+    from tvforge.settings import get_settings
+
+    try:
+        client = redis.Redis.from_url(get_settings().broker_url, socket_timeout=timeout_s,
+                                      socket_connect_timeout=timeout_s)
+        return int(client.llen(JOB_QUEUE))
+    except redis.RedisError:
+        return None

@@ -1,0 +1,85 @@
+"""Prometheus metrics at /metrics (prometheus_client): request latency from this API process, and the
+service's state read from the database and the broker at scrape time - jobs by status and method, job
+durations, the queue's depth, workers' heartbeats, the blob store's bytes. The workers write every job
+fact to the database, so one scrape of any API process shows the whole service."""
+import time
+from datetime import UTC, datetime
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy import func, select
+
+from broker.publish import queue_depth
+from store.db import session_scope
+from store.jobs import JobStatus
+from store.models import BaseModel, Checkpoint, Dataset, Job, TaskVector
+
+REGISTRY = CollectorRegistry()
+REQUEST_SECONDS = Histogram("tvforge_http_request_duration_seconds", "HTTP request latency, by route template.",
+                            ["method", "route", "status"], registry=REGISTRY)
+JOB_SECONDS_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, float("inf"))
+
+
+class ServiceCollector:
+    """The service's state, read from the database and the broker when Prometheus scrapes."""
+
+    def collect(self):
+        with session_scope() as session:
+            by_status = GaugeMetricFamily("tvforge_jobs", "Jobs by status, kind and method.",
+                                          labels=["status", "kind", "method"])
+            for status, kind, method, count in session.execute(
+                    select(Job.status, Job.kind, Job.method, func.count()).group_by(Job.status, Job.kind, Job.method)):
+                by_status.add_metric([JobStatus(status).value, str(getattr(kind, "value", kind)), method or ""],
+                                     count)
+            yield by_status
+
+            durations = [(f - s).total_seconds() for s, f in session.execute(
+                select(Job.started_at, Job.finished_at).where(Job.status == JobStatus.SUCCEEDED,
+                                                              Job.started_at.is_not(None)))]
+            buckets = [(str(b), sum(1 for d in durations if d <= b)) for b in JOB_SECONDS_BUCKETS]
+            histogram = HistogramMetricFamily("tvforge_job_duration_seconds", "Run time of succeeded jobs.")
+            histogram.add_metric([], buckets, sum(durations))
+            yield histogram
+
+            newest = session.scalar(select(func.max(Job.heartbeat_at)).where(Job.status == JobStatus.RUNNING))
+            running_workers = session.scalar(select(func.count(func.distinct(Job.worker_id)))
+                                             .where(Job.status == JobStatus.RUNNING))
+            age = GaugeMetricFamily("tvforge_worker_heartbeat_age_seconds",
+                                    "Seconds since the freshest heartbeat of a running job (absent when none runs).")
+            if newest is not None:
+                age.add_metric([], (datetime.now(UTC) - newest.replace(tzinfo=newest.tzinfo or UTC)).total_seconds())
+            yield age
+            yield GaugeMetricFamily("tvforge_workers_running_jobs", "Workers holding a running job.",
+                                    value=running_workers or 0)
+
+            stored = 0
+            for model in (BaseModel, TaskVector, Dataset, Checkpoint):
+                rows = select(model.sha256, func.max(model.size_bytes)).group_by(model.sha256).subquery()
+                stored += session.scalar(select(func.coalesce(func.sum(rows.c[1]), 0))) or 0
+            yield GaugeMetricFamily("tvforge_blob_store_bytes", "Bytes of the stored files rows point at.",
+                                    value=stored)
+        depth = queue_depth()
+        queue = GaugeMetricFamily("tvforge_queue_depth", "Job ids waiting in the broker (absent if unreachable).")
+        if depth is not None:
+            queue.add_metric([], depth)
+        yield queue
+
+
+REGISTRY.register(ServiceCollector())
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/metrics")
+def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+async def record_latency(request: Request, call_next):
+    """HTTP middleware: every request's latency under its route template (no ids, so few series)."""
+    started = time.perf_counter()
+    response = await call_next(request)
+    route = request.scope.get("route")
+    REQUEST_SECONDS.labels(request.method, getattr(route, "path", "unmatched"),
+                           str(response.status_code)).observe(time.perf_counter() - started)
+    return response

@@ -1,0 +1,42 @@
+"""/metrics in Prometheus format from a running stack: request latency by route, jobs, durations, queue, store."""
+import re
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tvforge.demo import run_demo
+
+pytestmark = pytest.mark.integration
+
+
+def _samples(stack) -> dict:
+    text = httpx.get(f"{stack.url}/metrics", timeout=10)
+    assert text.status_code == 200 and text.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.text) for s in family.samples}
+
+
+def test_metrics_show_requests_jobs_durations_queue_and_store(stack, tmp_path):
+    with stack.client() as client:
+        summary = run_demo(client, tmp_path, log=lambda _: None)
+        job_id = summary["job"]["id"]
+        client.get_job(job_id)
+        jobs = list(client.iterate("/v1/jobs"))
+        blobs = {row["sha256"]: row["size_bytes"] for path in ("/v1/base-models", "/v1/task-vectors")
+                 for row in client.iterate(path)}
+        checkpoint = client.get_checkpoint(summary["job"]["result"]["checkpoint_id"])
+        blobs[checkpoint["sha256"]] = checkpoint["size_bytes"]
+    samples = _samples(stack)
+
+    polls = samples[("tvforge_http_request_duration_seconds_count",
+                     (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "200")))]
+    assert polls >= 1
+    ids = re.compile(r"(job|tv|bm|ds|ckpt)_[0-9a-f]{8}")
+    assert not any(ids.search(value) for (_, labels) in samples for _, value in labels)  # templates, not ids
+    succeeded = sum(v for (name, labels), v in samples.items()
+                    if name == "tvforge_jobs" and ("status", "succeeded") in labels)
+    assert succeeded == sum(1 for j in jobs if j["status"] == "succeeded") >= 1
+    assert samples[("tvforge_job_duration_seconds_count", ())] == succeeded
+    assert samples[("tvforge_queue_depth", ())] >= 0
+    assert samples[("tvforge_blob_store_bytes", ())] >= sum(blobs.values())
