@@ -14,8 +14,9 @@ FLOAT32 = 4
 # batch 128 kept 850 MiB where the formula, doubled for float32, gives 665): a factor of 1.5 covers it.
 EAGER_FP32_FACTOR = 1.5
 SEARCH_POINTS = 21  # the largest lambda grid of the training-free methods
-# The process before any tensor: python, torch, open_clip and the engine imported measure 0.74 GiB of RSS
-# (torch 2.14, CPU); the allocator's slack and the loaded model's bookkeeping make it about 0.9.
+# The process before any tensor: python, torch, open_clip and the engine imported measure 0.74 GiB of RSS on
+# the development machine (torch 2.14, CPU), and twice that on another install of the same versions; the
+# default leaves some slack over the first. Workers pass their own (refuse_if_too_large).
 RUNTIME_BYTES = 900 * 2**20
 
 
@@ -73,7 +74,7 @@ def first_split(sizes: dict[str, int], order: tuple[str, ...]) -> int:
 
 
 def atlas_estimate(params, shape: TowerShape, n_vectors: int, split_sizes: dict[str, dict[str, int]],
-                   dataset_side: int) -> JobEstimate:
+                   dataset_side: int, runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
     """aTLAS: epochs x steps x batch training images (forward and backward), every epoch's selection
     evaluation, and memory for theta_0, the stacked vectors, the composed tower, a batch's activations and
     the datasets."""
@@ -95,32 +96,33 @@ def atlas_estimate(params, shape: TowerShape, n_vectors: int, split_sizes: dict[
     selection = sum(first_split(sizes, ("val", "train")) for sizes in split_sizes.values())
     reports = sum(first_split(sizes, ("test", "val", "train")) for sizes in split_sizes.values())
     images = epochs * steps * params.batch_size + (epochs + 1) * selection + reports
-    peak = (RUNTIME_BYTES + shape.parameters * FLOAT32 + (n_vectors + 2) * shape.visual_parameters * FLOAT32
+    peak = (runtime_bytes + shape.parameters * FLOAT32 + (n_vectors + 2) * shape.visual_parameters * FLOAT32
             + shape.activation_bytes(params.batch_size) + shape.image_bytes(params.batch_size)
             + dataset_bytes(split_sizes, dataset_side))
     return JobEstimate(images, peak)
 
 
 def search_estimate(params, shape: TowerShape, split_sizes: dict[str, dict[str, int]], grid: int,
-                    dataset_side: int) -> JobEstimate:
+                    dataset_side: int, runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
     """A training-free merge: one model and one merged vector in memory; a lambda search evaluates every
     grid point on each dataset's val split, then the report splits once."""
     validation = sum(first_split(sizes, ("val", "train")) for sizes in split_sizes.values())
     reports = sum(first_split(sizes, ("test", "val", "train")) for sizes in split_sizes.values())
     eval_batch = 256
-    peak = (RUNTIME_BYTES + 2 * shape.parameters * FLOAT32 + shape.visual_parameters * FLOAT32
+    peak = (runtime_bytes + 2 * shape.parameters * FLOAT32 + shape.visual_parameters * FLOAT32
             + shape.activation_bytes(eval_batch) // 4 + dataset_bytes(split_sizes, dataset_side))
     return JobEstimate(grid * validation + reports, peak)
 
 
 def estimate_job(method: str, params, shape: TowerShape, n_vectors: int, split_sizes: dict[str, dict[str, int]],
-                 dataset_side: int) -> JobEstimate:
+                 dataset_side: int, runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
     """The estimate of a `method` job with these params over datasets of these split sizes (dataset id ->
-    {split: images}) whose images are dataset_side pixels square."""
+    {split: images}) whose images are dataset_side pixels square; runtime_bytes: the process before any
+    tensor (a worker knows its own; the default is this machine's)."""
     if method == "atlas":
-        return atlas_estimate(params, shape, n_vectors, split_sizes, dataset_side)
+        return atlas_estimate(params, shape, n_vectors, split_sizes, dataset_side, runtime_bytes)
     grid = SEARCH_POINTS if getattr(params, "validation_datasets", None) else 0
-    estimate = search_estimate(params, shape, split_sizes, grid, dataset_side)
+    estimate = search_estimate(params, shape, split_sizes, grid, dataset_side, runtime_bytes)
     calibrated = len(getattr(params, "calibration_datasets", {}) or {})
     if calibrated:  # STA: forward and backward over the calibration samples of each calibrated vector
         micro = params.micro_batch_size

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.context import JobContext, MergeInputs, MethodResult, Progress
-from engine.cost import JobEstimate, TowerShape, estimate_job
+from engine.cost import RUNTIME_BYTES, JobEstimate, TowerShape, estimate_job
 from engine.data import REPORT_SPLITS, image_side, split_sizes
 from engine.evaluator import EvalTarget, Evaluator
 from engine.methods.spec import MethodParams, MethodSpec
@@ -87,7 +87,8 @@ def evaluate(inputs: MergeInputs, weights: Path | None, items: list[EvaluationIt
     return evaluator.report(targets, REPORT_SPLITS, references)
 
 
-def estimate_inputs(spec: MethodSpec, inputs: MergeInputs, params: MethodParams) -> JobEstimate:
+def estimate_inputs(spec: MethodSpec, inputs: MergeInputs, params: MethodParams,
+                    runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
     """engine.cost's estimate of a job from its files' headers (no tensor or image is read)."""
     import open_clip
 
@@ -100,4 +101,4 @@ def estimate_inputs(spec: MethodSpec, inputs: MergeInputs, params: MethodParams)
     for dataset_id, dataset in inputs.datasets.items():
         sizes[dataset_id] = split_sizes(dataset.path)
         side = max(side, image_side(dataset.path))
-    return estimate_job(spec.name, params, shape, len(inputs.task_vectors), sizes, side)
+    return estimate_job(spec.name, params, shape, len(inputs.task_vectors), sizes, side, runtime_bytes)

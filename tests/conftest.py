@@ -38,6 +38,8 @@ class Stack:
             "TVFORGE_REAPER_INTERVAL_S": "1",
             # API, worker and pytest share two cores here: one torch thread each avoids oversubscription.
             "TVFORGE_TORCH_THREADS": "1",
+            # Tests fire requests faster than a person; the limiter has a stack of its own (test_rate_limits).
+            "TVFORGE_RATE_LIMIT": "",
         } | {f"TVFORGE_{k.upper()}": str(v) for k, v in settings.items()}
         self.api: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []

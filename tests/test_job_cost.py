@@ -79,12 +79,14 @@ from engine.context import JobContext, MergeInputs, ModelSpec, TaskVectorInput, 
 from engine.methods.catalogue import get_method
 args = json.loads(sys.argv[1])
 spec = get_method("atlas")
+spec.runner()  # imported: what is resident now is the runtime, before any tensor of the job
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 inputs = MergeInputs(Path(args["base"]), ModelSpec(config=args["config"]),
                      [TaskVectorInput(f"tv{i}", f"tv{i}", Path(p)) for i, p in enumerate(args["vectors"])],
                      {"ds": DatasetInput("ds", "target", Path(args["dataset"]), ["red", "green", "blue"])})
 params = spec.params(objective="entropy", target_dataset_id="ds", epochs=1, batch_size=args["batch"])
 spec.runner()(inputs, params, JobContext(workdir=Path(tempfile.mkdtemp())))
-print(json.dumps({"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "baseline": baseline}))
 """
 
 
@@ -135,11 +137,14 @@ def test_the_memory_estimate_bounds_a_measured_atlas_run_within_a_factor_of_two(
             "dataset": str(dataset)}
     result = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(args)], cwd=REPO, check=True,
                             capture_output=True, text=True, timeout=300)
-    measured = json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    measured = report["peak_bytes"]
     tensor_counts = counts(read_header(base))
     shape = TowerShape.from_config(config, tensor_counts.parameter_count, tensor_counts.visual_parameter_count)
     params = AtlasParams(objective="entropy", target_dataset_id="ds", epochs=1, batch_size=batch)
-    estimate = estimate_job("atlas", params, shape, len(vectors), {"ds": {"train": 256}}, side)
-    print(f"{'wide' if wide else 'tiny'} batch {batch}: measured {measured / 2**20:.0f} MiB, "
-          f"estimated {estimate.peak_bytes / 2**20:.0f} MiB")
+    # The runtime differs between installs (0.74 to 1.6 GiB seen): the estimate is given this process's.
+    estimate = estimate_job("atlas", params, shape, len(vectors), {"ds": {"train": 256}}, side,
+                            runtime_bytes=report["baseline"])
+    print(f"{'wide' if wide else 'tiny'} batch {batch}: runtime {report['baseline'] / 2**20:.0f} MiB, measured "
+          f"{measured / 2**20:.0f} MiB, estimated {estimate.peak_bytes / 2**20:.0f} MiB")
     assert measured <= estimate.peak_bytes <= 2 * measured

@@ -188,11 +188,19 @@ def free_memory_bytes(device: str) -> int:
     return 2**62  # not Linux: nothing to compare with
 
 
+def resident_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def refuse_if_too_large(spec, inputs, params, device: str, memory_bytes: int) -> None:
     """A job the engine estimates (engine.cost) to need more memory than the device has free (or than
     TVFORGE_WORKER_MEMORY_BYTES gives this worker) is refused with the numbers, instead of being killed
     half-way by the kernel or CUDA."""
-    estimate = estimate_inputs(spec, inputs, params)
+    # The worker's own resident size now stands for the runtime part of the estimate.
+    estimate = estimate_inputs(spec, inputs, params, resident_bytes())
     free = min(free_memory_bytes(device), memory_bytes)
     if estimate.peak_bytes > free:
         raise TooLargeForWorker(f"this job needs about {estimate.peak_bytes / 2**30:.1f} GiB and the worker's "
