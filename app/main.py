@@ -1,4 +1,7 @@
 """The FastAPI application."""
+import re
+import uuid
+
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 
@@ -18,6 +21,22 @@ from app.routes import (
 from app.schemas import ProblemOut
 from engine.methods.catalogue import METHODS
 from store.queries import BadCursor
+from tvforge import logs
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+async def tag_request(request: Request, call_next):
+    """Every request gets an id (the client's X-Request-ID when it is a plain token): in the response's
+    X-Request-ID and in every log line written while it is served."""
+    given = request.headers.get("x-request-id", "")
+    rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+    # Not reset: uvicorn serves each request in a task of its own and writes the access line from it, after
+    # this returns, so the id stays on that line too and goes with the task.
+    logs.request_id.set(rid)
+    response = await call_next(request)
+    response.headers["X-Request-ID"] = rid
+    return response
 
 
 def create_app() -> FastAPI:
@@ -38,6 +57,7 @@ def create_app() -> FastAPI:
     app.mount("/ui/static", ui.static_files, name="ui-static")
     app.include_router(metrics.router)
     app.middleware("http")(metrics.record_latency)
+    app.middleware("http")(tag_request)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

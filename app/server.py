@@ -8,6 +8,7 @@ import asyncio
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from tvforge.logs import configure_logging
 from tvforge.settings import Settings
 
 
@@ -87,8 +88,10 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None) 
 
     from app.main import app
 
+    configure_logging(settings.log_format)
     HeaderDeadlineProtocol.header_timeout_s = settings.header_timeout_s
-    uvicorn.run(BodyIdleTimeoutMiddleware(app, settings.body_idle_timeout_s), host=host or settings.api_host,
+    uvicorn.run(BodyIdleTimeoutMiddleware(app, settings.body_idle_timeout_s), log_config=None,
+                host=host or settings.api_host,
                 port=port or settings.api_port, proxy_headers=True, log_level="info", http=HeaderDeadlineProtocol,
                 timeout_keep_alive=settings.keep_alive_timeout_s, limit_concurrency=settings.max_connections,
                 timeout_graceful_shutdown=settings.graceful_shutdown_s)

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
                                                                       "more is refused (422).")
     db_pool_size: int = Field(40, ge=1, le=1000, description="Pooled database connections per process (the API's "
                                                              "threadpool has 40 threads).")
+    log_format: str = Field("json", pattern="^(json|text)$", description="json: one JSON object per log line, "
+                                                                         "with its request_id or job_id; text: "
+                                                                         "plain lines.")
     rate_limit: str = Field("100/second;3000/minute", description="Requests each owner may make, as `limits` "
                                                                 "strings separated by ';' (empty: no limit).")
     rate_limit_storage: str = Field("memory://", description="Where rate-limit counters live: memory:// (one API "

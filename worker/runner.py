@@ -225,6 +225,7 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
     blobs = get_blob_store()
     heartbeat = Heartbeat(job_id, worker_id, settings.heartbeat_interval_s)
     heartbeat.start()
+    log.info("job claimed by %s", worker_id)
     workdir = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-", dir=blobs.tmp_dir))
     try:
         loaded = _load(job_id)
@@ -258,6 +259,7 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
             ok = jobs.succeed(session, job_id, worker_id, result={"checkpoint_id": checkpoint.id,
                                                                   "metrics": result.metrics},
                               artifacts=result.artifacts or None, checkpoint=checkpoint)
+        log.info("job succeeded: checkpoint %s (%d bytes)", checkpoint.id, size)
         return JobStatus.SUCCEEDED if ok else None
     except Cancelled:
         if heartbeat.lost.is_set():

@@ -2,10 +2,12 @@
 import os
 import socket
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown
 
 from broker.celery_app import RUN_JOB, celery_app
 from store.db import get_engine
+from tvforge import logs
+from tvforge.logs import configure_logging
 from tvforge.settings import get_settings
 from worker.reaper import Reaper
 from worker.runner import run_job
@@ -13,9 +15,18 @@ from worker.runner import run_job
 _reaper: Reaper | None = None
 
 
+@setup_logging.connect
+def _configure_logging(**_) -> None:
+    configure_logging(get_settings().log_format)  # connected: Celery leaves logging to us
+
+
 @celery_app.task(name=RUN_JOB)
 def run_job_task(job_id: str) -> str | None:
-    return run_job(job_id, worker_id=f"{socket.gethostname()}:{os.getpid()}")
+    token = logs.job_id.set(job_id)  # every log line of the job carries its id
+    try:
+        return run_job(job_id, worker_id=f"{socket.gethostname()}:{os.getpid()}")
+    finally:
+        logs.job_id.reset(token)
 
 
 @worker_process_init.connect
