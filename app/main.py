@@ -26,17 +26,28 @@ from tvforge import logs
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-async def tag_request(request: Request, call_next):
+class RequestIdMiddleware:
     """Every request gets an id (the client's X-Request-ID when it is a plain token): in the response's
-    X-Request-ID and in every log line written while it is served."""
-    given = request.headers.get("x-request-id", "")
-    rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
-    # Not reset: uvicorn serves each request in a task of its own and writes the access line from it, after
-    # this returns, so the id stays on that line too and goes with the task.
-    logs.request_id.set(rid)
-    response = await call_next(request)
-    response.headers["X-Request-ID"] = rid
-    return response
+    X-Request-ID and in every log line written while it is served. Pure ASGI, like LatencyMiddleware."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        # Not reset: uvicorn serves each request in a task of its own and writes the access line from it,
+        # after this returns, so the id stays on that line too and goes with the task.
+        logs.request_id.set(rid)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def create_app() -> FastAPI:
@@ -56,8 +67,8 @@ def create_app() -> FastAPI:
         app.include_router(module.router)
     app.mount("/ui/static", ui.static_files, name="ui-static")
     app.include_router(metrics.router)
-    app.middleware("http")(metrics.record_latency)
-    app.middleware("http")(tag_request)
+    app.add_middleware(metrics.LatencyMiddleware)
+    app.add_middleware(RequestIdMiddleware)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

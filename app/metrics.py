@@ -5,7 +5,7 @@ fact to the database, so one scrape of any API process shows the whole service."
 import time
 from datetime import UTC, datetime
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import func, select
@@ -75,11 +75,28 @@ def metrics() -> Response:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-async def record_latency(request: Request, call_next):
-    """HTTP middleware: every request's latency under its route template (no ids, so few series)."""
-    started = time.perf_counter()
-    response = await call_next(request)
-    route = request.scope.get("route")
-    REQUEST_SECONDS.labels(request.method, getattr(route, "path", "unmatched"),
-                           str(response.status_code)).observe(time.perf_counter() - started)
-    return response
+class LatencyMiddleware:
+    """Every request's latency under its route template (no ids, so few series). Pure ASGI: Starlette's
+    BaseHTTPMiddleware runs the app in a task group, which turned an exception raised while reading the body
+    (a stalled upload's 408) into an ExceptionGroup and a 500."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            REQUEST_SECONDS.labels(scope["method"], getattr(route, "path", "unmatched"),
+                                   str(status)).observe(time.perf_counter() - started)
