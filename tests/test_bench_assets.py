@@ -61,3 +61,37 @@ def test_second_build_reuses_assets(assets):
     again = build_assets(assets.root, quick=True)
     assert again.manifest == assets.manifest
     assert assets.base_path.stat().st_mtime_ns == before
+
+
+def test_disentanglement_matches_an_independent_computation(assets):
+    """The manifest's cosine and cross-task change, recomputed from the files with plain torch."""
+    import torch
+    from safetensors.torch import load_file
+
+    from engine.data import preprocess_images
+    from engine.heads import zero_shot_head
+    from engine.weights import build_model
+
+    found = assets.manifest["disentanglement"]
+    first, second = assets.tasks[:2]
+    a, b = load_file(first.vector_path), load_file(second.vector_path)
+    dot = sum(float((a[name].double() * b[name].double()).sum()) for name in a)
+    norm_a = sum(float(t.double().square().sum()) for t in a.values()) ** 0.5
+    norm_b = sum(float(t.double().square().sum()) for t in b.values()) ** 0.5
+    assert found["cosine"][first.name][second.name] == pytest.approx(dot / (norm_a * norm_b), abs=1e-4)
+    assert found["cosine"][first.name][first.name] == pytest.approx(1.0, abs=1e-4)
+
+    base = load_file(assets.base_path)
+    model = build_model(assets.model_spec).eval()
+    model.load_state_dict(base)
+    head = zero_shot_head(model, second.class_names, second.templates)
+    model.load_state_dict({**base, **{name: base[name] + tau for name, tau in a.items()}})
+    with np.load(second.dataset_path) as data:
+        images, labels = data["val_images"], data["val_labels"]
+    with torch.no_grad():
+        features = model.encode_image(preprocess_images(images, model), normalize=True)
+    tuned_on_first = float(((features @ head.T).argmax(1).numpy() == labels).mean())
+    expected = tuned_on_first - second.zero_shot["val"]
+    assert found["change_val"][first.name][second.name] == pytest.approx(expected, abs=2e-4)
+    harms = [found["change_val"][x.name][y.name] for x in assets.tasks for y in assets.tasks if x is not y]
+    assert found["mean_harm_val"] == pytest.approx(np.mean(harms), abs=1e-4)

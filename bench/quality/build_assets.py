@@ -34,7 +34,7 @@ from engine.safetensors_io import save_tensors
 from engine.weights import build_model, file_sha256
 
 # Bump when the code changes what a configuration produces, so cached assets are rebuilt.
-ASSET_FORMAT_VERSION = 2
+ASSET_FORMAT_VERSION = 3
 
 MODEL_CONFIG = {
     "embed_dim": 64,
@@ -106,6 +106,29 @@ def _vector_size(vector: dict[str, torch.Tensor], base: dict[str, torch.Tensor])
     largest = max(per_tensor, key=per_tensor.get)
     return {"tau_ratio": round((squared / base_squared) ** 0.5, 5),
             "max_tensor_ratio": {"tensor": largest, "ratio": round(per_tensor[largest], 5)}}
+
+
+def _disentanglement(vectors: dict[str, dict[str, torch.Tensor]], zero_shot_val: dict[str, float],
+                     cross_val: dict[str, dict[str, float]]) -> dict:
+    """How much the task vectors leave each other's tasks alone: an asset property, no merge involved.
+
+    Task arithmetic needs both (Ortiz-Jimenez et al. 2023, "weight disentanglement"): vectors nearly
+    orthogonal, and each fine-tuned model close to zero-shot on the other tasks. `change_val[a][b]` is
+    the val accuracy on task b of the model fine-tuned on a, minus zero-shot (the held-out task
+    included); the mean harm is over pairs of tasks with vectors: adding N vectors adds N-1 such
+    changes to each task's own gain, to first order.
+    """
+    names = list(vectors)
+    flat = {name: torch.cat([tau.flatten().double() for tau in vectors[name].values()]) for name in names}
+    cosine = {a: {b: round(float(flat[a] @ flat[b] / (flat[a].norm() * flat[b].norm())), 4) for b in names}
+              for a in names}
+    change = {a: {b: round(cross_val[a][b] - zero_shot_val[b], 4) for b in cross_val[a]} for a in names}
+    gain = {a: change[a][a] for a in names}
+    off_diagonal = [cosine[a][b] for a in names for b in names if a != b]
+    harms = [change[a][b] for a in names for b in names if a != b]
+    return {"cosine": cosine, "mean_off_diagonal_cosine": round(float(np.mean(off_diagonal)), 4),
+            "own_gain_val": gain, "change_val": change, "mean_harm_val": round(float(np.mean(harms)), 4),
+            "mean_own_gain_val": round(float(np.mean(list(gain.values()))), 4)}
 
 
 def _accuracies(model: torch.nn.Module, task: TaskData, head: torch.Tensor) -> dict[str, float]:
@@ -183,7 +206,7 @@ def build_assets(out: Path, quick: bool = False, config: BuildConfig | None = No
 
     visual_names = [name for name, tensor in base_state.items()
                     if name.startswith("visual.") and tensor.is_floating_point()]
-    fine_tuned, vector_sizes, finetune_s = {}, {}, {}
+    fine_tuned, vector_sizes, finetune_s, vectors, cross_val = {}, {}, {}, {}, {}
     for index, task in enumerate(tasks):
         clock = time.perf_counter()
         model.load_state_dict(base_state)
@@ -199,6 +222,9 @@ def build_assets(out: Path, quick: bool = False, config: BuildConfig | None = No
         # measure theta_0 + tau, exactly what a consumer of the files reconstructs
         model.load_state_dict({**base_state, **{name: base_state[name] + vector[name] for name in visual_names}})
         fine_tuned[task.name] = _accuracies(model, task, heads[task.name])
+        cross_val[task.name] = {other.name: evaluate_accuracy(model, *other.splits["val"], heads[other.name])
+                                for other in [*tasks, held_out]}
+        vectors[task.name] = vector
         finetune_s[task.name] = round(time.perf_counter() - clock, 1)
     timings["finetune_s"] = finetune_s
     timings["total_s"] = round(time.perf_counter() - started, 1)
@@ -230,6 +256,8 @@ def build_assets(out: Path, quick: bool = False, config: BuildConfig | None = No
             "zero_shot": round(float(np.mean([zero_shot[t.name]["test"] for t in tasks])), 4),
             "fine_tuned": round(float(np.mean([fine_tuned[t.name]["test"] for t in tasks])), 4),
         },
+        "disentanglement": _disentanglement(vectors, {name: accs["val"] for name, accs in zero_shot.items()},
+                                            cross_val),
         "pretrain_loss": {"first": round(losses[0], 4), "last": round(float(np.mean(losses[-20:])), 4)},
         "timings": timings,
         "threads": torch.get_num_threads(),
@@ -252,6 +280,10 @@ def _print_summary(assets: Assets) -> None:
         print(f"{task.name:<14}{entry['chance']:>7.3f}{zero_shot:>20}{tuned:>21}{ratio:>11}{largest:>18}")
     means = assets.manifest["mean_test_accuracy"]
     print(f"mean test accuracy of the tasks: zero-shot {means['zero_shot']:.3f}, fine-tuned {means['fine_tuned']:.3f}")
+    found = assets.manifest["disentanglement"]
+    print(f"task vectors: mean pairwise cosine {found['mean_off_diagonal_cosine']:+.3f}; a fine-tuned model gains "
+          f"{found['mean_own_gain_val']:+.3f} on its own task (val) and changes each other task by "
+          f"{found['mean_harm_val']:+.3f} on average")
     print("timings:", json.dumps(assets.manifest["timings"]))
 
 

@@ -409,7 +409,7 @@ def asset_summary(assets: Assets, reused: bool) -> dict:
             "regime": assets.manifest.get("regime"),
             "tasks": {t.name: {"classes": len(t.class_names), "zero_shot": t.zero_shot, "fine_tuned": t.fine_tuned,
                                "tau_ratio": t.tau_ratio} for t in [*assets.tasks, assets.held_out]},
-            "held_out": assets.held_out.name}
+            "held_out": assets.held_out.name, "disentanglement": assets.manifest.get("disentanglement")}
 
 
 def run_benchmark(assets_dir: Path, quick: bool, workdir: Path, threads: int = 1) -> dict:

@@ -107,6 +107,15 @@ def _settings(rows: list[dict], label) -> str:
     return "\n".join(lines)
 
 
+def _disentanglement_line(found: dict | None) -> list[str]:
+    """The assets' weight disentanglement (build_assets._disentanglement), which bounds what task arithmetic can do."""
+    if not found:
+        return []
+    return [f"Task vectors (val, before any merge): mean pairwise cosine {found['mean_off_diagonal_cosine']:+.3f}; "
+            f"each fine-tuned model gains {_pct(found['mean_own_gain_val'])} points on its own task and changes "
+            f"each other task by {_pct(found['mean_harm_val'])} points on average."]
+
+
 def render_markdown(result: dict) -> str:
     tables, machine, timings = result["tables"], result["machine"], result["timings"]
     few = tables["few_shot"]
@@ -115,6 +124,7 @@ def render_markdown(result: dict) -> str:
         f"seed {result['seed']})",
         f"Machine: {machine['usable_cpus']} usable CPUs, torch {machine['torch']} on {machine['torch_threads']} "
         f"thread(s), {machine['platform']}. Accuracies in % on each task's test split.",
+        *_disentanglement_line(result["assets"].get("disentanglement")),
         "### 1. Task addition (normalised = merged / that task's fine-tuned accuracy)",
         addition_markdown(tables["addition"]),
         _settings(tables["addition"]["rows"], lambda row: row["row"]),
