@@ -10,9 +10,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.problems import Problem
+from app.quotas import check_active_jobs
 from broker.publish import publish
 from store import jobs
 from store.models import Job
+from tvforge.settings import Settings
 
 
 def invalid(loc: list, msg: str) -> Problem:
@@ -33,12 +35,14 @@ def _replay(session: Session, owner: str, key: str, digest: str) -> Job | None:
 
 
 def submit(session: Session, response: Response, owner: str, body: BaseModel, idempotency_key: str | None,
-           build: Callable[[str], Job]) -> Job:
+           build: Callable[[str], Job], settings: Settings) -> Job:
     """The job build(request hash) makes (it checks the body's ids), queued and published; with an
-    Idempotency-Key already used for the same body, that job instead."""
+    Idempotency-Key already used for the same body, that job instead (a replay is never refused
+    by the quota: it queues nothing)."""
     digest = request_hash(body)
     job = _replay(session, owner, idempotency_key, digest) if idempotency_key else None
     if job is None:
+        check_active_jobs(session, settings, owner)
         job = jobs.enqueue(session, build(digest))
         job.idempotency_key = idempotency_key
         try:

@@ -131,8 +131,15 @@ async def receive_upload(request: Request, blobs: BlobStore, max_bytes: int) -> 
     return upload
 
 
-async def ingest_upload(request: Request, blobs: BlobStore, max_bytes: int, ingest: Callable[[Upload], T]) -> T:
-    """Stream the upload in, run ingest on it in a thread, and always remove what ingest did not keep."""
+async def ingest_upload(request: Request, blobs: BlobStore, max_bytes: int, ingest: Callable[[Upload], T],
+                        admit: Callable[[int], None] | None = None) -> T:
+    """Stream the upload in, run ingest on it in a thread, and always remove what ingest did not keep.
+
+    admit(1), when given, runs before the body is read: an owner with no room left is refused
+    without streaming anything.
+    """
+    if admit is not None:
+        await run_in_threadpool(admit, 1)
     upload = await receive_upload(request, blobs, max_bytes)
     try:
         return await run_in_threadpool(ingest, upload)

@@ -2,6 +2,7 @@
 import base64
 import binascii
 import re
+from collections.abc import Callable
 
 from sqlalchemy import Select, delete, exists, select
 from sqlalchemy.exc import IntegrityError
@@ -63,13 +64,17 @@ def blob_referenced(session: Session, sha256: str) -> bool:
     )
 
 
-def add_with_blob(session: Session, blobs: BlobStore, sha256: str, created: bool, row) -> None:
-    """Commit a row that points at a blob just stored; if the commit fails, the blob goes too.
+def add_with_blob(session: Session, blobs: BlobStore, sha256: str, created: bool, row,
+                  admit: Callable[[int], None] | None = None) -> None:
+    """Commit a row that points at a blob just stored; if admit(row.size_bytes) refuses it or the
+    commit fails, the blob goes too.
 
     The blob is stored before the row: a crash in between leaves an unreferenced blob, never
     a row pointing at a missing file.
     """
     try:
+        if admit is not None:
+            admit(row.size_bytes)
         session.add(row)
         session.commit()
     except BaseException:

@@ -6,8 +6,13 @@ and in production (PostgreSQL, a shared Redis); only these settings differ.
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OwnerQuota(BaseModel):
+    storage_bytes: int | None = Field(None, ge=0)
+    active_jobs: int | None = Field(None, ge=0)
 
 
 class Settings(BaseSettings):
@@ -60,6 +65,15 @@ class Settings(BaseSettings):
     max_connections: int = Field(1000, ge=1, description="Open connections past this get 503.")
     graceful_shutdown_s: float = Field(30.0, ge=0, description="On SIGTERM, requests in flight get this long to "
                                                                "finish.")
+
+    quota_storage_bytes: int | None = Field(None, ge=0, description="Bytes each owner may store: its base models, "
+                                        "task vectors, datasets and checkpoints (a blob two rows share counts "
+                                        "twice). Past it, uploads and merge jobs get 403. Unset: no quota.")
+    quota_active_jobs: int | None = Field(None, ge=0, description="Jobs each owner may have queued or running at "
+                                          "once; past it, a new job gets 429 with Retry-After. Unset: no quota.")
+    quota_overrides: dict[str, OwnerQuota] = Field({}, description='Quotas of particular owners, replacing the '
+                                                   'defaults field by field, as JSON: {"alice": {"storage_bytes": '
+                                                   '1000000000, "active_jobs": 8}}.')
 
     head_cache_max_bytes: int = Field(1024**3, description="Zero-shot heads cached on disk, least recently used "
                                                           "pruned past this size.")

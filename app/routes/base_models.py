@@ -1,4 +1,6 @@
 """Base models: an open_clip architecture or config, with weights from a file or an offline pretrained tag."""
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -8,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from app.deps import BlobsDep, OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
 from app.forms import FormFields
 from app.problems import PROBLEM_RESPONSES, Problem
+from app.quotas import check_storage
 from app.schemas import BaseModelOut, Page, Sha256Query
 from app.uploads import FILE_PROPERTY, Upload, ingest_upload, multipart_body
 from engine.context import ModelSpec
@@ -49,7 +52,8 @@ def _export_pretrained(blobs: BlobStore, spec: ModelSpec, tag: str):
     return path
 
 
-def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload: Upload) -> BaseModel:
+def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload: Upload,
+              admit: Callable[[int], None]) -> BaseModel:
     form = FormFields(upload)
     name = form.text("name", required=True)
     architecture = form.text("architecture")
@@ -77,15 +81,16 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
                     pretrained=pretrained, sha256=sha, size_bytes=size, tensor_count=counts.tensor_count,
                     parameter_count=counts.parameter_count, visual_parameter_count=counts.visual_parameter_count,
                     text_parameter_count=counts.text_parameter_count)
-    add_with_blob(session, blobs, sha, created, row)
+    add_with_blob(session, blobs, sha, created, row, admit)
     return row
 
 
 @router.post("", status_code=201, response_model=BaseModelOut, openapi_extra=CREATE_BODY)
 async def create_base_model(request: Request, owner: OwnerDep, session: SessionDep, blobs: BlobsDep,
                             settings: SettingsDep):
+    admit = partial(check_storage, session, settings, owner)
     return await ingest_upload(request, blobs, settings.max_upload_bytes,
-                               lambda upload: _register(session, blobs, settings, owner, upload))
+                               lambda upload: _register(session, blobs, settings, owner, upload, admit), admit)
 
 
 @router.get("", response_model=Page[BaseModelOut])

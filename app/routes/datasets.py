@@ -1,4 +1,6 @@
 """Datasets: zip folders or npz, validated and stored in one canonical npz form."""
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -6,6 +8,7 @@ from fastapi import APIRouter, Query, Request, Response
 from app.deps import BlobsDep, OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
 from app.forms import FormFields
 from app.problems import PROBLEM_RESPONSES, Problem
+from app.quotas import check_storage
 from app.schemas import DatasetOut, Page, Sha256Query
 from app.uploads import FILE_PROPERTY, Upload, ingest_upload, multipart_body
 from store.blobs import BlobStore
@@ -29,7 +32,8 @@ CREATE_BODY = multipart_body({
 }, ["name", "file"])
 
 
-def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload: Upload) -> Dataset:
+def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload: Upload,
+              admit: Callable[[int], None]) -> Dataset:
     form = FormFields(upload)
     name = form.text("name", required=True)
     class_names = form.class_names()
@@ -51,15 +55,16 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
                   source_sha256=upload.file.sha256, sha256=sha, size_bytes=size, labeled=summary.labeled,
                   class_names=summary.class_names, templates=summary.templates, splits=summary.splits,
                   image_shape=summary.image_shape)
-    add_with_blob(session, blobs, sha, created, row)
+    add_with_blob(session, blobs, sha, created, row, admit)
     return row
 
 
 @router.post("", status_code=201, response_model=DatasetOut, openapi_extra=CREATE_BODY)
 async def create_dataset(request: Request, owner: OwnerDep, session: SessionDep, blobs: BlobsDep,
                          settings: SettingsDep):
+    admit = partial(check_storage, session, settings, owner)
     return await ingest_upload(request, blobs, settings.max_upload_bytes,
-                               lambda upload: _register(session, blobs, settings, owner, upload))
+                               lambda upload: _register(session, blobs, settings, owner, upload, admit), admit)
 
 
 @router.get("", response_model=Page[DatasetOut])

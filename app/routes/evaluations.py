@@ -3,7 +3,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 
-from app.deps import OwnerDep, ReleasingRoute, SessionDep, owned_or_404
+from app.deps import OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
 from app.problems import PROBLEM_RESPONSES
 from app.schemas import EvaluationCreate, JobOut
 from app.submit import invalid, submit
@@ -44,7 +44,7 @@ def _check(session, owner: str, body: EvaluationCreate) -> tuple[str, list[str]]
 
 @router.post("", status_code=202, response_model=JobOut, summary="Evaluate a checkpoint or base model")
 def create_evaluation(body: EvaluationCreate, response: Response, owner: OwnerDep, session: SessionDep,
-                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+                      settings: SettingsDep, idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
     """Queues an evaluation job; follow it at `Location` (/v1/jobs/{id}). Its result's `metrics.evaluation`
     holds each dataset's accuracy with its split, and the normalised accuracy where a reference is given."""
     def build(digest: str) -> Job:
@@ -55,4 +55,4 @@ def create_evaluation(body: EvaluationCreate, response: Response, owner: OwnerDe
                    request_hash=digest, inputs=[JobInput(task_vector_id=tv) for tv in vectors]
                    + [JobInput(dataset_id=item.dataset_id) for item in body.datasets])
 
-    return submit(session, response, owner, body, idempotency_key, build)
+    return submit(session, response, owner, body, idempotency_key, build, settings)

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.deps import OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
 from app.problems import PROBLEM_RESPONSES, Problem
+from app.quotas import check_storage
 from app.schemas import CoefficientsOut, DryRunOut, JobCreate, JobFields, JobOut, LearningCurveOut, Page
 from app.submit import invalid, submit
 from engine.cost import JobEstimate, TowerShape, estimate_job
@@ -84,6 +85,8 @@ def create_job(body: JobCreate, response: Response, owner: OwnerDep, session: Se
     def build(digest: str) -> Job:
         dataset_ids = _check_inputs(session, owner, body)
         _within_bounds(_estimate(session, body, dataset_ids), settings)
+        # the merged checkpoint is a full state dict: about the base model's size
+        check_storage(session, settings, owner, session.get(BaseModel, body.base_model_id).size_bytes)
         # The params echoed back are the ones the request set; defaults and chosen values go to result.metrics.
         return Job(id=new_id("job"), owner=owner, kind=JobKind.MERGE.value, method=body.method,
                    base_model_id=body.base_model_id, task_vector_ids=body.task_vectors,
@@ -91,7 +94,7 @@ def create_job(body: JobCreate, response: Response, owner: OwnerDep, session: Se
                    request_hash=digest, inputs=[JobInput(task_vector_id=tv) for tv in body.task_vectors]
                    + [JobInput(dataset_id=ds) for ds in dataset_ids])
 
-    return submit(session, response, owner, body, idempotency_key, build)
+    return submit(session, response, owner, body, idempotency_key, build, settings)
 
 
 @router.get("", response_model=Page[JobOut])

@@ -1,4 +1,6 @@
 """Task vectors: uploaded as tau directly, or as fine-tuned weights from which the base is subtracted."""
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -7,6 +9,7 @@ from app.deps import BlobsDep, OwnerDep, ReleasingRoute, SessionDep, SettingsDep
 from app.downloads import DOWNLOAD_RESPONSES, blob_response
 from app.forms import FormFields
 from app.problems import PROBLEM_RESPONSES, Problem
+from app.quotas import check_storage
 from app.schemas import Page, Sha256Query, TaskVectorOut
 from app.uploads import FILE_PROPERTY, Upload, ingest_upload, multipart_body
 from engine.safetensors_io import read_header
@@ -28,7 +31,7 @@ CREATE_BODY = multipart_body({
 }, ["base_model_id", "name", "file"])
 
 
-def _register(session, blobs: BlobStore, owner: str, upload: Upload) -> TaskVector:
+def _register(session, blobs: BlobStore, owner: str, upload: Upload, admit: Callable[[int], None]) -> TaskVector:
     form = FormFields(upload)
     base_model_id = form.text("base_model_id", required=True)
     name = form.text("name", required=True)
@@ -58,15 +61,16 @@ def _register(session, blobs: BlobStore, owner: str, upload: Upload) -> TaskVect
     row = TaskVector(id=new_id("tv"), owner=owner, base_model_id=base.id, name=name, source_kind=kind,
                      sha256=sha, size_bytes=size, tensor_count=len(tau_header.tensors),
                      parameter_count=tau_header.parameter_count, l2_norm=norm, class_names=class_names)
-    add_with_blob(session, blobs, sha, created, row)
+    add_with_blob(session, blobs, sha, created, row, admit)
     return row
 
 
 @router.post("", status_code=201, response_model=TaskVectorOut, openapi_extra=CREATE_BODY)
 async def create_task_vector(request: Request, owner: OwnerDep, session: SessionDep, blobs: BlobsDep,
                              settings: SettingsDep):
+    admit = partial(check_storage, session, settings, owner)
     return await ingest_upload(request, blobs, settings.max_upload_bytes,
-                               lambda upload: _register(session, blobs, owner, upload))
+                               lambda upload: _register(session, blobs, owner, upload, admit), admit)
 
 
 @router.get("", response_model=Page[TaskVectorOut])
