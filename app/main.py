@@ -1,6 +1,9 @@
 """The FastAPI application."""
+import logging
 import re
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -19,11 +22,14 @@ from app.routes import (
     ui,
 )
 from app.schemas import ProblemOut
+from app.uploads import discard_uploads_in_flight
 from engine.methods.catalogue import METHODS
 from store.queries import BadCursor
 from tvforge import logs
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+log = logging.getLogger(__name__)
 
 
 class RequestIdMiddleware:
@@ -50,8 +56,17 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    yield
+    dropped = discard_uploads_in_flight()
+    if dropped:
+        log.info("shutdown: removed the partial files of %d uploads cut off", dropped)
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
+        lifespan=lifespan,
         title="tvforge",
         version="1.0.0",
         summary="Compose task vectors of open_clip models: " + ", ".join(METHODS) + ".",

@@ -6,6 +6,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError as SqlOperationalError
 from sqlalchemy.exc import TimeoutError as SqlPoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -93,6 +94,12 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _pool_exhausted(request: Request, exc: SqlPoolTimeout) -> JSONResponse:
         return problem_response(Problem(503, "The service is at capacity; retry shortly.", slug="busy",
                                         headers={"Retry-After": "1"}), request)
+
+    @app.exception_handler(SqlOperationalError)
+    async def _database_unavailable(request: Request, exc: SqlOperationalError) -> JSONResponse:
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc.orig)
+        return problem_response(Problem(503, "The database is unavailable; retry shortly.", slug="unavailable",
+                                        headers={"Retry-After": "2"}), request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -27,6 +27,21 @@ MAX_FIELDS = 16  # every form this API takes has fewer
 MAX_FIELDS_TOTAL_BYTES = 2 * MAX_FIELD_BYTES
 
 
+# Pending files of the uploads this process is receiving or ingesting. uvicorn cancels the requests still
+# running when its graceful shutdown times out, then re-raises the signal, which ends the process before a
+# cancelled request's cleanup can run: the app's shutdown drops these files instead.
+_in_flight: set[PendingBlob] = set()
+
+
+def discard_uploads_in_flight() -> int:
+    """Remove the pending file of every upload still in flight; returns how many there were."""
+    blobs = list(_in_flight)
+    for blob in blobs:
+        blob.discard()
+    _in_flight.clear()
+    return len(blobs)
+
+
 @dataclass
 class Upload:
     """Text fields of the form, and the `file` part as a finished pending blob (or None)."""
@@ -38,6 +53,7 @@ class Upload:
     def discard(self) -> None:
         if self.file is not None:
             self.file.discard()
+            _in_flight.discard(self.file)
 
 
 def _too_large(limit: int) -> Problem:
@@ -82,6 +98,7 @@ async def receive_upload(request: Request, blobs: BlobStore, max_bytes: int) -> 
                 raise Problem(422, "Send exactly one `file` part.", slug="validation")
             upload.filename = disposition[b"filename"].decode("utf-8", "replace")
             upload.file = blobs.pending(max_bytes)
+            _in_flight.add(upload.file)
             part["sink"] = upload.file
         else:
             text_parts["count"] += 1

@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -124,44 +125,72 @@ def _run(command: list[str]) -> None:
         raise RuntimeError(f"{' '.join(command)} exited with {result.returncode}:\n{result.stdout}{result.stderr}")
 
 
-def start_postgres() -> tuple[str, Callable[[], None]]:
+@dataclass
+class PostgresCluster:
+    """A throw-away PostgreSQL cluster: its URL, and stop (idempotent) and restart for fault tests."""
+
+    url: str
+    port: int
+    bin_dir: Path
+    root: Path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def _pg_ctl(self, *args: str) -> list[str]:
+        return _postgres_command(self.bin_dir, "pg_ctl", *args, "-D", str(self.data_dir))
+
+    def start(self) -> None:
+        _run(self._pg_ctl("start", "-l", str(self.root / "server.log"), "-o", f"-p {self.port}", "-w",
+                          "-t", str(int(STARTUP_TIMEOUT_S))))
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data: clients see their connections drop (-m fast)."""
+        _run(self._pg_ctl("stop", "-m", "fast", "-w"))
+
+    def stop(self) -> None:
+        if (self.data_dir / "postmaster.pid").exists():
+            subprocess.run(self._pg_ctl("stop", "-m", "fast", "-w"), capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_postgres_cluster() -> PostgresCluster:
     """A throw-away PostgreSQL cluster on a free loopback port, with trust auth and a `tvforge` database."""
     bin_dir = find_postgres_bin_dir()
-    root = Path(tempfile.mkdtemp(prefix="tvforge-pg-"))
-    data_dir = root / "data"
-    log_file = root / "server.log"
-
-    def stop() -> None:
-        if (data_dir / "postmaster.pid").exists():
-            subprocess.run(_postgres_command(bin_dir, "pg_ctl", "stop", "-D", str(data_dir), "-m", "fast", "-w"),
-                           capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
+    cluster = PostgresCluster("", 0, bin_dir, Path(tempfile.mkdtemp(prefix="tvforge-pg-")))
+    log_file = cluster.root / "server.log"
     try:
         if os.geteuid() == 0:
             try:
-                shutil.chown(root, user="postgres", group="postgres")
+                shutil.chown(cluster.root, user="postgres", group="postgres")
             except LookupError:
                 raise ServiceNotInstalled("running as root, but no `postgres` user exists to own the cluster") from None
-        _run(_postgres_command(bin_dir, "initdb", "-D", str(data_dir), "-U", "postgres", "--auth=trust",
+        _run(_postgres_command(bin_dir, "initdb", "-D", str(cluster.data_dir), "-U", "postgres", "--auth=trust",
                                "--encoding=UTF8", "--no-sync"))
         # Appending keeps the file's owner. Durability is not wanted in tests, speed is.
-        with open(data_dir / "postgresql.conf", "a") as conf:
-            conf.write(f"\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{root}'\n"
+        with open(cluster.data_dir / "postgresql.conf", "a") as conf:
+            conf.write(f"\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{cluster.root}'\n"
                        "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
         for attempt in range(START_ATTEMPTS):
-            port = free_port()
+            cluster.port = free_port()
             try:
-                _run(_postgres_command(bin_dir, "pg_ctl", "start", "-D", str(data_dir), "-l", str(log_file),
-                                       "-o", f"-p {port}", "-w", "-t", str(int(STARTUP_TIMEOUT_S))))
+                cluster.start()
                 break
             except RuntimeError as error:
                 if attempt == START_ATTEMPTS - 1:
                     log = log_file.read_text(errors="replace") if log_file.exists() else ""
                     raise RuntimeError(f"{error}\nserver log:\n{log}") from None
-        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True) as connection:
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres",
+                             autocommit=True) as connection:
             connection.execute("CREATE DATABASE tvforge")
     except BaseException:
-        stop()
+        cluster.stop()
         raise
-    return f"postgresql+psycopg://postgres@127.0.0.1:{port}/tvforge", stop
+    cluster.url = f"postgresql+psycopg://postgres@127.0.0.1:{cluster.port}/tvforge"
+    return cluster
+
+
+def start_postgres() -> tuple[str, Callable[[], None]]:
+    cluster = start_postgres_cluster()
+    return cluster.url, cluster.stop

@@ -3,8 +3,11 @@
 Each test runs its own stack on its own servers, so restarting them touches no other test.
 Recovery times are printed (pytest -s) for the record.
 """
+import socket
+import threading
 import time
 
+import httpx
 import pytest
 
 from tests.conftest import Stack, register_long_job_inputs, submit_long_job
@@ -52,5 +55,94 @@ def test_jobs_queued_or_running_when_redis_restarts_empty_all_finish(tmp_path_fa
         print(f"redis restart: {len(finals)} jobs finished {recovery_s:.1f} s after it")
         assert [job["status"] for job in finals] == ["succeeded"] * 4, [job["error"] for job in finals]
         assert worker.poll() is None  # the worker reconnected rather than died
+    finally:
+        stack.stop()
+
+
+def test_jobs_queued_or_running_when_postgres_restarts_all_finish(tmp_path_factory, own_redis, demo_assets):
+    from tests.services import start_postgres_cluster
+
+    cluster = start_postgres_cluster()
+    stack = Stack(tmp_path_factory.mktemp("pg-restart"), own_redis["url"], database_url=cluster.url,
+                  republish_after_s=2, reaper_interval_s=0.5)
+    stack.start_api()
+    worker = stack.start_worker()
+    try:
+        with stack.client() as client:
+            ids = register_long_job_inputs(client, demo_assets, tmp_path_factory.mktemp("pg-target"))
+            running = submit_long_job(client, ids, epochs=40)
+            deadline = time.monotonic() + 60
+            while client.get_job(running["id"])["status"] != "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            queued = [client.create_job("task_arithmetic", ids["base"], ids["vectors"], {"scaling": 0.1 * i})["id"]
+                      for i in range(1, 4)]
+
+            cluster.halt()
+            down = httpx.get(f"{stack.url}/v1/jobs", headers={"Authorization": f"Bearer {stack.owner_key}"},
+                             timeout=30)
+            assert down.status_code == 503, down.text  # not a 500: the client is told to retry
+            assert down.headers["content-type"] == "application/problem+json" and down.headers["retry-after"]
+            time.sleep(3)
+            cluster.start()
+            restarted = time.monotonic()
+            finals = wait_all(client, [running["id"], *queued], timeout_s=240)
+            recovery_s = time.monotonic() - restarted
+        print(f"postgres restart: {len(finals)} jobs finished {recovery_s:.1f} s after it")
+        assert [job["status"] for job in finals] == ["succeeded"] * 4, [job["error"] for job in finals]
+        assert worker.poll() is None
+    finally:
+        stack.stop()
+        cluster.stop()
+
+
+def test_the_api_restarted_with_uploads_and_event_streams_open_loses_nothing(tmp_path_factory, own_redis,
+                                                                             demo_assets):
+    stack = Stack(tmp_path_factory.mktemp("api-restart"), own_redis["url"], graceful_shutdown_s=2)
+    stack.start_api()
+    stack.start_worker()
+    try:
+        with stack.client() as client:
+            ids = register_long_job_inputs(client, demo_assets, tmp_path_factory.mktemp("api-target"))
+            job = submit_long_job(client, ids, epochs=30)
+            vectors_before = len(list(client.iterate("/v1/task-vectors")))
+            events: list[str] = []
+
+            def follow() -> None:
+                try:
+                    for name, _ in client.events(job["id"]):
+                        events.append(name)
+                except httpx.HTTPError as error:  # the stream is cut when the API goes
+                    events.append(f"cut: {type(error).__name__}")
+
+            follower = threading.Thread(target=follow, daemon=True)
+            follower.start()
+            upload = socket.create_connection(("127.0.0.1", stack.port), timeout=30)
+            upload.sendall(b"POST /v1/task-vectors HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                           + stack.owner_key.encode() + b"\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                           b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; "
+                           b"filename=\"v.safetensors\"\r\n\r\n" + b"\0" * 5000)
+            time.sleep(1)
+            tmp = stack.root / "var" / "blobs" / "tmp"
+            assert [p for p in tmp.iterdir() if p.is_file()], "the upload should be streaming to a pending file"
+
+            stack.stop_api()
+            stopped = time.monotonic()
+            follower.join(timeout=30)
+            assert not follower.is_alive(), "the event stream must end when the API goes"
+            upload.settimeout(5)
+            try:
+                assert b"201" not in upload.recv(4096)
+            except OSError:
+                pass  # reset: as good as an error answer
+            upload.close()
+            assert [p for p in tmp.iterdir() if p.is_file()] == [], "a cut-off upload leaves no partial file"
+
+            stack.start_api()
+            print(f"api restart: serving again {time.monotonic() - stopped:.1f} s after it stopped")
+            assert len(list(client.iterate("/v1/task-vectors"))) == vectors_before
+            streamed = list(client.events(job["id"]))  # a new stream follows it to the end
+            assert streamed[-1][0] == "end" and streamed[-1][1]["status"] == "succeeded", streamed[-1]
+            assert client.get_job(job["id"])["status"] == "succeeded"
     finally:
         stack.stop()

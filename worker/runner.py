@@ -89,8 +89,12 @@ class ProgressWriter:
         self._last_write, self._last_stage = time.monotonic(), progress.stage
         value = {"fraction": round(progress.fraction, 4), "stage": progress.stage, "step": progress.step,
                  "total": progress.total, "metrics": progress.metrics}
-        with session_scope() as session:
-            jobs.write_progress(session, self.job_id, self.worker_id, value)
+        try:
+            with session_scope() as session:
+                jobs.write_progress(session, self.job_id, self.worker_id, value)
+        except Exception:  # progress is advisory: a database outage must not fail the job (the next write retries)
+            log.warning("job %s: progress not written", self.job_id, exc_info=True)
+            self._last_stage = None
 
 
 @dataclass
