@@ -60,9 +60,11 @@ class ServiceCollector:
             yield GaugeMetricFamily("tvforge_blob_store_bytes", "Bytes of the stored files rows point at.",
                                     value=stored)
         depth = queue_depth()
-        queue = GaugeMetricFamily("tvforge_queue_depth", "Job ids waiting in the broker (absent if unreachable).")
-        if depth is not None:
-            queue.add_metric([], depth)
+        queue = GaugeMetricFamily("tvforge_queue_depth", "Job ids waiting in the broker, by queue (model: jobs "
+                                  "that run the model on images; tensors: streaming merges); absent if unreachable.",
+                                  labels=["queue"])
+        for name, count in (depth or {}).items():
+            queue.add_metric([name], count)
         yield queue
 
 

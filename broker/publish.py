@@ -13,9 +13,12 @@ def publish(job_id: str) -> bool:
     A job that could not be published stays queued with published_at empty, and the reaper tries again.
     """
     from broker.celery_app import RUN_JOB, celery_app
+    from broker.routing import queue_of
 
+    with session_scope() as session:
+        queue = queue_of(session, job_id)
     try:
-        celery_app.send_task(RUN_JOB, args=[job_id], retry=True,
+        celery_app.send_task(RUN_JOB, args=[job_id], queue=queue, retry=True,
                              retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
     except Exception:  # kombu raises OperationalError and friends; the reaper retries later
         log.warning("could not publish job %s; the reaper will retry", job_id, exc_info=True)
@@ -36,16 +39,16 @@ def broker_reachable(timeout_s: float = 2.0) -> bool:
         return False
 
 
-def queue_depth(timeout_s: float = 2.0) -> int | None:
-    """Job ids waiting in the broker's queue (Redis LLEN); None if the broker cannot be asked."""
+def queue_depth(timeout_s: float = 2.0) -> dict[str, int] | None:
+    """Job ids waiting in each of the broker's queues (Redis LLEN), by queue name; None if it cannot be asked."""
     import redis
 
-    from broker.celery_app import JOB_QUEUE
+    from broker.celery_app import QUEUES
     from tvforge.settings import get_settings
 
     try:
         client = redis.Redis.from_url(get_settings().broker_url, socket_timeout=timeout_s,
                                       socket_connect_timeout=timeout_s)
-        return int(client.llen(JOB_QUEUE))
+        return {name: int(client.llen(queue)) for name, queue in QUEUES.items()}
     except redis.RedisError:
         return None

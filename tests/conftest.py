@@ -75,8 +75,8 @@ class Stack:
         self._stop(self.api)
         self.api = None
 
-    def start_worker(self) -> subprocess.Popen:
-        worker = self._spawn(f"worker{len(self.workers)}", "worker")
+    def start_worker(self, *args: str) -> subprocess.Popen:
+        worker = self._spawn(f"worker{len(self.workers)}", "worker", *args)
         self.workers.append(worker)
         return worker
 

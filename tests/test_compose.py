@@ -26,20 +26,21 @@ def test_docker_compose_validates_the_file():
 
 def test_services_and_their_health_checks(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "redis", "migrate", "api", "worker"}
-    for name in ("postgres", "redis", "api", "worker"):
+    assert set(services) == {"postgres", "redis", "migrate", "api", "worker", "worker-cpu"}
+    for name in ("postgres", "redis", "api", "worker", "worker-cpu"):
         assert services[name]["healthcheck"]["test"], name
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     assert "ping" in services["redis"]["healthcheck"]["test"]
     assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
     assert "inspect ping" in " ".join(services["worker"]["healthcheck"]["test"])
+    assert "inspect ping" in " ".join(services["worker-cpu"]["healthcheck"]["test"])
 
 
 def test_start_order(compose):
     services = compose["services"]
     assert services["migrate"]["command"] == ["tvforge", "migrate"]
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    for name in ("api", "worker"):
+    for name in ("api", "worker", "worker-cpu"):
         assert services[name]["depends_on"] == {
             "migrate": {"condition": "service_completed_successfully"},
             "redis": {"condition": "service_healthy"},
@@ -51,9 +52,23 @@ def test_worker_reserves_a_gpu(compose):
     assert any(device["driver"] == "nvidia" and "gpu" in device["capabilities"] for device in devices)
 
 
+def test_the_workers_cover_both_queues_and_only_the_gpu_one_runs_the_model(compose):
+    from broker.celery_app import QUEUES
+
+    services = compose["services"]
+
+    def queues(name: str) -> set[str]:
+        command = services[name]["command"]
+        return set(command[command.index("--queues") + 1].split(","))
+
+    assert queues("worker") == {"model"} and queues("worker-cpu") == {"tensors"}
+    assert queues("worker") | queues("worker-cpu") == set(QUEUES)
+    assert "deploy" not in services["worker-cpu"]
+
+
 def test_api_and_worker_share_the_blob_store(compose):
     services = compose["services"]
-    for name in ("migrate", "api", "worker"):
+    for name in ("migrate", "api", "worker", "worker-cpu"):
         environment = services[name]["environment"]
         assert environment["TVFORGE_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert environment["TVFORGE_BROKER_URL"] == "redis://redis:6379/0"
@@ -61,6 +76,8 @@ def test_api_and_worker_share_the_blob_store(compose):
     assert services["worker"]["environment"]["TVFORGE_BLOB_DIR"] == blob_dir
     assert f"blobs:{blob_dir}" in services["api"]["volumes"]
     assert f"blobs:{blob_dir}" in services["worker"]["volumes"]
+    assert f"blobs:{blob_dir}" in services["worker-cpu"]["volumes"]
+    assert services["worker-cpu"]["environment"]["TVFORGE_BLOB_DIR"] == blob_dir
     assert "blobs" in compose["volumes"]
 
 

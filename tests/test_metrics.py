@@ -38,5 +38,6 @@ def test_metrics_show_requests_jobs_durations_queue_and_store(stack, tmp_path):
                     if name == "tvforge_jobs" and ("status", "succeeded") in labels)
     assert succeeded == sum(1 for j in jobs if j["status"] == "succeeded") >= 1
     assert samples[("tvforge_job_duration_seconds_count", ())] == succeeded
-    assert samples[("tvforge_queue_depth", ())] >= 0
+    assert samples[("tvforge_queue_depth", (("queue", "model"),))] >= 0
+    assert samples[("tvforge_queue_depth", (("queue", "tensors"),))] >= 0
     assert samples[("tvforge_blob_store_bytes", ())] >= sum(blobs.values())

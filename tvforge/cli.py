@@ -84,13 +84,20 @@ def api(host: str = typer.Option(None), port: int = typer.Option(None)) -> None:
 
 
 @cli.command()
-def worker(concurrency: int = typer.Option(1, help="Jobs run at once (one per GPU is usual).")) -> None:
+def worker(concurrency: int = typer.Option(1, help="Jobs run at once (one per GPU is usual)."),
+           queues: str = typer.Option("model,tensors", help="Queues to take jobs from, comma-separated: model "
+                                      "(jobs that run the model on images: aTLAS, STA's gradients, searches, "
+                                      "evaluations) and tensors (streaming merges).")) -> None:
     """Run a Celery worker that executes jobs (CUDA when present, else CPU)."""
-    from broker.celery_app import JOB_QUEUE
+    from broker.celery_app import QUEUES
     from worker.tasks import celery_app  # registers the job task on the shared app
 
+    names = [name.strip() for name in queues.split(",") if name.strip()]
+    unknown = [name for name in names if name not in QUEUES]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown queue(s) {unknown}; choose from {', '.join(QUEUES)}", param_hint="--queues")
     celery_app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "--pool=prefork",
-                            "-Q", JOB_QUEUE, "--without-gossip", "--without-mingle"])
+                            "-Q", ",".join(QUEUES[name] for name in names), "--without-gossip", "--without-mingle"])
 
 
 @cli.command()

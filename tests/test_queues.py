@@ -1,0 +1,51 @@
+"""Jobs are routed by what they do: the model queue for jobs that run the model on images, the tensor queue
+for streaming merges; a worker takes only the queues it is given."""
+import time
+
+import pytest
+
+from broker.celery_app import MODEL_QUEUE, TENSOR_QUEUE
+from broker.routing import queue_for
+from store.models import Job, JobInput, JobKind
+from tests.conftest import Stack, register_long_job_inputs, submit_long_job
+from tests.services import start_redis
+
+
+@pytest.mark.parametrize("kind, inputs, queue", [
+    (JobKind.MERGE, [JobInput(task_vector_id="tv_1"), JobInput(task_vector_id="tv_2")], TENSOR_QUEUE),
+    (JobKind.MERGE, [JobInput(task_vector_id="tv_1"), JobInput(dataset_id="ds_1")], MODEL_QUEUE),
+    (JobKind.EVALUATION, [JobInput(dataset_id="ds_1")], MODEL_QUEUE),
+    (JobKind.EVALUATION, [], MODEL_QUEUE),
+])
+def test_a_job_goes_to_the_model_queue_exactly_when_it_runs_the_model(kind, inputs, queue):
+    assert queue_for(Job(kind=kind.value, inputs=inputs)) == queue
+
+
+@pytest.mark.integration
+def test_a_worker_takes_only_its_queues(tmp_path_factory, demo_assets):
+    redis_url, stop_redis = start_redis()
+    stack = Stack(tmp_path_factory.mktemp("queues"), redis_url)
+    stack.start_api()
+    stack.start_worker("--queues", "tensors")
+    try:
+        with stack.client() as client:
+            ids = register_long_job_inputs(client, demo_assets, tmp_path_factory.mktemp("queue-inputs"))
+            model_job = submit_long_job(client, ids, epochs=1)
+            merge = client.create_job("task_arithmetic", ids["base"], ids["vectors"], {"scaling": 0.3})
+            assert client.wait_for_job(merge["id"], timeout_s=120)["status"] == "succeeded"
+            time.sleep(2)  # the tensor worker had every chance to take the aTLAS job
+            assert client.get_job(model_job["id"])["status"] == "queued"
+            stack.start_worker("--queues", "model")
+            assert client.wait_for_job(model_job["id"], timeout_s=180)["status"] == "succeeded"
+    finally:
+        stack.stop()
+        stop_redis()
+
+
+def test_an_unknown_queue_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "tvforge.cli", "worker", "--queues", "gpu"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "unknown queue" in result.stderr
