@@ -59,6 +59,8 @@ class BuildConfig:
     finetune_weight_decay: float = 0.1  # the papers' AdamW setting
     finetune_max_shift: int = 2  # random translation, the one augmentation valid for every task
     pretrain_max_shift: int = 2
+    pretrain_captioned: int | None = None  # per task, how many pretrain images have captions (None: all)
+    pretrain_ssl_weight: float = 0.0  # > 0: SimCLR on every pretrain image besides the captions (SLIP)
     seed: int = 0
     model_config: dict = field(default_factory=lambda: MODEL_CONFIG)
 
@@ -191,7 +193,8 @@ def build_assets(out: Path, quick: bool = False, config: BuildConfig | None = No
     torch.manual_seed(config.seed)
     model = build_model(ModelSpec(config=config.model_config))
     losses = pretrain_contrastive(model, tasks, config.pretrain_steps, config.pretrain_batch, config.pretrain_lr,
-                                  config.seed, max_shift=config.pretrain_max_shift)
+                                  config.seed, max_shift=config.pretrain_max_shift,
+                                  captioned=config.pretrain_captioned, ssl_weight=config.pretrain_ssl_weight)
     base_state = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
     save_tensors(out / "base.safetensors", base_state)
     (out / "model_config.json").write_text(json.dumps(config.model_config, indent=2))

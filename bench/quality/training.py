@@ -49,21 +49,56 @@ def random_shift(pixels: torch.Tensor, max_shift: int, generator: np.random.Gene
     return torch.stack(crops)
 
 
+def _ssl_view(pixels: torch.Tensor, generator: np.random.Generator) -> torch.Tensor:
+    """A SimCLR-style view that keeps every task's label: a random crop of 60-100% of the side resized back
+    (one batched affine resampling) and pixel noise; no flips or colour changes, since orientation and hue
+    are labels here."""
+    n = len(pixels)
+    scale = torch.from_numpy(generator.uniform(0.6, 1.0, n).astype(np.float32))
+    shift = torch.from_numpy(generator.uniform(-1.0, 1.0, (n, 2)).astype(np.float32)) * (1 - scale)[:, None]
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = scale, scale, shift
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    views = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return views + 0.1 * torch.from_numpy(generator.standard_normal(views.shape).astype(np.float32))
+
+
+def _nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """SimCLR's loss over two batches of normalised embeddings of the same images."""
+    embeddings = torch.cat([first, second])
+    similarity = embeddings @ embeddings.T / temperature
+    similarity.fill_diagonal_(float("-inf"))
+    n = len(first)
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    return F.cross_entropy(similarity, targets)
+
+
 def pretrain_contrastive(model: torch.nn.Module, tasks: list[TaskData], steps: int, batch_size: int, lr: float,
-                         seed: int, max_shift: int = 0) -> list[float]:
+                         seed: int, max_shift: int = 0, captioned: int | None = None, ssl_weight: float = 0.0,
+                         ssl_batch: int = 128) -> list[float]:
     """CLIP-style training on (image, caption) pairs from the tasks' pretrain splits, all towers.
 
     Each batch mixes the tasks uniformly; a caption is a random form (generic or the task's own)
     around the class name. Several images of a batch share a class, so the loss treats every
     caption of the image's class as its positive (image->text over the batch's distinct captions,
     text->image over all images of that class). Returns the loss per step.
+
+    With `captioned`, only the first that many pretrain images of each task have captions; with
+    ssl_weight > 0, every pretrain image (captioned or not) also feeds SimCLR's image-image loss on two
+    label-preserving views (SLIP, Mu et al. 2022): the image tower learns features from many images
+    while its alignment with class names comes from few, as a web-trained CLIP's does for tasks the web
+    rarely captions.
     """
     generator = np.random.default_rng(seed)
     torch.manual_seed(seed)
     pixels, global_labels, task_of_image, offsets = [], [], [], [0]
     captions: list[list[str]] = []  # per global class, every caption it can get
+    unlabelled = []
     for index, task in enumerate(tasks):
         images, labels = task.splits["pretrain"]
+        if ssl_weight > 0:
+            unlabelled.append(preprocess_images(images, model))
+        images, labels = images[:captioned], labels[:captioned]
         pixels.append(preprocess_images(images, model))
         global_labels.append(labels + offsets[-1])
         task_of_image.append(np.full(len(labels), index))
@@ -71,6 +106,7 @@ def pretrain_contrastive(model: torch.nn.Module, tasks: list[TaskData], steps: i
         captions += [[form.format(c=name) for form in forms] for name in task.class_names]
         offsets.append(offsets[-1] + len(task.class_names))
     pixels = torch.cat(pixels)
+    unlabelled = torch.cat(unlabelled) if unlabelled else None
     global_labels = np.concatenate(global_labels)
     task_of_image = np.concatenate(task_of_image)
     # uniform over tasks, then uniform within a task
@@ -101,6 +137,11 @@ def pretrain_contrastive(model: torch.nn.Module, tasks: list[TaskData], steps: i
         image_loss = F.cross_entropy(logits, targets)
         text_loss = -(F.log_softmax(logits.T, dim=1) * same_class).sum(1).div(same_class.sum(1)).mean()
         loss = (image_loss + text_loss) / 2
+        if unlabelled is not None:
+            chosen = torch.from_numpy(generator.choice(len(unlabelled), size=ssl_batch, replace=False))
+            views = [model.encode_image(_ssl_view(unlabelled[chosen], generator), normalize=True)
+                     for _ in range(2)]
+            loss = loss + ssl_weight * _nt_xent(*views)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
