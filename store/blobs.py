@@ -1,4 +1,5 @@
-"""Content-addressed blob store on the local file system.
+"""Content-addressed blob store: on the local file system (BlobStore), or on an S3-compatible server
+shared by many machines (S3BlobStore), each of which keeps a local cache in the same layout.
 
 Blobs are shared by identical uploads, so a row's delete never removes its blob directly (an upload
 of the same bytes may be about to point a new row at it): collect_garbage removes blobs no row
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import urlparse
 
 CHUNK = 1024 * 1024
 
@@ -70,13 +72,18 @@ class BlobStore:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         (self.root / "sha256").mkdir(parents=True, exist_ok=True)
 
-    def path(self, sha256: str) -> Path:
+    def local_path(self, sha256: str) -> Path:
+        """Where the blob's file lives on this machine (for a remote store: its cached copy)."""
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return self.root / "sha256" / sha256[:2] / sha256[2:]
 
+    def path(self, sha256: str) -> Path:
+        """A local file with the blob's bytes, to read or memory-map."""
+        return self.local_path(sha256)
+
     def exists(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
+        return self.local_path(sha256).is_file()
 
     def pending(self, max_bytes: int | None = None) -> PendingBlob:
         return PendingBlob(self, max_bytes)
@@ -85,15 +92,8 @@ class BlobStore:
         """Move a finished pending blob into place. Returns False if that content was already stored."""
         if blob.sha256 is None:
             blob.finish()
-        target = self.path(blob.sha256)
-        if target.exists():
-            os.utime(target)  # in use again: the collector's grace period starts over
-            blob.discard()
-            return False
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(blob.path, target)
-        _fsync_dir(target.parent)
-        return True
+        _, _, created = self.commit_file(blob.path, blob.sha256)
+        return created
 
     def pending_path(self, suffix: str = "") -> Path:
         """A fresh path under tmp/ for code that writes a whole file itself, then calls commit_file."""
@@ -113,18 +113,24 @@ class BlobStore:
                 os.fsync(f.fileno())
             known_sha256 = digest.hexdigest()
         sha, size = known_sha256, path.stat().st_size
-        target = self.path(sha)
+        created = self._store(sha, path)
+        target = self.local_path(sha)
         if target.exists():
             os.utime(target)  # in use again: the collector's grace period starts over
             path.unlink()
-            return sha, size, False
+            return sha, size, created
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
         _fsync_dir(target.parent)
-        return sha, size, True
+        return sha, size, created
+
+    def _store(self, sha256: str, path: Path) -> bool:
+        """Make the blob durable where every machine finds it; True if it was not stored before. Locally,
+        the file moved into place is that."""
+        return not self.local_path(sha256).exists()
 
     def delete(self, sha256: str) -> None:
-        self.path(sha256).unlink(missing_ok=True)
+        self.local_path(sha256).unlink(missing_ok=True)
 
     def collect_garbage(self, referenced: Callable[[], set[str]], grace_s: float) -> list[str]:
         """Remove stored blobs that no row references and nobody committed for grace_s; returns their digests.
@@ -173,12 +179,124 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class S3BlobStore(BlobStore):
+    """Blobs on an S3-compatible server (AWS S3, MinIO), shared by API and workers on many machines.
+
+    Objects are keyed like the local store's files (<prefix>sha256/ab/cdef...). Each machine keeps what
+    it reads in a local cache under root: uploads and checkpoints are written to local tmp/ first,
+    uploaded once whole, then moved into the cache; a path() not cached yet is downloaded to tmp/ and
+    renamed into place, so a reader never sees a partial file. Credentials and region come from boto3's
+    usual sources (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, ...).
+    """
+
+    def __init__(self, root: Path, url: str, endpoint_url: str | None = None):
+        import boto3
+        from botocore.config import Config
+
+        super().__init__(root)
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise ValueError(f"not an s3://bucket/prefix URL: {url!r}")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.lstrip("/")
+        if self.prefix and not self.prefix.endswith("/"):
+            self.prefix += "/"
+        self.client = boto3.client("s3", endpoint_url=endpoint_url,
+                                   config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+        self._ensure_bucket()
+
+    def _ensure_bucket(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+                raise
+            self.client.create_bucket(Bucket=self.bucket)
+
+    def key(self, sha256: str) -> str:
+        self.local_path(sha256)  # validates the digest
+        return f"{self.prefix}sha256/{sha256[:2]}/{sha256[2:]}"
+
+    def _head(self, sha256: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self.key(sha256))
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def exists(self, sha256: str) -> bool:
+        return self._head(sha256) is not None
+
+    def path(self, sha256: str) -> Path:
+        local = self.local_path(sha256)
+        if not local.is_file():
+            partial = self.pending_path(".download")
+            try:
+                self.client.download_file(self.bucket, self.key(sha256), str(partial))
+                local.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(partial, local)
+                _fsync_dir(local.parent)
+            finally:
+                partial.unlink(missing_ok=True)
+        return local
+
+    def _store(self, sha256: str, path: Path) -> bool:
+        if self._head(sha256) is not None:
+            # In use again: rewriting its metadata restarts the collector's grace period (LastModified).
+            key = self.key(sha256)
+            self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
+                                    Metadata={"touched": str(time.time())}, MetadataDirective="REPLACE")
+            return False
+        self.client.upload_file(str(path), self.bucket, self.key(sha256))
+        return True
+
+    def delete(self, sha256: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.key(sha256))
+        super().delete(sha256)
+
+    def collect_garbage(self, referenced: Callable[[], set[str]], grace_s: float) -> list[str]:
+        """As the local store's, over the bucket's objects (LastModified is the last commit); cached copies
+        of removed objects go too."""
+        cutoff = time.time() - grace_s
+        keep = referenced()
+        removed = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                       Prefix=f"{self.prefix}sha256/")
+        for page in pages:
+            for item in page.get("Contents", []):
+                folder, name = item["Key"].rsplit("/", 2)[-2:]
+                sha = folder + name
+                if sha not in keep and item["LastModified"].timestamp() < cutoff:
+                    self.delete(sha)
+                    removed.append(sha)
+        for path in (self.root / "sha256").glob("*/*"):  # copies cached here of objects removed elsewhere
+            sha = path.parent.name + path.name
+            if sha not in keep and path.stat().st_mtime < cutoff and not self.exists(sha):
+                path.unlink(missing_ok=True)
+        return removed
+
+    def writable(self) -> bool:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception:  # any client or connection error: not usable
+            return False
+        return super().writable()
+
+
 @lru_cache
-def blob_store_at(root: Path) -> BlobStore:
+def blob_store_at(root: Path, s3_url: str | None = None, s3_endpoint_url: str | None = None) -> BlobStore:
+    if s3_url:
+        return S3BlobStore(root, s3_url, s3_endpoint_url)
     return BlobStore(root)
 
 
 def get_blob_store() -> BlobStore:
     from tvforge.settings import get_settings
 
-    return blob_store_at(get_settings().resolved_blob_dir)
+    settings = get_settings()
+    return blob_store_at(settings.resolved_blob_dir, settings.blob_s3_url, settings.blob_s3_endpoint_url)

@@ -26,8 +26,8 @@ def test_docker_compose_validates_the_file():
 
 def test_services_and_their_health_checks(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "redis", "migrate", "api", "worker", "worker-cpu"}
-    for name in ("postgres", "redis", "api", "worker", "worker-cpu"):
+    assert set(services) == {"postgres", "redis", "minio", "migrate", "api", "worker", "worker-cpu"}
+    for name in ("postgres", "redis", "minio", "api", "worker", "worker-cpu"):
         assert services[name]["healthcheck"]["test"], name
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     assert "ping" in services["redis"]["healthcheck"]["test"]
@@ -44,6 +44,7 @@ def test_start_order(compose):
         assert services[name]["depends_on"] == {
             "migrate": {"condition": "service_completed_successfully"},
             "redis": {"condition": "service_healthy"},
+            "minio": {"condition": "service_healthy"},
         }
 
 
@@ -78,6 +79,13 @@ def test_api_and_worker_share_the_blob_store(compose):
     assert f"blobs:{blob_dir}" in services["worker"]["volumes"]
     assert f"blobs:{blob_dir}" in services["worker-cpu"]["volumes"]
     assert services["worker-cpu"]["environment"]["TVFORGE_BLOB_DIR"] == blob_dir
+    # ... and, across hosts, the MinIO bucket: the volume is one host's cache of it.
+    for name in ("api", "worker", "worker-cpu"):
+        environment = services[name]["environment"]
+        assert environment["TVFORGE_BLOB_S3_URL"].startswith("s3://")
+        assert environment["TVFORGE_BLOB_S3_ENDPOINT_URL"] == "http://minio:9000"
+        assert environment["AWS_ACCESS_KEY_ID"] == services["minio"]["environment"]["MINIO_ROOT_USER"]
+        assert environment["AWS_SECRET_ACCESS_KEY"] == services["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
     assert "blobs" in compose["volumes"]
 
 

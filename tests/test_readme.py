@@ -10,7 +10,7 @@ README = (REPO / "README.md").read_text()
 
 
 def test_every_setting_is_in_the_readme_table_and_nothing_else():
-    documented = set(re.findall(r"^\| `(TVFORGE_[A-Z_]+)` \|", README, flags=re.MULTILINE))
+    documented = set(re.findall(r"^\| `(TVFORGE_[A-Z0-9_]+)` \|", README, flags=re.MULTILINE))
     assert documented == {f"TVFORGE_{name.upper()}" for name in Settings.model_fields}
 
 

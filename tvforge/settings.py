@@ -21,6 +21,12 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("var"), description="Root for the embedded database and blob store.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/tvforge.db.")
     blob_dir: Path | None = Field(None, description="Content-addressed blob store; default <data_dir>/blobs.")
+    blob_s3_url: str | None = Field(None, description="s3://bucket/prefix: keep blobs on an S3-compatible server "
+                                    "shared by every machine (blob_dir is then each machine's cache). Unset: the "
+                                    "local store in blob_dir.")
+    blob_s3_endpoint_url: str | None = Field(None, description="The S3 server's URL when it is not AWS (MinIO: "
+                                             "http://minio:9000). Credentials come from AWS_ACCESS_KEY_ID and "
+                                             "AWS_SECRET_ACCESS_KEY.")
     broker_url: str = Field("redis://127.0.0.1:6390/0", description="Celery broker (Redis).")
     max_upload_bytes: int = Field(8 * 1024**3, description="Largest accepted upload; larger ones get 413.")
     max_model_parameters: int = Field(4_000_000_000, description="Largest base model accepted, in parameters.")

@@ -1,0 +1,116 @@
+"""Blobs on an S3-compatible server (moto's server mode, a real HTTP S3 endpoint started here): the store
+itself between two machines' caches, and a stack whose API and worker share nothing but the bucket."""
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from store.blobs import S3BlobStore
+from tests.conftest import Stack
+from tests.services import free_port, start_redis
+
+AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            break
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline and server.poll() is None, "moto's server did not start"
+            time.sleep(0.2)
+    saved = {name: os.environ.get(name) for name in AWS}
+    os.environ.update(AWS)
+    yield url
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    server.terminate()
+    server.wait(timeout=10)
+    log.close()
+
+
+def _file(tmp_path, name: str, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def test_two_machines_share_blobs_through_the_bucket(s3_endpoint, tmp_path):
+    api = S3BlobStore(tmp_path / "api", "s3://shared/blobs", s3_endpoint)
+    worker = S3BlobStore(tmp_path / "worker", "s3://shared/blobs", s3_endpoint)
+
+    pending = api.pending()
+    pending.write(b"a task vector")
+    assert api.commit(pending) is True
+    sha = pending.sha256
+    assert worker.exists(sha) and not worker.local_path(sha).exists()
+    assert worker.path(sha).read_bytes() == b"a task vector"  # fetched into the worker's cache
+
+    path, checkpoint_sha = _file(worker.tmp_dir, "out", b"a merged checkpoint")
+    assert worker.commit_file(path, checkpoint_sha)[2] is True
+    again, _ = _file(api.tmp_dir, "again", b"a merged checkpoint")
+    assert api.commit_file(again)[2] is False  # already stored by the other machine
+    assert api.path(checkpoint_sha).read_bytes() == b"a merged checkpoint"
+    assert list(api.tmp_dir.iterdir()) == [] and list(worker.tmp_dir.iterdir()) == []
+
+    # Unreferenced past the grace period: gone from the bucket and from the collecting machine's cache;
+    # the other machine drops its copy at its own next collection.
+    assert worker.collect_garbage(lambda: {sha}, grace_s=0) == [checkpoint_sha]
+    assert not api.exists(checkpoint_sha) and not worker.local_path(checkpoint_sha).exists()
+    assert api.collect_garbage(lambda: {sha}, grace_s=0) == []
+    assert not api.local_path(checkpoint_sha).exists() and api.local_path(sha).exists()
+    api.delete(sha)
+    assert not worker.exists(sha)
+
+
+@pytest.mark.integration
+def test_api_and_worker_with_separate_disks_run_a_job_through_s3(s3_endpoint, tmp_path_factory, demo_assets):
+    import boto3
+
+    redis_url, stop_redis = start_redis()
+    root = tmp_path_factory.mktemp("s3-stack")
+    stack = Stack(root, redis_url, blob_s3_url="s3://tvforge/blobs", blob_s3_endpoint_url=s3_endpoint)
+    stack.env.update(AWS)
+    stack.start_api()
+    stack.env["TVFORGE_BLOB_DIR"] = str(root / "worker-disk")  # the worker's own machine
+    stack.start_worker()
+    try:
+        with stack.client() as client:
+            base = client.register_base_model("base", demo_assets.base_path, config=demo_assets.config)
+            vectors = [client.upload_task_vector(base["id"], f"v{i}", path)["id"]
+                       for i, path in enumerate(demo_assets.vector_paths[:2])]
+            job = client.create_job("task_arithmetic", base["id"], vectors, {"scaling": 0.5})
+            job = client.wait_for_job(job["id"], timeout_s=180)
+            assert job["status"] == "succeeded", job.get("error")
+            checkpoint = client.get_checkpoint(job["result"]["checkpoint_id"])
+            merged = load_file(client.download_checkpoint(checkpoint["id"], root / "merged.safetensors"))
+        base_state = load_file(demo_assets.base_path)
+        taus = [load_file(path) for path in demo_assets.vector_paths[:2]]
+        for name, tensor in merged.items():
+            expected = base_state[name] + 0.5 * sum(tau[name] for tau in taus) if name in taus[0] else base_state[name]
+            torch.testing.assert_close(tensor, expected)
+        bucket = boto3.client("s3", endpoint_url=s3_endpoint)
+        keys = {item["Key"] for item in bucket.list_objects_v2(Bucket="tvforge")["Contents"]}
+        sha = checkpoint["sha256"]
+        assert f"blobs/sha256/{sha[:2]}/{sha[2:]}" in keys  # written by the worker, read by the API
+        assert (root / "worker-disk" / "sha256" / sha[:2] / sha[2:]).exists()
+    finally:
+        stack.stop()
+        stop_redis()
