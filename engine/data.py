@@ -10,6 +10,8 @@ Which split serves what, unless a method's params name one:
 - reported accuracy: test, else val, else train (REPORT_SPLITS).
 Every reported accuracy names the split it was measured on.
 """
+import struct
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +30,46 @@ REPORT_SPLITS = ("test", "val", "train")
 Split = tuple[np.ndarray, np.ndarray]  # uint8 images [N,H,W,C], int64 labels [N]
 
 
+def _mapped_member(path: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray | None:
+    """A read-only memory map of an uncompressed .npy member of a zip, or None if it cannot be mapped.
+
+    The store writes canonical datasets uncompressed (ZIP_STORED), so a member's array bytes sit
+    contiguously in the file after its local header and .npy header: batches are then read from
+    disk (the page cache) as they are indexed, instead of the whole split into memory.
+    """
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return None
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(f)
+        offset = f.tell()
+    if fortran_order or dtype.hasobject or offset + dtype.itemsize * int(np.prod(shape)) > path.stat().st_size:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset)
+
+
 def load_dataset(path: Path) -> dict[str, Split]:
-    """Splits of a canonical .npz: {split: (uint8 images, int64 labels)} for the splits present."""
+    """Splits of a canonical .npz: {split: (uint8 images, int64 labels)} for the splits present.
+
+    Images are memory-mapped where the file allows it (the store's canonical files always do), so a
+    split of any size costs no memory until its batches are read; labels are read whole.
+    """
+    path = Path(path)
     splits = {}
-    with np.load(path, allow_pickle=False) as data:
+    with np.load(path, allow_pickle=False) as data, zipfile.ZipFile(path) as archive:
         for split in SPLITS:
             if f"{split}_images" in data and f"{split}_labels" in data:
-                images = data[f"{split}_images"]
+                images = _mapped_member(path, archive, f"{split}_images.npy")
+                if images is None:
+                    images = data[f"{split}_images"]
                 if images.dtype != np.uint8:
                     raise ValueError(f"{split}_images must be uint8, got {images.dtype}")
                 splits[split] = (images, data[f"{split}_labels"].astype(np.int64))
@@ -50,8 +85,6 @@ def split_sizes(path: Path) -> dict[str, int]:
 
 def image_side(path: Path) -> int:
     """The larger side of a canonical .npz's images, from the stored array's header only."""
-    import zipfile
-
     with zipfile.ZipFile(path) as archive:
         for name in archive.namelist():
             if name.endswith("_images.npy"):
@@ -95,7 +128,10 @@ def preprocess_images(images_uint8: np.ndarray, model: torch.nn.Module) -> torch
     Resize the shortest side to S (bicubic, antialiased), centre-crop, scale to [0, 1], normalise
     with the model's mean and std (OpenAI CLIP's unless its config says otherwise).
     """
-    images = torch.as_tensor(np.asarray(images_uint8))
+    array = np.asarray(images_uint8)
+    if not array.flags.writeable:
+        array = array.copy()  # a batch of a memory-mapped split: torch wants memory it may write to
+    images = torch.as_tensor(array)
     if images.dtype != torch.uint8:
         raise ValueError(f"images must be uint8, got {images.dtype}")
     if images.ndim == 3:
