@@ -18,6 +18,7 @@ from engine.safetensors_io import (
     StreamingWriter,
     check_finite,
     read_header,
+    tensor_stats,
     torch_dtype_name,
 )
 from store.errors import RejectedInput
@@ -120,12 +121,10 @@ def validate_task_vector(path: Path, header: Header, base: Header) -> float:
     not_float = [n for n, info in header.tensors.items() if not (info.is_float and base.tensors[n].is_float)]
     if not_float:
         raise WeightsError(422, f"Task vectors cover floating-point tensors only: {_names(not_float)}.")
-    _require_finite(path, header)
-    squared = 0.0
-    with safe_open(str(path), framework="pt") as f:
-        for name in header.tensors:
-            squared += float(f.get_tensor(name).double().square().sum())
-    return math.sqrt(squared)
+    bad, norm = tensor_stats(path, header)
+    if bad:
+        raise WeightsError(422, f"Tensors hold NaN or Inf: {_names(bad)}.")
+    return norm
 
 
 def finetuned_to_task_vector(path: Path, header: Header, base_path: Path, base: Header, out: Path) -> None:

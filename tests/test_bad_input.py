@@ -690,3 +690,26 @@ def test_an_evaluation_reference_of_another_base_is_422(stack, world, http, tmp_
     with leaves_nothing(stack):
         assert_problem(http.post("/v1/evaluations", json=body), 422,
                        ["body", "datasets", 0, "reference_task_vector_id"])
+
+
+def test_tensor_stats_give_the_norm_in_float64_and_name_non_finite_tensors(tmp_path):
+    """One chunked pass (engine.safetensors_io.tensor_stats) against a float64 computation of the whole."""
+    import math
+
+    import torch
+    from safetensors.torch import save_file
+
+    from engine import safetensors_io
+    from engine.safetensors_io import read_header, tensor_stats
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, safetensors_io.STATS_CHUNK // 2 + 7, generator=generator),
+               "b": torch.randn(5, generator=generator).half(), "steps": torch.arange(4)}
+    path = tmp_path / "v.safetensors"
+    save_file(tensors, str(path))
+    bad, norm = tensor_stats(path, read_header(path))
+    expected = math.sqrt(sum(float(t.double().square().sum()) for t in (tensors["a"], tensors["b"])))
+    assert bad == [] and norm == pytest.approx(expected, rel=1e-12)
+    tensors["a"][2, -1] = float("inf")
+    save_file(tensors, str(path))
+    assert tensor_stats(path, read_header(path))[0] == ["a"]

@@ -63,7 +63,9 @@ def test_a_job_whose_worker_is_killed_is_requeued_and_finishes(stack, long_job):
         # Nobody finishes it while no worker runs: it must stay visible as running, not vanish.
         assert client.get_job(job["id"])["status"] in ("running", "queued")
         stack.start_worker()
+        restarted = time.monotonic()
         final = client.wait_for_job(job["id"], timeout_s=300)
+    print(f"worker SIGKILL: the job finished {time.monotonic() - restarted:.1f} s after a new worker started")
     assert final["status"] == "succeeded", final["error"]
     assert final["attempts"] == 2
     assert final["result"]["checkpoint_id"]
