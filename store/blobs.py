@@ -189,11 +189,14 @@ class S3BlobStore(BlobStore):
     usual sources (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, ...).
     """
 
-    def __init__(self, root: Path, url: str, endpoint_url: str | None = None):
+    CACHE_MIN_AGE_S = 600.0  # a cached copy used this recently is never pruned: a reader may be about to open it
+
+    def __init__(self, root: Path, url: str, endpoint_url: str | None = None, cache_max_bytes: int | None = None):
         import boto3
         from botocore.config import Config
 
         super().__init__(root)
+        self.cache_max_bytes = cache_max_bytes
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise ValueError(f"not an s3://bucket/prefix URL: {url!r}")
@@ -234,16 +237,41 @@ class S3BlobStore(BlobStore):
 
     def path(self, sha256: str) -> Path:
         local = self.local_path(sha256)
-        if not local.is_file():
-            partial = self.pending_path(".download")
-            try:
-                self.client.download_file(self.bucket, self.key(sha256), str(partial))
-                local.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(partial, local)
-                _fsync_dir(local.parent)
-            finally:
-                partial.unlink(missing_ok=True)
+        if local.is_file():
+            os.utime(local)  # used again: the cache keeps the most recently used copies
+            return local
+        partial = self.pending_path(".download")
+        try:
+            self.client.download_file(self.bucket, self.key(sha256), str(partial))
+            local.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, local)
+            _fsync_dir(local.parent)
+        finally:
+            partial.unlink(missing_ok=True)
+        self.prune_cache()
         return local
+
+    def prune_cache(self) -> int:
+        """Drop the least recently used cached copies while the cache holds more than cache_max_bytes (they
+        stay in the bucket; a later path() fetches them again). Returns how many went."""
+        if self.cache_max_bytes is None:
+            return 0
+        entries = []
+        for path in (self.root / "sha256").glob("*/*"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        removed, protected_after = 0, time.time() - self.CACHE_MIN_AGE_S
+        for mtime, size, path in sorted(entries):
+            if total <= self.cache_max_bytes or mtime >= protected_after:
+                break
+            path.unlink(missing_ok=True)  # a process that has it open or mapped keeps reading it
+            total -= size
+            removed += 1
+        return removed
 
     def _store(self, sha256: str, path: Path) -> bool:
         if self._head(sha256) is not None:
@@ -289,9 +317,10 @@ class S3BlobStore(BlobStore):
 
 
 @lru_cache
-def blob_store_at(root: Path, s3_url: str | None = None, s3_endpoint_url: str | None = None) -> BlobStore:
+def blob_store_at(root: Path, s3_url: str | None = None, s3_endpoint_url: str | None = None,
+                  cache_max_bytes: int | None = None) -> BlobStore:
     if s3_url:
-        return S3BlobStore(root, s3_url, s3_endpoint_url)
+        return S3BlobStore(root, s3_url, s3_endpoint_url, cache_max_bytes)
     return BlobStore(root)
 
 
@@ -299,4 +328,5 @@ def get_blob_store() -> BlobStore:
     from tvforge.settings import get_settings
 
     settings = get_settings()
-    return blob_store_at(settings.resolved_blob_dir, settings.blob_s3_url, settings.blob_s3_endpoint_url)
+    return blob_store_at(settings.resolved_blob_dir, settings.blob_s3_url, settings.blob_s3_endpoint_url,
+                         settings.blob_cache_max_bytes)

@@ -114,3 +114,23 @@ def test_api_and_worker_with_separate_disks_run_a_job_through_s3(s3_endpoint, tm
     finally:
         stack.stop()
         stop_redis()
+
+
+def test_the_cache_drops_least_recently_used_copies_past_its_budget(s3_endpoint, tmp_path):
+    import os
+
+    store = S3BlobStore(tmp_path / "machine", "s3://cache-test/blobs", s3_endpoint, cache_max_bytes=250)
+    digests = []
+    for index in range(3):
+        path, sha = _file(store.tmp_dir, f"f{index}", bytes([index]) * 100)
+        store.commit_file(path, sha)
+        digests.append(sha)
+    old = store.CACHE_MIN_AGE_S + 60
+    for age, sha in zip((3 * old, 2 * old, old), digests, strict=True):  # digests[0] used longest ago
+        stamp = os.path.getmtime(store.local_path(sha)) - age
+        os.utime(store.local_path(sha), (stamp, stamp))
+    assert store.prune_cache() == 1  # 300 bytes cached, 250 allowed: the least recently used goes
+    assert not store.local_path(digests[0]).exists() and store.local_path(digests[2]).exists()
+    assert store.path(digests[0]).read_bytes() == bytes([0]) * 100  # still in the bucket: fetched again
+    # That fetch went past the budget again; the copies used in the last CACHE_MIN_AGE_S are never dropped.
+    assert not store.local_path(digests[1]).exists() and store.local_path(digests[0]).exists()

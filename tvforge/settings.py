@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     blob_s3_endpoint_url: str | None = Field(None, description="The S3 server's URL when it is not AWS (MinIO: "
                                              "http://minio:9000). Credentials come from AWS_ACCESS_KEY_ID and "
                                              "AWS_SECRET_ACCESS_KEY.")
+    blob_cache_max_bytes: int | None = Field(50 * 1024**3, ge=0, description="With blob_s3_url: the most bytes "
+                                             "of blobs a machine keeps cached; the least recently used copies "
+                                             "past it are dropped (they stay in the bucket).")
     broker_url: str = Field("redis://127.0.0.1:6390/0", description="Celery broker (Redis).")
     max_upload_bytes: int = Field(8 * 1024**3, description="Largest accepted upload; larger ones get 413.")
     max_model_parameters: int = Field(4_000_000_000, description="Largest base model accepted, in parameters.")
