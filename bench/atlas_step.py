@@ -1,0 +1,138 @@
+"""aTLAS's training step against a plain fine-tuning step of the same model on the same batch.
+
+    python -m bench.atlas_step [--model ViT-B-32] [--vectors 8] [--batch 16] [--steps 5] [--threads 2]
+
+On a randomly initialised open_clip image tower with random task vectors, times (median of --steps
+after one warm-up step) and measures the resident memory of:
+- fine-tuning: forward and backward of the image tower with every weight trainable (the floor);
+- aTLAS: the engine's step (engine.methods.atlas.method.Composition: theta_0 plus one tensordot per block
+  over the stacked vectors, then torch.func.functional_call), gradients to the coefficients only;
+- per-vector composition: the same step with each block composed by a Python loop over the task vectors
+  (sum of coefficient x vector tensor, vectors kept as separate tensors), the way fredzzhang/atlas's
+  weighted image encoder composes; a re-implementation of that strategy for a side-by-side time, not
+  the official code itself.
+Prints a table and writes JSON. CPU only here; on a GPU pass --device cuda.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from engine.methods.atlas.method import TOWER, Composition
+
+
+def _anon_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def _timed(step, steps: int, device: str) -> float:
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    import open_clip
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--vectors", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/atlas_step.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    model = open_clip.create_model(args.model, pretrained=None).to(args.device).eval()
+    size = model.visual.image_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    pixels = torch.randn(args.batch, 3, *size, device=args.device)
+    target = torch.randn(args.batch, model.visual.output_dim, device=args.device)
+    anon_model = _anon_mib()
+
+    def loss_of(features: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(F.normalize(features, dim=-1), F.normalize(target, dim=-1))
+
+    # 1. fine-tuning: every image-tower weight trainable
+    model.visual.requires_grad_(True)
+
+    def finetune_step() -> None:
+        model.visual.zero_grad(set_to_none=True)
+        loss_of(model.visual(pixels)).backward()
+
+    finetune_s = _timed(finetune_step, args.steps, args.device)
+    model.visual.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+
+    # 2. aTLAS as the engine runs it
+    tower = {name: p for name, p in model.named_parameters() if name.startswith(TOWER)}
+    blocks = sorted(tower)
+    before_stacks = _anon_mib()
+    stacks = {name: 0.01 * torch.randn((args.vectors, *tower[name].shape), device=args.device) for name in blocks}
+    stacks_mib = round(_anon_mib() - before_stacks, 1)
+    composition = Composition(blocks, {name: tower[name].detach() for name in blocks}, stacks, "block")
+    coefficients = torch.zeros(composition.coefficient_shape, device=args.device, requires_grad=True)
+
+    def run(composed: dict[str, torch.Tensor]) -> None:
+        coefficients.grad = None
+        weights = {name[len(TOWER):]: tensor for name, tensor in composed.items()}
+        loss_of(functional_call(model.visual, weights, (pixels,))).backward()
+
+    atlas_s = _timed(lambda: run(composition.compose(coefficients)), args.steps, args.device)
+
+    # 3. the per-vector loop (vectors as separate tensors: views of the same stacks, no extra memory)
+    per_vector = [{name: stacks[name][t] for name in blocks} for t in range(args.vectors)]
+
+    def loop_compose() -> dict[str, torch.Tensor]:
+        composed = {}
+        for j, name in enumerate(blocks):
+            total = tower[name].detach()
+            for t in range(args.vectors):
+                total = total + coefficients[t, j] * per_vector[t][name]
+            composed[name] = total
+        return composed
+
+    loop_s = _timed(lambda: run(loop_compose()), args.steps, args.device)
+
+    parameters = sum(p.numel() for p in tower.values())
+    result = {
+        "model": args.model, "device": args.device, "threads": args.threads, "batch": args.batch,
+        "vectors": args.vectors, "image_tower_parameters": parameters, "steps_timed": args.steps,
+        "finetune_step_s": round(finetune_s, 3), "atlas_step_s": round(atlas_s, 3),
+        "per_vector_loop_step_s": round(loop_s, 3),
+        "atlas_over_finetune": round(atlas_s / finetune_s, 2), "loop_over_finetune": round(loop_s / finetune_s, 2),
+        "model_anonymous_mib": anon_model, "stacked_vectors_mib": stacks_mib,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"| step ({args.model}, {args.vectors} vectors, batch {args.batch}, {args.device}, {args.threads} threads) "
+          f"| median s | x fine-tuning |\n|---|---|---|\n"
+          f"| fine-tuning (forward + backward, all weights) | {finetune_s:.3f} | 1.00 |\n"
+          f"| aTLAS (engine: tensordot per block) | {atlas_s:.3f} | {atlas_s / finetune_s:.2f} |\n"
+          f"| aTLAS, per-vector loop composition | {loop_s:.3f} | {loop_s / finetune_s:.2f} |\n\n"
+          f"Stacked task vectors: {stacks_mib} MiB resident (fp32, {args.vectors} x {parameters:,} parameters).")
+
+
+if __name__ == "__main__":
+    main()
