@@ -1,12 +1,13 @@
 """aTLAS's training step against a plain fine-tuning step of the same model on the same batch.
 
-    python -m bench.atlas_step [--model ViT-B-32] [--vectors 8] [--batch 16] [--steps 5] [--threads 2]
+    python -m bench.atlas_step [--model ViT-B-32] [--vectors 8] [--batch 16] [--steps 8] [--threads 2]
 
-On a randomly initialised open_clip image tower with random task vectors, times (median of --steps
-after one warm-up step) and measures the resident memory of:
+On a randomly initialised open_clip image tower with random task vectors, times (median of --steps rounds,
+the variants interleaved, after one warm-up step each) and measures the memory of:
 - fine-tuning: forward and backward of the image tower with every weight trainable (the floor);
 - aTLAS: the engine's step (engine.methods.atlas.method.Composition: theta_0 plus one tensordot per block
-  over the stacked vectors, then torch.func.functional_call), gradients to the coefficients only;
+  over the stacked vectors, then torch.func.functional_call), gradients to the coefficients only; and the
+  same with the vectors held in bfloat16 (AtlasParams.vector_dtype);
 - per-vector composition: the same step with each block composed by a Python loop over the task vectors
   (sum of coefficient x vector tensor, vectors kept as separate tensors), the way fredzzhang/atlas's
   weighted image encoder composes; a re-implementation of that strategy for a side-by-side time, not
@@ -34,18 +35,22 @@ def _anon_mib() -> float:
     return 0.0
 
 
-def _timed(step, steps: int, device: str) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
+def _interleaved(steps: dict[str, object], rounds: int, device: str) -> dict[str, float]:
+    """Median seconds of each step, timed in turn round after round (after one warm-up each), so a drift
+    in the machine's speed falls on every variant alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for step in steps.values():
         step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -55,7 +60,7 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--vectors", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("bench/results/atlas_step.json"))
@@ -75,22 +80,20 @@ def main() -> None:
         return F.mse_loss(F.normalize(features, dim=-1), F.normalize(target, dim=-1))
 
     # 1. fine-tuning: every image-tower weight trainable
-    model.visual.requires_grad_(True)
-
     def finetune_step() -> None:
+        model.visual.requires_grad_(True)
         model.visual.zero_grad(set_to_none=True)
         loss_of(model.visual(pixels)).backward()
+        model.visual.zero_grad(set_to_none=True)
+        model.requires_grad_(False)
 
-    finetune_s = _timed(finetune_step, args.steps, args.device)
-    model.visual.zero_grad(set_to_none=True)
     model.requires_grad_(False)
 
     # 2. aTLAS as the engine runs it
     tower = {name: p for name, p in model.named_parameters() if name.startswith(TOWER)}
     blocks = sorted(tower)
-    before_stacks = _anon_mib()
     stacks = {name: 0.01 * torch.randn((args.vectors, *tower[name].shape), device=args.device) for name in blocks}
-    stacks_mib = round(_anon_mib() - before_stacks, 1)
+    stacks_mib = round(sum(t.numel() * t.element_size() for t in stacks.values()) / 2**20, 1)
     composition = Composition(blocks, {name: tower[name].detach() for name in blocks}, stacks, "block")
     coefficients = torch.zeros(composition.coefficient_shape, device=args.device, requires_grad=True)
 
@@ -99,7 +102,12 @@ def main() -> None:
         weights = {name[len(TOWER):]: tensor for name, tensor in composed.items()}
         loss_of(functional_call(model.visual, weights, (pixels,))).backward()
 
-    atlas_s = _timed(lambda: run(composition.compose(coefficients)), args.steps, args.device)
+
+    # 2b. the same with the vectors held in bfloat16 (AtlasParams.vector_dtype)
+    half_stacks = {name: stack.to(torch.bfloat16) for name, stack in stacks.items()}
+    half = Composition(blocks, composition.base, half_stacks, "block")
+    half_mib = round(sum(t.numel() * t.element_size() for t in half_stacks.values()) / 2**20, 1)
+
 
     # 3. the per-vector loop (vectors as separate tensors: views of the same stacks, no extra memory)
     per_vector = [{name: stacks[name][t] for name in blocks} for t in range(args.vectors)]
@@ -113,16 +121,20 @@ def main() -> None:
             composed[name] = total
         return composed
 
-    loop_s = _timed(lambda: run(loop_compose()), args.steps, args.device)
+    timed = _interleaved({"finetune": finetune_step, "atlas": lambda: run(composition.compose(coefficients)),
+                          "bfloat16": lambda: run(half.compose(coefficients)), "loop": lambda: run(loop_compose())},
+                         args.steps, args.device)
+    finetune_s, atlas_s, half_s, loop_s = (timed[k] for k in ("finetune", "atlas", "bfloat16", "loop"))
 
     parameters = sum(p.numel() for p in tower.values())
     result = {
         "model": args.model, "device": args.device, "threads": args.threads, "batch": args.batch,
         "vectors": args.vectors, "image_tower_parameters": parameters, "steps_timed": args.steps,
         "finetune_step_s": round(finetune_s, 3), "atlas_step_s": round(atlas_s, 3),
-        "per_vector_loop_step_s": round(loop_s, 3),
+        "per_vector_loop_step_s": round(loop_s, 3), "atlas_bfloat16_step_s": round(half_s, 3),
+        "stacked_vectors_bfloat16_mib": half_mib,
         "atlas_over_finetune": round(atlas_s / finetune_s, 2), "loop_over_finetune": round(loop_s / finetune_s, 2),
-        "model_anonymous_mib": anon_model, "stacked_vectors_mib": stacks_mib,
+        "process_anonymous_mib_with_model": anon_model, "stacked_vectors_mib": stacks_mib,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -130,8 +142,10 @@ def main() -> None:
           f"| median s | x fine-tuning |\n|---|---|---|\n"
           f"| fine-tuning (forward + backward, all weights) | {finetune_s:.3f} | 1.00 |\n"
           f"| aTLAS (engine: tensordot per block) | {atlas_s:.3f} | {atlas_s / finetune_s:.2f} |\n"
+          f"| aTLAS, vectors held in bfloat16 | {half_s:.3f} | {half_s / finetune_s:.2f} |\n"
           f"| aTLAS, per-vector loop composition | {loop_s:.3f} | {loop_s / finetune_s:.2f} |\n\n"
-          f"Stacked task vectors: {stacks_mib} MiB resident (fp32, {args.vectors} x {parameters:,} parameters).")
+          f"Stacked task vectors: {stacks_mib} MiB in fp32 ({args.vectors} x {parameters:,} parameters), "
+          f"{half_mib} MiB in bfloat16.")
 
 
 if __name__ == "__main__":

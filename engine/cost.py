@@ -96,7 +96,10 @@ def atlas_estimate(params, shape: TowerShape, n_vectors: int, split_sizes: dict[
     selection = sum(first_split(sizes, ("val", "train")) for sizes in split_sizes.values())
     reports = sum(first_split(sizes, ("test", "val", "train")) for sizes in split_sizes.values())
     images = epochs * steps * params.batch_size + (epochs + 1) * selection + reports
-    peak = (runtime_bytes + shape.parameters * FLOAT32 + (n_vectors + 2) * shape.visual_parameters * FLOAT32
+    # the device is not known here: auto counts float32, the CPU's (CUDA's fp16 stacks take half)
+    vector_bytes = 2 if params.vector_dtype in ("bfloat16", "float16") else FLOAT32
+    peak = (runtime_bytes + shape.parameters * FLOAT32 + n_vectors * shape.visual_parameters * vector_bytes
+            + 2 * shape.visual_parameters * FLOAT32
             + shape.activation_bytes(params.batch_size) + shape.image_bytes(params.batch_size)
             + dataset_bytes(split_sizes, dataset_side))
     return JobEstimate(images, peak)

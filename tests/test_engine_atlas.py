@@ -268,3 +268,24 @@ def test_params_schema():
                 {"objective": "entropy", "target_dataset_id": "t", "control_dataset_id": "c"}]:
         with pytest.raises(ValidationError):
             AtlasParams(**bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_vectors_halve_the_stacks_and_compose_close_to_float32(job, model, dtype):
+    from engine.methods.atlas.method import vector_dtype
+
+    assert vector_dtype("auto", "cpu") is None and vector_dtype("auto", "cuda:0") is torch.float16
+    assert vector_dtype("bfloat16", "cpu") is torch.bfloat16
+    full, _ = build_composition(model, job.inputs.task_vectors, "block", "cpu")
+    half, _ = build_composition(model, job.inputs.task_vectors, "block", "cpu", dtype)
+    assert all(stack.dtype == dtype for stack in half.stacks.values())
+    assert sum(s.numel() * s.element_size() for s in half.stacks.values()) * 2 == \
+        sum(s.numel() * s.element_size() for s in full.stacks.values())
+    coefficients = 0.3 * torch.randn(full.coefficient_shape, generator=torch.Generator().manual_seed(3))
+    expected = naive_weights(job, coefficients, full.blocks)
+    composed = half.compose(coefficients)
+    for name in full.blocks:
+        assert composed[name].dtype == torch.float32  # theta_0 keeps its precision
+        delta, reference = composed[name] - job.state[name], expected[name] - job.state[name]
+        # the task-vector part carries the half type's relative precision, theta_0 none of it
+        torch.testing.assert_close(delta, reference, rtol=2e-2, atol=2e-2 * float(reference.abs().max()) + 1e-6)

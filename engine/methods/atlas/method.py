@@ -92,9 +92,14 @@ class Composition:
         return block_index if self.granularity == "block" else 0
 
     def compose(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{block name: theta_0 + tensordot(coefficients of the block, stacked task vectors)}."""
-        return {name: self.base[name] + torch.tensordot(coefficients[:, self.column(j)], self.stacks[name], dims=1)
-                for j, name in enumerate(self.blocks)}
+        """{block name: theta_0 + tensordot(coefficients of the block, stacked task vectors)}; with vectors held
+        in half precision the tensordot runs in it and its result joins theta_0 in theta_0's dtype."""
+        composed = {}
+        for j, name in enumerate(self.blocks):
+            stack = self.stacks[name]
+            delta = torch.tensordot(coefficients[:, self.column(j)].to(stack.dtype), stack, dims=1)
+            composed[name] = self.base[name] + delta.to(self.base[name].dtype)
+        return composed
 
     def coefficient_matrix(self, coefficients: torch.Tensor) -> list[list[float]]:
         """Coefficients per task vector and block (isotropic: each vector's scalar repeated per block)."""
@@ -102,10 +107,17 @@ class Composition:
         return [[float(values[t, self.column(j)]) for j in range(len(self.blocks))] for t in range(len(values))]
 
 
+def vector_dtype(setting: str, device: str) -> torch.dtype | None:
+    """The stacks' dtype for AtlasParams.vector_dtype; None: the model's own."""
+    if setting == "auto":
+        return torch.float16 if device.startswith("cuda") else None
+    return getattr(torch, setting)
+
+
 def build_composition(model: torch.nn.Module, task_vectors: list[TaskVectorInput], granularity: str,
-                      device: str) -> tuple[Composition, int]:
-    """Stack the task vectors' image-tower tensors, one vector file at a time; also returns how many
-    float task-vector tensors lie outside the image tower (not composed)."""
+                      device: str, dtype: torch.dtype | None = None) -> tuple[Composition, int]:
+    """Stack the task vectors' image-tower tensors (in dtype, else the model's), one vector file at a time;
+    also returns how many float task-vector tensors lie outside the image tower (not composed)."""
     parameters = dict(model.named_parameters())
     tower = {name: p for name, p in parameters.items() if name.startswith(TOWER)}
     stacks: dict[str, torch.Tensor] = {}
@@ -116,7 +128,7 @@ def build_composition(model: torch.nn.Module, task_vectors: list[TaskVectorInput
                 uncomposed += 1
                 continue
             if name not in stacks:
-                stacks[name] = torch.zeros((len(task_vectors), *tower[name].shape), dtype=tower[name].dtype,
+                stacks[name] = torch.zeros((len(task_vectors), *tower[name].shape), dtype=dtype or tower[name].dtype,
                                            device=device)
             stacks[name][index] = delta.to(device)
     if not stacks:
@@ -315,7 +327,8 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
     model = load_base_model(inputs, device)
     heads = HeadFactory(model, inputs, ctx)
     tasks = load_tasks(inputs, params, heads)
-    composition, uncomposed = build_composition(model, inputs.task_vectors, params.granularity, device)
+    composition, uncomposed = build_composition(model, inputs.task_vectors, params.granularity, device,
+                                                vector_dtype(params.vector_dtype, device))
     tower = ComposedTower(model, composition)
     coefficients = torch.zeros(composition.coefficient_shape, device=device, requires_grad=True)
     tv_index = {tv.id: i for i, tv in enumerate(inputs.task_vectors)}

@@ -84,6 +84,11 @@ class AtlasParams(MethodParams):
         description="Images per step; addition splits it equally across the tasks, negation between target and "
                     "control.",
     )
+    vector_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="How the stacked task vectors are held: auto keeps float32 on CPU and float16 on CUDA "
+                            "(the official code keeps them in fp16 on the GPU); bfloat16 or float16 halve their "
+                            "memory. Each block's composition is still added to theta_0 in its own precision.",
+    )
     weight_decay: float = Field(0.1, ge=0, le=10, description="AdamW weight decay of the coefficients.")
     grad_clip: float = Field(1.0, gt=0, le=1e6, description="Max global gradient norm of the coefficients.")
     eval_batch_size: int = Field(256, ge=1, le=8192, description="Images per evaluation batch.")
