@@ -4,6 +4,7 @@ Starlette's form parser would spool the whole body before the route runs; this
 reads the request stream chunk by chunk, hashes and writes the `file` part to a
 pending blob as it arrives, and stops at the size limit instead of after it.
 """
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -15,10 +16,13 @@ from python_multipart.multipart import (
     MultipartParser,
     parse_options_header,
 )
+from starlette.requests import ClientDisconnect
 
 from app.problems import Problem
 from store.blobs import BlobStore, PendingBlob, TooLarge
 from store.errors import RejectedInput
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -142,6 +146,12 @@ async def receive_upload(request: Request, blobs: BlobStore, max_bytes: int) -> 
     except MultipartParseError as exc:
         upload.discard()
         raise Problem(400, f"Malformed multipart body: {exc}", slug="malformed-body") from None
+    except ClientDisconnect:
+        # Nobody is left to answer: a 4xx keeps it out of the unhandled-error log (the send is dropped).
+        upload.discard()
+        log.info("the client went away during its upload; its partial file was dropped")
+        raise Problem(400, "The client disconnected before the body was complete.",
+                      slug="client-disconnected") from None
     except BaseException:
         upload.discard()
         raise
