@@ -28,6 +28,18 @@ def wait_all(client, job_ids: list[str], timeout_s: float) -> list[dict]:
     return [client.wait_for_job(job_id, timeout_s=timeout_s) for job_id in job_ids]
 
 
+def one_running_three_queued(client, ids: dict) -> tuple[dict, list[str]]:
+    """A long aTLAS job once a worker runs it, and three task-arithmetic jobs queued behind it."""
+    running = submit_long_job(client, ids, epochs=40)
+    deadline = time.monotonic() + 60
+    while client.get_job(running["id"])["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    queued = [client.create_job("task_arithmetic", ids["base"], ids["vectors"], {"scaling": 0.1 * i})["id"]
+              for i in range(1, 4)]
+    return running, queued
+
+
 def test_jobs_queued_or_running_when_redis_restarts_empty_all_finish(tmp_path_factory, own_redis, demo_assets):
     stack = Stack(tmp_path_factory.mktemp("redis-restart"), own_redis["url"], republish_after_s=2,
                   reaper_interval_s=0.5)
@@ -36,13 +48,7 @@ def test_jobs_queued_or_running_when_redis_restarts_empty_all_finish(tmp_path_fa
     try:
         with stack.client() as client:
             ids = register_long_job_inputs(client, demo_assets, tmp_path_factory.mktemp("target"))
-            running = submit_long_job(client, ids, epochs=40)
-            deadline = time.monotonic() + 60
-            while client.get_job(running["id"])["status"] != "running":
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
-            queued = [client.create_job("task_arithmetic", ids["base"], ids["vectors"], {"scaling": 0.1 * i})["id"]
-                      for i in range(1, 4)]
+            running, queued = one_running_three_queued(client, ids)
             assert {client.get_job(job_id)["status"] for job_id in queued} == {"queued"}
 
             # Redis restarts without persistence: every queued message is gone.
@@ -70,13 +76,7 @@ def test_jobs_queued_or_running_when_postgres_restarts_all_finish(tmp_path_facto
     try:
         with stack.client() as client:
             ids = register_long_job_inputs(client, demo_assets, tmp_path_factory.mktemp("pg-target"))
-            running = submit_long_job(client, ids, epochs=40)
-            deadline = time.monotonic() + 60
-            while client.get_job(running["id"])["status"] != "running":
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
-            queued = [client.create_job("task_arithmetic", ids["base"], ids["vectors"], {"scaling": 0.1 * i})["id"]
-                      for i in range(1, 4)]
+            running, queued = one_running_three_queued(client, ids)
 
             cluster.halt()
             down = httpx.get(f"{stack.url}/v1/jobs", headers={"Authorization": f"Bearer {stack.owner_key}"},
