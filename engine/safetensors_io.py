@@ -9,7 +9,9 @@ import hashlib
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ class TensorInfo:
 class Header:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
+    data_start: int = 0  # file offset of the first tensor's bytes (TensorInfo offsets count from here)
 
     @property
     def parameter_count(self) -> int:
@@ -124,7 +127,7 @@ def read_header(path: Path) -> Header:
         raise SafetensorsError(f"file truncated: header needs {position} data bytes, file has {data_len}")
     if position != data_len:
         raise SafetensorsError("trailing bytes after the last tensor")
-    return Header(tensors, metadata)
+    return Header(tensors, metadata, 8 + header_len)
 
 
 STATS_CHUNK = 1 << 20  # elements: the float64 work buffer of tensor_stats stays at 8 MiB
@@ -167,13 +170,55 @@ def check_finite(path: Path, header: Header) -> list[str]:
     return bad
 
 
+# safetensors float dtype -> the numpy dtype its bytes are read as (bfloat16 as its raw 16 bits)
+_NUMPY_FLOATS = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+class MappedTensors:
+    """A safetensors file's float tensors as flat float32 slices of one read-only memory map.
+
+    A float32 tensor's slice is a view of the file's pages (no copy, nothing read until used); other
+    float dtypes are converted slice by slice, so a caller walking a tensor in chunks never holds more
+    than one chunk of it. bfloat16 converts exactly: its 16 bits are the high half of a float32's.
+    """
+
+    def __init__(self, path: Path, header: Header | None = None):
+        import numpy as np
+
+        self.header = header or read_header(path)
+        self._map = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else None
+
+    def float32(self, name: str, start: int = 0, stop: int | None = None):
+        import numpy as np
+
+        info = self.header.tensors[name]
+        if not info.is_float:
+            raise TypeError(f"tensor {name!r} is {info.dtype}, not floating point")
+        stop = info.numel if stop is None else min(stop, info.numel)
+        if stop <= start:
+            return np.empty(0, np.float32)
+        size = DTYPES[info.dtype][0]
+        offset = self.header.data_start + info.start + start * size
+        raw = self._map[offset:offset + (stop - start) * size].view(_NUMPY_FLOATS[info.dtype])
+        if info.dtype == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw if info.dtype == "F32" else raw.astype(np.float32)
+
+
 class StreamingWriter:
     """Writes a safetensors file tensor by tensor, in the order the header lists them.
 
     The header is fixed up front, with names sorted, so the same tensors always
     give the same bytes. The file's sha256 and the names of float tensors holding NaN or Inf
     are taken from the bytes as they are written, so nobody reads the file again for them.
+
+    Checking, hashing and writing run on a writer thread, overlapped with whatever computes the next
+    tensor (all three release the GIL); a queue of two tensors bounds what waits in memory. A tensor
+    handed to write() must not be modified afterwards. A failure on the writer thread is raised by the
+    next write() or by close().
     """
+
+    QUEUED = 2
 
     def __init__(self, path: Path, entries: Iterable[tuple[str, str, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
@@ -196,11 +241,36 @@ class StreamingWriter:
         self.non_finite: list[str] = []
         self._put(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
+        self._queue: queue.Queue = queue.Queue(self.QUEUED)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="safetensors-writer", daemon=True)
+        self._thread.start()
 
-    def _put(self, data: bytes) -> None:
+    def _put(self, data) -> None:
         self._file.write(data)
         self._digest.update(data)
         self.size += len(data)
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._failure is not None:
+                continue  # keep taking items so that write() never blocks on a dead writer
+            name, tensor = item
+            try:
+                if tensor.is_floating_point() and tensor.numel() and not bool(tensor.isfinite().all()):
+                    self.non_finite.append(name)
+                self._put(tensor_buffer(tensor))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                self._failure = exc
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
     @property
     def sha256(self) -> str:
@@ -212,26 +282,27 @@ class StreamingWriter:
         return [name for name, _, _ in self._order]
 
     def write(self, name: str, tensor) -> None:
+        self._raise_failure()
         expected_name, dtype, shape = self._order[self._next]
         if name != expected_name:
             raise ValueError(f"expected tensor {expected_name!r} next, got {name!r}")
         if tuple(tensor.shape) != shape or torch_dtype_name(tensor.dtype) != dtype:
             raise ValueError(f"tensor {name!r}: got {tensor.dtype} {tuple(tensor.shape)}, header says {dtype} {shape}")
-        if tensor.is_floating_point() and tensor.numel() and not bool(tensor.isfinite().all()):
-            self.non_finite.append(name)
-        self._put(tensor_bytes(tensor))
+        self._queue.put((name, tensor))
         self._next += 1
 
     def close(self) -> None:
-        if self._next != len(self._order):
+        self._stop()
+        if self._failure is not None or self._next != len(self._order):
             self._file.close()
+            self._raise_failure()
             raise ValueError(f"only {self._next} of {len(self._order)} tensors written")
         self._file.flush()
-
         os.fsync(self._file.fileno())
         self._file.close()
 
     def abort(self) -> None:
+        self._stop()
         self._file.close()
         self.path.unlink(missing_ok=True)
 
@@ -261,14 +332,17 @@ def torch_dtype(name: str):
     return {v: getattr(torch, k) for k, v in _TORCH_NAMES.items()}[name]
 
 
-def tensor_bytes(tensor) -> bytes:
-    """Little-endian raw bytes of a CPU tensor (bfloat16 through a 16-bit view)."""
+def tensor_buffer(tensor):
+    """The little-endian raw bytes of a CPU tensor as a flat uint8 array, without a copy where the tensor is
+    already contiguous and little-endian (bfloat16 through a 16-bit view)."""
+    import numpy as np
     import torch
 
     t = tensor.detach().to("cpu").contiguous()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    return t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes()
+    array = t.numpy()
+    return np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False)).reshape(-1).view(np.uint8)
 
 
 def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
@@ -280,6 +354,6 @@ def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = No
 
 
 __all__ = [
-    "DTYPES", "Header", "NotSafetensors", "SafetensorsError", "StreamingWriter", "TensorInfo",
-    "check_finite", "read_header", "save_tensors", "tensor_bytes", "torch_dtype", "torch_dtype_name",
+    "DTYPES", "Header", "MappedTensors", "NotSafetensors", "SafetensorsError", "StreamingWriter", "TensorInfo",
+    "check_finite", "read_header", "save_tensors", "tensor_buffer", "torch_dtype", "torch_dtype_name",
 ]

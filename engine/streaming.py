@@ -3,19 +3,23 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from engine.context import JobContext, Progress, WrittenFile
-from engine.safetensors_io import StreamingWriter, read_header
+from engine.safetensors_io import MappedTensors, StreamingWriter, read_header
 
 
 class VectorSlices(Sequence):
     """The task vectors' slices of one tensor (float32, None where a vector lacks it), each read from
-    its memory map only when indexed: a merge that walks them once holds one slice at a time."""
+    its memory map only when indexed: a merge that walks them once holds one slice at a time. A merge
+    that works chunk by chunk reads them through float32_readers instead, without any copy."""
 
-    def __init__(self, handles: list, keys: list[set[str]], name: str):
-        self._handles, self._keys, self._name = handles, keys, name
+    def __init__(self, handles: list, keys: list[set[str]], name: str, mapped: list[MappedTensors],
+                 shape: tuple[int, ...]):
+        self._handles, self._keys, self._name, self._mapped = handles, keys, name, mapped
+        self.shape = shape
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -24,6 +28,28 @@ class VectorSlices(Sequence):
         handle, keys = self._handles[index], self._keys[index]
         return handle.get_tensor(self._name).float() if self._name in keys else None
 
+    def reader(self, index: int) -> "Float32Reader | None":
+        if self._name not in self._keys[index]:
+            return None
+        mapped, name = self._mapped[index], self._name
+        return lambda start, stop: mapped.float32(name, start, stop)
+
+
+# (start, stop) -> entries start:stop of a tensor, flattened, as a float32 numpy array
+Float32Reader = Callable[[int, int], np.ndarray]
+
+
+def float32_readers(taus: Sequence[torch.Tensor | None]) -> tuple[tuple[int, ...], list[Float32Reader | None]]:
+    """(the tensor's shape, a flat float32 reader per vector or None): memory-mapped views for a
+    merge's VectorSlices, float32 copies of in-memory tensors otherwise (tests, references)."""
+    if isinstance(taus, VectorSlices):
+        return taus.shape, [taus.reader(index) for index in range(len(taus))]
+    present = [tau for tau in taus if tau is not None]
+    if not present:
+        raise ValueError("no task vector has this tensor")
+    flat = [None if tau is None else tau.detach().float().contiguous().view(-1).numpy() for tau in taus]
+    return tuple(present[0].shape), [None if f is None else (lambda a, b, f=f: f[a:b]) for f in flat]
+
 
 # (name, base tensor in float32, the vectors' slices) -> merged float32
 TensorMerge = Callable[[str, torch.Tensor, Sequence[torch.Tensor | None]], torch.Tensor]
@@ -31,11 +57,12 @@ TensorMerge = Callable[[str, torch.Tensor, Sequence[torch.Tensor | None]], torch
 
 @contextmanager
 def open_vectors(base_path: Path, vector_paths: list[Path]) -> Iterator[tuple]:
-    """(base handle, vector handles, each vector's tensor names), memory-mapped for the duration."""
+    """(base handle, vector handles, each vector's tensor names, each vector's MappedTensors), memory-mapped
+    for the duration."""
     with ExitStack() as stack:
         base = stack.enter_context(safe_open(str(base_path), framework="pt"))
         vectors = [stack.enter_context(safe_open(str(p), framework="pt")) for p in vector_paths]
-        yield base, vectors, [set(v.keys()) for v in vectors]
+        yield base, vectors, [set(v.keys()) for v in vectors], [MappedTensors(p) for p in vector_paths]
 
 
 def merged_tensor_names(base_path: Path, vector_keys: list[set[str]]) -> list[str]:
@@ -53,14 +80,14 @@ def merge_streaming(base_path: Path, vector_paths: list[Path], out_path: Path,
     """
     header = read_header(base_path)
     entries = [(name, info.dtype, info.shape) for name, info in header.tensors.items()]
-    with open_vectors(base_path, vector_paths) as (base, vectors, vector_keys), \
+    with open_vectors(base_path, vector_paths) as (base, vectors, vector_keys, mapped), \
             StreamingWriter(out_path, entries, ctx.metadata) as writer:
         total = len(writer.names)
         for step, name in enumerate(writer.names, start=1):
             ctx.check_cancel()
             base_tensor = base.get_tensor(name)
             if base_tensor.is_floating_point() and any(name in keys for keys in vector_keys):
-                slices = VectorSlices(vectors, vector_keys, name)
+                slices = VectorSlices(vectors, vector_keys, name, mapped, tuple(base_tensor.shape))
                 merged = merge(name, base_tensor.float(), slices).to(base_tensor.dtype)
             else:
                 merged = base_tensor
@@ -81,10 +108,12 @@ def collect_deltas(base_path: Path, vector_paths: list[Path], delta: DeltaMerge,
     Memory is one model's worth of float32, whatever the number of vectors (read one slice at a time).
     """
     deltas = {}
-    with open_vectors(base_path, vector_paths) as (_base, vectors, keys):
+    header = read_header(base_path)
+    with open_vectors(base_path, vector_paths) as (_base, vectors, keys, mapped):
         names = merged_tensor_names(base_path, keys)
         for step, name in enumerate(names, start=1):
             ctx.check_cancel()
-            deltas[name] = delta(name, VectorSlices(vectors, keys, name))
+            shape = header.tensors[name].shape
+            deltas[name] = delta(name, VectorSlices(vectors, keys, name, mapped, shape))
             ctx.report(Progress(stage, step, len(names)))
     return deltas

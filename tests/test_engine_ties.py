@@ -61,9 +61,11 @@ def reference_ties(taus: list[np.ndarray], top_k: float) -> np.ndarray:
 @given(st.integers(1, 4), st.integers(1, 12), st.sampled_from([10.0, 20.0, 50.0, 100.0]), st.integers(0, 2**31))
 def test_matches_loop_reference(n_tasks, size, top_k, seed):
     rng = np.random.default_rng(seed)
-    taus = [rng.normal(size=(size,)).round(2) for _ in range(n_tasks)]  # rounding creates ties
+    taus = [rng.normal(size=(size,)).round(2).astype(np.float32) for _ in range(n_tasks)]  # rounding: ties
     merged = ties_merge([torch.from_numpy(t) for t in taus], top_k).numpy()
-    np.testing.assert_allclose(merged, reference_ties(taus, top_k), rtol=1e-12, atol=1e-12)
+    # the merge works in float32; the loops in float64 over the same float32 entries
+    reference = reference_ties([t.astype(np.float64) for t in taus], top_k)
+    np.testing.assert_allclose(merged, reference, rtol=1e-6, atol=1e-7)
 
 
 def hand_job(tmp_path):

@@ -3,88 +3,94 @@
 Follows prateeky2806/ties-merging (ties_minimal.ipynb: topk_values_mask over the flattened task
 vector, resolve_sign by the sum of the trimmed vectors, disjoint_merge) and FusionBench's
 ties_merging_utils for the `sum` merge. The global cut is found one task vector at a time, so
-memory grows with the model, not with the number of vectors; merging then streams tensor by tensor.
+memory grows with the model, not with the number of vectors; merging then streams tensor by tensor, and
+within a tensor chunk by chunk through fused loops (engine/kernels.py).
 """
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import safe_open
 
 from engine.context import JobContext, MergeInputs, MethodResult, Progress
 from engine.evaluator import EvalTarget, Evaluator
+from engine.kernels import ties_accumulate, ties_resolve
 from engine.methods.ties.params import TiesParams
 from engine.metrics import chosen, given_or_default
-from engine.safetensors_io import read_header
+from engine.safetensors_io import MappedTensors, read_header
 from engine.scaling_search import SearchSpec, search_scaling, searched
-from engine.selection import EXACT_IN_FLOAT32, kth_largest_magnitude
-from engine.streaming import collect_deltas, merge_streaming
+from engine.selection import kth_largest_magnitude
+from engine.streaming import Float32Reader, collect_deltas, float32_readers, merge_streaming
+
+# Entries merged at a time: the five running sums of a chunk (1.25 MiB) stay in cache while every
+# task vector's slice of it is added, so each vector is read once and the sums never go to memory.
+CHUNK = 1 << 16
 
 
-def trim_cut(magnitude: torch.Tensor, top_k: float) -> float:
-    """The magnitude at or above which entries are in the top_k percent (0 keeps everything)."""
-    keep = math.ceil(top_k / 100 * magnitude.numel())
-    if keep >= magnitude.numel():
-        return 0.0
-    if magnitude.dtype not in EXACT_IN_FLOAT32:  # float64 (tests' references): a sort-based selection
-        flat = magnitude.flatten()
-        return float(flat.kthvalue(flat.numel() - keep + 1).values)
-    return kth_largest_magnitude(lambda: [magnitude], keep)
+def _chunks(read: Float32Reader, numel: int):
+    return (read(start, min(numel, start + CHUNK)) for start in range(0, numel, CHUNK))
 
 
-def trim(tau: torch.Tensor, top_k: float, cut: float | None = None) -> torch.Tensor:
+def _cut(chunks, total: int, top_k: float) -> float:
+    keep = math.ceil(top_k / 100 * total)
+    return 0.0 if keep >= total else kth_largest_magnitude(chunks, keep)
+
+
+def trim(tau: torch.Tensor, top_k: float) -> torch.Tensor:
     """tau with all but its top_k percent largest-magnitude entries zeroed (entries tied at the cut kept)."""
-    cut = trim_cut(tau.abs(), top_k) if cut is None else cut
+    (_shape, (read,)) = float32_readers([tau])
+    cut = _cut(lambda: _chunks(read, tau.numel()), tau.numel(), top_k)
     return torch.where(tau.abs() >= cut, tau, torch.zeros_like(tau))
 
 
 def global_cut(path: Path, names: set[str], top_k: float) -> float:
     """The top_k cut over every named float tensor of one task vector file, as if flattened together; read
-    tensor by tensor from the memory map (twice: one pass per radix level), never concatenated."""
-    with safe_open(str(path), framework="pt") as vector:
-        present = sorted(names & set(vector.keys()))
-        total = sum(math.prod(vector.get_slice(name).get_shape()) for name in present)
-        keep = math.ceil(top_k / 100 * total)
-        if not present or keep >= total:
-            return 0.0
-        return kth_largest_magnitude(lambda: (vector.get_tensor(name) for name in present), keep)
+    chunk by chunk from the memory map (twice: one pass per radix level), never concatenated."""
+    vector = MappedTensors(path)
+    present = sorted(name for name, info in vector.header.tensors.items() if name in names and info.is_float)
+    total = sum(vector.header.tensors[name].numel for name in present)
+    return _cut(lambda: (chunk for name in present
+                         for chunk in _chunks(lambda a, b, n=name: vector.float32(n, a, b),
+                                              vector.header.tensors[name].numel)), total, top_k)
 
 
 def ties_merge(taus: Sequence[torch.Tensor | None], top_k: float, cuts: Sequence[float] | None = None,
                merge: str = "mean") -> torch.Tensor:
-    """The merged task vector of one tensor: the trimmed entries agreeing with the elected sign, averaged
-    (mean) or summed (sum). cuts: each vector's global cut; None trims each tensor on its own.
+    return counted_ties_merge(taus, top_k, cuts, merge)[0]
 
-    One pass over the vectors, holding one at a time (taus may load lazily). The reference's two passes
+
+def counted_ties_merge(taus: Sequence[torch.Tensor | None], top_k: float, cuts: Sequence[float] | None = None,
+                       merge: str = "mean") -> tuple[torch.Tensor, int]:
+    """The merged task vector of one tensor, float32: the trimmed entries agreeing with the elected sign,
+    averaged (mean) or summed (sum), and how many of its entries are nonzero. cuts: each vector's global
+    cut; None trims each tensor on its own.
+
+    One pass over the vectors, chunk by chunk (engine.kernels.ties_accumulate). The reference's two passes
     (sum the trimmed vectors to elect each entry's sign, then merge the entries agreeing with it) give the
     same numbers from running sums kept apart by sign: the entries agreeing with a positive elected sign
     are exactly the positive ones, so their sum and count are the positive running sum and count, added in
     the same order. The elected sign is taken from the full running sum, as the reference computes it.
     """
-    trimmed_sum = positive_sum = negative_sum = positive_count = negative_count = None
-    for index, tau in enumerate(taus):
-        if tau is None:
-            continue
-        cut = trim_cut(tau.abs(), top_k) if cuts is None else cuts[index]
-        trimmed = torch.where(tau.abs() >= cut, tau, torch.zeros_like(tau))
-        positive, negative = trimmed > 0, trimmed < 0
-        if trimmed_sum is None:
-            trimmed_sum = trimmed.clone()
-            positive_sum, negative_sum = torch.where(positive, trimmed, 0.0), torch.where(negative, trimmed, 0.0)
-            positive_count, negative_count = positive.float(), negative.float()
-            continue
-        trimmed_sum += trimmed
-        positive_sum += torch.where(positive, trimmed, 0.0)
-        negative_sum += torch.where(negative, trimmed, 0.0)
-        positive_count += positive
-        negative_count += negative
-    elected = torch.sign(trimmed_sum)
-    total = torch.where(elected > 0, positive_sum, torch.where(elected < 0, negative_sum, 0.0))
-    if merge == "sum":
-        return total
-    count = torch.where(elected > 0, positive_count, torch.where(elected < 0, negative_count, 0.0))
-    return torch.where(count > 0, total / count.clamp(min=1), 0.0)
+    shape, readers = float32_readers(taus)
+    numel = math.prod(shape)
+    present = []
+    for index, read in enumerate(readers):
+        if read is not None:
+            cut = _cut(lambda r=read: _chunks(r, numel), numel, top_k) if cuts is None else cuts[index]
+            present.append((read, np.float32(cut)))
+    out, nonzero = np.zeros(numel, np.float32), 0
+    sums = [np.empty(CHUNK, np.float32) for _ in range(3)]
+    counts = [np.empty(CHUNK, np.int32) for _ in range(2)]
+    for start in range(0, numel if present else 0, CHUNK):
+        stop = min(numel, start + CHUNK)
+        running = [buffer[:stop - start] for buffer in (*sums, *counts)]
+        for buffer in running:
+            buffer.fill(0)
+        for read, cut in present:
+            ties_accumulate(read(start, stop), cut, *running)
+        nonzero += ties_resolve(*running, merge == "mean", out[start:stop])
+    return torch.from_numpy(out).view(shape), nonzero
 
 
 def run(inputs: MergeInputs, params: TiesParams, ctx: JobContext) -> MethodResult:
@@ -101,8 +107,8 @@ def run(inputs: MergeInputs, params: TiesParams, ctx: JobContext) -> MethodResul
     kept = [0, 0]  # nonzero merged entries, entries merged
 
     def merged_delta(taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        delta = ties_merge(taus, params.top_k, cuts, params.merge)
-        kept[0] += int(torch.count_nonzero(delta))
+        delta, nonzero = counted_ties_merge(taus, params.top_k, cuts, params.merge)
+        kept[0] += nonzero
         kept[1] += delta.numel()
         return delta
 
