@@ -1,15 +1,25 @@
-"""Merge cost: training-free merges over N task vectors of ViT-B/32 size.
+"""Merge cost: training-free merges over N task vectors of ViT-B/32 size, beside what users compare with.
 
-For N = 2, 8 task vectors (random tensors with the shapes of ViT-B/32's image tower) and the full
-ViT-B/32 base, each merge runs in a fresh process with one torch thread, imports done before the clock
-starts, and the measurements are interleaved (bound, each method; repeated) and reported as medians:
+For N = 2, 8, 16 task vectors (random tensors with the shapes of ViT-B/32's image tower) and the full
+ViT-B/32 base, each merge runs in a fresh process with torch's default threads (--threads to change),
+imports done before the clock starts, and the measurements are interleaved (bound, each method; repeated)
+and reported as medians:
 - wall time of the merge alone, and its ratio to the time of simply reading the N + 1 inputs once and
   writing one output of the base's size, fsync included (the bound, measured the same way in the same run);
-- peak anonymous memory (the process's own, sampled every 5 ms) and peak total RSS. Inputs are
-  memory-mapped, so total RSS also counts page-cache pages of the inputs, which the kernel can
-  drop at any time; anonymous memory is what must not grow with N.
+- peak anonymous memory (the process's own, sampled every 5 ms; "growth" is above the process's memory
+  before the merge started: interpreter, torch) and peak total RSS. Inputs are memory-mapped, so total
+  RSS also counts page-cache pages of the inputs, which the kernel can drop at any time; anonymous
+  memory is what must not grow with N.
 
-    python -m bench.merge_cost [--counts 2,8] [--repeats 3] [--methods task_arithmetic,ties,sta]
+Beside tvforge's methods (the engine's code path, as a worker runs it), two rows a user would compare with:
+- `script`: the in-memory task arithmetic a researcher writes (safetensors load_file of every file,
+  sum, save_file, then fsync as the others do);
+- `fusionbench_ties`: TIES as FusionBench's ties_merging_utils computes it (every task vector flattened
+  into one [N, P] matrix, kthvalue per row for the global top-k, sign election and disjoint mean over the
+  matrix), then save_file and fsync. Its memory grows with N (about 4 copies of the matrix); it runs for
+  N <= --fusionbench-max 8, since at 16 it would need more memory than this machine's 24 GiB.
+
+    python -m bench.merge_cost [--counts 2,8,16] [--repeats 3] [--methods task_arithmetic,ties,script]
 """
 import json
 import os
@@ -39,7 +49,8 @@ class PeakSampler(threading.Thread):
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.peak_anon_kib = 0
+        self.start_anon_kib = _status_kib("RssAnon")
+        self.peak_anon_kib = self.start_anon_kib
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -49,7 +60,8 @@ class PeakSampler(threading.Thread):
     def stop(self) -> dict:
         self._done.set()
         self.join()
-        return {"peak_anon_mib": self.peak_anon_kib / 1024, "peak_rss_mib": _status_kib("VmHWM") / 1024}
+        return {"peak_anon_mib": self.peak_anon_kib / 1024, "peak_rss_mib": _status_kib("VmHWM") / 1024,
+                "anon_growth_mib": (self.peak_anon_kib - self.start_anon_kib) / 1024}
 
 
 def make_inputs(folder: Path, architecture: str, count: int) -> tuple[Path, list[Path]]:
@@ -81,42 +93,106 @@ def make_inputs(folder: Path, architecture: str, count: int) -> tuple[Path, list
     return base_path, vector_paths
 
 
-def child_merge(method: str, architecture: str, base_path: str, vector_paths: list[str], out_dir: str) -> dict:
+def _threads(threads: str) -> None:
     import torch
 
-    from engine.context import JobContext, MergeInputs, ModelSpec, TaskVectorInput
-    from engine.methods.catalogue import get_method
+    if int(threads):
+        torch.set_num_threads(int(threads))
 
-    torch.set_num_threads(1)
-    spec = get_method(method)
-    runner = spec.runner()  # imported before the clock starts: the merge is timed, not torch's import
-    inputs = MergeInputs(Path(base_path), ModelSpec(architecture=architecture),
-                         [TaskVectorInput(f"tv{i}", f"tv{i}", Path(p)) for i, p in enumerate(vector_paths)])
+
+def _timed(work) -> dict:
     sampler = PeakSampler()
     sampler.start()
     start = time.perf_counter()
-    runner(inputs, spec.params(), JobContext(workdir=Path(out_dir)))
+    work()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, **sampler.stop()}
+
+
+def _save_synced(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def child_merge(method: str, architecture: str, base_path: str, vector_paths: list[str], out_dir: str,
+                threads: str) -> dict:
+    from engine.context import JobContext, MergeInputs, ModelSpec, TaskVectorInput
+    from engine.methods.catalogue import get_method
+
+    from engine.kernels import warm_up
+
+    _threads(threads)
+    spec = get_method(method)
+    runner = spec.runner()  # imported before the clock starts: the merge is timed, not torch's import
+    warm_up()  # as a worker does when its process starts
+    inputs = MergeInputs(Path(base_path), ModelSpec(architecture=architecture),
+                         [TaskVectorInput(f"tv{i}", f"tv{i}", Path(p)) for i, p in enumerate(vector_paths)])
+    return _timed(lambda: runner(inputs, spec.params(), JobContext(workdir=Path(out_dir))))
+
+
+def child_script(base_path: str, vector_paths: list[str], out_dir: str, threads: str) -> dict:
+    """The in-memory script: load every file whole, sum the vectors, add to the base, save."""
+    from safetensors.torch import load_file
+
+    _threads(threads)
+
+    def work() -> None:
+        merged = load_file(base_path)
+        for path in vector_paths:
+            for name, tau in load_file(path).items():
+                merged[name] = merged[name] + 0.3 * tau
+        _save_synced(merged, Path(out_dir) / "script.safetensors")
+    return _timed(work)
+
+
+def child_fusionbench_ties(base_path: str, vector_paths: list[str], out_dir: str, threads: str) -> dict:
+    """TIES as FusionBench's fusion_bench/method/ties_merging/ties_merging_utils.py computes it: state_dict_to_vector,
+    topk_values_mask (kthvalue per row), resolve_sign (ties broken by the majority sign), disjoint_merge (mean),
+    vector_to_state_dict; then theta_0 + 0.3 * merged."""
+    import torch
+    from safetensors.torch import load_file
+
+    _threads(threads)
+
+    def work() -> None:
+        vectors = [load_file(path) for path in vector_paths]
+        names = sorted(vectors[0])
+        matrix = torch.stack([torch.cat([v[name].reshape(-1) for name in names]) for v in vectors])
+        del vectors
+        keep = matrix.shape[1] - int(matrix.shape[1] * 20 / 100)
+        kth, _ = matrix.abs().kthvalue(keep, dim=1, keepdim=True)
+        matrix = matrix * (matrix.abs() >= kth)
+        sign = torch.sign(matrix.sum(dim=0))
+        sign[sign == 0] = torch.sign(sign.sum())
+        selected = matrix * torch.where(sign > 0, matrix > 0, matrix < 0)
+        merged = selected.sum(dim=0) / torch.clamp((selected != 0).sum(dim=0).float(), min=1)
+        del matrix, selected
+        out, offset = load_file(base_path), 0
+        for name in names:
+            count = out[name].numel()
+            out[name] = out[name] + 0.3 * merged[offset:offset + count].view_as(out[name])
+            offset += count
+        _save_synced(out, Path(out_dir) / "fusionbench.safetensors")
+    return _timed(work)
 
 
 def child_copy(base_path: str, vector_paths: list[str], out_dir: str) -> dict:
     """The bound: read every input once, write one output of the base's size."""
-    sampler = PeakSampler()
-    sampler.start()
-    start = time.perf_counter()
-    buffer = bytearray(CHUNK)
-    for path in [*vector_paths, base_path]:
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buffer):
-                pass
-    with open(base_path, "rb", buffering=0) as source, open(Path(out_dir) / "copy.bin", "wb") as out:
-        while n := source.readinto(buffer):
-            out.write(memoryview(buffer)[:n])
-        out.flush()
-        os.fsync(out.fileno())
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, **sampler.stop()}
+    def work() -> None:
+        buffer = bytearray(CHUNK)
+        for path in [*vector_paths, base_path]:
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
+        with open(base_path, "rb", buffering=0) as source, open(Path(out_dir) / "copy.bin", "wb") as out:
+            while n := source.readinto(buffer):
+                out.write(memoryview(buffer)[:n])
+            out.flush()
+            os.fsync(out.fileno())
+    return _timed(work)
 
 
 def _in_child(kind: str, *args: str) -> dict:
@@ -128,8 +204,20 @@ def _in_child(kind: str, *args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main(counts: str = typer.Option("2,8"), architecture: str = typer.Option("ViT-B-32"),
-         methods: str = typer.Option("task_arithmetic,ties,sta"), repeats: int = typer.Option(3, min=1),
+COMPARISONS = ("script", "fusionbench_ties")  # the rows that are not tvforge methods
+
+
+def _measure(method: str, architecture: str, base_path: Path, paths: list[str], scratch: str, threads: int) -> dict:
+    if method in COMPARISONS:
+        return _in_child(method, str(base_path), paths, scratch, str(threads))
+    return _in_child("merge", method, architecture, str(base_path), paths, scratch, str(threads))
+
+
+def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option("ViT-B-32"),
+         methods: str = typer.Option("task_arithmetic,ties,sta,script,fusionbench_ties"),
+         repeats: int = typer.Option(3, min=1),
+         threads: int = typer.Option(0, min=0, help="torch threads in each merge (0: torch's default, as the worker)"),
+         fusionbench_max: int = typer.Option(8, help="largest N for fusionbench_ties (its memory grows with N)"),
          workdir: Path = typer.Option(None, help="Where inputs are generated (default: a temp dir)."),
          out: Path = typer.Option(Path("bench/results/merge_cost.json"))) -> None:
     folder = workdir or Path(tempfile.mkdtemp(prefix="tvforge-merge-cost-"))
@@ -138,34 +226,40 @@ def main(counts: str = typer.Option("2,8"), architecture: str = typer.Option("Vi
     for count in sorted(int(c) for c in counts.split(",")):
         base_path, vector_paths = make_inputs(folder, architecture, count)
         paths = [str(p) for p in vector_paths]
-        runs: dict[str, list[dict]] = {"bound": [], **{m: [] for m in methods.split(",")}}
+        chosen = [m for m in methods.split(",") if not (m == "fusionbench_ties" and count > fusionbench_max)]
+        runs: dict[str, list[dict]] = {"bound": [], **{m: [] for m in chosen}}
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             _in_child("copy", str(base_path), paths, scratch)  # warm the page cache for both sides alike
             for _ in range(repeats):
                 runs["bound"].append(_in_child("copy", str(base_path), paths, scratch))
-                for method in methods.split(","):
-                    runs[method].append(_in_child("merge", method, architecture, str(base_path), paths, scratch))
+                for method in chosen:
+                    runs[method].append(_measure(method, architecture, base_path, paths, scratch, threads))
                     for leftover in Path(scratch).glob("*.safetensors"):
                         leftover.unlink()
         bound = statistics.median(r["seconds"] for r in runs["bound"])
-        for method in methods.split(","):
+        for method in chosen:
             seconds = statistics.median(r["seconds"] for r in runs[method])
             rows.append({"method": method, "task_vectors": count, "architecture": architecture, "seconds": seconds,
                          "runs_seconds": [round(r["seconds"], 3) for r in runs[method]],
                          "peak_anon_mib": max(r["peak_anon_mib"] for r in runs[method]),
+                         "anon_growth_mib": max(r["anon_growth_mib"] for r in runs[method]),
                          "peak_rss_mib": max(r["peak_rss_mib"] for r in runs[method]),
                          "bound_seconds": bound, "ratio_to_bound": seconds / bound,
                          "input_mib": sum(Path(p).stat().st_size for p in [*paths, base_path]) / 2**20})
-    header = "| method | N | inputs (MiB) | time (s) | bound (s) | time / bound | peak anon (MiB) | peak RSS (MiB) |"
-    lines = [header, "|" + "---|" * 8]
+    header = ("| method | N | inputs (MiB) | time (s) | bound (s) | time / bound | peak anon (MiB) | anon growth (MiB) "
+              "| peak RSS (MiB) |")
+    lines = [header, "|" + "---|" * 9]
     for r in rows:
         lines.append(f"| {r['method']} | {r['task_vectors']} | {r['input_mib']:.0f} | {r['seconds']:.2f} | "
                      f"{r['bound_seconds']:.2f} | {r['ratio_to_bound']:.2f} | {r['peak_anon_mib']:.0f} | "
-                     f"{r['peak_rss_mib']:.0f} |")
+                     f"{r['anon_growth_mib']:.0f} | {r['peak_rss_mib']:.0f} |")
     table = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
     out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                           "torch_threads": 1, "repeats": repeats},
+                                           "torch": torch.__version__,
+                                           "torch_threads": threads or torch.get_num_threads(), "repeats": repeats},
                                "rows": rows, "table": table}, indent=2) + "\n")
     typer.echo(table)
 

@@ -10,6 +10,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     HF_HUB_OFFLINE=1 \
     TVFORGE_DATA_DIR=/var/lib/tvforge \
     TVFORGE_BLOB_DIR=/var/lib/tvforge/blobs \
+    NUMBA_CACHE_DIR=/var/lib/tvforge/numba-cache \
     PATH=/opt/venv/bin:$PATH
 
 RUN apt-get update \

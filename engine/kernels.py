@@ -80,3 +80,18 @@ def ties_resolve(trimmed_sum: np.ndarray, positive_sum: np.ndarray, negative_sum
             out[j] = zero
         nonzero += out[j] != zero
     return nonzero
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel for the array types merges pass them: writable
+    arrays and read-only memory-map views. A worker calls this at start so that no job pays for it."""
+    counts_high, counts_low = np.zeros(HIGH_BINS, np.int64), np.zeros(LOW_BINS, np.int64)
+    writable = np.ones(4, np.float32)
+    read_only = np.frombuffer(writable.tobytes(), np.float32)
+    sums = [np.zeros(4, np.float32) for _ in range(3)]
+    counts = [np.zeros(4, np.int32) for _ in range(2)]
+    for values in (writable, read_only):
+        high_histogram(values, counts_high)
+        low_histogram(values, 0, counts_low)
+        ties_accumulate(values, np.float32(0.5), *sums, *counts)
+    ties_resolve(*sums, *counts, True, np.empty(4, np.float32))

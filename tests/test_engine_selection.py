@@ -77,3 +77,15 @@ def test_one_pass_ties_equals_the_two_pass_reference_bit_for_bit(n, size, top_k,
     merged = ties_merge(taus, top_k, cuts, merge)
     expected = two_pass_reference(taus, top_k, cuts, merge)
     assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 300), st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+       st.sampled_from([None, float("nan"), float("inf"), float("-inf")]), st.data())
+def test_all_finite_is_isfinite_all(size, dtype, bad, data):
+    from engine.safetensors_io import all_finite
+
+    values = torch.randn(size).to(dtype)
+    if bad is not None:
+        values[data.draw(st.integers(0, size - 1))] = bad
+    assert all_finite(values) == bool(values.isfinite().all())

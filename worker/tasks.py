@@ -38,6 +38,9 @@ def _init_pool_process(**_) -> None:
         import torch
 
         torch.set_num_threads(threads)
+    from engine.kernels import warm_up
+
+    warm_up()  # the merges' compiled loops, loaded once per process rather than in the first job
 
 
 @worker_ready.connect

@@ -5,6 +5,7 @@ search over {0, 0.05, ..., 1} on validation splits).
 """
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from engine.context import JobContext, MergeInputs, MethodResult
@@ -12,7 +13,9 @@ from engine.evaluator import EvalTarget, Evaluator
 from engine.methods.task_arithmetic.params import TaskArithmeticParams
 from engine.metrics import given_or_default
 from engine.scaling_search import SearchSpec, search_scaling, searched
-from engine.streaming import merge_streaming
+from engine.streaming import float32_readers, merge_streaming
+
+CHUNK = 1 << 16  # entries summed at a time: the running sum (256 KiB) stays in cache
 
 
 def summed_vectors(evaluator: Evaluator) -> dict[str, torch.Tensor]:
@@ -22,6 +25,26 @@ def summed_vectors(evaluator: Evaluator) -> dict[str, torch.Tensor]:
         for name, delta in evaluator.task_vector_deltas(tv.id).items():
             summed[name] = summed[name].add_(delta) if name in summed else delta
     return summed
+
+
+def scaled_sum(base: torch.Tensor, taus: Sequence[torch.Tensor | None], scale: float) -> torch.Tensor:
+    """base + scale * (tau_1 + tau_2 + ...) in float32, summed in the vectors' order, chunk by chunk: each
+    vector's memory-mapped slice is added into a running sum small enough to stay in cache, so every
+    input is read once and no whole-tensor temporary is made."""
+    shape, readers = float32_readers(taus)
+    flat_base = base.reshape(-1).numpy()
+    out = np.empty_like(flat_base)
+    running = np.empty(CHUNK, np.float32)
+    for start in range(0, flat_base.size, CHUNK):
+        stop = min(flat_base.size, start + CHUNK)
+        total = running[:stop - start]
+        total.fill(0)
+        for read in readers:
+            if read is not None:
+                np.add(total, read(start, stop), out=total)
+        np.multiply(total, np.float32(scale), out=total)
+        np.add(flat_base[start:stop], total, out=out[start:stop])
+    return torch.from_numpy(out).view(shape)
 
 
 def run(inputs: MergeInputs, params: TaskArithmeticParams, ctx: JobContext) -> MethodResult:
@@ -41,11 +64,7 @@ def run(inputs: MergeInputs, params: TaskArithmeticParams, ctx: JobContext) -> M
     scale = -scaling if negate else scaling
 
     def merge(_name: str, base: torch.Tensor, taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        total = torch.zeros_like(base)
-        for tau in taus:
-            if tau is not None:
-                total += tau
-        return base + scale * total
+        return scaled_sum(base, taus, scale)
 
     out = ctx.workdir / "merged.safetensors"
     count = merge_streaming(inputs.base_path, [tv.path for tv in inputs.task_vectors], out, merge, ctx)

@@ -8,6 +8,7 @@ within a tensor chunk by chunk through fused loops (engine/kernels.py).
 """
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -99,11 +100,16 @@ def run(inputs: MergeInputs, params: TiesParams, ctx: JobContext) -> MethodResul
     if params.trim_scope == "global":
         base = read_header(inputs.base_path).tensors
         merged_names = {name for name, info in base.items() if info.is_float}
-        cuts = []
-        for step, path in enumerate(paths, start=1):
-            ctx.check_cancel()
-            cuts.append(global_cut(path, merged_names, params.top_k))
-            ctx.report(Progress("trim_cuts", step, len(paths)))
+        # one vector per thread (the kernels release the GIL), as many threads as torch may use
+        pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
+        try:
+            pending = [pool.submit(global_cut, path, merged_names, params.top_k) for path in paths]
+            for step, _ in enumerate(as_completed(pending), start=1):
+                ctx.check_cancel()
+                ctx.report(Progress("trim_cuts", step, len(paths)))
+            cuts = [future.result() for future in pending]
+        finally:
+            pool.shutdown(cancel_futures=True)
     kept = [0, 0]  # nonzero merged entries, entries merged
 
     def merged_delta(taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
