@@ -11,9 +11,12 @@ and reported as medians:
   RSS also counts page-cache pages of the inputs, which the kernel can drop at any time; anonymous
   memory is what must not grow with N.
 
-Beside tvforge's methods (the engine's code path, as a worker runs it), two rows a user would compare with:
+Beside tvforge's methods (the engine's code path, as a worker runs it, with the top-k cuts that each task
+vector's upload measured; the upload's cost per vector is reported apart), rows to compare with:
 - `script`: the in-memory task arithmetic a researcher writes (safetensors load_file of every file,
   sum, save_file, then fsync as the others do);
+- `ties_no_upload_cuts`: tvforge's TIES for vectors whose upload did not measure their top-k cuts (older
+  rows, or a top_k that is not a whole percent): it measures them itself, two passes over each vector;
 - `fusionbench_ties`: TIES as FusionBench's ties_merging_utils computes it (every task vector flattened
   into one [N, P] matrix, kthvalue per row for the global top-k, sign election and disjoint mean over the
   matrix), then save_file and fsync. Its memory grows with N (about 4 copies of the matrix); it runs for
@@ -119,18 +122,30 @@ def _save_synced(tensors: dict, path: Path) -> None:
 
 def child_merge(method: str, architecture: str, base_path: str, vector_paths: list[str], out_dir: str,
                 threads: str) -> dict:
-    from engine.context import JobContext, MergeInputs, ModelSpec, TaskVectorInput
-    from engine.methods.catalogue import get_method
+    """One merge as a worker runs it: the task vectors carry the top-k cuts their upload measured (timed
+    apart, as upload_cuts_seconds), except for ties_no_upload_cuts, which measures them in the merge."""
+    import dataclasses
 
+    from engine.context import JobContext, MergeInputs, ModelSpec, TaskVectorInput
     from engine.kernels import warm_up
+    from engine.methods.catalogue import get_method
+    from engine.selection import file_top_k_cuts
 
     _threads(threads)
-    spec = get_method(method)
+    with_cuts = method == "ties"  # the one method that reads them
+    spec = get_method(method.removesuffix("_no_upload_cuts"))
     runner = spec.runner()  # imported before the clock starts: the merge is timed, not torch's import
     warm_up()  # as a worker does when its process starts
     inputs = MergeInputs(Path(base_path), ModelSpec(architecture=architecture),
                          [TaskVectorInput(f"tv{i}", f"tv{i}", Path(p)) for i, p in enumerate(vector_paths)])
-    return _timed(lambda: runner(inputs, spec.params(), JobContext(workdir=Path(out_dir))))
+    upload_cuts = 0.0
+    if with_cuts:
+        start = time.perf_counter()
+        vectors = [dataclasses.replace(tv, magnitude_cuts=file_top_k_cuts(tv.path)) for tv in inputs.task_vectors]
+        upload_cuts = (time.perf_counter() - start) / len(vectors)
+        inputs = dataclasses.replace(inputs, task_vectors=vectors)
+    measured = _timed(lambda: runner(inputs, spec.params(), JobContext(workdir=Path(out_dir))))
+    return measured | {"upload_cuts_seconds": upload_cuts}
 
 
 def child_script(base_path: str, vector_paths: list[str], out_dir: str, threads: str) -> dict:
@@ -214,7 +229,7 @@ def _measure(method: str, architecture: str, base_path: Path, paths: list[str], 
 
 
 def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option("ViT-B-32"),
-         methods: str = typer.Option("task_arithmetic,ties,sta,script,fusionbench_ties"),
+         methods: str = typer.Option("task_arithmetic,ties,ties_no_upload_cuts,sta,script,fusionbench_ties"),
          repeats: int = typer.Option(3, min=1),
          threads: int = typer.Option(0, min=0, help="torch threads in each merge (0: torch's default, as the worker)"),
          fusionbench_max: int = typer.Option(8, help="largest N for fusionbench_ties (its memory grows with N)"),
@@ -245,14 +260,17 @@ def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option(
                          "anon_growth_mib": max(r["anon_growth_mib"] for r in runs[method]),
                          "peak_rss_mib": max(r["peak_rss_mib"] for r in runs[method]),
                          "bound_seconds": bound, "ratio_to_bound": seconds / bound,
+                         "upload_cuts_seconds_per_vector": statistics.median(r.get("upload_cuts_seconds", 0.0)
+                                                                             for r in runs[method]),
                          "input_mib": sum(Path(p).stat().st_size for p in [*paths, base_path]) / 2**20})
     header = ("| method | N | inputs (MiB) | time (s) | bound (s) | time / bound | peak anon (MiB) | anon growth (MiB) "
-              "| peak RSS (MiB) |")
-    lines = [header, "|" + "---|" * 9]
+              "| peak RSS (MiB) | upload cuts (s per vector) |")
+    lines = [header, "|" + "---|" * 10]
     for r in rows:
+        cuts = f"{r['upload_cuts_seconds_per_vector']:.2f}" if r["method"] == "ties" else "-"
         lines.append(f"| {r['method']} | {r['task_vectors']} | {r['input_mib']:.0f} | {r['seconds']:.2f} | "
                      f"{r['bound_seconds']:.2f} | {r['ratio_to_bound']:.2f} | {r['peak_anon_mib']:.0f} | "
-                     f"{r['anon_growth_mib']:.0f} | {r['peak_rss_mib']:.0f} |")
+                     f"{r['anon_growth_mib']:.0f} | {r['peak_rss_mib']:.0f} | {cuts} |")
     table = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
     import torch

@@ -23,6 +23,7 @@ class TaskVectorInput:
     name: str
     path: Path
     class_names: list[str] | None = None
+    magnitude_cuts: list[float] | None = None  # global top-k cuts for engine.selection.PERCENTS, if measured
 
 
 @dataclass(frozen=True)

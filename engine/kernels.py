@@ -82,6 +82,18 @@ def ties_resolve(trimmed_sum: np.ndarray, positive_sum: np.ndarray, negative_sum
     return nonzero
 
 
+@numba.njit(cache=True, nogil=True)
+def low_histograms(values: np.ndarray, slot_of_bin: np.ndarray, counts: np.ndarray) -> None:
+    """counts[slot_of_bin[high], low] += 1 for every |v| whose high 16 bits have a slot (>= 0): the second
+    level of several radix selects at once."""
+    bits = values.view(np.int32)
+    for j in range(bits.shape[0]):
+        magnitude = bits[j] & MAGNITUDE_MASK
+        slot = slot_of_bin[magnitude >> 16]
+        if slot >= 0:
+            counts[slot, magnitude & 0xFFFF] += 1
+
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel for the array types merges pass them: writable
     arrays and read-only memory-map views. A worker calls this at start so that no job pays for it."""
@@ -90,8 +102,12 @@ def warm_up() -> None:
     read_only = np.frombuffer(writable.tobytes(), np.float32)
     sums = [np.zeros(4, np.float32) for _ in range(3)]
     counts = [np.zeros(4, np.int32) for _ in range(2)]
+    slots = np.full(HIGH_BINS, -1, np.int32)
     for values in (writable, read_only):
         high_histogram(values, counts_high)
         low_histogram(values, 0, counts_low)
+        for dtype in (np.int32, np.int64):
+            low_histograms(values, slots, np.zeros((1, LOW_BINS), dtype))
         ties_accumulate(values, np.float32(0.5), *sums, *counts)
     ties_resolve(*sums, *counts, True, np.empty(4, np.float32))
+

@@ -6,11 +6,16 @@ that holds the k-th largest, then counting that bin's entries per low 16 bits (a
 stream chunk by chunk, so memory is one chunk, and the answer is the very value torch.kthvalue gives
 over the concatenated magnitudes (ties included), at a fraction of its cost.
 """
+import math
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 
-from engine.kernels import HIGH_BINS, LOW_BINS, high_histogram, low_histogram
+from engine.kernels import HIGH_BINS, LOW_BINS, high_histogram, low_histogram, low_histograms
+from engine.safetensors_io import MappedTensors
+
+PERCENTS = tuple(range(1, 101))  # the top_k values whose cuts a task vector carries from its upload
 
 
 def _bin_from_top(counts: np.ndarray, rank: int) -> tuple[int, int]:
@@ -21,14 +26,23 @@ def _bin_from_top(counts: np.ndarray, rank: int) -> tuple[int, int]:
     return len(counts) - 1 - index, above
 
 
-def kth_largest_magnitude(chunks: Callable[[], Iterable[np.ndarray]], k: int) -> float:
-    """The k-th largest |x| over every entry of the float32 arrays chunks() yields (called twice: one pass
-    per level); k >= 1 and at most the number of entries."""
+def _high_histogram(chunks: Callable[[], Iterable[np.ndarray]]) -> np.ndarray:
     high = np.zeros(HIGH_BINS, dtype=np.int64)
     for chunk in chunks():
         if chunk.dtype != np.float32:  # the bit tricks read 4-byte floats; anything else would be misread
             raise TypeError(f"{chunk.dtype} chunk: magnitudes are selected in float32")
         high_histogram(chunk, high)
+    return high
+
+
+def _as_float(bits: int) -> float:
+    return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
+
+
+def kth_largest_magnitude(chunks: Callable[[], Iterable[np.ndarray]], k: int) -> float:
+    """The k-th largest |x| over every entry of the float32 arrays chunks() yields (called twice: one pass
+    per level); k >= 1 and at most the number of entries."""
+    high = _high_histogram(chunks)
     if k < 1 or k > int(high.sum()):
         raise ValueError(f"k={k} outside 1..{int(high.sum())}")
     high_bin, above = _bin_from_top(high, k)
@@ -36,4 +50,48 @@ def kth_largest_magnitude(chunks: Callable[[], Iterable[np.ndarray]], k: int) ->
     for chunk in chunks():
         low_histogram(chunk, high_bin, low)
     low_bin, _ = _bin_from_top(low, k - above)
-    return float(np.array([(high_bin << 16) | low_bin], dtype=np.int32).view(np.float32)[0])
+    return _as_float((high_bin << 16) | low_bin)
+
+
+def top_k_cuts(chunks: Callable[[], Iterable[np.ndarray]], percents: Iterable[float] = PERCENTS) -> list[float]:
+    """For each top_k percent, the magnitude at or above which entries are in the top_k percent of all the
+    entries chunks() yields (TIES's global trim; 0.0 where top_k keeps everything): the same two passes
+    as kth_largest_magnitude, each serving every percent at once (a second-level histogram per distinct
+    first-level bin, at most len(percents) x 65536 counts)."""
+    high = _high_histogram(chunks)
+    total = int(high.sum())
+    keeps = [math.ceil(p / 100 * total) for p in percents]
+    located = {keep: _bin_from_top(high, keep) for keep in set(keeps) if 0 < keep < total}
+    bins = sorted({high_bin for high_bin, _ in located.values()})
+    if not bins:
+        return [0.0] * len(keeps)
+    slot_of_bin = np.full(HIGH_BINS, -1, dtype=np.int32)
+    slot_of_bin[bins] = np.arange(len(bins), dtype=np.int32)
+    # one exact float value per (slot, low) cell: int32 holds its count for any file under 8 GiB of floats
+    low = np.zeros((len(bins), LOW_BINS), dtype=np.int32 if total < 2**31 else np.int64)
+    for chunk in chunks():
+        low_histograms(chunk, slot_of_bin, low)
+    cuts = []
+    for keep in keeps:
+        if keep not in located:
+            cuts.append(0.0)  # keep >= total: everything is kept (keep 0 cannot happen for top_k > 0)
+            continue
+        high_bin, above = located[keep]
+        low_bin, _ = _bin_from_top(low[slot_of_bin[high_bin]], keep - above)
+        cuts.append(_as_float((high_bin << 16) | low_bin))
+    return cuts
+
+
+def file_top_k_cuts(path: Path, names: set[str] | None = None, chunk: int = 1 << 16) -> list[float]:
+    """top_k_cuts over the named float tensors of a safetensors file (all of them by default), as if
+    flattened together; read chunk by chunk from its memory map, twice."""
+    tensors = MappedTensors(path)
+    present = sorted(name for name, info in tensors.header.tensors.items()
+                     if info.is_float and (names is None or name in names))
+
+    def chunks():
+        for name in present:
+            numel = tensors.header.tensors[name].numel
+            for start in range(0, numel, chunk):
+                yield tensors.float32(name, start, start + chunk)
+    return top_k_cuts(chunks)

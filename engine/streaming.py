@@ -1,7 +1,9 @@
 """Streaming merges over memory-mapped safetensors: one output tensor in memory at a time."""
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -9,6 +11,8 @@ from safetensors import safe_open
 
 from engine.context import JobContext, Progress, WrittenFile
 from engine.safetensors_io import MappedTensors, StreamingWriter, read_header
+
+T = TypeVar("T")
 
 
 class VectorSlices(Sequence):
@@ -53,6 +57,29 @@ def float32_readers(taus: Sequence[torch.Tensor | None]) -> tuple[tuple[int, ...
 
 # (name, base tensor in float32, the vectors' slices) -> merged float32
 TensorMerge = Callable[[str, torch.Tensor, Sequence[torch.Tensor | None]], torch.Tensor]
+
+
+# Entries a chunked merge handles at a time: its running sums (a few per entry) stay in cache while each
+# task vector's slice of the chunk is added, so each vector is read once and the sums never go to memory.
+CHUNK = 1 << 16
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def in_chunks(numel: int, work: Callable[[int, int], T]) -> list[T]:
+    """work(start, stop) over consecutive CHUNK-aligned ranges covering 0..numel, one range per thread
+    (torch's thread count: the worker's setting), for work whose heavy parts release the GIL (numba
+    kernels, numpy ufuncs). Results in range order; a small tensor is one range on the calling thread."""
+    global _pool
+    threads = max(1, torch.get_num_threads())
+    chunks = -(-numel // CHUNK)
+    if threads == 1 or chunks < 2:
+        return [work(0, numel)]
+    if _pool is None or _pool._max_workers != threads:
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge")
+    per_thread = -(-chunks // threads)
+    bounds = [(min(numel, i * per_thread * CHUNK), min(numel, (i + 1) * per_thread * CHUNK)) for i in range(threads)]
+    return list(_pool.map(lambda span: work(*span), [b for b in bounds if b[0] < b[1]]))
 
 
 @contextmanager

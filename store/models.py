@@ -117,6 +117,9 @@ class TaskVector(Base):
     tensor_count: Mapped[int] = mapped_column(Integer)
     parameter_count: Mapped[int] = mapped_column(Integer)
     l2_norm: Mapped[float] = mapped_column(Float)
+    # TIES's global cut for top_k = 1, 2, ..., 100 percent (engine.selection.PERCENTS), measured at upload;
+    # None for rows older than migration 0006 (a merge then measures them)
+    magnitude_cuts: Mapped[list | None] = mapped_column(JSON)
     class_names: Mapped[list | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

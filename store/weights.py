@@ -21,6 +21,7 @@ from engine.safetensors_io import (
     tensor_stats,
     torch_dtype_name,
 )
+from engine.selection import file_top_k_cuts
 from store.errors import RejectedInput
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
@@ -115,8 +116,14 @@ def _check_against_base(header: Header, base: Header) -> None:
                                 f"(e.g. {n}: {list(header.tensors[n].shape)} vs {list(base.tensors[n].shape)}).")
 
 
-def validate_task_vector(path: Path, header: Header, base: Header) -> float:
-    """Checks a task vector against its base; returns its L2 norm."""
+@dataclass(frozen=True)
+class TaskVectorStats:
+    l2_norm: float
+    magnitude_cuts: list[float]  # engine.selection.PERCENTS' global cuts, so that TIES need not measure them
+
+
+def validate_task_vector(path: Path, header: Header, base: Header) -> TaskVectorStats:
+    """Checks a task vector against its base; returns its L2 norm and top-k cuts."""
     _check_against_base(header, base)
     not_float = [n for n, info in header.tensors.items() if not (info.is_float and base.tensors[n].is_float)]
     if not_float:
@@ -124,7 +131,7 @@ def validate_task_vector(path: Path, header: Header, base: Header) -> float:
     bad, norm = tensor_stats(path, header)
     if bad:
         raise WeightsError(422, f"Tensors hold NaN or Inf: {_names(bad)}.")
-    return norm
+    return TaskVectorStats(norm, file_top_k_cuts(path))
 
 
 def finetuned_to_task_vector(path: Path, header: Header, base_path: Path, base: Header, out: Path) -> None:

@@ -176,6 +176,19 @@ def tensors(demo_assets):
     return load_file(str(demo_assets.base_path)), load_file(str(demo_assets.vector_paths[0]))
 
 
+# ---------------------------------------------------------------- what a valid upload stores
+
+
+def test_an_uploaded_task_vector_carries_its_top_k_cuts(stack, world, demo_assets):
+    """Measured once at upload (TIES reads them instead of two passes over every vector per merge)."""
+    from engine.selection import file_top_k_cuts
+
+    with sqlite3.connect(f"file:{stack.root / 'var' / 'tvforge.db'}?mode=ro", uri=True) as db:
+        stored = db.execute("SELECT magnitude_cuts FROM task_vectors WHERE id = ?", (world["own_tv"],)).fetchone()[0]
+    assert json.loads(stored) == file_top_k_cuts(demo_assets.vector_paths[0])
+    assert len(json.loads(stored)) == 100
+
+
 # ---------------------------------------------------------------- pickles are refused and never loaded
 
 

@@ -89,3 +89,57 @@ def test_all_finite_is_isfinite_all(size, dtype, bad, data):
     if bad is not None:
         values[data.draw(st.integers(0, size - 1))] = bad
     assert all_finite(values) == bool(values.isfinite().all())
+
+
+@pytest.mark.parametrize("merge", ["mean", "sum"])
+def test_merges_split_over_threads_give_the_same_bits(merge):
+    from engine.methods.task_arithmetic.method import scaled_sum
+    from engine.streaming import CHUNK
+
+    generator = torch.Generator().manual_seed(0)
+    size = 3 * CHUNK + 5  # ranges that end inside a chunk
+    taus = [(torch.randn(size, generator=generator) * 4).round() / 4 for _ in range(3)]
+    base = torch.randn(size, generator=generator)
+    cuts = [0.5, 1.0, 0.25]
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        merged, summed = ties_merge(taus, 20, cuts, merge), scaled_sum(base, taus, 0.3)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(merged.view(torch.int32), two_pass_reference(taus, 20, cuts, merge).view(torch.int32))
+    expected = base + 0.3 * (torch.zeros(size) + taus[0] + taus[1] + taus[2])
+    assert torch.equal(summed.view(torch.int32), expected.view(torch.int32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3000), st.integers(0, 2**31), st.booleans())
+def test_top_k_cuts_are_each_percents_kth_largest(size, seed, coarse):
+    from engine.selection import PERCENTS, top_k_cuts
+
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(size, generator=generator)
+    if coarse:
+        values = (values * 4).round() / 4  # ties and exact zeros
+    chunks = [values[: size // 3].numpy(), values[size // 3:].numpy()]
+    expected = []
+    for percent in PERCENTS:
+        keep = int(np.ceil(percent / 100 * size))
+        expected.append(0.0 if keep >= size else kth_largest_magnitude(lambda: iter(chunks), keep))
+    assert top_k_cuts(lambda: iter(chunks)) == expected
+
+
+def test_file_top_k_cuts_read_every_float_dtype_as_float32(tmp_path):
+    from engine.safetensors_io import save_tensors
+    from engine.selection import file_top_k_cuts
+
+    generator = torch.Generator().manual_seed(1)
+    tensors = {"a": torch.randn(3, 70, generator=generator).to(torch.bfloat16),
+               "b": torch.randn(500, generator=generator).half(), "c": torch.randn(7, 9, generator=generator)}
+    save_tensors(tmp_path / "v.safetensors", tensors)
+    flat = torch.cat([t.float().flatten() for t in tensors.values()]).abs()
+    cuts = file_top_k_cuts(tmp_path / "v.safetensors", chunk=64)  # chunks that split every tensor
+    for percent in (1, 20, 99):
+        keep = int(np.ceil(percent / 100 * flat.numel()))
+        assert cuts[percent - 1] == float(flat.kthvalue(flat.numel() - keep + 1).values)
+    assert cuts[99] == 0.0

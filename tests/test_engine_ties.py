@@ -168,3 +168,20 @@ def test_registered():
     assert TiesParams().scaling_grid[0] == 0.8 and TiesParams().scaling_grid[-1] == 2.5
     with pytest.raises(ValueError):
         TiesParams(top_k=0)
+
+
+@pytest.mark.parametrize("top_k,source", [(20.0, "measured at upload"), (12.5, "measured")])
+def test_cuts_measured_at_upload_give_the_same_bytes(tmp_path, top_k, source):
+    """A worker hands TIES the cuts the upload measured (whole percents); other top_k are measured anew."""
+    import dataclasses
+
+    from engine.selection import file_top_k_cuts
+
+    job = make_job(tmp_path / "job", n_vectors=3, with_datasets=False)
+    measured_now = run(job.inputs, TiesParams(top_k=top_k), Recorder().context(tmp_path / "a"))
+    with_cuts = dataclasses.replace(job.inputs, task_vectors=[
+        dataclasses.replace(tv, magnitude_cuts=file_top_k_cuts(tv.path)) for tv in job.inputs.task_vectors])
+    from_upload = run(with_cuts, TiesParams(top_k=top_k), Recorder().context(tmp_path / "b"))
+    assert from_upload.checkpoint_path.read_bytes() == measured_now.checkpoint_path.read_bytes()
+    assert from_upload.metrics["chosen"]["trim_cuts"]["source"].endswith(source)
+    assert from_upload.metrics["chosen"]["trim_cuts"]["value"] == measured_now.metrics["chosen"]["trim_cuts"]["value"]

@@ -49,18 +49,19 @@ def _register(session, blobs: BlobStore, owner: str, upload: Upload, admit: Call
         try:
             weights.finetuned_to_task_vector(upload.file.path, header, base_path, base_header, tau_path)
             tau_header = read_header(tau_path)
-            norm = weights.validate_task_vector(tau_path, tau_header, base_header)
+            stats = weights.validate_task_vector(tau_path, tau_header, base_header)
             sha, size, created = blobs.commit_file(tau_path)
         finally:
             tau_path.unlink(missing_ok=True)
     else:
-        norm = weights.validate_task_vector(upload.file.path, header, base_header)
+        stats = weights.validate_task_vector(upload.file.path, header, base_header)
         tau_header = header
         created = blobs.commit(upload.file)
         sha, size = upload.file.sha256, upload.file.size
     row = TaskVector(id=new_id("tv"), owner=owner, base_model_id=base.id, name=name, source_kind=kind,
                      sha256=sha, size_bytes=size, tensor_count=len(tau_header.tensors),
-                     parameter_count=tau_header.parameter_count, l2_norm=norm, class_names=class_names)
+                     parameter_count=tau_header.parameter_count, l2_norm=stats.l2_norm,
+                     magnitude_cuts=stats.magnitude_cuts, class_names=class_names)
     add_with_blob(session, blobs, sha, created, row, admit)
     return row
 

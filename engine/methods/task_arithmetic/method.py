@@ -13,9 +13,7 @@ from engine.evaluator import EvalTarget, Evaluator
 from engine.methods.task_arithmetic.params import TaskArithmeticParams
 from engine.metrics import given_or_default
 from engine.scaling_search import SearchSpec, search_scaling, searched
-from engine.streaming import float32_readers, merge_streaming
-
-CHUNK = 1 << 16  # entries summed at a time: the running sum (256 KiB) stays in cache
+from engine.streaming import CHUNK, float32_readers, in_chunks, merge_streaming
 
 
 def summed_vectors(evaluator: Evaluator) -> dict[str, torch.Tensor]:
@@ -34,16 +32,20 @@ def scaled_sum(base: torch.Tensor, taus: Sequence[torch.Tensor | None], scale: f
     shape, readers = float32_readers(taus)
     flat_base = base.reshape(-1).numpy()
     out = np.empty_like(flat_base)
-    running = np.empty(CHUNK, np.float32)
-    for start in range(0, flat_base.size, CHUNK):
-        stop = min(flat_base.size, start + CHUNK)
-        total = running[:stop - start]
-        total.fill(0)
-        for read in readers:
-            if read is not None:
-                np.add(total, read(start, stop), out=total)
-        np.multiply(total, np.float32(scale), out=total)
-        np.add(flat_base[start:stop], total, out=out[start:stop])
+
+    def sum_range(first: int, last: int) -> None:
+        running = np.empty(CHUNK, np.float32)
+        for start in range(first, last, CHUNK):
+            stop = min(last, start + CHUNK)
+            total = running[:stop - start]
+            total.fill(0)
+            for read in readers:
+                if read is not None:
+                    np.add(total, read(start, stop), out=total)
+            np.multiply(total, np.float32(scale), out=total)
+            np.add(flat_base[start:stop], total, out=out[start:stop])
+
+    in_chunks(flat_base.size, sum_range)
     return torch.from_numpy(out).view(shape)
 
 

@@ -21,12 +21,8 @@ from engine.methods.ties.params import TiesParams
 from engine.metrics import chosen, given_or_default
 from engine.safetensors_io import MappedTensors, read_header
 from engine.scaling_search import SearchSpec, search_scaling, searched
-from engine.selection import kth_largest_magnitude
-from engine.streaming import Float32Reader, collect_deltas, float32_readers, merge_streaming
-
-# Entries merged at a time: the five running sums of a chunk (1.25 MiB) stay in cache while every
-# task vector's slice of it is added, so each vector is read once and the sums never go to memory.
-CHUNK = 1 << 16
+from engine.selection import PERCENTS, kth_largest_magnitude
+from engine.streaming import CHUNK, Float32Reader, collect_deltas, float32_readers, in_chunks, merge_streaming
 
 
 def _chunks(read: Float32Reader, numel: int):
@@ -80,36 +76,52 @@ def counted_ties_merge(taus: Sequence[torch.Tensor | None], top_k: float, cuts: 
         if read is not None:
             cut = _cut(lambda r=read: _chunks(r, numel), numel, top_k) if cuts is None else cuts[index]
             present.append((read, np.float32(cut)))
-    out, nonzero = np.zeros(numel, np.float32), 0
-    sums = [np.empty(CHUNK, np.float32) for _ in range(3)]
-    counts = [np.empty(CHUNK, np.int32) for _ in range(2)]
-    for start in range(0, numel if present else 0, CHUNK):
-        stop = min(numel, start + CHUNK)
-        running = [buffer[:stop - start] for buffer in (*sums, *counts)]
-        for buffer in running:
-            buffer.fill(0)
-        for read, cut in present:
-            ties_accumulate(read(start, stop), cut, *running)
-        nonzero += ties_resolve(*running, merge == "mean", out[start:stop])
+    out = np.zeros(numel, np.float32)
+
+    def merge_range(first: int, last: int) -> int:
+        sums = [np.empty(CHUNK, np.float32) for _ in range(3)]
+        counts = [np.empty(CHUNK, np.int32) for _ in range(2)]
+        nonzero = 0
+        for start in range(first, last if present else first, CHUNK):
+            stop = min(last, start + CHUNK)
+            running = [buffer[:stop - start] for buffer in (*sums, *counts)]
+            for buffer in running:
+                buffer.fill(0)
+            for read, cut in present:
+                ties_accumulate(read(start, stop), cut, *running)
+            nonzero += ties_resolve(*running, merge == "mean", out[start:stop])
+        return nonzero
+
+    nonzero = sum(in_chunks(numel, merge_range))
     return torch.from_numpy(out).view(shape), nonzero
+
+
+def global_cuts(inputs: MergeInputs, top_k: float, ctx: JobContext) -> tuple[list[float], str]:
+    """Each vector's global top_k cut, and where the cuts came from: the ones measured at upload where
+    top_k is a whole percent and every vector has them, else measured now over the base's float tensors
+    (a task vector holds no other), one vector per thread (the kernels release the GIL)."""
+    vectors = inputs.task_vectors
+    if float(top_k).is_integer() and all(tv.magnitude_cuts is not None for tv in vectors):
+        index = PERCENTS.index(int(top_k))
+        return [tv.magnitude_cuts[index] for tv in vectors], "each vector's global top-k magnitude, measured at upload"
+    base = read_header(inputs.base_path).tensors
+    merged_names = {name for name, info in base.items() if info.is_float}
+    pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
+    try:
+        pending = [pool.submit(global_cut, tv.path, merged_names, top_k) for tv in vectors]
+        for step, _ in enumerate(as_completed(pending), start=1):
+            ctx.check_cancel()
+            ctx.report(Progress("trim_cuts", step, len(vectors)))
+        return [future.result() for future in pending], "each vector's global top-k magnitude, measured"
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def run(inputs: MergeInputs, params: TiesParams, ctx: JobContext) -> MethodResult:
     paths = [tv.path for tv in inputs.task_vectors]
-    cuts = None
+    cuts, cuts_source = None, None
     if params.trim_scope == "global":
-        base = read_header(inputs.base_path).tensors
-        merged_names = {name for name, info in base.items() if info.is_float}
-        # one vector per thread (the kernels release the GIL), as many threads as torch may use
-        pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
-        try:
-            pending = [pool.submit(global_cut, path, merged_names, params.top_k) for path in paths]
-            for step, _ in enumerate(as_completed(pending), start=1):
-                ctx.check_cancel()
-                ctx.report(Progress("trim_cuts", step, len(paths)))
-            cuts = [future.result() for future in pending]
-        finally:
-            pool.shutdown(cancel_futures=True)
+        cuts, cuts_source = global_cuts(inputs, params.top_k, ctx)
     kept = [0, 0]  # nonzero merged entries, entries merged
 
     def merged_delta(taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -143,6 +155,6 @@ def run(inputs: MergeInputs, params: TiesParams, ctx: JobContext) -> MethodResul
         "merge": given_or_default(params, "merge"), "scaling": chosen_scaling,
     }
     if cuts is not None:
-        metrics["chosen"]["trim_cuts"] = chosen(cuts, "measured: each vector's global top-k magnitude")
+        metrics["chosen"]["trim_cuts"] = chosen(cuts, cuts_source)
     metrics.update(tensors=count, merged_density=kept[0] / kept[1] if kept[1] else 0.0)
     return MethodResult(out, metrics=metrics)
