@@ -94,6 +94,23 @@ def low_histograms(values: np.ndarray, slot_of_bin: np.ndarray, counts: np.ndarr
             counts[slot, magnitude & 0xFFFF] += 1
 
 
+@numba.njit(cache=True, nogil=True)
+def _no_all_ones_exponent(bits: np.ndarray, exponent: int) -> bool:
+    found = 0
+    for j in range(bits.shape[0]):
+        found |= (bits[j] & exponent) == exponent  # an integer OR: the loop vectorises
+    return found == 0
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """No NaN and no infinity in a float32 or float64 array: none has an exponent of all ones. One
+    vectorised pass over the bits, no temporary, no torch (whose thread team, started from a writer
+    thread, competed with the merge's own threads)."""
+    if values.dtype == np.float32:
+        return _no_all_ones_exponent(values.view(np.int32), np.int32(0x7F800000))
+    return _no_all_ones_exponent(values.view(np.int64), np.int64(0x7FF0000000000000))
+
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel for the array types merges pass them: writable
     arrays and read-only memory-map views. A worker calls this at start so that no job pays for it."""
@@ -110,4 +127,6 @@ def warm_up() -> None:
             low_histograms(values, slots, np.zeros((1, LOW_BINS), dtype))
         ties_accumulate(values, np.float32(0.5), *sums, *counts)
     ties_resolve(*sums, *counts, True, np.empty(4, np.float32))
+    for values in (writable, read_only, writable.astype(np.float64)):
+        all_finite(values)
 
