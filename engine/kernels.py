@@ -111,6 +111,33 @@ def all_finite(values: np.ndarray) -> bool:
     return _no_all_ones_exponent(values.view(np.int64), np.int64(0x7FF0000000000000))
 
 
+@numba.njit(cache=True, nogil=True)
+def masked_accumulate(tau: np.ndarray, packed: np.ndarray, first: int, sign: np.float32, total: np.ndarray) -> None:
+    """total[j] += sign * (tau[j] if mask bit first + j is set else 0), the mask bit-packed as numpy's
+    packbits packs it (big-endian within a byte): STA's fusion of one task vector, without unpacking."""
+    zero = np.float32(0.0)
+    for j in range(tau.shape[0]):
+        position = first + j
+        kept = (packed[position >> 3] >> (7 - (position & 7))) & 1
+        total[j] += sign * (tau[j] if kept else zero)
+
+
+@numba.njit(cache=True, nogil=True)
+def threshold_mask(importance: np.ndarray, mean: np.float32, threshold: np.float32, packed: np.ndarray) -> int:
+    """STA's selection of one tensor, bit-packed as numpy's packbits packs it into the zeroed packed:
+    score = importance / mean (float32, as torch divides), kept where score >= threshold and > 0.
+    Returns how many are kept; a mean of 0 keeps none."""
+    if not mean > 0:
+        return 0
+    kept = 0
+    for j in range(importance.shape[0]):
+        score = importance[j] / mean
+        keep = (score >= threshold) & (score > 0)
+        packed[j >> 3] |= np.uint8(keep) << np.uint8(7 - (j & 7))
+        kept += keep
+    return kept
+
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel for the array types merges pass them: writable
     arrays and read-only memory-map views. A worker calls this at start so that no job pays for it."""
@@ -129,4 +156,7 @@ def warm_up() -> None:
     ties_resolve(*sums, *counts, True, np.empty(4, np.float32))
     for values in (writable, read_only, writable.astype(np.float64)):
         all_finite(values)
+    threshold_mask(writable, np.float32(1.0), np.float32(1.0), np.zeros(1, np.uint8))
+    for values in (writable, read_only):
+        masked_accumulate(values, np.zeros(1, np.uint8), 0, np.float32(1.0), np.zeros(4, np.float32))
 

@@ -143,3 +143,34 @@ def test_file_top_k_cuts_read_every_float_dtype_as_float32(tmp_path):
         keep = int(np.ceil(percent / 100 * flat.numel()))
         assert cuts[percent - 1] == float(flat.kthvalue(flat.numel() - keep + 1).values)
     assert cuts[99] == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 200), st.integers(0, 199), st.sampled_from([1.0, -1.0]), st.integers(0, 2**31))
+def test_masked_accumulate_reads_packbits_masks_in_place(size, first, sign, seed):
+    """STA's fusion step against unpacking the mask and adding with torch, from any offset into the mask."""
+    from engine.kernels import masked_accumulate
+
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(first + size, generator=generator) < 0.4
+    tau = torch.randn(size, generator=generator)
+    total = torch.randn(size, generator=generator)
+    expected = total + sign * torch.where(mask[first:], tau, 0.0)
+    out = total.numpy().copy()
+    masked_accumulate(tau.numpy(), np.packbits(mask.numpy()), first, np.float32(sign), out)
+    assert np.array_equal(out.view(np.int32), expected.numpy().view(np.int32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.sampled_from([0.5, 1.0, 2.7, 3.0]), st.booleans(), st.integers(0, 2**31))
+def test_threshold_mask_packs_the_bits_of_normalise_and_select(size, threshold, zeros, seed):
+    from engine.kernels import threshold_mask
+    from engine.methods.sta.method import normalise, pack_mask, select
+
+    generator = torch.Generator().manual_seed(seed)
+    importance = torch.rand(size, generator=generator) * (0.0 if zeros else 1.0)
+    importance[torch.rand(size, generator=generator) < 0.2] = 0.0
+    expected = select(normalise(importance), threshold, None)
+    bits = np.zeros(-(-size // 8), np.uint8)
+    kept = threshold_mask(importance.numpy(), np.float32(importance.mean()), np.float32(threshold), bits)
+    assert np.array_equal(bits, pack_mask(expected).numpy()) and kept == int(expected.sum())

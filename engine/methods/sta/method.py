@@ -18,6 +18,7 @@
    fusion; fusion then streams tensor by tensor:
    theta = theta_0 + lambda * sum_t s_t m_t tau_t, s_t = -1 for forgotten tasks.
 """
+import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -31,11 +32,12 @@ from engine.context import JobContext, MergeInputs, MethodResult, Progress
 from engine.data import is_labelled, load_task, pick_split, preprocess_images, split_sizes
 from engine.evaluator import EvalTarget, Evaluator
 from engine.heads import HeadFactory, image_logits
+from engine.kernels import masked_accumulate, threshold_mask
 from engine.methods.sta.params import STA_SCALING_GRID, StaParams
 from engine.metrics import given_or_default
 from engine.safetensors_io import read_header, save_tensors
 from engine.scaling_search import SearchSpec, search_scaling, searched
-from engine.streaming import collect_deltas, merge_streaming
+from engine.streaming import CHUNK, collect_deltas, float32_readers, in_chunks, merge_streaming
 from engine.weights import InPlaceWeights, load_base_model, load_float_deltas
 
 CALIBRATION_SPLITS = ("train", "val")
@@ -172,13 +174,19 @@ def run(inputs: MergeInputs, params: StaParams, ctx: JobContext) -> MethodResult
                 tau = deltas[name]
                 weight = (base.get_tensor(name).float() + tau) if params.importance == "theta" else tau
                 importance = weight.abs() * gradients[name] if name in gradients else tau.abs()
-                score = normalise(importance)
-                mask = select(score, params.threshold, params.density)
-                packed[name] = pack_mask(mask)
-                if params.disjoint:
-                    scores[name] = score.clamp(max=FP16_MAX).half()
-                kept += int(mask.sum())
-                entries += mask.numel()
+                if params.disjoint or params.density is not None:
+                    score = normalise(importance)
+                    mask = select(score, params.threshold, params.density)
+                    packed[name] = pack_mask(mask)
+                    if params.disjoint:
+                        scores[name] = score.clamp(max=FP16_MAX).half()
+                    kept += int(mask.sum())
+                else:  # the default: one compiled pass from importance to packed bits (same bits as select)
+                    bits = np.zeros(-(-importance.numel() // 8), np.uint8)
+                    kept += threshold_mask(importance.reshape(-1).numpy(), np.float32(importance.mean()),
+                                           np.float32(params.threshold), bits)
+                    packed[name] = torch.from_numpy(bits)
+                entries += importance.numel()
         del deltas, gradients
         densities[tv.id] = kept / entries if entries else 0.0
         mask_paths.append(mask_dir / f"masks-{index:04d}.safetensors")
@@ -225,7 +233,8 @@ def run(inputs: MergeInputs, params: StaParams, ctx: JobContext) -> MethodResult
 class FusedDelta:
     """sum_t sign_t m_t tau_t for one tensor, masks (and, for disjoint fusion, scores) read from disk.
 
-    With scores, each entry goes to the task with the highest normalised importance only.
+    Without scores, chunk by chunk through a compiled loop that reads the packed mask bits in place; with
+    scores, each entry goes to the task with the highest normalised importance only.
     """
 
     def __init__(self, mask_paths: list[Path], score_paths: list[Path], signs: list[float]):
@@ -243,6 +252,23 @@ class FusedDelta:
     def __call__(self, name: str, taus: Sequence[torch.Tensor | None], signs: list[float] | None = None
                  ) -> torch.Tensor:
         signs = signs or self.signs
+        if self.scores:
+            return self._disjoint(name, taus, signs)
+        shape, readers = float32_readers(taus)
+        fused = [(read, self.masks[index].get_tensor(name).numpy(), np.float32(signs[index]))
+                 for index, read in enumerate(readers) if read is not None]
+        total = np.zeros(math.prod(shape), np.float32)
+
+        def fuse_range(first: int, last: int) -> None:
+            for start in range(first, last, CHUNK):
+                stop = min(last, start + CHUNK)
+                for read, packed, sign in fused:
+                    masked_accumulate(read(start, stop), packed, start, sign, total[start:stop])
+
+        in_chunks(total.size, fuse_range)
+        return torch.from_numpy(total).view(shape)
+
+    def _disjoint(self, name: str, taus: Sequence[torch.Tensor | None], signs: list[float]) -> torch.Tensor:
         total, best = None, None
         for index, tau in enumerate(taus):
             if tau is None:
@@ -251,13 +277,10 @@ class FusedDelta:
                 total = torch.zeros_like(tau)
                 best = torch.full_like(tau, -1.0)  # normalised scores are >= 0
             mask = unpack_mask(self.masks[index].get_tensor(name), tuple(tau.shape))
-            if self.scores:
-                score = torch.where(mask, self.scores[index].get_tensor(name).float(), -1.0)
-                wins = score > best  # strict: on a tie the earlier task keeps the entry
-                total = torch.where(wins, signs[index] * tau, total)
-                best = torch.where(wins, score, best)
-            else:
-                total += signs[index] * torch.where(mask, tau, 0.0)
+            score = torch.where(mask, self.scores[index].get_tensor(name).float(), -1.0)
+            wins = score > best  # strict: on a tie the earlier task keeps the entry
+            total = torch.where(wins, signs[index] * tau, total)
+            best = torch.where(wins, score, best)
         return total
 
     def unsigned(self):
