@@ -58,6 +58,9 @@ class RequestIdMiddleware:
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    from engine.kernels import warm_up
+
+    warm_up()  # uploads measure task vectors' top-k cuts with them: compiled (or loaded) once, here
     yield
     dropped = discard_uploads_in_flight()
     if dropped:

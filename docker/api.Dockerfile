@@ -10,7 +10,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TVFORGE_API_HOST=0.0.0.0 \
     TVFORGE_API_PORT=8000 \
     TVFORGE_DATA_DIR=/var/lib/tvforge \
-    TVFORGE_BLOB_DIR=/var/lib/tvforge/blobs
+    TVFORGE_BLOB_DIR=/var/lib/tvforge/blobs \
+    NUMBA_CACHE_DIR=/var/lib/tvforge/numba-cache
 
 # The API only inspects models on the CPU: the CPU wheels are gigabytes smaller than
 # PyPI's CUDA build. Installed alone first so this layer survives source changes.
