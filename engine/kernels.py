@@ -26,13 +26,15 @@ def high_histogram(values: np.ndarray, counts: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def low_histogram(values: np.ndarray, high_bin: int, counts: np.ndarray) -> None:
-    """counts[low 16 bits of |v|] += 1 for the v whose |v| has high 16 bits high_bin: the second level."""
+def low_histograms(values: np.ndarray, slot_of_bin: np.ndarray, counts: np.ndarray) -> None:
+    """counts[slot_of_bin[high], low] += 1 for every |v| whose high 16 bits have a slot (>= 0): the second
+    level of several radix selects at once."""
     bits = values.view(np.int32)
     for j in range(bits.shape[0]):
         magnitude = bits[j] & MAGNITUDE_MASK
-        if (magnitude >> 16) == high_bin:
-            counts[magnitude & 0xFFFF] += 1
+        slot = slot_of_bin[magnitude >> 16]
+        if slot >= 0:
+            counts[slot, magnitude & 0xFFFF] += 1
 
 
 @numba.njit(cache=True, nogil=True)
@@ -83,18 +85,6 @@ def ties_resolve(trimmed_sum: np.ndarray, positive_sum: np.ndarray, negative_sum
 
 
 @numba.njit(cache=True, nogil=True)
-def low_histograms(values: np.ndarray, slot_of_bin: np.ndarray, counts: np.ndarray) -> None:
-    """counts[slot_of_bin[high], low] += 1 for every |v| whose high 16 bits have a slot (>= 0): the second
-    level of several radix selects at once."""
-    bits = values.view(np.int32)
-    for j in range(bits.shape[0]):
-        magnitude = bits[j] & MAGNITUDE_MASK
-        slot = slot_of_bin[magnitude >> 16]
-        if slot >= 0:
-            counts[slot, magnitude & 0xFFFF] += 1
-
-
-@numba.njit(cache=True, nogil=True)
 def _no_all_ones_exponent(bits: np.ndarray, exponent: int) -> bool:
     found = 0
     for j in range(bits.shape[0]):
@@ -141,7 +131,7 @@ def threshold_mask(importance: np.ndarray, mean: np.float32, threshold: np.float
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel for the array types merges pass them: writable
     arrays and read-only memory-map views. A worker calls this at start so that no job pays for it."""
-    counts_high, counts_low = np.zeros(HIGH_BINS, np.int64), np.zeros(LOW_BINS, np.int64)
+    counts_high = np.zeros(HIGH_BINS, np.int64)
     writable = np.ones(4, np.float32)
     read_only = np.frombuffer(writable.tobytes(), np.float32)
     sums = [np.zeros(4, np.float32) for _ in range(3)]
@@ -149,7 +139,6 @@ def warm_up() -> None:
     slots = np.full(HIGH_BINS, -1, np.int32)
     for values in (writable, read_only):
         high_histogram(values, counts_high)
-        low_histogram(values, 0, counts_low)
         for dtype in (np.int32, np.int64):
             low_histograms(values, slots, np.zeros((1, LOW_BINS), dtype))
         ties_accumulate(values, np.float32(0.5), *sums, *counts)

@@ -3,8 +3,8 @@
 A non-negative float32's bit pattern, read as an int32, orders exactly as the float does. So the k-th largest
 magnitude is found by counting entries per high 16 bits (one pass, a 32768-bin histogram), picking the bin
 that holds the k-th largest, then counting that bin's entries per low 16 bits (a second pass). Both passes
-stream chunk by chunk, so memory is one chunk, and the answer is the very value torch.kthvalue gives
-over the concatenated magnitudes (ties included), at a fraction of its cost.
+stream chunk by chunk, so memory is one chunk (and the second level's counts), and the answer is the very
+value torch.kthvalue gives over the concatenated magnitudes (ties included), at a fraction of its cost.
 """
 import math
 from collections.abc import Callable, Iterable
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.kernels import HIGH_BINS, LOW_BINS, high_histogram, low_histogram, low_histograms
+from engine.kernels import HIGH_BINS, LOW_BINS, high_histogram, low_histograms
 from engine.safetensors_io import MappedTensors
+from engine.streaming import CHUNK
 
 PERCENTS = tuple(range(1, 101))  # the top_k values whose cuts a task vector carries from its upload
 
@@ -39,52 +40,58 @@ def _as_float(bits: int) -> float:
     return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
 
 
-def kth_largest_magnitude(chunks: Callable[[], Iterable[np.ndarray]], k: int) -> float:
-    """The k-th largest |x| over every entry of the float32 arrays chunks() yields (called twice: one pass
-    per level); k >= 1 and at most the number of entries."""
-    high = _high_histogram(chunks)
-    if k < 1 or k > int(high.sum()):
-        raise ValueError(f"k={k} outside 1..{int(high.sum())}")
-    high_bin, above = _bin_from_top(high, k)
-    low = np.zeros(LOW_BINS, dtype=np.int64)
-    for chunk in chunks():
-        low_histogram(chunk, high_bin, low)
-    low_bin, _ = _bin_from_top(low, k - above)
-    return _as_float((high_bin << 16) | low_bin)
-
-
-def top_k_cuts(chunks: Callable[[], Iterable[np.ndarray]], percents: Iterable[float] = PERCENTS) -> list[float]:
-    """For each top_k percent, the magnitude at or above which entries are in the top_k percent of all the
-    entries chunks() yields (TIES's global trim; 0.0 where top_k keeps everything): the same two passes
-    as kth_largest_magnitude, each serving every percent at once (a second-level histogram per distinct
-    first-level bin, at most len(percents) x 65536 counts)."""
+def _select(chunks: Callable[[], Iterable[np.ndarray]], ranks_of: Callable[[int], list[int]]) -> list[float]:
+    """The rank-th largest magnitudes over every entry of chunks() (called twice: one pass per level), for
+    the ranks that ranks_of(number of entries) gives; a rank of 0 gives 0.0. Every rank is served by the
+    same two passes: a second-level histogram per distinct first-level bin (at most len(ranks) x 65536)."""
     high = _high_histogram(chunks)
     total = int(high.sum())
-    keeps = [math.ceil(p / 100 * total) for p in percents]
-    located = {keep: _bin_from_top(high, keep) for keep in set(keeps) if 0 < keep < total}
+    ranks = ranks_of(total)
+    located = {rank: _bin_from_top(high, rank) for rank in set(ranks) if rank > 0}
     bins = sorted({high_bin for high_bin, _ in located.values()})
     if not bins:
-        return [0.0] * len(keeps)
+        return [0.0] * len(ranks)
     slot_of_bin = np.full(HIGH_BINS, -1, dtype=np.int32)
     slot_of_bin[bins] = np.arange(len(bins), dtype=np.int32)
     # one exact float value per (slot, low) cell: int32 holds its count for any file under 8 GiB of floats
     low = np.zeros((len(bins), LOW_BINS), dtype=np.int32 if total < 2**31 else np.int64)
     for chunk in chunks():
         low_histograms(chunk, slot_of_bin, low)
-    cuts = []
-    for keep in keeps:
-        if keep not in located:
-            cuts.append(0.0)  # keep >= total: everything is kept (keep 0 cannot happen for top_k > 0)
+    values = []
+    for rank in ranks:
+        if rank == 0:
+            values.append(0.0)
             continue
-        high_bin, above = located[keep]
-        low_bin, _ = _bin_from_top(low[slot_of_bin[high_bin]], keep - above)
-        cuts.append(_as_float((high_bin << 16) | low_bin))
-    return cuts
+        high_bin, above = located[rank]
+        low_bin, _ = _bin_from_top(low[slot_of_bin[high_bin]], rank - above)
+        values.append(_as_float((high_bin << 16) | low_bin))
+    return values
 
 
-def file_top_k_cuts(path: Path, names: set[str] | None = None, chunk: int = 1 << 16) -> list[float]:
+def kth_largest_magnitude(chunks: Callable[[], Iterable[np.ndarray]], k: int) -> float:
+    """The k-th largest |x| over every entry of the float32 arrays chunks() yields (called twice: one pass
+    per level); k >= 1 and at most the number of entries."""
+    def ranks_of(total: int) -> list[int]:
+        if k < 1 or k > total:
+            raise ValueError(f"k={k} outside 1..{total}")
+        return [k]
+    return _select(chunks, ranks_of)[0]
+
+
+def top_k_cuts(chunks: Callable[[], Iterable[np.ndarray]], percents: Iterable[float] = PERCENTS) -> list[float]:
+    """For each top_k percent, the magnitude at or above which entries are in the top_k percent of all the
+    entries chunks() yields (TIES's trim: ceil(top_k% of the entries) kept, ties at the cut too; 0.0 where
+    that keeps everything), all from the same two passes."""
+    def ranks_of(total: int) -> list[int]:
+        keeps = [math.ceil(p / 100 * total) for p in percents]
+        return [keep if keep < total else 0 for keep in keeps]
+    return _select(chunks, ranks_of)
+
+
+def file_top_k_cuts(path: Path, names: set[str] | None = None, percents: Iterable[float] = PERCENTS,
+                    chunk: int = CHUNK) -> list[float]:
     """top_k_cuts over the named float tensors of a safetensors file (all of them by default), as if
-    flattened together; read chunk by chunk from its memory map, twice."""
+    flattened together; read chunk by chunk from its memory map, twice, never concatenated."""
     tensors = MappedTensors(path)
     present = sorted(name for name, info in tensors.header.tensors.items()
                      if info.is_float and (names is None or name in names))
@@ -94,4 +101,4 @@ def file_top_k_cuts(path: Path, names: set[str] | None = None, chunk: int = 1 <<
             numel = tensors.header.tensors[name].numel
             for start in range(0, numel, chunk):
                 yield tensors.float32(name, start, start + chunk)
-    return top_k_cuts(chunks)
+    return top_k_cuts(chunks, percents)

@@ -64,19 +64,20 @@ TensorMerge = Callable[[str, torch.Tensor, Sequence[torch.Tensor | None]], torch
 CHUNK = 1 << 16
 
 _pool: ThreadPoolExecutor | None = None
+_pool_threads = 0
 
 
 def in_chunks(numel: int, work: Callable[[int, int], T]) -> list[T]:
     """work(start, stop) over consecutive CHUNK-aligned ranges covering 0..numel, one range per thread
     (torch's thread count: the worker's setting), for work whose heavy parts release the GIL (numba
     kernels, numpy ufuncs). Results in range order; a small tensor is one range on the calling thread."""
-    global _pool
+    global _pool, _pool_threads
     threads = max(1, torch.get_num_threads())
     chunks = -(-numel // CHUNK)
     if threads == 1 or chunks < 2:
         return [work(0, numel)]
-    if _pool is None or _pool._max_workers != threads:
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge")
+    if _pool is None or _pool_threads != threads:
+        _pool, _pool_threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge"), threads
     per_thread = -(-chunks // threads)
     bounds = [(min(numel, i * per_thread * CHUNK), min(numel, (i + 1) * per_thread * CHUNK)) for i in range(threads)]
     return list(_pool.map(lambda span: work(*span), [b for b in bounds if b[0] < b[1]]))

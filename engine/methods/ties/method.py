@@ -9,7 +9,6 @@ within a tensor chunk by chunk through fused loops (engine/kernels.py).
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,37 +18,24 @@ from engine.evaluator import EvalTarget, Evaluator
 from engine.kernels import ties_accumulate, ties_resolve
 from engine.methods.ties.params import TiesParams
 from engine.metrics import chosen, given_or_default
-from engine.safetensors_io import MappedTensors, read_header
+from engine.safetensors_io import read_header
 from engine.scaling_search import SearchSpec, search_scaling, searched
-from engine.selection import PERCENTS, kth_largest_magnitude
+from engine.selection import PERCENTS, file_top_k_cuts, top_k_cuts
 from engine.streaming import CHUNK, Float32Reader, collect_deltas, float32_readers, in_chunks, merge_streaming
 
 
-def _chunks(read: Float32Reader, numel: int):
-    return (read(start, min(numel, start + CHUNK)) for start in range(0, numel, CHUNK))
-
-
-def _cut(chunks, total: int, top_k: float) -> float:
-    keep = math.ceil(top_k / 100 * total)
-    return 0.0 if keep >= total else kth_largest_magnitude(chunks, keep)
+def _tensor_cut(read: Float32Reader, numel: int, top_k: float) -> float:
+    """The top_k cut of one tensor on its own (trim_scope tensor)."""
+    def chunks():
+        return (read(start, min(numel, start + CHUNK)) for start in range(0, numel, CHUNK))
+    return top_k_cuts(chunks, [top_k])[0]
 
 
 def trim(tau: torch.Tensor, top_k: float) -> torch.Tensor:
     """tau with all but its top_k percent largest-magnitude entries zeroed (entries tied at the cut kept)."""
     (_shape, (read,)) = float32_readers([tau])
-    cut = _cut(lambda: _chunks(read, tau.numel()), tau.numel(), top_k)
+    cut = _tensor_cut(read, tau.numel(), top_k)
     return torch.where(tau.abs() >= cut, tau, torch.zeros_like(tau))
-
-
-def global_cut(path: Path, names: set[str], top_k: float) -> float:
-    """The top_k cut over every named float tensor of one task vector file, as if flattened together; read
-    chunk by chunk from the memory map (twice: one pass per radix level), never concatenated."""
-    vector = MappedTensors(path)
-    present = sorted(name for name, info in vector.header.tensors.items() if name in names and info.is_float)
-    total = sum(vector.header.tensors[name].numel for name in present)
-    return _cut(lambda: (chunk for name in present
-                         for chunk in _chunks(lambda a, b, n=name: vector.float32(n, a, b),
-                                              vector.header.tensors[name].numel)), total, top_k)
 
 
 def ties_merge(taus: Sequence[torch.Tensor | None], top_k: float, cuts: Sequence[float] | None = None,
@@ -74,7 +60,7 @@ def counted_ties_merge(taus: Sequence[torch.Tensor | None], top_k: float, cuts: 
     present = []
     for index, read in enumerate(readers):
         if read is not None:
-            cut = _cut(lambda r=read: _chunks(r, numel), numel, top_k) if cuts is None else cuts[index]
+            cut = _tensor_cut(read, numel, top_k) if cuts is None else cuts[index]
             present.append((read, np.float32(cut)))
     out = np.zeros(numel, np.float32)
 
@@ -108,11 +94,11 @@ def global_cuts(inputs: MergeInputs, top_k: float, ctx: JobContext) -> tuple[lis
     merged_names = {name for name, info in base.items() if info.is_float}
     pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
     try:
-        pending = [pool.submit(global_cut, tv.path, merged_names, top_k) for tv in vectors]
+        pending = [pool.submit(file_top_k_cuts, tv.path, merged_names, [top_k]) for tv in vectors]
         for step, _ in enumerate(as_completed(pending), start=1):
             ctx.check_cancel()
             ctx.report(Progress("trim_cuts", step, len(vectors)))
-        return [future.result() for future in pending], "each vector's global top-k magnitude, measured"
+        return [future.result()[0] for future in pending], "each vector's global top-k magnitude, measured"
     finally:
         pool.shutdown(cancel_futures=True)
 
