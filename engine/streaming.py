@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from engine.context import JobContext, Progress, WrittenFile
-from engine.safetensors_io import MappedTensors, StreamingWriter, read_header
+from engine.safetensors_io import Header, MappedTensors, StreamingWriter, read_header
 
 T = TypeVar("T")
 
@@ -93,9 +93,8 @@ def open_vectors(base_path: Path, vector_paths: list[Path]) -> Iterator[tuple]:
         yield base, vectors, [set(v.keys()) for v in vectors], [MappedTensors(p) for p in vector_paths]
 
 
-def merged_tensor_names(base_path: Path, vector_keys: list[set[str]]) -> list[str]:
+def merged_tensor_names(header: Header, vector_keys: list[set[str]]) -> list[str]:
     """The base's floating-point tensors that at least one vector changes, sorted: what a merge computes."""
-    header = read_header(base_path)
     return sorted(name for name, info in header.tensors.items()
                   if info.is_float and any(name in keys for keys in vector_keys))
 
@@ -138,7 +137,7 @@ def collect_deltas(base_path: Path, vector_paths: list[Path], delta: DeltaMerge,
     deltas = {}
     header = read_header(base_path)
     with open_vectors(base_path, vector_paths) as (_base, vectors, keys, mapped):
-        names = merged_tensor_names(base_path, keys)
+        names = merged_tensor_names(header, keys)
         for step, name in enumerate(names, start=1):
             ctx.check_cancel()
             shape = header.tensors[name].shape
