@@ -13,7 +13,7 @@ FLOAT32 = 4
 # The formula counts a fused fp16 layer; open_clip's eager float32 layers keep more (a 4-layer, width-256 tower at
 # batch 128 kept 850 MiB where the formula, doubled for float32, gives 665): a factor of 1.5 covers it.
 EAGER_FP32_FACTOR = 1.5
-SEARCH_POINTS = 21  # the largest lambda grid of the training-free methods
+SEARCH_POINTS = 30  # the largest lambda grid of the training-free methods (TSV-M, Iso-C, Iso-CTS: 0.1..3.0)
 # The process before any tensor: python, torch, open_clip and the engine imported measure 0.74 GiB of RSS on
 # the development machine (torch 2.14, CPU), and twice that on another install of the same versions; the
 # default leaves some slack over the first. Workers pass their own (refuse_if_too_large).

@@ -21,7 +21,9 @@ from engine.weights import build_model, load_state_dict_file
 
 REPO = Path(__file__).resolve().parents[1]
 ADDITION_ROWS = ["zero-shot", "fine-tuned", "task arithmetic (lambda searched)", "TIES (lambda searched)",
-                 "TIES (defaults", "STA (lambda searched)", "STA (defaults", "aTLAS", "aTLAS isotropic"]
+                 "TIES (defaults", "STA (lambda searched)", "STA (defaults", "DARE (lambda searched)",
+                 "TSV-M (alpha searched)", "TSV-M (defaults", "Iso-C (alpha searched)", "Iso-CTS (alpha searched)",
+                 "Iso-CTS (defaults", "aTLAS", "aTLAS isotropic"]
 NEGATION_ROWS = ["zero-shot", "task arithmetic negate", "STA forget (lambda searched)", "STA forget (defaults",
                  "aTLAS negation"]
 
@@ -107,8 +109,8 @@ def test_atlas_keeps_its_best_validation_epoch(run):
 def test_ordering_margins_are_paired_bootstrap_intervals_around_the_observed_difference(run):
     table = run["result"]["tables"]["addition"]
     rows = {r["row"]: r for r in table["rows"]}
-    assert len(table["ordering"]) == 5
-    for margin in table["ordering"]:
+    assert len(table["ordering"]) == 5 and len(table["newer_merges"]) == 4
+    for margin in table["ordering"] + table["newer_merges"]:
         better, worse = rows[margin["better"]], rows[margin["worse"]]
         observed = better["mean_normalised_accuracy"] - worse["mean_normalised_accuracy"]
         assert margin["difference"] == pytest.approx(observed)

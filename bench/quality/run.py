@@ -224,6 +224,12 @@ ORDERING = [("aTLAS", "STA (lambda searched)"), ("aTLAS", "TIES (lambda searched
             ("STA (lambda searched)", "task arithmetic (lambda searched)"),
             ("TIES (lambda searched)", "task arithmetic (lambda searched)"),
             ("task arithmetic (lambda searched)", "zero-shot")]
+# The newer training-free merges against the baselines users compare with (TSV-M and Iso-CTS are reported
+# at least as good as TIES with a searched lambda, and ahead of task arithmetic, on the papers' benchmark).
+NEWER_MERGES = [("TSV-M (alpha searched)", "TIES (lambda searched)"),
+                ("Iso-CTS (alpha searched)", "TIES (lambda searched)"),
+                ("TSV-M (alpha searched)", "task arithmetic (lambda searched)"),
+                ("Iso-CTS (alpha searched)", "task arithmetic (lambda searched)")]
 
 
 def addition_table(bench: Bench, config: RunConfig) -> dict:
@@ -261,6 +267,12 @@ def addition_table(bench: Bench, config: RunConfig) -> dict:
         ("TIES (defaults, lambda 1)", "ties", {}),
         ("STA (lambda searched)", "sta", {"calibration_datasets": by_task, "validation_datasets": by_task}),
         ("STA (defaults, lambda 1)", "sta", {"calibration_datasets": by_task}),
+        ("DARE (lambda searched)", "dare", {"validation_datasets": by_task}),
+        ("TSV-M (alpha searched)", "tsv_m", {"validation_datasets": by_task}),
+        ("TSV-M (defaults, alpha 1)", "tsv_m", {}),
+        ("Iso-C (alpha searched)", "iso_c", {"validation_datasets": by_task}),
+        ("Iso-CTS (alpha searched)", "iso_cts", {"validation_datasets": by_task}),
+        ("Iso-CTS (defaults, alpha 1)", "iso_cts", {}),
         ("aTLAS", "atlas", atlas),
         ("aTLAS isotropic", "atlas", {**atlas, "granularity": "isotropic"}),
     ]
@@ -272,7 +284,9 @@ def addition_table(bench: Bench, config: RunConfig) -> dict:
         log(f"  {label}: mean {record['mean_accuracy']:.3f}, normalised {record['mean_normalised_accuracy']:.3f}"
             f" ({record['method_s']:.1f}s + eval {eval_s:.1f}s)")
     ordering = [bench.margin(better, worse, names, reference=FINETUNED) for better, worse in ORDERING]
-    return {"tasks": names, "finetuned_accuracy": finetuned, "rows": rows, "ordering": ordering}
+    newer = [bench.margin(better, worse, names, reference=FINETUNED) for better, worse in NEWER_MERGES]
+    return {"tasks": names, "finetuned_accuracy": finetuned, "rows": rows, "ordering": ordering,
+            "newer_merges": newer}
 
 
 def negation_tasks(assets: Assets, count: int) -> tuple[str, list[str]]:

@@ -34,6 +34,13 @@ def ordering_markdown(ordering: list[dict]) -> str:
     return _table(["papers' ordering (mean normalised accuracy)", "margin, points [95% CI]", "interval > 0"], rows)
 
 
+def newer_merges_markdown(margins: list[dict]) -> str:
+    rows = [[f"{m['better']} vs {m['worse']}", _margin(m), "yes" if m["ci95"][1] >= 0 else "**no**",
+             "yes" if m["holds"] else "no"] for m in margins]
+    return _table(["newer merge vs baseline (mean normalised accuracy)", "margin, points [95% CI]",
+                   "at least as good (interval reaches 0 or above)", "better (interval > 0)"], rows)
+
+
 def negation_markdown(table: dict) -> str:
     header = ["target", "method", "target acc", "control acc", "control / zero-shot", "time (s)"]
     rows = [[row["target"], row["row"], _pct(row["target_accuracy"]), _pct(row["control_accuracy"]),
@@ -129,6 +136,7 @@ def render_markdown(result: dict) -> str:
         addition_markdown(tables["addition"]),
         _settings(tables["addition"]["rows"], lambda row: row["row"]),
         ordering_markdown(tables["addition"]["ordering"]),
+        newer_merges_markdown(tables["addition"]["newer_merges"]),
         f"### 2. Negation (control: {tables['negation']['control']}; lambda / epoch chosen on val with control "
         f">= 0.95 x zero-shot)",
         negation_markdown(tables["negation"]),

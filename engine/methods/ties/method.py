@@ -14,14 +14,13 @@ import numpy as np
 import torch
 
 from engine.context import JobContext, MergeInputs, MethodResult, Progress
-from engine.evaluator import EvalTarget, Evaluator
 from engine.kernels import ties_accumulate, ties_resolve
 from engine.methods.ties.params import TiesParams
 from engine.metrics import chosen, given_or_default
 from engine.safetensors_io import read_header
-from engine.scaling_search import SearchSpec, search_scaling, searched
+from engine.scaling_search import write_scaled_merge
 from engine.selection import PERCENTS, file_top_k_cuts, top_k_cuts
-from engine.streaming import CHUNK, Float32Reader, collect_deltas, float32_readers, in_chunks, merge_streaming
+from engine.streaming import CHUNK, Float32Reader, float32_readers, in_chunks
 
 
 def _tensor_cut(read: Float32Reader, numel: int, top_k: float) -> float:
@@ -104,43 +103,26 @@ def global_cuts(inputs: MergeInputs, top_k: float, ctx: JobContext) -> tuple[lis
 
 
 def run(inputs: MergeInputs, params: TiesParams, ctx: JobContext) -> MethodResult:
-    paths = [tv.path for tv in inputs.task_vectors]
     cuts, cuts_source = None, None
     if params.trim_scope == "global":
         cuts, cuts_source = global_cuts(inputs, params.top_k, ctx)
     kept = [0, 0]  # nonzero merged entries, entries merged
 
-    def merged_delta(taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    def merged_delta(_name: str, taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
         delta, nonzero = counted_ties_merge(taus, params.top_k, cuts, params.merge)
         kept[0] += nonzero
         kept[1] += delta.numel()
         return delta
 
-    metrics: dict = {}
-    if params.validation_datasets:
-        deltas = collect_deltas(inputs.base_path, paths, lambda _name, taus: merged_delta(taus), ctx)
-        evaluator = Evaluator(inputs, ctx)
-        spec = SearchSpec(targets=[EvalTarget(ds, tv) for tv, ds in params.validation_datasets.items()])
-        scaling, metrics = search_scaling(evaluator, deltas, spec, params.scaling_grid)
-        chosen_scaling = searched(scaling, metrics)
-        del evaluator
-
-        def merge(name: str, base: torch.Tensor, _taus) -> torch.Tensor:
-            return base + scaling * deltas[name]
-    else:
-        scaling = params.resolved_scaling
-        chosen_scaling = given_or_default(params, "scaling") | {"value": scaling}
-
-        def merge(_name: str, base: torch.Tensor, taus) -> torch.Tensor:
-            return base + scaling * merged_delta(taus)
-
-    out = ctx.workdir / "merged.safetensors"
-    count = merge_streaming(inputs.base_path, paths, out, merge, ctx)
+    scaling = params.resolved_scaling
+    written = write_scaled_merge(inputs, ctx, merged_delta, params.validation_datasets, params.scaling_grid, scaling,
+                                 given_or_default(params, "scaling") | {"value": scaling})
+    metrics = written.metrics
     metrics["chosen"] = {
         "top_k": given_or_default(params, "top_k"), "trim_scope": given_or_default(params, "trim_scope"),
-        "merge": given_or_default(params, "merge"), "scaling": chosen_scaling,
+        "merge": given_or_default(params, "merge"), "scaling": written.chosen_scaling,
     }
     if cuts is not None:
         metrics["chosen"]["trim_cuts"] = chosen(cuts, cuts_source)
-    metrics.update(tensors=count, merged_density=kept[0] / kept[1] if kept[1] else 0.0)
-    return MethodResult(out, metrics=metrics)
+    metrics.update(tensors=written.tensors, merged_density=kept[0] / kept[1] if kept[1] else 0.0)
+    return MethodResult(written.path, metrics=metrics)

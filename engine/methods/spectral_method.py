@@ -1,0 +1,30 @@
+"""How TSV-M, Iso-C and Iso-CTS run: engine.spectral's merge per tensor, alpha given or searched."""
+from collections.abc import Sequence
+
+import torch
+
+from engine.context import JobContext, MergeInputs, MethodResult
+from engine.methods.spectral_params import SPECTRAL_GRID, SPECTRAL_PATIENCE, SpectralParams
+from engine.metrics import given_or_default
+from engine.scaling_search import write_scaled_merge
+from engine.spectral import MatrixMerge, is_merged_as_matrix, merged_delta
+
+
+def run_spectral(inputs: MergeInputs, params: SpectralParams, ctx: JobContext, merge_matrix: MatrixMerge,
+                 chosen_extra: dict | None = None) -> MethodResult:
+    """A method of this family: theta_0 + alpha * (merge_matrix per weight matrix, the mean elsewhere), alpha
+    given or searched on validation data as the official code searches it."""
+    matrices = set()
+
+    def delta(name: str, taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        merged = merged_delta(name, taus, merge_matrix)
+        if is_merged_as_matrix(name, merged.shape):
+            matrices.add(name)
+        return merged
+
+    written = write_scaled_merge(inputs, ctx, delta, params.validation_datasets, SPECTRAL_GRID, params.scaling,
+                                 given_or_default(params, "scaling"), patience=SPECTRAL_PATIENCE)
+    metrics = written.metrics
+    metrics["chosen"] = {"scaling": written.chosen_scaling, **(chosen_extra or {})}
+    metrics.update(tensors=written.tensors, matrix_tensors=len(matrices))
+    return MethodResult(written.path, metrics=metrics)

@@ -1,0 +1,1 @@
+"""TSV-M: task singular vectors, merged (Gargiulo et al., 2025)."""

@@ -1,0 +1,129 @@
+"""Merges in the singular-value space of each weight matrix: TSV-M, Iso-C and Iso-CTS.
+
+They share one shape, from the official code (AntoAndGar/task_singular_vectors,
+src/utils/TSVM_utils.py compute_and_sum_svd_mem_reduction; danielm1405/iso-merging, src/utils/iso.py):
+every 2-D tensor but a text projection is merged through SVDs of the task vectors' matrices; every
+other tensor (biases, norms, the patch embedding, the class token) is the running mean of the vectors.
+
+A tensor's slices are read one task vector at a time, so memory is bounded by the largest layer (times
+the few factors a method keeps), not by the model or the number of vectors. SVDs run in float32, as the
+references run them on their device.
+"""
+from collections.abc import Callable, Sequence
+
+import torch
+
+from engine.streaming import VectorSlices
+
+# the task vectors' matrices of one tensor, float32 [m, n], read one at a time -> the merged matrix
+MatrixMerge = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+
+
+def is_merged_as_matrix(name: str, shape: Sequence[int]) -> bool:
+    """The references' test: 2-D, and not the text tower's projection (averaged like a bias)."""
+    return len(shape) == 2 and "text_projection" not in name
+
+
+def present(taus: Sequence[torch.Tensor | None]) -> list[int]:
+    """Indices of the vectors that have this tensor (a vector may leave some tensors out)."""
+    if isinstance(taus, VectorSlices):  # ask without reading the slice
+        return [i for i in range(len(taus)) if taus.reader(i) is not None]
+    return [i for i, tau in enumerate(taus) if tau is not None]
+
+
+class Slices(Sequence):
+    """The present vectors' slices of one tensor as float32, each read when indexed (never all at once)."""
+
+    def __init__(self, taus: Sequence[torch.Tensor | None]):
+        self._taus, self._indices = taus, present(taus)
+        if not self._indices:
+            raise ValueError("no task vector has this tensor")
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self._taus[self._indices[index]].float()
+
+
+def running_mean(slices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean, accumulated as the references do (mean += (tau - mean) / (i + 1))."""
+    mean = slices[0].clone()
+    for i in range(1, len(slices)):
+        mean += (slices[i] - mean) / (i + 1)
+    return mean
+
+
+def merged_delta(name: str, taus: Sequence[torch.Tensor | None], merge_matrix: MatrixMerge) -> torch.Tensor:
+    """One tensor's merged task vector: merge_matrix for weight matrices, the running mean otherwise."""
+    slices = Slices(taus)
+    shape = taus.shape if isinstance(taus, VectorSlices) else slices[0].shape
+    if is_merged_as_matrix(name, shape):
+        return merge_matrix(slices)
+    return running_mean(slices)
+
+
+def polar(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthonormal factor closest to matrix (U V^T of its SVD): how the references re-orthogonalise
+    the concatenated singular vectors."""
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u @ vh
+
+
+def tsv_merge(slices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """TSV-M: each task keeps its top 1/T of singular triplets, side by side; the concatenated left and
+    right singular vectors are orthogonalised and recombined with the kept singular values."""
+    tasks = len(slices)
+    reduction = 1 / tasks  # the reference's sv_reduction; int(rank * reduction) below as it computes it
+    first = slices[0]
+    rank = min(first.shape)
+    kept = int(rank * reduction)
+    left = torch.zeros(first.shape[0], rank)
+    values = torch.zeros(rank)
+    right = torch.zeros(rank, first.shape[1])
+    for i in range(tasks):
+        u, s, vh = torch.linalg.svd(slices[i], full_matrices=False)
+        span = slice(i * kept, (i + 1) * kept)
+        left[:, span], values[span], right[span] = u[:, :kept], s[:kept], vh[:kept]
+    return (polar(left) * values) @ polar(right)
+
+
+def iso_c_merge(slices: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Iso-C: the sum of the task matrices with its spectrum flattened to the mean singular value."""
+    total = slices[0].clone()
+    for i in range(1, len(slices)):
+        total += slices[i]
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    return (u * s.mean()) @ vh
+
+
+def iso_cts_merge(slices: Sequence[torch.Tensor], common_space_fraction: float) -> torch.Tensor:
+    """Iso-CTS: the sum's top singular directions (the common space) plus, per task, the top directions of
+    its matrix with the common space projected out; orthogonalised together, with a flat spectrum."""
+    tasks = len(slices)
+    first = slices[0]
+    rank = min(first.shape)
+    common = int(rank * common_space_fraction)
+    # the reference rounds the task-specific total to a multiple of the task count (Python's round)
+    common = rank - round((rank - common) / tasks) * tasks
+    per_task = int((rank - common) / tasks)
+
+    total = first.clone()
+    for i in range(1, tasks):
+        total += slices[i]
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    common_u, common_s, common_vh = u[:, :common], s[:common], vh[:common]
+
+    left = torch.zeros(first.shape[0], rank)
+    values = torch.zeros(rank)
+    right = torch.zeros(rank, first.shape[1])
+    for i in range(tasks):
+        specific = slices[i]
+        specific = specific - common_u @ (common_u.T @ specific)
+        u_t, s_t, vh_t = torch.linalg.svd(specific, full_matrices=False)
+        span = slice(i * per_task, (i + 1) * per_task)
+        left[:, span], values[span], right[span] = u_t[:, :per_task], s_t[:per_task], vh_t[:per_task]
+    span = slice(tasks * per_task, tasks * per_task + common)
+    left[:, span], values[span], right[span] = common_u, common_s, common_vh
+    return (polar(left) * values.mean()) @ polar(right)
+

@@ -1,0 +1,85 @@
+"""DARE: the drop keeps each task vector's expectation, is reproducible from its seed, and its merges equal
+independent computations (task arithmetic at p = 0; a loop TIES over the dropped vectors)."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.methods.catalogue import get_method
+from engine.methods.dare.method import drop_and_rescale, run
+from engine.methods.dare.params import DareParams
+from engine.methods.task_arithmetic.params import TaskArithmeticParams
+from tests.engine_jobs import IndependentEvaluator, Recorder, make_job, one_thread  # noqa: F401 - fixture
+from tests.test_engine_ties import reference_ties
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_drop_keeps_the_expectation():
+    """The mean of many seeded drops is tau (within 4 standard errors, entry by entry)."""
+    tau = torch.linspace(-1, 1, 50)
+    p, draws = 0.7, 4000
+    total = torch.zeros(50, dtype=torch.float64)
+    for seed in range(draws):
+        total += drop_and_rescale(tau, p, True, seed, 0, "w")[0].double()
+    standard_error = tau.abs().double() * np.sqrt(p / (1 - p)) / np.sqrt(draws)
+    assert bool(((total / draws - tau.double()).abs() <= 4 * standard_error + 1e-12).all())
+
+
+def test_survivors_are_rescaled_exactly_and_the_rest_are_zero():
+    tau = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+    dropped, kept = drop_and_rescale(tau, 0.9, True, 3, 1, "visual.w")
+    survivors = dropped != 0
+    assert kept == int(survivors.sum())
+    assert kept / tau.numel() == pytest.approx(0.1, abs=0.005)
+    torch.testing.assert_close(dropped[survivors], tau[survivors] / (1 - 0.9), rtol=0, atol=0)
+    plain, _ = drop_and_rescale(tau, 0.9, False, 3, 1, "visual.w")
+    assert torch.equal(plain[survivors], tau[survivors])
+
+
+def test_masks_are_seeded_per_vector_and_tensor():
+    tau = torch.ones(1000)
+    first = drop_and_rescale(tau, 0.5, True, 7, 0, "a")[0]
+    assert torch.equal(first, drop_and_rescale(tau, 0.5, True, 7, 0, "a")[0])
+    for other in [(8, 0, "a"), (7, 1, "a"), (7, 0, "b")]:
+        assert not torch.equal(first, drop_and_rescale(tau, 0.5, True, *other)[0]), other
+
+
+def test_no_drop_is_task_arithmetic_bit_for_bit(tmp_path):
+    job = make_job(tmp_path / "job", n_vectors=3, with_datasets=False)
+    dare = run(job.inputs, DareParams(drop_rate=0.0, scaling=0.4), Recorder().context(tmp_path / "dare"))
+    arithmetic = get_method("task_arithmetic").runner()(job.inputs, TaskArithmeticParams(scaling=0.4),
+                                                        Recorder().context(tmp_path / "ta"))
+    got, want = load_file(str(dare.checkpoint_path)), load_file(str(arithmetic.checkpoint_path))
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    assert dare.metrics["kept_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("combine", ["sum", "ties"])
+def test_merges_the_dropped_vectors_as_an_independent_computation_does(combine, tmp_path):
+    job = make_job(tmp_path / "job", n_vectors=3, with_datasets=False)
+    result = run(job.inputs, DareParams(combine=combine), Recorder().context(tmp_path / "w", seed=11))
+    dropped = [{name: drop_and_rescale(tau, 0.5, True, 11, position, name)[0] for name, tau in taus.items()}
+               for position, taus in enumerate(job.taus.values())]
+    if combine == "sum":
+        delta = {name: sum(vector[name].double() for vector in dropped) for name in dropped[0]}
+    else:  # sign election and disjoint mean over every entry: TIES's loops with nothing trimmed
+        delta = {name: torch.from_numpy(reference_ties([v[name].double().numpy() for v in dropped], 100.0))
+                 for name in dropped[0]}
+    scaling = 0.3 if combine == "sum" else 1.0
+    merged = load_file(str(result.checkpoint_path))
+    for name, tensor in IndependentEvaluator.plus_state(job.state, delta, scaling).items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    chosen = result.metrics["chosen"]
+    assert chosen["seed"] == {"value": 11, "source": "the job's seed"}
+    assert chosen["scaling"] == {"value": scaling, "source": "default"}
+    assert result.metrics["kept_fraction"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_params():
+    assert get_method("dare").params is DareParams
+    assert DareParams().resolved_scaling == 0.3 and DareParams(combine="ties").resolved_scaling == 1.0
+    assert DareParams().scaling_grid[-1] == 1.0 and DareParams(combine="ties").scaling_grid[0] == 0.8
+    for bad in ({"drop_rate": 1.0}, {"drop_rate": -0.1}, {"seed": -1}, {"combine": "mean"}):
+        with pytest.raises(ValueError):
+            DareParams(**bad)
