@@ -95,7 +95,10 @@ def atlas_estimate(params, shape: TowerShape, n_vectors: int, split_sizes: dict[
         steps = math.ceil(size / max(1, params.batch_size // (2 if mode == "negation" else 1)))
     selection = sum(first_split(sizes, ("val", "train")) for sizes in split_sizes.values())
     reports = sum(first_split(sizes, ("test", "val", "train")) for sizes in split_sizes.values())
-    images = epochs * steps * params.batch_size + (epochs + 1) * selection + reports
+    # ufm also passes every step's images unaugmented (its targets) and labels the whole split once first
+    views = 2 if mode == "ufm" else 1
+    labelling = first_split(split_sizes.get(params.target_dataset_id, {}), order) if mode == "ufm" else 0
+    images = views * epochs * steps * params.batch_size + labelling + (epochs + 1) * selection + reports
     # the device is not known here: auto counts float32, the CPU's (CUDA's fp16 stacks take half)
     vector_bytes = 2 if params.vector_dtype in ("bfloat16", "float16") else FLOAT32
     peak = (runtime_bytes + shape.parameters * FLOAT32 + n_vectors * shape.visual_parameters * vector_bytes

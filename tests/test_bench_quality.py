@@ -145,8 +145,13 @@ def test_few_shot_table(run):
     assert set(few["accuracy"]) == {f"{k}-shot" for k in table["shots"]}
     assert all(is_fraction(v) for v in few["accuracy"].values())
     assert {run["params"]["shots"] for run in few["runs"].values()} == set(table["shots"])
-    assert is_fraction(entropy["accuracy"]["unlabelled"])
-    assert entropy["params"]["objective"] == "entropy"
+    ufm = row(table["rows"], "aTLAS UFM (")
+    for record, objective in [(entropy, "entropy"), (ufm, "ufm")]:
+        assert is_fraction(record["accuracy"]["unlabelled"])
+        assert record["params"]["objective"] == objective
+        assert record["margin"]["difference"] == pytest.approx(record["accuracy"]["unlabelled"]
+                                                               - zero_shot["accuracy"]["zero-shot"])
+    assert ufm["metrics"]["trusted"]["images"] > 0
 
 
 def test_every_row_names_valid_params_and_is_timed(run):

@@ -19,6 +19,8 @@ from engine.methods.atlas.method import (
     build_composition,
     few_shot_indices,
     run,
+    trusted_pseudo_labels,
+    ufm_loss,
 )
 from engine.methods.atlas.params import AtlasParams
 from engine.methods.catalogue import get_method
@@ -164,6 +166,75 @@ def test_entropy_on_unlabelled_data_keeps_the_last_epoch(job, tmp_path):
     assert result.metrics["chosen"]["best_epoch"] == {"value": 4, "source": "last epoch (no labelled data to "
                                                                         "select on)"}
     assert np.abs(result.artifacts["coefficients"]["values"]).max() > 0.05
+
+
+def independent_trusted_set(probabilities: np.ndarray, k: int) -> set[int]:
+    """Per class, by plain sorting: the images whose most probable class it is, the k most probable."""
+    chosen = set()
+    for c in range(probabilities.shape[1]):
+        members = [i for i in range(len(probabilities)) if int(np.argmax(probabilities[i])) == c]
+        members.sort(key=lambda i: (-probabilities[i, c], i))
+        chosen |= set(members[:k])
+    return chosen
+
+
+@pytest.mark.parametrize("count, classes, per_class, k", [(50, 5, None, 10), (2500, 10, None, 100),
+                                                          (40, 4, 3, 3), (7, 10, None, 0)])
+def test_ufm_trusts_per_class_the_most_confident_of_the_images_assigned_to_it(count, classes, per_class, k):
+    """The paper's trusted set: per class, min(N / C, 100) (or per_class) images, taken among those the zero-shot
+    model assigns to the class, most probable first; never every image (the official code's slip)."""
+    rng = np.random.default_rng(count)
+    logits = rng.normal(size=(count, classes)) * 3
+    logits[:, 0] += 1.0  # class 0 predicted more often than others: it is capped at k
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    pseudo = trusted_pseudo_labels(probabilities, per_class)
+    assert pseudo.per_class == k
+    assert set(np.flatnonzero(pseudo.trusted)) == independent_trusted_set(probabilities, k)
+    assert (pseudo.labels == probabilities.argmax(1)).all()
+    by_class = np.bincount(pseudo.labels[pseudo.trusted], minlength=classes)
+    assert by_class.max(initial=0) <= k and pseudo.summary(classes)["by_class"] == by_class.tolist()
+    if k:
+        assert not pseudo.trusted.all()
+
+
+def test_ufm_loss_by_hand():
+    """Trusted: cross-entropy of the strong view against the trusted label. Untrusted: against the weak view's
+    prediction sharpened at T = 0.5 (p^2 renormalised), counted only above 0.99 confidence."""
+    strong = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    weak = torch.tensor([[0.0, 0.0], [6.0, 0.0], [0.5, 0.0]])
+    labels, trusted = torch.tensor([1, 0, 0]), torch.tensor([True, False, False])
+    log_strong = strong.log_softmax(1)
+    p = torch.tensor([1.0, np.exp(-6.0)]) / (1 + np.exp(-6.0))
+    sharp = p**2 / (p**2).sum()  # 0.99999 > 0.99: counts; the third image's (0.62 -> 0.73) does not
+    expected = (-log_strong[0, 1] - (sharp * log_strong[1]).sum()) / 2
+    torch.testing.assert_close(ufm_loss(strong, weak, labels, trusted), expected.float())
+    assert float(ufm_loss(strong[2:], weak[2:], labels[2:], trusted[2:])) == 0.0  # nothing counts
+
+
+def test_ufm_adapts_on_unlabelled_images_from_the_trusted_set(job, model, tmp_path):
+    images = np.load(job.inputs.datasets["ds0"].path)["train_images"]
+    np.savez(tmp_path / "unlabelled.npz", test_images=images, test_labels=np.full(len(images), -1))
+    source = job.inputs.datasets["ds0"]
+    dataset = source.__class__("unl", "unlabelled", tmp_path / "unlabelled.npz", source.class_names)
+    inputs = job.inputs.__class__(job.inputs.base_path, job.inputs.base_spec, job.inputs.task_vectors,
+                                  {"unl": dataset})
+    params = AtlasParams(objective="ufm", target_dataset_id="unl", epochs=3, batch_size=12, lr=0.2)
+    result = run(inputs, params, Recorder().context(tmp_path / "w"))
+    # the trusted set from theta_0's probabilities, computed here with a plain zero-shot head
+    head = zero_shot_head(model, source.class_names, source.templates)
+    with torch.no_grad():
+        logits = F.normalize(model.encode_image(preprocess_images(images, model)), dim=-1) @ head.T
+    probabilities = logits.softmax(1).numpy()
+    k = min(len(images) // len(source.class_names), 100)
+    trusted = result.metrics["trusted"]
+    assert trusted["per_class"] == k and result.metrics["chosen"]["trusted_per_class"]["value"] == k
+    independent = sorted(independent_trusted_set(probabilities, k))
+    assert trusted["images"] == len(independent)
+    assert trusted["by_class"] == np.bincount(probabilities[independent].argmax(1),
+                                              minlength=len(source.class_names)).tolist()
+    assert result.metrics["chosen"]["augment"] == {"value": True, "source": "default"}  # the strong view
+    assert result.metrics["chosen"]["best_epoch"]["value"] == 3  # no labels to select on
+    assert np.abs(result.artifacts["coefficients"]["values"]).max() > 0.01
 
 
 def test_negation_keeps_the_control(job, tmp_path):

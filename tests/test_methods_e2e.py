@@ -1,4 +1,5 @@
-"""STA and aTLAS jobs on the benchmark's assets, through the HTTP API and a real Celery worker.
+"""STA, aTLAS, DARE, TSV-M, Iso-C and Iso-CTS jobs on the benchmark's assets, through the HTTP API and a real
+Celery worker.
 
 Each downloaded checkpoint must be what the engine computes directly from the same inputs,
 parameters and seed, and so must its accuracies.
@@ -74,12 +75,21 @@ def assert_same_tensors(path: Path, expected: Path) -> None:
     assert not different, different[:5]
 
 
-@pytest.mark.parametrize("method", ["sta", "atlas"])
+def job_params(method: str, task_datasets: dict[str, str]) -> dict:
+    if method == "sta":
+        return {"calibration_datasets": task_datasets, "calibration_samples": 64}
+    if method == "atlas":
+        return {"task_datasets": task_datasets, "epochs": 2, "batch_size": 32}
+    if method == "dare":  # the seeded drop, TIES-style, lambda searched
+        return {"combine": "ties", "validation_datasets": task_datasets}
+    return {"validation_datasets": task_datasets}  # tsv_m, iso_c, iso_cts: alpha searched
+
+
+@pytest.mark.parametrize("method", ["sta", "atlas", "dare", "tsv_m", "iso_c", "iso_cts"])
 def test_http_job_reproduces_the_engine(method, stack, registered, quick_bench_assets, tmp_path):
     base_id, ids = registered
     task_datasets = {tv: ds for tv, ds in ids.values()}
-    params = ({"calibration_datasets": task_datasets, "calibration_samples": 64} if method == "sta"
-              else {"task_datasets": task_datasets, "epochs": 2, "batch_size": 32})
+    params = job_params(method, task_datasets)
 
     final, events, coefficients = run_over_http(stack, base_id, ids, method, params, tmp_path / "http.safetensors")
     inputs = engine_inputs(quick_bench_assets, ids)
@@ -105,5 +115,9 @@ def test_http_job_reproduces_the_engine(method, stack, registered, quick_bench_a
         assert len(body["values"]) == len(ids)
         assert all(len(row) == len(body["blocks"]) for row in body["values"])
     else:
-        assert final["result"]["metrics"]["importance_source"] == {tv: "taylor" for tv in task_datasets}
         assert coefficients.status_code == 404
+    if method == "sta":
+        assert final["result"]["metrics"]["importance_source"] == {tv: "taylor" for tv in task_datasets}
+    if method in ("dare", "tsv_m", "iso_c", "iso_cts"):
+        assert final["result"]["metrics"]["chosen"]["scaling"]["source"].startswith("search on val")
+        assert final["result"]["metrics"]["chosen"] == direct.metrics["chosen"]

@@ -67,11 +67,12 @@ def few_shot_markdown(table: dict) -> str:
             cells = [_pct(accuracy.get(c)) for c in columns]
         rows.append([row["row"], *cells, _seconds(row)])
     margins = {**next((r.get("margins", {}) for r in table["rows"] if r.get("margins")), {})}
-    entropy = next((r for r in table["rows"] if "margin" in r), None)
-    if entropy is not None:
-        margins["unlabelled"] = entropy["margin"]
     rows.append(["margin over zero-shot, points [95% CI]", *(_margin(margins[c]) if c in margins else "-"
                                                              for c in columns), ""])
+    for row in table["rows"]:  # each unlabelled method's own margin, in its column
+        if "margin" in row:
+            rows.append([f"margin over zero-shot: {row['row']}", *["-"] * (len(columns) - 1), _margin(row["margin"]),
+                         ""])
     return _table(["method", *columns, "time (s)"], rows)
 
 

@@ -15,9 +15,19 @@ autocast with loss scaling on CUDA; the schedule, the epoch length and the split
 trained on per mode are in params.RECIPES. Every epoch (and before the first,
 epoch 0 = zero-shot) is evaluated on the selection split (val, else train), and the
 best epoch's coefficients are kept: addition by mean normalised accuracy, few-shot
-and entropy by target accuracy (entropy without labelled data: the last epoch),
+entropy and UFM by target accuracy (without labelled data: the last epoch),
 negation by the lowest target accuracy whose control accuracy stays >= 0.95 x
 zero-shot control. Ties go to the earlier epoch.
+
+UFM (learn_ufm.py, test-time adaptation without labels) as the paper describes it: the zero-shot model
+labels the unlabelled images; per class, the k = min(N / C, 100) images it assigns to that class with the
+highest probability are trusted with that label; every image's loss is the cross-entropy of its augmented
+(strong) view against a target: the trusted label, or else its unaugmented (weak) view's prediction
+sharpened with temperature 0.5, counted only where that target is over 0.99 confident (FixMatch). The
+official code marks every image trusted (trusted_bool[ids_c] = 1 with ids_c the last class's full
+ordering), selects by a class's probability whatever the image's predicted class, divides k by 10, and
+multiplies the probabilities by 0.5 where a temperature was meant, which renormalisation undoes; here the
+trusted set is what the paper says, and sharpening is p^(1/T) renormalised.
 
 Deliberate deviation: the official code clips gradients before unscaling them
 (scaler.unscale_ follows clip_grad_norm_), so on CUDA it clips loss-scaled
@@ -68,6 +78,9 @@ TOWER = "visual."
 CROP_SCALE = (0.5, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 FEW_SHOT_MIN_BATCHES = 10  # the official code repeats the k shots until an epoch has at least 10 batches
+UFM_THRESHOLD = 0.99  # learn_ufm.py: an untrusted image counts once its sharpened target is this confident
+UFM_TEMPERATURE = 0.5  # learn_ufm.py's "temp sharp"
+UFM_MAX_TRUSTED = 100  # the paper's k = min(N / C, 100)
 
 
 @dataclass
@@ -227,7 +240,8 @@ class BatchPart:
     stream: IndexStream
     count: int
     weight: float  # +1 descend, -1 ascend (negation target)
-    entropy: bool = False  # unlabelled: entropy of the predictions instead of cross-entropy
+    loss: str = "cross_entropy"  # or, unlabelled: "entropy" of the predictions, "ufm" (labels: pseudo-labels)
+    trusted: np.ndarray | None = None  # ufm: which images' pseudo-labels are trusted
 
     @property
     def passes(self) -> int:
@@ -245,14 +259,57 @@ def train_split(params: AtlasParams, task: Task) -> str:
     return present[0]
 
 
-def batch_parts(params: AtlasParams, tasks: list[Task], rng: np.random.Generator) -> list[BatchPart]:
+@dataclass(frozen=True)
+class PseudoLabels:
+    """UFM's targets for a split's images: the zero-shot model's labels and which of them are trusted."""
+
+    labels: np.ndarray  # int64, the most probable class of each image
+    trusted: np.ndarray  # bool
+    per_class: int  # k
+
+    def summary(self, classes: int) -> dict:
+        by_class = np.bincount(self.labels[self.trusted], minlength=classes)
+        return {"per_class": self.per_class, "images": int(self.trusted.sum()), "by_class": by_class.tolist()}
+
+
+def trusted_pseudo_labels(probabilities: np.ndarray, per_class: int | None) -> PseudoLabels:
+    """From the zero-shot class probabilities [N, C]: each image's most probable class, and per class the
+    per_class (None: min(N / C, 100)) images assigned to it with the highest probability, trusted."""
+    count, classes = probabilities.shape
+    k = per_class if per_class is not None else min(count // classes, UFM_MAX_TRUSTED)
+    labels = probabilities.argmax(axis=1)
+    trusted = np.zeros(count, dtype=bool)
+    for c in range(classes):
+        members = np.flatnonzero(labels == c)
+        trusted[members[np.argsort(-probabilities[members, c], kind="stable")[:k]]] = True
+    return PseudoLabels(labels.astype(np.int64), trusted, k)
+
+
+def ufm_loss(strong_logits: torch.Tensor, weak_logits: torch.Tensor, labels: torch.Tensor,
+             trusted: torch.Tensor) -> torch.Tensor:
+    """learn_ufm.py's ssl_loss_trusted with a working temperature: cross-entropy of the strong view against the
+    trusted label, or the weak view's sharpened prediction where that is over UFM_THRESHOLD confident; the mean
+    over the images that count (0 when none does)."""
+    sharpened = weak_logits.detach().float().softmax(dim=-1).pow(1 / UFM_TEMPERATURE)
+    sharpened = sharpened / sharpened.sum(dim=-1, keepdim=True)
+    targets = torch.where(trusted[:, None], F.one_hot(labels, sharpened.shape[1]).to(sharpened), sharpened)
+    weights = torch.where(trusted, torch.ones_like(sharpened[:, 0]),
+                          (sharpened.max(dim=-1).values > UFM_THRESHOLD).to(sharpened))
+    per_image = -(targets * strong_logits.float().log_softmax(dim=-1)).sum(dim=-1)
+    return (per_image * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def batch_parts(params: AtlasParams, tasks: list[Task], rng: np.random.Generator,
+                pseudo: PseudoLabels | None = None) -> list[BatchPart]:
     mode = params.mode
 
     def part(task: Task, count: int, pool=None, **kwargs) -> BatchPart:
         split = train_split(params, task)
         images, labels = task.splits[split]
-        if not kwargs.get("entropy") and not is_labelled((images, labels)):
+        if kwargs.get("loss", "cross_entropy") == "cross_entropy" and not is_labelled((images, labels)):
             raise ValueError(f"dataset {task.dataset.name!r} ({split}) needs labels for {params.objective} training")
+        if pseudo is not None:
+            labels = pseudo.labels
         pool = np.arange(len(images)) if pool is None else pool
         return BatchPart(task, split, images, labels, IndexStream(pool, rng), count, **kwargs)
 
@@ -267,13 +324,15 @@ def batch_parts(params: AtlasParams, tasks: list[Task], rng: np.random.Generator
     if mode == "negation":
         half = params.batch_size // 2
         return [part(target, half, weight=-1.0), part(tasks[1], params.batch_size - half, weight=1.0)]
-    return [part(target, params.batch_size, weight=1.0, entropy=True)]
+    if mode == "ufm":
+        return [part(target, params.batch_size, weight=1.0, loss="ufm", trusted=pseudo.trusted)]
+    return [part(target, params.batch_size, weight=1.0, loss="entropy")]
 
 
 def steps_per_epoch(mode: str, parts: list[BatchPart]) -> int:
     """addition: one pass over the smallest task's split (the official code zips the tasks' loaders);
     few-shot: one pass over the shots, repeated to at least FEW_SHOT_MIN_BATCHES batches; negation: one
-    pass over the target's split (the control is drawn alongside); entropy: one pass over the images."""
+    pass over the target's split (the control is drawn alongside); entropy and ufm: one pass over the images."""
     if mode == "addition":
         return min(part.passes for part in parts)
     if mode == "few_shot":
@@ -281,11 +340,29 @@ def steps_per_epoch(mode: str, parts: list[BatchPart]) -> int:
     return parts[0].passes
 
 
-def part_loss(part: BatchPart, features: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+def part_loss(part: BatchPart, features: torch.Tensor, index: np.ndarray,
+              weak_features: torch.Tensor | None = None) -> torch.Tensor:
     logits = features @ part.task.head.T
-    if part.entropy:
+    if part.loss == "entropy":
         return -(logits.softmax(dim=-1) * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
-    return F.cross_entropy(logits, torch.as_tensor(labels, device=logits.device))
+    labels = torch.as_tensor(part.labels[index], device=logits.device)
+    if part.loss == "ufm":
+        trusted = torch.as_tensor(part.trusted[index], device=logits.device)
+        return ufm_loss(logits, weak_features @ part.task.head.T, labels, trusted)
+    return F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def class_probabilities(tower: "ComposedTower", coefficients: torch.Tensor, task: Task, images: np.ndarray,
+                        batch_size: int, device: str) -> np.ndarray:
+    """The composed model's class probabilities [N, C] on unaugmented images."""
+    composed = tower.composition.compose(coefficients)
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        pixels = preprocess_images(images[start:start + batch_size], tower.model).to(device)
+        logits = tower.features(coefficients, pixels, composed) @ task.head.T
+        chunks.append(logits.float().softmax(dim=-1).cpu().numpy())
+    return np.concatenate(chunks)
 
 
 def load_tasks(inputs: MergeInputs, params: AtlasParams, heads: HeadFactory) -> list[Task]:
@@ -311,7 +388,8 @@ def run(inputs: MergeInputs, params: AtlasParams, ctx: JobContext) -> MethodResu
 
 SELECTION_RULES = {
     "addition": "highest mean normalised accuracy", "few_shot": "highest target accuracy",
-    "entropy": "highest target accuracy", "negation": "lowest target accuracy with control >= 0.95 x zero-shot",
+    "entropy": "highest target accuracy", "ufm": "highest target accuracy",
+    "negation": "lowest target accuracy with control >= 0.95 x zero-shot",
 }
 
 
@@ -320,7 +398,7 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
     mode, device, recipe = params.mode, ctx.device, params.recipe
     lr, epochs = params.lr or recipe.lr, params.epochs or recipe.epochs
     schedule = params.schedule or recipe.schedule
-    augment = params.augment if params.augment is not None else mode == "few_shot"
+    augment = params.augment if params.augment is not None else mode in ("few_shot", "ufm")
     rng = np.random.default_rng(ctx.seed)
     augment_generator = torch.Generator().manual_seed(ctx.seed)
 
@@ -366,13 +444,20 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
             if not keeps_control(entry):
                 return None
             return -accs[params.target_dataset_id]
-        return accs.get(params.target_dataset_id, entry["epoch"])  # entropy without labels: the last epoch
+        return accs.get(params.target_dataset_id, entry["epoch"])  # unlabelled target: the last epoch
 
     def keeps_control(entry: dict) -> bool:
         control = params.control_dataset_id
         return control_kept(entry["accuracy"][control], curve[0]["accuracy"][control])
 
-    parts = batch_parts(params, tasks, rng)
+    pseudo = None
+    if mode == "ufm":  # the zero-shot model's labels for the images it trains on
+        target = tasks[0]
+        probabilities = class_probabilities(tower, coefficients, target,
+                                            target.splits[train_split(params, target)][0], params.eval_batch_size,
+                                            device)
+        pseudo = trusted_pseudo_labels(probabilities, params.trusted_per_class)
+    parts = batch_parts(params, tasks, rng, pseudo)
     per_epoch = steps_per_epoch(mode, parts)
     total_steps = epochs * per_epoch
     optimizer = torch.optim.AdamW([coefficients], lr=lr, weight_decay=params.weight_decay)
@@ -395,10 +480,14 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
                                 else preprocess_images(part.images[idx], model)
                                 for part, idx in zip(parts, drawn, strict=True)])
             features = tower.features(coefficients, pixels.to(device))
+            weak = None
+            if mode == "ufm":  # the unaugmented view only sets targets: no gradient through it
+                with torch.no_grad():
+                    weak = tower.features(coefficients, preprocess_images(parts[0].images[drawn[0]], model).to(device))
             loss, offset = 0.0, 0
             for part, idx in zip(parts, drawn, strict=True):
                 share = features[offset:offset + len(idx)]
-                loss = loss + part.weight * part_loss(part, share, part.labels[idx])
+                loss = loss + part.weight * part_loss(part, share, idx, weak)
                 offset += len(idx)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -444,6 +533,10 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
     if mode == "few_shot":
         metrics["chosen"]["shots"] = given_or_default(params, "shots")
         metrics["train_images"] = len(parts[0].stream.pool)
+    if pseudo is not None:
+        metrics["chosen"]["trusted_per_class"] = given_or_default(params, "trusted_per_class") | {
+            "value": pseudo.per_class}
+        metrics["trusted"] = pseudo.summary(tasks[0].head.shape[0])
 
     coefficient_json = {
         "task_vectors": [tv.id for tv in inputs.task_vectors], "blocks": composition.blocks,

@@ -23,22 +23,26 @@ class ModeRecipe:
 # negation (learn_task_negation.py): 1e-3 x a per-dataset multiplier of 2-10 over 2-20 epochs, constant;
 #   5e-3 for 10 is a middle of those, trained on the target's and the control's validation data.
 # entropy: AdaMerging's 1e-3, cosine as the official test-time adaptation, on the unlabelled test images.
+# ufm (learn_ufm.py): lr 1e-3, 10 epochs, cosine without warm-up, on the unlabelled test images.
 RECIPES: dict[str, ModeRecipe] = {
     "addition": ModeRecipe(1e-3, 20, "constant", ("val",)),
     "few_shot": ModeRecipe(0.1, 10, "cosine", ("train",)),
     "negation": ModeRecipe(5e-3, 10, "constant", ("val",)),
     "entropy": ModeRecipe(1e-3, 10, "cosine", ("test", "train", "val")),
+    "ufm": ModeRecipe(1e-3, 10, "cosine", ("test", "train", "val")),
 }
 
 
 class AtlasParams(MethodParams):
     """Learned anisotropic scaling: one coefficient per (task vector, image-tower tensor)."""
 
-    objective: Literal["supervised", "negation", "entropy"] = Field(
+    objective: Literal["supervised", "negation", "entropy", "ufm"] = Field(
         "supervised",
         description="supervised: multi-task addition (task_datasets) or few-shot on target_dataset_id; "
                     "negation: loss -CE(target) + CE(control); entropy: unlabelled test-time adaptation "
-                    "on target_dataset_id.",
+                    "on target_dataset_id by the entropy of the predictions; ufm: unlabelled test-time adaptation "
+                    "by the paper's unsupervised FixMatch (trusted zero-shot pseudo-labels per class, and the "
+                    "confident sharpened predictions of the unaugmented images taught to their augmented views).",
     )
     granularity: Literal["block", "isotropic"] = Field(
         "block", description="block: one coefficient per task vector and parameter tensor; isotropic: one per "
@@ -49,34 +53,42 @@ class AtlasParams(MethodParams):
         description="supervised addition: task vector id -> its dataset; the batch is split across them, each "
                     "with its own zero-shot head.",
     )
-    target_dataset_id: str | None = Field(None, description="few-shot, negation or entropy target.")
+    target_dataset_id: str | None = Field(None, description="few-shot, negation, entropy or ufm target.")
     control_dataset_id: str | None = Field(None, description="negation: the task whose accuracy must be kept.")
     shots: int | None = Field(
         None, ge=1, le=10_000,
         description="few-shot: images per class drawn (seeded) from the target's train split; None uses all.",
     )
+    trusted_per_class: int | None = Field(
+        None, ge=1, le=10_000,
+        description="ufm: per class, how many of the images the zero-shot model assigns to it, the most confident "
+                    "first, are trusted with that class as their label; None: min(N / C, 100) for N images and C "
+                    "classes (the paper's).",
+    )
     augment: bool | None = Field(
         None, description="Random resized crop (scale 0.5-1, aspect 3/4-4/3) and horizontal flip of the raw image, "
-                          "in place of preprocessing's centre crop; None: on for few-shot only.",
+                          "in place of preprocessing's centre crop; None: on for few-shot and for ufm's strong "
+                          "view (its weak view is never augmented).",
     )
     train_split: Split | None = Field(
         None, description="The split the coefficients are trained on; None: val for addition and negation (data the "
                           "task vectors were not fine-tuned on, as the official code), train for few-shot (the "
-                          "k shots), test for entropy (the unlabelled test images; else train, else val).",
+                          "k shots), test for entropy and ufm (the unlabelled test images; else train, else val).",
     )
     lr: float | None = Field(
         None, gt=0, le=10,
-        description="AdamW learning rate; None: 1e-3 addition, 0.1 few-shot, 5e-3 negation, 1e-3 entropy.",
+        description="AdamW learning rate; None: 1e-3 addition, 0.1 few-shot, 5e-3 negation, 1e-3 entropy and ufm.",
     )
     schedule: Literal["constant", "cosine"] | None = Field(
-        None, description="Learning-rate schedule; None: constant for addition and negation, cosine for few-shot "
-                          "and entropy (the official code's).",
+        None, description="Learning-rate schedule; None: constant for addition and negation, cosine for few-shot, "
+                          "entropy and ufm (the official code's).",
     )
     epochs: int | None = Field(
         None, ge=1, le=1000,
-        description="None: 20 addition, 10 few-shot, negation and entropy. An epoch is one pass over the smallest "
-                    "task's training split (addition), at least 10 batches of the repeated k shots (few-shot), one "
-                    "pass over the target's split (negation, entropy). Negation stops after the first epoch whose "
+        description="None: 20 addition, 10 few-shot, negation, entropy and ufm. An epoch is one pass over the "
+                    "smallest task's training split (addition), at least 10 batches of the repeated k shots "
+                    "(few-shot), one pass over the target's split (negation, entropy, ufm). Negation stops after the "
+                    "first epoch whose "
                     "control accuracy falls below 0.95 x zero-shot.",
     )
     batch_size: int = Field(
@@ -106,11 +118,13 @@ class AtlasParams(MethodParams):
                 raise ValueError(f"{self.objective} needs target_dataset_id, and no task_datasets or shots")
         if (self.objective == "negation") != (self.control_dataset_id is not None):
             raise ValueError("control_dataset_id is required by negation and used only there")
+        if self.trusted_per_class is not None and self.objective != "ufm":
+            raise ValueError("trusted_per_class applies to ufm")
         return self
 
     @property
     def mode(self) -> str:
-        """addition, few_shot, negation or entropy."""
+        """addition, few_shot, negation, entropy or ufm."""
         if self.objective == "supervised":
             return "addition" if self.task_datasets else "few_shot"
         return self.objective
@@ -135,12 +149,13 @@ class AtlasParams(MethodParams):
 SPEC = MethodSpec(
     name="atlas",
     summary="aTLAS: learn one coefficient per task vector and parameter block (supervised addition or "
-            "few-shot, negation, or test-time entropy), then write theta_0 + the learned composition.",
+            "few-shot, negation, or test-time adaptation by entropy or UFM), then write theta_0 + the learned "
+            "composition.",
     reference="Zhang et al., Knowledge Composition using Task Vectors with Learned Anisotropic Scaling, "
               "NeurIPS 2024 (arXiv 2407.02880); fredzzhang/atlas.",
     params=AtlasParams,
     result_keys={
-        "mode": "addition, few_shot, negation or entropy.",
+        "mode": "addition, few_shot, negation, entropy or ufm.",
         "steps": "Optimiser steps taken.",
         "steps_per_epoch": "Optimiser steps in one epoch (see epochs).",
         "stopped_early": "negation: the epoch after which training stopped because the control dropped; else null.",
@@ -148,5 +163,6 @@ SPEC = MethodSpec(
         "blocks": "Parameter blocks composed.",
         "uncomposed_tensors": "Task-vector tensors outside the image tower, left at theta_0.",
         "train_images": "few-shot: images in the drawn k-shot subset.",
+        "trusted": "ufm: the trusted set: per_class (k), images, and per class how many were trusted.",
     },
 )
