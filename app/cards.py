@@ -61,7 +61,11 @@ def card_markdown(card: dict[str, Any]) -> str:
                      f"{_pct(evaluation.get('mean_normalised_accuracy'))} |")
     coefficients = card["coefficients"]
     if coefficients:
-        lines += ["", f"## Learned coefficients ({coefficients.get('granularity')})", "",
+        kind = coefficients.get("granularity")
+        if coefficients.get("partitions", 1) > 1:
+            kind += (f", {coefficients['partitions']} partitions per block from seed {coefficients['partition_seed']}:"
+                     " each block's mean below, every partition's value in the coefficients document")
+        lines += ["", f"## Learned coefficients ({kind})", "",
                   "| task vector | " + " | ".join(coefficients["blocks"]) + " |",
                   "|---|" + "---|" * len(coefficients["blocks"])]
         lines += [f"| {tv} | " + " | ".join(f"{v:.4f}" for v in row) + " |"

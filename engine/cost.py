@@ -101,8 +101,14 @@ def atlas_estimate(params, shape: TowerShape, n_vectors: int, split_sizes: dict[
     images = views * epochs * steps * params.batch_size + labelling + (epochs + 1) * selection + reports
     # the device is not known here: auto counts float32, the CPU's (CUDA's fp16 stacks take half)
     vector_bytes = 2 if params.vector_dtype in ("bfloat16", "float16") else FLOAT32
+    # aTLAS x K: a uint8 partition per image-tower entry, and K candidates of the block being composed (bounded
+    # here by one layer's share of the tower)
+    partition_bytes = 0
+    if params.partitions > 1:
+        partition_bytes = shape.visual_parameters + params.partitions * FLOAT32 * shape.visual_parameters // max(
+            1, shape.layers or 1)
     peak = (runtime_bytes + shape.parameters * FLOAT32 + n_vectors * shape.visual_parameters * vector_bytes
-            + 2 * shape.visual_parameters * FLOAT32
+            + 2 * shape.visual_parameters * FLOAT32 + partition_bytes
             + shape.activation_bytes(params.batch_size) + shape.image_bytes(params.batch_size)
             + dataset_bytes(split_sizes, dataset_side))
     return JobEstimate(images, peak)

@@ -18,9 +18,11 @@ from engine.methods.atlas.method import (
     augmented_pixels,
     build_composition,
     few_shot_indices,
+    partition_assignment,
     run,
     trusted_pseudo_labels,
     ufm_loss,
+    write_checkpoint,
 )
 from engine.methods.atlas.params import AtlasParams
 from engine.methods.catalogue import get_method
@@ -360,3 +362,61 @@ def test_half_precision_vectors_halve_the_stacks_and_compose_close_to_float32(jo
         delta, reference = composed[name] - job.state[name], expected[name] - job.state[name]
         # the task-vector part carries the half type's relative precision, theta_0 none of it
         torch.testing.assert_close(delta, reference, rtol=2e-2, atol=2e-2 * float(reference.abs().max()) + 1e-6)
+
+
+def test_partitions_are_seeded_and_uniform():
+    first = partition_assignment("visual.w", (64, 64), 4, seed=3)
+    assert first.dtype == torch.uint8 and torch.equal(first, partition_assignment("visual.w", (64, 64), 4, seed=3))
+    assert not torch.equal(first, partition_assignment("visual.w", (64, 64), 4, seed=4))
+    assert not torch.equal(first, partition_assignment("visual.v", (64, 64), 4, seed=3))
+    counts = torch.bincount(first.flatten().long(), minlength=4)
+    assert counts.min() > 0.2 * first.numel() and counts.max() < 0.3 * first.numel()
+
+
+def test_partitioned_composition_is_each_entrys_own_coefficient(job, model, tmp_path):
+    """aTLAS x K: entry by entry, theta_0 + sum_t lambda[t, b, partition of the entry] * tau_t."""
+    composition, _ = build_composition(model, job.inputs.task_vectors, "block", "cpu", partitions=3,
+                                       partition_seed=5)
+    generator = torch.Generator().manual_seed(0)
+    coefficients = torch.randn(composition.coefficient_shape, generator=generator)
+    assert composition.coefficient_shape == (3, len(composition.blocks), 3)
+    composed = composition.compose(coefficients)
+    taus = list(job.taus.values())
+    for j, name in enumerate(composition.blocks):
+        index = partition_assignment(name, job.state[name].shape, 3, 5).long()
+        expected = job.state[name].double().clone()
+        for t, tau in enumerate(taus):
+            if name in tau:
+                expected += coefficients[t, j].double()[index] * tau[name].double()
+        torch.testing.assert_close(composed[name].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_partitioned_checkpoint_is_rebuilt_from_the_coefficients_alone(job, tmp_path):
+    import json
+
+    params = AtlasParams(task_datasets={"tv0": "ds0", "tv1": "ds1"}, partitions=4, epochs=2, batch_size=8, lr=0.05)
+    result = run(job.inputs, params, Recorder().context(tmp_path / "w", seed=9))
+    document = json.loads(json.dumps(result.artifacts["coefficients"]))  # as GET .../coefficients serves it
+    assert document["partitions"] == 4 and document["partition_seed"] == 9
+    values = np.array(document["partition_values"])
+    assert values.shape == (3, len(document["blocks"]), 4) and np.abs(values).max() > 0
+    assert np.allclose(document["values"], values.mean(axis=-1))
+    assert result.metrics["chosen"]["partition_seed"] == {"value": 9, "source": "the job's seed"}
+    write_checkpoint(job.inputs, document, tmp_path / "rebuilt.safetensors", Recorder().context(tmp_path / "r"))
+    rebuilt, merged = load_file(str(tmp_path / "rebuilt.safetensors")), load_file(str(result.checkpoint_path))
+    assert all(torch.equal(rebuilt[name], merged[name]) for name in merged)
+    # and it is the composition that training evaluated
+    model = build_model(SPEC)
+    model.load_state_dict(job.state)
+    composition, _ = build_composition(model, job.inputs.task_vectors, "block", "cpu", partitions=4,
+                                       partition_seed=9)
+    for name, tensor in composition.compose(torch.tensor(values, dtype=torch.float32)).items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_partition_params():
+    assert AtlasParams(task_datasets={"a": "b"}).partitions == 1
+    for bad in ({"partitions": 2, "granularity": "isotropic"}, {"partition_seed": 3}, {"partitions": 0},
+                {"partitions": 65}):
+        with pytest.raises(ValidationError):
+            AtlasParams(task_datasets={"a": "b"}, **bad)

@@ -35,6 +35,7 @@ gradients, which nearly always fires; here gradients are unscaled first, so the
 clip bounds the true gradient norm as intended.
 """
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,22 +84,34 @@ UFM_TEMPERATURE = 0.5  # learn_ufm.py's "temp sharp"
 UFM_MAX_TRUSTED = 100  # the paper's k = min(N / C, 100)
 
 
+def partition_assignment(name: str, shape: Sequence[int], partitions: int, seed: int) -> torch.Tensor:
+    """aTLAS x K: which of the K partitions each entry of block `name` belongs to (uint8, uniform), drawn from a
+    generator seeded by (seed, the block's name), so that the seed alone rebuilds every block's partition."""
+    generator = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    return torch.from_numpy(generator.integers(0, partitions, size=tuple(shape), dtype=np.uint8))
+
+
 @dataclass
 class Composition:
-    """The image tower's blocks: theta_0 and the stacked task vectors, [n_vectors, *shape] per block."""
+    """The image tower's blocks: theta_0 and the stacked task vectors, [n_vectors, *shape] per block; with
+    K > 1 partitions, each block's entries are split by a seeded assignment and get a coefficient each."""
 
     blocks: list[str]  # full state-dict names, sorted
     base: dict[str, torch.Tensor]
     stacks: dict[str, torch.Tensor]
     granularity: str
+    partitions: int = 1
+    assignments: dict[str, torch.Tensor] | None = None  # K > 1: block name -> uint8 partition per entry
 
     @property
     def dtype(self) -> torch.dtype:
         return next(iter(self.base.values())).dtype
 
     @property
-    def coefficient_shape(self) -> tuple[int, int]:
+    def coefficient_shape(self) -> tuple[int, ...]:
         n_vectors = next(iter(self.stacks.values())).shape[0]
+        if self.partitions > 1:
+            return n_vectors, len(self.blocks), self.partitions
         return n_vectors, len(self.blocks) if self.granularity == "block" else 1
 
     def column(self, block_index: int) -> int:
@@ -106,18 +119,31 @@ class Composition:
 
     def compose(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
         """{block name: theta_0 + tensordot(coefficients of the block, stacked task vectors)}; with vectors held
-        in half precision the tensordot runs in it and its result joins theta_0 in theta_0's dtype."""
+        in half precision the tensordot runs in it and its result joins theta_0 in theta_0's dtype. With K
+        partitions the tensordot gives one candidate per partition ([K, *shape]) and each entry takes its own."""
         composed = {}
         for j, name in enumerate(self.blocks):
             stack = self.stacks[name]
-            delta = torch.tensordot(coefficients[:, self.column(j)].to(stack.dtype), stack, dims=1)
+            if self.partitions > 1:
+                candidates = torch.tensordot(coefficients[:, j, :].T.to(stack.dtype), stack, dims=1)
+                index = self.assignments[name].to(stack.device, torch.long).unsqueeze(0)
+                delta = candidates.gather(0, index).squeeze(0)
+            else:
+                delta = torch.tensordot(coefficients[:, self.column(j)].to(stack.dtype), stack, dims=1)
             composed[name] = self.base[name] + delta.to(self.base[name].dtype)
         return composed
 
     def coefficient_matrix(self, coefficients: torch.Tensor) -> list[list[float]]:
-        """Coefficients per task vector and block (isotropic: each vector's scalar repeated per block)."""
+        """Coefficients per task vector and block (isotropic: each vector's scalar repeated per block; K
+        partitions: their mean, the exact values being partition_values)."""
         values = coefficients.detach().cpu().double()
+        if self.partitions > 1:
+            values = values.mean(dim=-1)
         return [[float(values[t, self.column(j)]) for j in range(len(self.blocks))] for t in range(len(values))]
+
+    def partition_values(self, coefficients: torch.Tensor) -> list[list[list[float]]]:
+        """K > 1: the coefficients per task vector, block and partition."""
+        return coefficients.detach().cpu().double().tolist()
 
 
 def vector_dtype(setting: str, device: str) -> torch.dtype | None:
@@ -128,7 +154,8 @@ def vector_dtype(setting: str, device: str) -> torch.dtype | None:
 
 
 def build_composition(model: torch.nn.Module, task_vectors: list[TaskVectorInput], granularity: str,
-                      device: str, dtype: torch.dtype | None = None) -> tuple[Composition, int]:
+                      device: str, dtype: torch.dtype | None = None, partitions: int = 1,
+                      partition_seed: int = 0) -> tuple[Composition, int]:
     """Stack the task vectors' image-tower tensors (in dtype, else the model's), one vector file at a time;
     also returns how many float task-vector tensors lie outside the image tower (not composed)."""
     parameters = dict(model.named_parameters())
@@ -148,7 +175,11 @@ def build_composition(model: torch.nn.Module, task_vectors: list[TaskVectorInput
         raise ValueError("no task vector changes the image tower (visual.*): nothing to compose")
     blocks = sorted(stacks)
     base = {name: tower[name].detach() for name in blocks}  # the frozen model's own tensors, not copies
-    return Composition(blocks, base, stacks, granularity), uncomposed
+    assignments = None
+    if partitions > 1:
+        assignments = {name: partition_assignment(name, base[name].shape, partitions, partition_seed)
+                       for name in blocks}
+    return Composition(blocks, base, stacks, granularity, partitions, assignments), uncomposed
 
 
 class ComposedTower:
@@ -405,8 +436,10 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
     model = load_base_model(inputs, device)
     heads = HeadFactory(model, inputs, ctx)
     tasks = load_tasks(inputs, params, heads)
+    partition_seed = params.partition_seed if params.partition_seed is not None else ctx.seed
     composition, uncomposed = build_composition(model, inputs.task_vectors, params.granularity, device,
-                                                vector_dtype(params.vector_dtype, device))
+                                                vector_dtype(params.vector_dtype, device), params.partitions,
+                                                partition_seed)
     tower = ComposedTower(model, composition)
     coefficients = torch.zeros(composition.coefficient_shape, device=device, requires_grad=True)
     tv_index = {tv.id: i for i, tv in enumerate(inputs.task_vectors)}
@@ -542,20 +575,35 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
         "task_vectors": [tv.id for tv in inputs.task_vectors], "blocks": composition.blocks,
         "values": composition.coefficient_matrix(best), "granularity": params.granularity,
     }
+    if params.partitions > 1:
+        coefficient_json.update(partitions=params.partitions, partition_seed=partition_seed,
+                                partition_values=composition.partition_values(best))
+        metrics["chosen"]["partitions"] = given_or_default(params, "partitions")
+        metrics["chosen"]["partition_seed"] = chosen(partition_seed, "given" if params.partition_seed is not None
+                                                     else "the job's seed")
     return coefficient_json, curve, metrics
 
 
 def write_checkpoint(inputs: MergeInputs, coefficients: dict, out: Path, ctx: JobContext) -> int:
-    """Stream theta_0 + sum_t Lambda[t, b] tau_t[b] for the composed blocks; every other tensor stays theta_0."""
-    block_values = {name: [row[j] for row in coefficients["values"]] for j, name in enumerate(coefficients["blocks"])}
+    """Stream theta_0 + sum_t Lambda[t, b] tau_t[b] for the composed blocks; every other tensor stays theta_0.
+
+    Everything comes from the coefficients document (a job's GET /v1/jobs/{id}/coefficients): with K partitions,
+    each block's partition is rebuilt from partition_seed and each entry takes its partition's coefficient."""
+    partitions = coefficients.get("partitions", 1)
+    rows = coefficients["partition_values"] if partitions > 1 else coefficients["values"]
+    block_values = {name: [row[j] for row in rows] for j, name in enumerate(coefficients["blocks"])}
 
     def merge(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
         if name not in block_values:
             return base
         merged = base.clone()
+        index = None
+        if partitions > 1:
+            index = partition_assignment(name, base.shape, partitions, coefficients["partition_seed"]).long()
         for value, tau in zip(block_values[name], taus, strict=True):
-            if tau is not None:
-                merged += value * tau
+            if tau is None:
+                continue
+            merged += (torch.tensor(value, dtype=base.dtype)[index] if index is not None else value) * tau
         return merged
 
     return merge_streaming(inputs.base_path, [tv.path for tv in inputs.task_vectors], out, merge, ctx)

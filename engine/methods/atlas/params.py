@@ -59,6 +59,15 @@ class AtlasParams(MethodParams):
         None, ge=1, le=10_000,
         description="few-shot: images per class drawn (seeded) from the target's train split; None uses all.",
     )
+    partitions: int = Field(
+        1, ge=1, le=64,
+        description="aTLAS x K: each block's entries are split at random into this many partitions, each with its "
+                    "own coefficient (block granularity only). The split is drawn from partition_seed and stored "
+                    "with the coefficients, so the checkpoint can be rebuilt from them.",
+    )
+    partition_seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="Seed of the partitions (K > 1); None: the job's seed.",
+    )
     trusted_per_class: int | None = Field(
         None, ge=1, le=10_000,
         description="ufm: per class, how many of the images the zero-shot model assigns to it, the most confident "
@@ -118,6 +127,10 @@ class AtlasParams(MethodParams):
                 raise ValueError(f"{self.objective} needs target_dataset_id, and no task_datasets or shots")
         if (self.objective == "negation") != (self.control_dataset_id is not None):
             raise ValueError("control_dataset_id is required by negation and used only there")
+        if self.partitions > 1 and self.granularity != "block":
+            raise ValueError("partitions split blocks: they need granularity block")
+        if self.partition_seed is not None and self.partitions == 1:
+            raise ValueError("partition_seed applies to partitions > 1")
         if self.trusted_per_class is not None and self.objective != "ufm":
             raise ValueError("trusted_per_class applies to ufm")
         return self
