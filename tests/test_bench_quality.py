@@ -192,3 +192,16 @@ def test_accuracies_agree_with_a_plain_load_state_dict_evaluation(run):
     measured = {t["name"]: evaluate_accuracy(model, *load_dataset(root / t["dataset"])["test"], heads[t["name"]])
                 for t in manifest["tasks"]}
     assert measured == pytest.approx(ties["accuracy"])
+
+
+def test_atlas_variants_trade_memory_for_coefficients(run):
+    table = run["result"]["tables"]["atlas_variants"]
+    default, budget, partitioned = table["rows"]
+    assert budget["params"]["vectors_per_block"] == 1 and partitioned["params"]["partitions"] == 2
+    held = {r["row"]: r["metrics"]["stacked_vector_bytes"] for r in table["rows"]}
+    assert held[budget["row"]] * len(table["tasks"]) == held[default["row"]] == held[partitioned["row"]]
+    assert partitioned["metrics"]["coefficients"] == 2 * default["metrics"]["coefficients"]
+    learned = budget["metrics"]["budget"]["learned_coefficients"]
+    assert learned * len(table["tasks"]) == default["metrics"]["coefficients"]
+    for r in table["rows"]:
+        assert is_fraction(r["mean_accuracy"]) and r["mean_normalised_accuracy"] > 0

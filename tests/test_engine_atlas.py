@@ -16,8 +16,12 @@ from engine.methods.atlas.method import (
     ComposedTower,
     IndexStream,
     augmented_pixels,
+    batch_parts,
     build_composition,
     few_shot_indices,
+    gradient_selection,
+    load_tasks,
+    part_loss,
     partition_assignment,
     run,
     trusted_pseudo_labels,
@@ -420,3 +424,49 @@ def test_partition_params():
                 {"partitions": 65}):
         with pytest.raises(ValidationError):
             AtlasParams(task_datasets={"a": "b"}, **bad)
+
+
+def test_budget_selects_per_block_the_vectors_with_the_largest_coefficient_gradient(job, model, tmp_path):
+    """<dL/dtheta_b, tau_t[b]> at theta_0, as the selection computes it, equals the gradient of the composed
+    model's loss with respect to lambda[t, b] at 0 (autograd through every stacked vector)."""
+    from engine.heads import HeadFactory
+
+    params = AtlasParams(task_datasets={"tv0": "ds0", "tv1": "ds1"}, vectors_per_block=1, batch_size=8)
+    tasks = load_tasks(job.inputs, params, HeadFactory(model, job.inputs, Recorder().context(tmp_path / "h")))
+    selected, scores = gradient_selection(model, job.inputs.task_vectors,
+                                          batch_parts(params, tasks, np.random.default_rng(0)), 1, 1, "cpu")
+    parts = batch_parts(params, tasks, np.random.default_rng(0))  # the same batch, drawn again
+    drawn = [part.stream.take(part.count) for part in parts]
+    composition, _ = build_composition(model, job.inputs.task_vectors, "block", "cpu")
+    coefficients = torch.zeros(composition.coefficient_shape, requires_grad=True)
+    pixels = torch.cat([preprocess_images(part.images[idx], model) for part, idx in zip(parts, drawn, strict=True)])
+    features = ComposedTower(model, composition).features(coefficients, pixels)
+    loss, offset = 0.0, 0
+    for part, idx in zip(parts, drawn, strict=True):
+        loss = loss + part_loss(part, features[offset:offset + len(idx)], idx)
+        offset += len(idx)
+    loss.backward()
+    for j, name in enumerate(composition.blocks):
+        expected = coefficients.grad[:, j].abs().double()
+        assert scores[name] == pytest.approx(expected.tolist(), rel=1e-3, abs=1e-9), name
+        assert selected[name] == [int(expected.argmax())]
+
+
+def test_budget_holds_and_learns_only_the_selected_vectors(job, tmp_path):
+    pairs = {"tv0": "ds0", "tv1": "ds1"}
+    full = run(job.inputs, AtlasParams(task_datasets=pairs, epochs=1, batch_size=8), Recorder().context(tmp_path / "f"))
+    budget = run(job.inputs, AtlasParams(task_datasets=pairs, epochs=1, batch_size=8, vectors_per_block=1),
+                 Recorder().context(tmp_path / "b"))
+    selected = budget.metrics["budget"]["selected"]
+    document = budget.artifacts["coefficients"]
+    ids = document["task_vectors"]
+    for j, name in enumerate(document["blocks"]):
+        assert len(selected[name]) == 1
+        for t, tv in enumerate(ids):
+            if tv not in selected[name]:
+                assert document["values"][t][j] == 0.0
+    assert budget.metrics["budget"]["learned_coefficients"] == len(document["blocks"])
+    # three vectors, one held per block: a third of the stacks (the text-tower vector's blocks are visual too)
+    assert budget.metrics["stacked_vector_bytes"] * 3 == full.metrics["stacked_vector_bytes"]
+    with pytest.raises(ValidationError):
+        AtlasParams(task_datasets=pairs, vectors_per_block=1, granularity="isotropic")

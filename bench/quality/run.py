@@ -22,6 +22,8 @@ Tables:
 3. Few-shot (k shots per class of the held-out task's train split) and unlabelled test-time
    adaptation (entropy, and UFM's trusted pseudo-labels) on the held-out task, with every other task's vector.
 4. (full run) STA ablation at lambda 1: threshold 1, 2, 3, 4, 6, 8 and per-tensor density 0.05, 0.1, 0.2.
+5. aTLAS accuracy against the memory of its stacked vectors: under a memory budget (1 or 2 vectors per
+   block, chosen by the gradient at lambda = 0) and with 4 partitions per block (aTLAS x K).
 
 Threads: 1 by default (tiny matmuls: a second thread on this shared 2-core box only adds contention).
 Everything is seeded (JobContext.seed 0, torch.manual_seed(0) before each runner, bootstrap seed 0).
@@ -69,12 +71,21 @@ class RunConfig:
     shots: tuple[int, ...]
     sta_ablation: bool
     bootstrap_samples: int
+    atlas_variants: tuple[tuple[str, dict], ...] = ()  # (row, params beside addition's) for table 5
+
+
+# aTLAS under a memory budget (b vectors held per block, the paper's gradient selection) and aTLAS x K.
+ATLAS_VARIANTS = (("memory budget: 1 vector per block", {"vectors_per_block": 1}),
+                  ("memory budget: 2 vectors per block", {"vectors_per_block": 2}),
+                  ("x 4 partitions per block", {"partitions": 4}))
 
 
 FULL = RunConfig(atlas_addition_epochs=None, atlas_few_shot_epochs=None, atlas_entropy_epochs=None,
-                 negation_targets=3, shots=(1, 4, 16), sta_ablation=True, bootstrap_samples=2000)
+                 negation_targets=3, shots=(1, 4, 16), sta_ablation=True, bootstrap_samples=2000,
+                 atlas_variants=ATLAS_VARIANTS)
 QUICK = RunConfig(atlas_addition_epochs=4, atlas_few_shot_epochs=3, atlas_entropy_epochs=2, negation_targets=1,
-                  shots=(1, 4), sta_ablation=False, bootstrap_samples=200)
+                  shots=(1, 4), sta_ablation=False, bootstrap_samples=200,
+                  atlas_variants=(ATLAS_VARIANTS[0], ("x 2 partitions per block", {"partitions": 2})))
 
 NOTES = [
     "Every row is a checkpoint written by engine.running.run_method (a worker's code path), evaluated with the "
@@ -402,6 +413,25 @@ def sta_ablation_table(bench: Bench, addition: dict) -> dict:
     return {"tasks": names, "rows": rows}
 
 
+def atlas_variants_table(bench: Bench, addition: dict, config: RunConfig) -> dict:
+    """aTLAS task addition as in table 1, against the memory its stacked vectors hold: the default, under a memory
+    budget, and with K partitions per block."""
+    assets = bench.assets
+    names, finetuned = addition["tasks"], addition["finetuned_accuracy"]
+    inputs = merge_inputs(assets, assets.tasks)
+    default = next(r for r in addition["rows"] if r["row"] == "aTLAS")
+    rows = [{**default, "row": "every vector, one coefficient per block (table 1)"}]
+    for label, extra in config.atlas_variants:
+        params = {**default["params"], **extra}
+        record = bench.run("atlas", inputs, params, f"atlas-{label}")
+        accuracy, eval_s = bench.score(f"aTLAS {label}", Path(record["checkpoint"]), names)
+        record.update(row=label, eval_s=round(eval_s, 2))
+        rows.append(with_scores(record, accuracy, finetuned))
+        log(f"  aTLAS {label}: normalised {record['mean_normalised_accuracy']:.3f}, "
+            f"{record['metrics']['stacked_vector_bytes'] / 2**20:.2f} MiB of vectors")
+    return {"tasks": names, "rows": rows}
+
+
 def mean_mask_density(record: dict) -> float:
     return float(np.mean(list(record["metrics"]["mask_density"].values())))
 
@@ -450,6 +480,8 @@ def run_benchmark(assets_dir: Path, quick: bool, workdir: Path, threads: int = 1
               ("few_shot", lambda: few_shot_table(bench, config))]
     if config.sta_ablation:
         builds.append(("sta_ablation", lambda: sta_ablation_table(bench, tables["addition"])))
+    if config.atlas_variants:
+        builds.append(("atlas_variants", lambda: atlas_variants_table(bench, tables["addition"], config)))
     for name, build in builds:
         log(f"{name}:")
         clock = time.perf_counter()

@@ -88,6 +88,18 @@ def sta_ablation_markdown(table: dict) -> str:
     return _table(header, rows)
 
 
+def atlas_variants_markdown(table: dict) -> str:
+    header = ["aTLAS addition", "stacked vectors (MiB)", "learned coefficients", "mean", "mean normalised",
+              "time (s)"]
+    rows = []
+    for row in table["rows"]:
+        metrics = row["metrics"]
+        learned = metrics.get("budget", {}).get("learned_coefficients", metrics["coefficients"])
+        rows.append([row["row"], f"{metrics['stacked_vector_bytes'] / 2**20:.2f}", str(learned),
+                     _pct(row["mean_accuracy"]), _pct(row["mean_normalised_accuracy"]), _seconds(row)])
+    return _table(header, rows)
+
+
 def _value(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -152,6 +164,9 @@ def render_markdown(result: dict) -> str:
     if "sta_ablation" in tables:
         parts += ["### 4. STA ablation (task addition at lambda 1, calibration on train)",
                   sta_ablation_markdown(tables["sta_ablation"])]
+    if "atlas_variants" in tables:
+        parts += ["### 5. aTLAS accuracy against memory (task addition)",
+                  atlas_variants_markdown(tables["atlas_variants"])]
     parts.append("Notes:\n" + "\n".join(f"- {note}" for note in result.get("notes", [])))
     parts.append("Timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     return "\n\n".join(parts)

@@ -82,6 +82,7 @@ FEW_SHOT_MIN_BATCHES = 10  # the official code repeats the k shots until an epoc
 UFM_THRESHOLD = 0.99  # learn_ufm.py: an untrusted image counts once its sharpened target is this confident
 UFM_TEMPERATURE = 0.5  # learn_ufm.py's "temp sharp"
 UFM_MAX_TRUSTED = 100  # the paper's k = min(N / C, 100)
+SELECTION_BATCHES = 10  # memory budget: training batches the selection's gradient is averaged over
 
 
 def partition_assignment(name: str, shape: Sequence[int], partitions: int, seed: int) -> torch.Tensor:
@@ -102,6 +103,11 @@ class Composition:
     granularity: str
     partitions: int = 1
     assignments: dict[str, torch.Tensor] | None = None  # K > 1: block name -> uint8 partition per entry
+    slots: dict[str, list[int]] | None = None  # memory budget: block name -> the vectors stacked for it
+
+    @property
+    def stacked_bytes(self) -> int:
+        return sum(stack.numel() * stack.element_size() for stack in self.stacks.values())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -109,10 +115,12 @@ class Composition:
 
     @property
     def coefficient_shape(self) -> tuple[int, ...]:
-        n_vectors = next(iter(self.stacks.values())).shape[0]
+        n_vectors = self.vector_count if self.slots is not None else next(iter(self.stacks.values())).shape[0]
         if self.partitions > 1:
             return n_vectors, len(self.blocks), self.partitions
         return n_vectors, len(self.blocks) if self.granularity == "block" else 1
+
+    vector_count: int | None = None  # with slots: the task vectors of the job (each stack holds fewer)
 
     def column(self, block_index: int) -> int:
         return block_index if self.granularity == "block" else 0
@@ -129,7 +137,10 @@ class Composition:
                 index = self.assignments[name].to(stack.device, torch.long).unsqueeze(0)
                 delta = candidates.gather(0, index).squeeze(0)
             else:
-                delta = torch.tensordot(coefficients[:, self.column(j)].to(stack.dtype), stack, dims=1)
+                column = coefficients[:, self.column(j)]
+                if self.slots is not None:  # only the selected vectors' coefficients are used (and learned)
+                    column = column[self.slots[name]]
+                delta = torch.tensordot(column.to(stack.dtype), stack, dims=1)
             composed[name] = self.base[name] + delta.to(self.base[name].dtype)
         return composed
 
@@ -155,9 +166,11 @@ def vector_dtype(setting: str, device: str) -> torch.dtype | None:
 
 def build_composition(model: torch.nn.Module, task_vectors: list[TaskVectorInput], granularity: str,
                       device: str, dtype: torch.dtype | None = None, partitions: int = 1,
-                      partition_seed: int = 0) -> tuple[Composition, int]:
+                      partition_seed: int = 0, selected: dict[str, list[int]] | None = None
+                      ) -> tuple[Composition, int]:
     """Stack the task vectors' image-tower tensors (in dtype, else the model's), one vector file at a time;
-    also returns how many float task-vector tensors lie outside the image tower (not composed)."""
+    also returns how many float task-vector tensors lie outside the image tower (not composed). With
+    `selected` (a memory budget), each block stacks only the vectors selected for it."""
     parameters = dict(model.named_parameters())
     tower = {name: p for name, p in parameters.items() if name.startswith(TOWER)}
     stacks: dict[str, torch.Tensor] = {}
@@ -167,10 +180,13 @@ def build_composition(model: torch.nn.Module, task_vectors: list[TaskVectorInput
             if name not in tower:
                 uncomposed += 1
                 continue
+            slots = selected.get(name, []) if selected is not None else range(len(task_vectors))
+            if index not in slots:
+                continue
             if name not in stacks:
-                stacks[name] = torch.zeros((len(task_vectors), *tower[name].shape), dtype=dtype or tower[name].dtype,
+                stacks[name] = torch.zeros((len(slots), *tower[name].shape), dtype=dtype or tower[name].dtype,
                                            device=device)
-            stacks[name][index] = delta.to(device)
+            stacks[name][list(slots).index(index)] = delta.to(device)
     if not stacks:
         raise ValueError("no task vector changes the image tower (visual.*): nothing to compose")
     blocks = sorted(stacks)
@@ -179,7 +195,43 @@ def build_composition(model: torch.nn.Module, task_vectors: list[TaskVectorInput
     if partitions > 1:
         assignments = {name: partition_assignment(name, base[name].shape, partitions, partition_seed)
                        for name in blocks}
-    return Composition(blocks, base, stacks, granularity, partitions, assignments), uncomposed
+    slots = {name: selected[name] for name in blocks} if selected is not None else None
+    return Composition(blocks, base, stacks, granularity, partitions, assignments, slots, len(task_vectors)), \
+        uncomposed
+
+
+def gradient_selection(model: torch.nn.Module, task_vectors: list[TaskVectorInput], parts: list["BatchPart"],
+                       batches: int, vectors_per_block: int, device: str
+                       ) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+    """The paper's blockwise gradient selection under a memory budget: per image-tower block, the
+    vectors_per_block task vectors with the largest |dL/dlambda[t, b]| at lambda = 0, the training loss
+    averaged over `batches` batches. dL/dlambda[t, b] = <dL/dtheta_b, tau_t[b]>, so one backward pass
+    through theta_0 gives the gradient of every block and each vector is then read once, one at a time:
+    memory is one model's gradient, not the stacked vectors. Returns the selection (vector indices per
+    block, ascending) and every score."""
+    parameters = dict(model.named_parameters())
+    weights = {name[len(TOWER):]: p.detach().clone().requires_grad_(True)
+               for name, p in parameters.items() if name.startswith(TOWER) and p.is_floating_point()}
+    for _ in range(batches):
+        drawn = [part.stream.take(part.count) for part in parts]
+        pixels = torch.cat([preprocess_images(part.images[idx], model) for part, idx in zip(parts, drawn, strict=True)])
+        with autocast(device):
+            features = functional_call(model.visual, weights, (pixels.to(device),))
+        features = F.normalize(features.float(), dim=-1)
+        loss, offset = 0.0, 0
+        for part, idx in zip(parts, drawn, strict=True):
+            loss = loss + part.weight * part_loss(part, features[offset:offset + len(idx)], idx)
+            offset += len(idx)
+        (loss / batches).backward()
+    gradients = {TOWER + name: w.grad for name, w in weights.items() if w.grad is not None}
+    scores: dict[str, list[float]] = {name: [0.0] * len(task_vectors) for name in gradients}
+    for index, tv in enumerate(task_vectors):
+        for name, delta in load_float_deltas(tv.path, parameters).items():
+            if name in gradients:
+                scores[name][index] = abs(float((gradients[name].double() * delta.to(device).double()).sum()))
+    selected = {name: sorted(sorted(range(len(task_vectors)), key=lambda t: (-values[t], t))[:vectors_per_block])
+                for name, values in scores.items()}
+    return selected, scores
 
 
 class ComposedTower:
@@ -437,9 +489,15 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
     heads = HeadFactory(model, inputs, ctx)
     tasks = load_tasks(inputs, params, heads)
     partition_seed = params.partition_seed if params.partition_seed is not None else ctx.seed
+    selected = None
+    if params.vectors_per_block is not None:  # drawn from their own stream: training's batches stay the same
+        selection_parts = batch_parts(params, tasks, np.random.default_rng([ctx.seed, 1]))
+        batches = min(SELECTION_BATCHES, steps_per_epoch(mode, selection_parts))
+        selected, _ = gradient_selection(model, inputs.task_vectors, selection_parts, batches,
+                                         params.vectors_per_block, device)
     composition, uncomposed = build_composition(model, inputs.task_vectors, params.granularity, device,
                                                 vector_dtype(params.vector_dtype, device), params.partitions,
-                                                partition_seed)
+                                                partition_seed, selected)
     tower = ComposedTower(model, composition)
     coefficients = torch.zeros(composition.coefficient_shape, device=device, requires_grad=True)
     tv_index = {tv.id: i for i, tv in enumerate(inputs.task_vectors)}
@@ -575,6 +633,13 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
         "task_vectors": [tv.id for tv in inputs.task_vectors], "blocks": composition.blocks,
         "values": composition.coefficient_matrix(best), "granularity": params.granularity,
     }
+    metrics["stacked_vector_bytes"] = composition.stacked_bytes
+    if selected is not None:
+        ids = [tv.id for tv in inputs.task_vectors]
+        metrics["chosen"]["vectors_per_block"] = given_or_default(params, "vectors_per_block")
+        metrics["budget"] = {"selection_batches": batches,
+                             "selected": {name: [ids[t] for t in slots] for name, slots in selected.items()},
+                             "learned_coefficients": sum(len(selected[name]) for name in composition.blocks)}
     if params.partitions > 1:
         coefficient_json.update(partitions=params.partitions, partition_seed=partition_seed,
                                 partition_values=composition.partition_values(best))

@@ -68,6 +68,13 @@ class AtlasParams(MethodParams):
     partition_seed: int | None = Field(
         None, ge=0, le=2**63 - 1, description="Seed of the partitions (K > 1); None: the job's seed.",
     )
+    vectors_per_block: int | None = Field(
+        None, ge=1, le=10_000,
+        description="Memory budget (supervised, block granularity, one partition): per block, only the b task "
+                    "vectors with the largest |dL/dlambda| at lambda = 0 on the training data (the paper's blockwise "
+                    "gradient selection, averaged over up to 10 batches) are held and learned; the others' "
+                    "coefficients stay 0. None: every vector.",
+    )
     trusted_per_class: int | None = Field(
         None, ge=1, le=10_000,
         description="ufm: per class, how many of the images the zero-shot model assigns to it, the most confident "
@@ -131,6 +138,10 @@ class AtlasParams(MethodParams):
             raise ValueError("partitions split blocks: they need granularity block")
         if self.partition_seed is not None and self.partitions == 1:
             raise ValueError("partition_seed applies to partitions > 1")
+        if self.vectors_per_block is not None and not (
+                self.objective == "supervised" and self.granularity == "block" and self.partitions == 1):
+            raise ValueError("vectors_per_block selects vectors per block for supervised training, with granularity "
+                             "block and one partition")
         if self.trusted_per_class is not None and self.objective != "ufm":
             raise ValueError("trusted_per_class applies to ufm")
         return self
@@ -177,5 +188,8 @@ SPEC = MethodSpec(
         "uncomposed_tensors": "Task-vector tensors outside the image tower, left at theta_0.",
         "train_images": "few-shot: images in the drawn k-shot subset.",
         "trusted": "ufm: the trusted set: per_class (k), images, and per class how many were trusted.",
+        "stacked_vector_bytes": "Memory held by the stacked task vectors while training.",
+        "budget": "With vectors_per_block: the vectors selected per block, the batches the selection averaged "
+                  "over, and how many coefficients were learned.",
     },
 )
