@@ -121,3 +121,32 @@ def test_http_job_reproduces_the_engine(method, stack, registered, quick_bench_a
     if method in ("dare", "tsv_m", "iso_c", "iso_cts"):
         assert final["result"]["metrics"]["chosen"]["scaling"]["source"].startswith("search on val")
         assert final["result"]["metrics"]["chosen"] == direct.metrics["chosen"]
+
+
+@pytest.mark.parametrize("variant", ["partitions", "budget", "ufm"])
+def test_atlas_variants_over_http(variant, stack, registered, quick_bench_assets, tmp_path):
+    """aTLAS x K, under a memory budget and UFM test-time adaptation, through a worker: the same bytes as the
+    engine; x K's checkpoint is rebuilt from the coefficients the API serves, alone."""
+    from engine.methods.atlas.method import write_checkpoint
+
+    base_id, ids = registered
+    task_datasets = {tv: ds for tv, ds in ids.values()}
+    target = next(iter(task_datasets.values()))
+    params = {"partitions": {"task_datasets": task_datasets, "epochs": 1, "batch_size": 32, "partitions": 2},
+              "budget": {"task_datasets": task_datasets, "epochs": 1, "batch_size": 32, "vectors_per_block": 1},
+              "ufm": {"objective": "ufm", "target_dataset_id": target, "epochs": 1, "batch_size": 32}}[variant]
+    final, _, coefficients = run_over_http(stack, base_id, ids, "atlas", params, tmp_path / "http.safetensors")
+    inputs = engine_inputs(quick_bench_assets, ids)
+    direct = run_directly("atlas", params, inputs, tmp_path / "direct", int(stack.env["TVFORGE_TORCH_THREADS"]))
+    assert_same_tensors(tmp_path / "http.safetensors", direct.checkpoint_path)
+    metrics = final["result"]["metrics"]
+    if variant == "partitions":
+        served = coefficients.json()
+        document = {key: served[key] for key in ("task_vectors", "blocks", "values", "granularity")} | served["extra"]
+        assert document["partitions"] == 2 and document["partition_seed"] == 7  # the job's seed
+        write_checkpoint(inputs, document, tmp_path / "rebuilt.safetensors", JobContext(workdir=tmp_path))
+        assert_same_tensors(tmp_path / "rebuilt.safetensors", tmp_path / "http.safetensors")
+    elif variant == "budget":
+        assert all(len(chosen) == 1 for chosen in metrics["budget"]["selected"].values())
+    else:
+        assert metrics["trusted"]["images"] > 0 and metrics["mode"] == "ufm"
