@@ -128,6 +128,35 @@ def threshold_mask(importance: np.ndarray, mean: np.float32, threshold: np.float
     return kept
 
 
+GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
+UNIT_53 = 1.0 / (1 << 53)
+
+
+@numba.njit(cache=True, nogil=True)
+def splitmix64(z: np.uint64) -> np.uint64:
+    """splitmix64's output function (Steele, Lea and Flood 2014): a well-mixed 64-bit hash of z."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(cache=True, nogil=True)
+def dare_drop(tau: np.ndarray, stream: np.uint64, first: int, drop_rate: float, divisor: np.float32,
+              out: np.ndarray) -> int:
+    """DARE's drop of entries first .. first + len(tau) of one task vector's tensor: out[j] = tau[j] / divisor if
+    the entry survives, else 0. Entry i's uniform draw is the top 53 bits of splitmix64(stream + (i + 1) * gamma)
+    (splitmix64's i-th output), and it survives when the draw exceeds drop_rate: a draw depends on the entry's
+    index alone, so any chunking or threading gives the same bytes. Returns how many survived."""
+    zero = np.float32(0.0)
+    kept = 0
+    for j in range(tau.shape[0]):
+        draw = splitmix64(stream + np.uint64(first + j + 1) * GOLDEN_GAMMA)
+        keep = np.float64(draw >> np.uint64(11)) * UNIT_53 > drop_rate
+        out[j] = tau[j] / divisor if keep else zero
+        kept += keep
+    return kept
+
+
 def warm_up() -> None:
     """Compile (or load from numba's cache) every kernel for the array types merges pass them: writable
     arrays and read-only memory-map views. A worker calls this at start so that no job pays for it."""
@@ -148,4 +177,5 @@ def warm_up() -> None:
     threshold_mask(writable, np.float32(1.0), np.float32(1.0), np.zeros(1, np.uint8))
     for values in (writable, read_only):
         masked_accumulate(values, np.zeros(1, np.uint8), 0, np.float32(1.0), np.zeros(4, np.float32))
+        dare_drop(values, np.uint64(1), 0, 0.5, np.float32(0.5), np.empty(4, np.float32))
 

@@ -1,14 +1,16 @@
-"""DARE: the drop keeps each task vector's expectation, is reproducible from its seed, and its merges equal
-independent computations (task arithmetic at p = 0; a loop TIES over the dropped vectors)."""
+"""DARE: the drop is splitmix64 of each entry's index (checked against numpy), keeps each task vector's
+expectation, is reproducible from its seed whatever the chunking, and its merges equal independent computations
+(task arithmetic at p = 0; a loop TIES over the dropped vectors)."""
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from engine.methods.catalogue import get_method
-from engine.methods.dare.method import drop_and_rescale, run
+from engine.methods.dare.method import dare_merge, drop_and_rescale, drop_stream, run
 from engine.methods.dare.params import DareParams
 from engine.methods.task_arithmetic.params import TaskArithmeticParams
+from engine.streaming import CHUNK
 from tests.engine_jobs import IndependentEvaluator, Recorder, make_job, one_thread  # noqa: F401 - fixture
 from tests.test_engine_ties import reference_ties
 
@@ -83,3 +85,33 @@ def test_params():
     for bad in ({"drop_rate": 1.0}, {"drop_rate": -0.1}, {"seed": -1}, {"combine": "mean"}):
         with pytest.raises(ValueError):
             DareParams(**bad)
+
+
+def reference_draws(stream: np.uint64, count: int) -> np.ndarray:
+    """splitmix64's outputs 1..count from state `stream`, as uniforms in [0, 1) from their top 53 bits (numpy)."""
+    with np.errstate(over="ignore"):
+        z = stream + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
+def test_drop_is_splitmix64_of_each_entrys_index():
+    tau = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    dropped, kept = drop_and_rescale(tau, 0.3, True, 5, 2, "visual.w")
+    keep = reference_draws(drop_stream(5, 2, "visual.w"), 5000) > 0.3
+    expected = np.where(keep, tau.numpy() / np.float32(0.7), np.float32(0.0)).astype(np.float32)
+    assert np.array_equal(dropped.numpy(), expected) and kept == int(keep.sum())
+
+
+def test_chunks_and_threads_give_the_same_bytes_as_a_whole_tensor():
+    tau = torch.randn(3 * CHUNK + 5, generator=torch.Generator().manual_seed(2))
+    whole = drop_and_rescale(tau, 0.5, True, 3, 0, "w")[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        merged, kept, entries = dare_merge("w", [tau], DareParams(), 3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(merged, whole) and entries == tau.numel() and kept == int((whole != 0).sum())
