@@ -65,9 +65,14 @@ def merged_delta(name: str, taus: Sequence[torch.Tensor | None], merge_matrix: M
 
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The orthonormal factor closest to matrix (U V^T of its SVD): how the references re-orthogonalise
-    the concatenated singular vectors."""
-    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u @ vh
+    the concatenated singular vectors. Those have many equal singular values (1, or sqrt(2) where two tasks
+    share a direction), on which LAPACK's float32 divide-and-conquer SVD can fail to converge (seen on
+    ViT-B/32 shapes); the SVD is then taken in float64."""
+    try:
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, _, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return (u @ vh).to(matrix.dtype)
 
 
 def tsv_merge(slices: Sequence[torch.Tensor]) -> torch.Tensor:

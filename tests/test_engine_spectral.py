@@ -11,7 +11,7 @@ from engine.methods.iso_c.params import IsoCParams
 from engine.methods.iso_cts.params import IsoCtsParams
 from engine.methods.spectral_params import SPECTRAL_GRID, SPECTRAL_PATIENCE
 from engine.methods.tsv_m.params import TsvMParams
-from engine.spectral import iso_c_merge, iso_cts_merge, merged_delta, tsv_merge
+from engine.spectral import iso_c_merge, iso_cts_merge, merged_delta, polar, tsv_merge
 from tests.engine_jobs import IndependentEvaluator, Recorder, make_job, one_thread  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -220,3 +220,18 @@ def test_iso_cts_common_space_fraction_is_validated():
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError):
             IsoCtsParams(common_space_fraction=bad)
+
+
+def test_polar_falls_back_to_float64_when_float32_svd_does_not_converge(monkeypatch):
+    matrix = torch.randn(12, 5, generator=torch.Generator().manual_seed(3))
+    svd = torch.linalg.svd
+
+    def float32_fails(m, full_matrices=True):
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("did not converge")
+        return svd(m, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", float32_fails)
+    orthonormal = polar(matrix)
+    assert orthonormal.dtype == torch.float32
+    torch.testing.assert_close(orthonormal.T @ orthonormal, torch.eye(5), rtol=1e-5, atol=1e-5)
