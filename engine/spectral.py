@@ -63,16 +63,23 @@ def merged_delta(name: str, taus: Sequence[torch.Tensor | None], merge_matrix: M
     return running_mean(slices)
 
 
+def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD, in float32 as the references take it. LAPACK's float32 divide-and-conquer SVD can fail to
+    converge on the matrices these merges build (the concatenated singular vectors have many equal singular
+    values; a task's matrix with the common space projected out has many near 0: both seen on ViT-B/32
+    shapes); it is then taken in float64."""
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
+
+
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The orthonormal factor closest to matrix (U V^T of its SVD): how the references re-orthogonalise
-    the concatenated singular vectors. Those have many equal singular values (1, or sqrt(2) where two tasks
-    share a direction), on which LAPACK's float32 divide-and-conquer SVD can fail to converge (seen on
-    ViT-B/32 shapes); the SVD is then taken in float64."""
-    try:
-        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-    except torch.linalg.LinAlgError:
-        u, _, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    return (u @ vh).to(matrix.dtype)
+    the concatenated singular vectors."""
+    u, _, vh = svd(matrix)
+    return u @ vh
 
 
 def tsv_merge(slices: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -87,7 +94,7 @@ def tsv_merge(slices: Sequence[torch.Tensor]) -> torch.Tensor:
     values = torch.zeros(rank)
     right = torch.zeros(rank, first.shape[1])
     for i in range(tasks):
-        u, s, vh = torch.linalg.svd(slices[i], full_matrices=False)
+        u, s, vh = svd(slices[i])
         span = slice(i * kept, (i + 1) * kept)
         left[:, span], values[span], right[span] = u[:, :kept], s[:kept], vh[:kept]
     return (polar(left) * values) @ polar(right)
@@ -98,7 +105,7 @@ def iso_c_merge(slices: Sequence[torch.Tensor]) -> torch.Tensor:
     total = slices[0].clone()
     for i in range(1, len(slices)):
         total += slices[i]
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = svd(total)
     return (u * s.mean()) @ vh
 
 
@@ -116,7 +123,7 @@ def iso_cts_merge(slices: Sequence[torch.Tensor], common_space_fraction: float) 
     total = first.clone()
     for i in range(1, tasks):
         total += slices[i]
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = svd(total)
     common_u, common_s, common_vh = u[:, :common], s[:common], vh[:common]
 
     left = torch.zeros(first.shape[0], rank)
@@ -125,7 +132,7 @@ def iso_cts_merge(slices: Sequence[torch.Tensor], common_space_fraction: float) 
     for i in range(tasks):
         specific = slices[i]
         specific = specific - common_u @ (common_u.T @ specific)
-        u_t, s_t, vh_t = torch.linalg.svd(specific, full_matrices=False)
+        u_t, s_t, vh_t = svd(specific)
         span = slice(i * per_task, (i + 1) * per_task)
         left[:, span], values[span], right[span] = u_t[:, :per_task], s_t[:per_task], vh_t[:per_task]
     span = slice(tasks * per_task, tasks * per_task + common)

@@ -222,7 +222,7 @@ def test_iso_cts_common_space_fraction_is_validated():
             IsoCtsParams(common_space_fraction=bad)
 
 
-def test_polar_falls_back_to_float64_when_float32_svd_does_not_converge(monkeypatch):
+def test_svd_falls_back_to_float64_when_float32_does_not_converge(monkeypatch):
     matrix = torch.randn(12, 5, generator=torch.Generator().manual_seed(3))
     svd = torch.linalg.svd
 

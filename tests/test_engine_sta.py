@@ -244,3 +244,34 @@ def test_forgetting_search_keeps_the_control(job, tmp_path):
     assert result.metrics["chosen"]["scaling"]["value"] == best
     assert [row["control_accuracy"] for row in result.metrics["search"]["rows"]] == \
         pytest.approx([rows[s][1] for s in STA_SCALING_GRID])
+
+
+def test_data_free_default_decides_masks_while_fusing(job, tmp_path):
+    """No calibration data: masks |tau| / mean |tau| >= threshold decided tensor by tensor during fusion, no mask
+    files; the same bytes as the two-step path (threshold_mask to bits, then masked_accumulate), and the same
+    densities as the masks computed here."""
+    from engine.kernels import masked_accumulate, threshold_mask
+
+    params = StaParams(scaling=0.6, forget=["tv1"])
+    result = run(job.inputs, params, Recorder().context(tmp_path / "w"))
+    assert not (tmp_path / "w" / "sta").exists()
+    merged = load_file(str(result.checkpoint_path))
+    kept = {"tv0": 0, "tv1": 0}
+    entries = {"tv0": 0, "tv1": 0}
+    for name, base in job.state.items():
+        present = [(tv, vector[name]) for tv, vector in job.taus.items() if name in vector]
+        if not present:
+            assert torch.equal(merged[name], base)
+            continue
+        total = np.zeros(base.numel(), np.float32)
+        for tv, tau in present:
+            flat = tau.float().reshape(-1).numpy()
+            bits = np.zeros(-(-flat.size // 8), np.uint8)
+            kept[tv] += threshold_mask(np.abs(flat), np.float32(tau.abs().mean()), np.float32(3.0), bits)
+            entries[tv] += flat.size
+            masked_accumulate(flat, bits, 0, np.float32(-1.0 if tv == "tv1" else 1.0), total)
+        expected = base + 0.6 * torch.from_numpy(total).view(base.shape)
+        assert torch.equal(merged[name], expected), name
+    assert result.metrics["mask_density"] == {tv: kept[tv] / entries[tv] for tv in kept}
+    assert result.metrics["importance_source"] == {"tv0": "magnitude", "tv1": "magnitude"}
+    assert result.metrics["magnitude_tensors"] == {tv: len(vector) for tv, vector in job.taus.items()}

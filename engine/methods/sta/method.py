@@ -17,6 +17,8 @@
    ctx.workdir/sta/, with fp16 normalised scores beside them only for disjoint
    fusion; fusion then streams tensor by tensor:
    theta = theta_0 + lambda * sum_t s_t m_t tau_t, s_t = -1 for forgotten tasks.
+   The data-free default (no calibration data, threshold, not disjoint) needs no mask files: each tensor's
+   masks are decided while it is fused (MagnitudeFusion), the same bits in one streaming pass per tensor.
 """
 import math
 from collections.abc import Callable, Sequence
@@ -32,7 +34,7 @@ from engine.context import JobContext, MergeInputs, MethodResult, Progress
 from engine.data import is_labelled, load_task, pick_split, preprocess_images, split_sizes
 from engine.evaluator import EvalTarget, Evaluator
 from engine.heads import HeadFactory, image_logits
-from engine.kernels import masked_accumulate, threshold_mask
+from engine.kernels import masked_accumulate, threshold_accumulate, threshold_mask
 from engine.methods.sta.params import STA_SCALING_GRID, StaParams
 from engine.metrics import given_or_default
 from engine.safetensors_io import read_header, save_tensors
@@ -126,6 +128,9 @@ def run(inputs: MergeInputs, params: StaParams, ctx: JobContext) -> MethodResult
     missing = sorted(set(params.dataset_ids()) - set(inputs.datasets))
     if missing:
         raise ValueError(f"datasets {missing} are not among the job's datasets")
+    if not params.calibration_datasets and not params.disjoint and params.density is None:
+        return _fuse(inputs, params, ctx, MagnitudeFusion(params.threshold, _signs(inputs, params)),
+                     {tv.id: "magnitude" for tv in inputs.task_vectors}, _float_tensor_counts(inputs))
     mask_dir = ctx.workdir / "sta"
     mask_dir.mkdir(parents=True, exist_ok=True)
 
@@ -195,39 +200,104 @@ def run(inputs: MergeInputs, params: StaParams, ctx: JobContext) -> MethodResult
             score_paths.append(mask_dir / f"scores-{index:04d}.safetensors")
             save_tensors(score_paths[-1], scores, {"task_vector_id": tv.id})
     del model, weights
+    with FusedDelta(mask_paths, score_paths, _signs(inputs, params)) as fused:
+        result = _fuse(inputs, params, ctx, fused, sources, magnitude_tensors)
+    result.metrics["mask_density"] = densities
+    return result
 
+
+def _signs(inputs: MergeInputs, params: StaParams) -> list[float]:
+    return [-1.0 if tv.id in params.forget else 1.0 for tv in inputs.task_vectors]
+
+
+def _float_tensor_counts(inputs: MergeInputs) -> dict[str, int]:
+    """Per task vector, its floating-point tensors that the base has (all scored by magnitude without data)."""
+    base = read_header(inputs.base_path).tensors
+    return {tv.id: sum(1 for name, info in read_header(tv.path).tensors.items()
+                       if info.is_float and name in base) for tv in inputs.task_vectors}
+
+
+def _fuse(inputs: MergeInputs, params: StaParams, ctx: JobContext, fused, sources: dict[str, str],
+          magnitude_tensors: dict[str, int]) -> MethodResult:
+    """theta_0 + lambda * fused(tensor), lambda given or searched; fused: a FusedDelta or a MagnitudeFusion."""
     paths = [tv.path for tv in inputs.task_vectors]
-    signs = [-1.0 if tv.id in params.forget else 1.0 for tv in inputs.task_vectors]
     selection = ("density",) if params.density is not None else ("threshold",)
     chosen = {name: given_or_default(params, name) for name in ("importance", *selection, "disjoint", "forget")}
     metrics: dict = {}
-    with FusedDelta(mask_paths, score_paths, signs) as fused:
-        if params.validation_datasets:
-            # Searched on the unsigned fused vector: params allow a search only when every vector is added
-            # or every vector is forgotten, and a forgetting search negates it.
-            unsigned = fused.unsigned()
-            deltas = collect_deltas(inputs.base_path, paths, unsigned, ctx, stage="fusion")
-            evaluator = Evaluator(inputs, ctx)
-            forgetting = bool(params.forget)
-            spec = SearchSpec(
-                targets=[EvalTarget(ds, None if forgetting else tv) for tv, ds in params.validation_datasets.items()],
-                negate=forgetting,
-                control=EvalTarget(params.control_dataset_id) if params.control_dataset_id else None)
-            scaling, metrics = search_scaling(evaluator, deltas, spec, STA_SCALING_GRID)
-            del evaluator, deltas
-            chosen["scaling"] = searched(scaling, metrics)
-        else:
-            scaling = params.scaling
-            chosen["scaling"] = given_or_default(params, "scaling")
+    if params.validation_datasets:
+        # Searched on the unsigned fused vector: params allow a search only when every vector is added
+        # or every vector is forgotten, and a forgetting search negates it.
+        unsigned = fused.unsigned()
+        deltas = collect_deltas(inputs.base_path, paths, unsigned, ctx, stage="fusion")
+        evaluator = Evaluator(inputs, ctx)
+        forgetting = bool(params.forget)
+        spec = SearchSpec(
+            targets=[EvalTarget(ds, None if forgetting else tv) for tv, ds in params.validation_datasets.items()],
+            negate=forgetting,
+            control=EvalTarget(params.control_dataset_id) if params.control_dataset_id else None)
+        scaling, metrics = search_scaling(evaluator, deltas, spec, STA_SCALING_GRID)
+        del evaluator, deltas
+        chosen["scaling"] = searched(scaling, metrics)
+    else:
+        scaling = params.scaling
+        chosen["scaling"] = given_or_default(params, "scaling")
 
-        def merge(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
-            return base + scaling * fused(name, taus)
+    def merge(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        return base + scaling * fused(name, taus)
 
-        out = ctx.workdir / "merged.safetensors"
-        count = merge_streaming(inputs.base_path, paths, out, merge, ctx, stage="fusion")
-    metrics.update(chosen=chosen, importance_source=sources, magnitude_tensors=magnitude_tensors,
-                   mask_density=densities, tensors=count)
+    out = ctx.workdir / "merged.safetensors"
+    count = merge_streaming(inputs.base_path, paths, out, merge, ctx, stage="fusion")
+    metrics.update(chosen=chosen, importance_source=sources, magnitude_tensors=magnitude_tensors, tensors=count)
+    if isinstance(fused, MagnitudeFusion):
+        metrics["mask_density"] = fused.densities([tv.id for tv in inputs.task_vectors])
     return MethodResult(out, metrics=metrics)
+
+
+class MagnitudeFusion:
+    """sum_t sign_t m_t tau_t for one tensor with the data-free default masks (|tau_t| >= threshold x the
+    tensor's mean |tau_t|, and > 0) decided as it goes: one pass over each vector's tensor for its mean, then
+    one compiled pass that selects and sums (engine.kernels.threshold_accumulate), chunk by chunk. The same
+    bits as threshold_mask then masked_accumulate, without mask files or a second read of the vectors."""
+
+    def __init__(self, threshold: float, signs: list[float]):
+        self.threshold, self.signs = np.float32(threshold), signs
+        self.kept: list[dict[str, int]] = [{} for _ in signs]  # per vector: tensor -> kept entries
+        self.entries: list[dict[str, int]] = [{} for _ in signs]
+
+    def __call__(self, name: str, taus: Sequence[torch.Tensor | None], signs: list[float] | None = None
+                 ) -> torch.Tensor:
+        signs = signs or self.signs
+        shape, readers = float32_readers(taus)
+        numel = math.prod(shape)
+        fused = []
+        for index, read in enumerate(readers):
+            if read is not None:  # the mean as normalise() takes it: torch's float32 mean of |tau|
+                mean = np.float32(torch.from_numpy(np.abs(read(0, numel))).mean())
+                fused.append((index, read, mean, np.float32(signs[index])))
+        total = np.zeros(numel, np.float32)
+
+        def fuse_range(first: int, last: int) -> list[int]:
+            kept = [0] * len(fused)
+            for start in range(first, last, CHUNK):
+                stop = min(last, start + CHUNK)
+                for k, (_, read, mean, sign) in enumerate(fused):
+                    kept[k] += threshold_accumulate(read(start, stop), mean, self.threshold, sign, total[start:stop])
+            return kept
+
+        counts = in_chunks(numel, fuse_range)
+        for k, (index, *_rest) in enumerate(fused):
+            self.kept[index][name] = sum(part[k] for part in counts)
+            self.entries[index][name] = numel
+        return torch.from_numpy(total).view(shape)
+
+    def unsigned(self):
+        """The same fusion with every sign +1."""
+        return lambda name, taus: self(name, taus, [1.0] * len(self.signs))
+
+    def densities(self, ids: list[str]) -> dict[str, float]:
+        entries = [sum(e.values()) for e in self.entries]
+        return {tv: sum(kept.values()) / total if total else 0.0
+                for tv, kept, total in zip(ids, self.kept, entries, strict=True)}
 
 
 class FusedDelta:
