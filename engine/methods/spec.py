@@ -57,6 +57,30 @@ class MethodParams(StrictModel):
         return []
 
 
+# Result keys of every method that searches lambda on validation data.
+SEARCH_RESULT_KEYS: dict[str, str] = {
+    "search": "With validation_datasets: the grid, the rule, the split per dataset, the fine-tuned references and "
+              "every row evaluated.",
+    "selected": "With validation_datasets: the search row that was chosen.",
+}
+
+
+class SearchedMergeParams(MethodParams):
+    """A merge of all the job's vectors whose lambda is searched on validation_datasets when given (each method
+    declares the field with its own grid): what it reads, the vectors it names, what the checkpoint reports."""
+
+    validation_datasets: TaskDatasets
+
+    def dataset_ids(self) -> list[str]:
+        return unique(list(self.validation_datasets.values()))
+
+    def task_vector_ids(self) -> list[str]:
+        return list(self.validation_datasets)
+
+    def evaluation_targets(self) -> list[tuple[str, str | None]]:
+        return [(ds, tv) for tv, ds in self.validation_datasets.items()]
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str

@@ -1,7 +1,7 @@
 """Parameters shared by the merges in singular-value space (TSV-M, Iso-C, Iso-CTS); torch-free."""
 from pydantic import Field
 
-from engine.methods.spec import MethodParams, TaskDatasets, unique
+from engine.methods.spec import SEARCH_RESULT_KEYS, SearchedMergeParams, TaskDatasets
 
 # The official code's search (danielm1405/iso-merging, src/eval/eval.py, used for TSV-M, Iso-C and Iso-CTS
 # alike): alpha over linspace(0, 3, 31)[1:], stopping after 3 points in a row without improvement.
@@ -10,13 +10,11 @@ SPECTRAL_PATIENCE = 3
 
 SPECTRAL_RESULT_KEYS = {
     "matrix_tensors": "Tensors merged in singular-value space (2-D weights); the others are the vectors' mean.",
-    "search": "With validation_datasets: the grid, the rule, the split per dataset, the fine-tuned references and "
-              "every row evaluated (the search stops after 3 points without improvement).",
-    "selected": "With validation_datasets: the search row that was chosen.",
+    **SEARCH_RESULT_KEYS,
 }
 
 
-class SpectralParams(MethodParams):
+class SpectralParams(SearchedMergeParams):
     scaling: float = Field(
         1.0, ge=-10, le=10,
         description="alpha in theta_0 + alpha * merged vector. The papers choose alpha on validation data "
@@ -29,12 +27,3 @@ class SpectralParams(MethodParams):
                     "points without improvement (the official code's search). The checkpoint's accuracy on their "
                     "report split (test, else val) is in result.metrics.evaluation.",
     )
-
-    def dataset_ids(self) -> list[str]:
-        return unique(list(self.validation_datasets.values()))
-
-    def task_vector_ids(self) -> list[str]:
-        return list(self.validation_datasets)
-
-    def evaluation_targets(self) -> list[tuple[str, str | None]]:
-        return [(ds, tv) for tv, ds in self.validation_datasets.items()]

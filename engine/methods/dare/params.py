@@ -2,7 +2,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.methods.spec import MethodParams, MethodSpec, TaskDatasets, unique
+from engine.methods.spec import SEARCH_RESULT_KEYS, MethodSpec, SearchedMergeParams, TaskDatasets
 
 # lambda grids searched on validation data: task arithmetic's for sum, the TIES code's for ties (a disjoint mean).
 SUM_SCALING_GRID = tuple(round(0.05 * i, 2) for i in range(21))
@@ -10,7 +10,7 @@ TIES_SCALING_GRID = tuple(round(0.8 + 0.1 * i, 2) for i in range(18))
 DEFAULT_SCALING = {"sum": 0.3, "ties": 1.0}
 
 
-class DareParams(MethodParams):
+class DareParams(SearchedMergeParams):
     """DARE. Each task vector loses a random fraction drop_rate of its entries and the survivors are scaled by
     1 / (1 - drop_rate), so its expectation is unchanged; the dropped vectors are then summed (task arithmetic)
     or merged TIES-style. The drop is seeded per task vector and tensor: the same seed gives the same bytes."""
@@ -50,15 +50,6 @@ class DareParams(MethodParams):
     def resolved_scaling(self) -> float:
         return self.scaling if self.scaling is not None else DEFAULT_SCALING[self.combine]
 
-    def dataset_ids(self) -> list[str]:
-        return unique(list(self.validation_datasets.values()))
-
-    def task_vector_ids(self) -> list[str]:
-        return list(self.validation_datasets)
-
-    def evaluation_targets(self) -> list[tuple[str, str | None]]:
-        return [(ds, tv) for tv, ds in self.validation_datasets.items()]
-
 
 SPEC = MethodSpec(
     name="dare",
@@ -70,8 +61,6 @@ SPEC = MethodSpec(
     params=DareParams,
     result_keys={
         "kept_fraction": "Fraction of the task vectors' entries that survived the drop.",
-        "search": "With validation_datasets: the grid, the rule, the split per dataset, the fine-tuned "
-                  "references and every row's accuracies.",
-        "selected": "With validation_datasets: the search row that was chosen.",
+        **SEARCH_RESULT_KEYS,
     },
 )

@@ -2,7 +2,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from engine.methods.spec import MethodParams, MethodSpec, TaskDatasets, unique
+from engine.methods.spec import SEARCH_RESULT_KEYS, MethodParams, MethodSpec, TaskDatasets, unique
 
 # lambda searched over {0, 0.1, ..., 2}: twice task arithmetic's range, so the paper's data-free lambda 1
 # lies inside it (sparse masks drop most of each vector, so the best lambda may exceed 1).
@@ -112,8 +112,6 @@ SPEC = MethodSpec(
         "importance_source": "Per task vector: taylor (calibration data) or magnitude (|tau|, no data).",
         "magnitude_tensors": "Per task vector: tensors scored by |tau| because the loss does not reach them.",
         "mask_density": "Per task vector: the fraction of its entries kept.",
-        "search": "With validation_datasets: the grid, the rule, the split per dataset, the fine-tuned "
-                  "references and every row's accuracies.",
-        "selected": "With validation_datasets: the search row that was chosen.",
+        **SEARCH_RESULT_KEYS,
     },
 )

@@ -2,7 +2,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from engine.methods.spec import MethodParams, MethodSpec, TaskDatasets, unique
+from engine.methods.spec import SEARCH_RESULT_KEYS, MethodParams, MethodSpec, TaskDatasets, unique
 
 
 class TaskArithmeticParams(MethodParams):
@@ -55,8 +55,6 @@ SPEC = MethodSpec(
               "mlfoundations/task_vectors.",
     params=TaskArithmeticParams,
     result_keys={
-        "search": "With validation_datasets: the grid, the rule, the split per dataset, the fine-tuned "
-                  "references and every row's accuracies.",
-        "selected": "With validation_datasets: the search row that was chosen.",
+        **SEARCH_RESULT_KEYS,
     },
 )

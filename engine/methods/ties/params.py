@@ -2,7 +2,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from engine.methods.spec import MethodParams, MethodSpec, TaskDatasets, unique
+from engine.methods.spec import SEARCH_RESULT_KEYS, MethodSpec, SearchedMergeParams, TaskDatasets
 
 # lambda grids searched on validation data. mean: the TIES code's (prateeky2806/ties-merging README,
 # 0.8 to 2.5 by 0.1); sum: task arithmetic's {0, 0.05, ..., 1} (a sum is on task arithmetic's scale).
@@ -11,7 +11,7 @@ SUM_SCALING_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 DEFAULT_SCALING = {"mean": 1.0, "sum": 0.3}
 
 
-class TiesParams(MethodParams):
+class TiesParams(SearchedMergeParams):
     """TIES-merging. Defaults follow the paper and its code: the top 20% of each task vector by magnitude
     over the whole flattened vector, sign election, disjoint mean, lambda 1 (the code's default; its
     reported numbers search lambda on validation data, which validation_datasets does)."""
@@ -49,15 +49,6 @@ class TiesParams(MethodParams):
     def resolved_scaling(self) -> float:
         return self.scaling if self.scaling is not None else DEFAULT_SCALING[self.merge]
 
-    def dataset_ids(self) -> list[str]:
-        return unique(list(self.validation_datasets.values()))
-
-    def task_vector_ids(self) -> list[str]:
-        return list(self.validation_datasets)
-
-    def evaluation_targets(self) -> list[tuple[str, str | None]]:
-        return [(ds, tv) for tv, ds in self.validation_datasets.items()]
-
 
 SPEC = MethodSpec(
     name="ties",
@@ -68,8 +59,6 @@ SPEC = MethodSpec(
     params=TiesParams,
     result_keys={
         "merged_density": "Fraction of merged entries that are nonzero.",
-        "search": "With validation_datasets: the grid, the rule, the split per dataset, the fine-tuned "
-                  "references and every row's accuracies.",
-        "selected": "With validation_datasets: the search row that was chosen.",
+        **SEARCH_RESULT_KEYS,
     },
 )
