@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.kernels import dare_drop
 from engine.methods.catalogue import get_method
-from engine.methods.dare.method import dare_merge, drop_and_rescale, drop_stream, run
+from engine.methods.dare.method import dare_merge, drop_stream, run
 from engine.methods.dare.params import DareParams
 from engine.methods.task_arithmetic.params import TaskArithmeticParams
 from engine.streaming import CHUNK
@@ -15,6 +16,16 @@ from tests.engine_jobs import IndependentEvaluator, Recorder, make_job, one_thre
 from tests.test_engine_ties import reference_ties
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def drop_and_rescale(tau: torch.Tensor, drop_rate: float, rescale: bool, seed: int, position: int,
+                     name: str) -> tuple[torch.Tensor, int]:
+    """The drop of one vector's tensor taken whole (the merge takes it chunk by chunk), and its survivors."""
+    flat = tau.detach().float().contiguous().view(-1).numpy()
+    out = np.empty_like(flat)
+    divisor = np.float32(1 - drop_rate) if rescale else np.float32(1.0)
+    kept = dare_drop(flat, drop_stream(seed, position, name), 0, drop_rate, divisor, out)
+    return torch.from_numpy(out).view(tau.shape), int(kept)
 
 
 def test_drop_keeps_the_expectation():

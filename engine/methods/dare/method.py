@@ -33,16 +33,6 @@ def drop_stream(seed: int, position: int, name: str) -> np.uint64:
     return np.uint64(state)
 
 
-def drop_and_rescale(tau: torch.Tensor, drop_rate: float, rescale: bool, seed: int, position: int,
-                     name: str) -> tuple[torch.Tensor, int]:
-    """tau with each entry dropped with probability drop_rate (the survivors divided by 1 - p if rescale),
-    float32, and how many entries survived: what the merge does to one vector's tensor, whole."""
-    flat = tau.detach().float().contiguous().view(-1).numpy()
-    out = np.empty_like(flat)
-    kept = dare_drop(flat, drop_stream(seed, position, name), 0, drop_rate, _divisor(drop_rate, rescale), out)
-    return torch.from_numpy(out).view(tau.shape), int(kept)
-
-
 def _divisor(drop_rate: float, rescale: bool) -> np.float32:
     return np.float32(1 - drop_rate) if rescale else np.float32(1.0)
 
