@@ -59,9 +59,10 @@ class TaskVectorOut(Out):
     source_kind: Literal["task_vector", "finetuned"]
     sha256: str
     size_bytes: int
-    tensor_count: int
-    parameter_count: int
-    l2_norm: float
+    tensor_count: int = Field(description="Tensors stored in the file (a LoRA factor counts as one).")
+    parameter_count: int = Field(description="Values stored in the file (LoRA factors' entries, not their product's).")
+    l2_norm: float = Field(description="L2 norm of the task vector (of the products, for LoRA factors).")
+    lora_rank: int | None = Field(description="The largest rank among its LoRA factors; null for a dense vector.")
     class_names: list[str] | None
     created_at: datetime
 

@@ -94,7 +94,7 @@ def main() -> None:
     blocks = sorted(tower)
     stacks = {name: 0.01 * torch.randn((args.vectors, *tower[name].shape), device=args.device) for name in blocks}
     stacks_mib = round(sum(t.numel() * t.element_size() for t in stacks.values()) / 2**20, 1)
-    composition = Composition(blocks, {name: tower[name].detach() for name in blocks}, stacks, "block")
+    composition = Composition(blocks, {name: tower[name].detach() for name in blocks}, stacks, "block", args.vectors)
     coefficients = torch.zeros(composition.coefficient_shape, device=args.device, requires_grad=True)
 
     def run(composed: dict[str, torch.Tensor]) -> None:
@@ -105,7 +105,7 @@ def main() -> None:
 
     # 2b. the same with the vectors held in bfloat16 (AtlasParams.vector_dtype)
     half_stacks = {name: stack.to(torch.bfloat16) for name, stack in stacks.items()}
-    half = Composition(blocks, composition.base, half_stacks, "block")
+    half = Composition(blocks, composition.base, half_stacks, "block", args.vectors)
     half_mib = round(sum(t.numel() * t.element_size() for t in half_stacks.values()) / 2**20, 1)
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.kernels import HIGH_BINS, LOW_BINS, high_histogram, low_histograms
-from engine.safetensors_io import MappedTensors
 from engine.streaming import CHUNK
+from engine.task_vectors import TaskVectorFile
 
 PERCENTS = tuple(range(1, 101))  # the top_k values whose cuts a task vector carries from its upload
 
@@ -90,15 +90,14 @@ def top_k_cuts(chunks: Callable[[], Iterable[np.ndarray]], percents: Iterable[fl
 
 def file_top_k_cuts(path: Path, names: set[str] | None = None, percents: Iterable[float] = PERCENTS,
                     chunk: int = CHUNK) -> list[float]:
-    """top_k_cuts over the named float tensors of a safetensors file (all of them by default), as if
-    flattened together; read chunk by chunk from its memory map, twice, never concatenated."""
-    tensors = MappedTensors(path)
-    present = sorted(name for name, info in tensors.header.tensors.items()
-                     if info.is_float and (names is None or name in names))
+    """top_k_cuts over the named float tensors of a task vector file (all of them by default; LoRA factors
+    count as their product), as if flattened together; read chunk by chunk, twice, never concatenated."""
+    vector = TaskVectorFile(path)
+    present = sorted(name for name in vector.float_names() if names is None or name in names)
 
     def chunks():
         for name in present:
-            numel = tensors.header.tensors[name].numel
+            numel = math.prod(vector.shape(name))
             for start in range(0, numel, chunk):
-                yield tensors.float32(name, start, start + chunk)
+                yield vector.float32(name, start, start + chunk)
     return top_k_cuts(chunks, percents)

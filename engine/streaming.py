@@ -1,7 +1,8 @@
 """Streaming merges over memory-mapped safetensors: one output tensor in memory at a time."""
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -10,33 +11,32 @@ import torch
 from safetensors import safe_open
 
 from engine.context import JobContext, Progress, WrittenFile
-from engine.safetensors_io import Header, MappedTensors, StreamingWriter, read_header
+from engine.safetensors_io import Header, StreamingWriter, read_header
+from engine.task_vectors import TaskVectorFile
 
 T = TypeVar("T")
 
 
 class VectorSlices(Sequence):
     """The task vectors' slices of one tensor (float32, None where a vector lacks it), each read from
-    its memory map only when indexed: a merge that walks them once holds one slice at a time. A merge
-    that works chunk by chunk reads them through float32_readers instead, without any copy."""
+    its memory map (or computed from its LoRA factors) only when indexed: a merge that walks them once
+    holds one slice at a time. A merge that works chunk by chunk reads them through float32_readers
+    instead, without any whole-tensor copy."""
 
-    def __init__(self, handles: list, keys: list[set[str]], name: str, mapped: list[MappedTensors],
-                 shape: tuple[int, ...]):
-        self._handles, self._keys, self._name, self._mapped = handles, keys, name, mapped
-        self.shape = shape
+    def __init__(self, vectors: list[TaskVectorFile], name: str, shape: tuple[int, ...]):
+        self.vectors, self.name, self.shape = vectors, name, shape
 
     def __len__(self) -> int:
-        return len(self._handles)
+        return len(self.vectors)
+
+    def has(self, index: int) -> bool:
+        return self.name in self.vectors[index].names
 
     def __getitem__(self, index: int) -> torch.Tensor | None:
-        handle, keys = self._handles[index], self._keys[index]
-        return handle.get_tensor(self._name).float() if self._name in keys else None
+        return self.vectors[index].tensor(self.name) if self.has(index) else None
 
     def reader(self, index: int) -> "Float32Reader | None":
-        if self._name not in self._keys[index]:
-            return None
-        mapped, name = self._mapped[index], self._name
-        return lambda start, stop: mapped.float32(name, start, stop)
+        return partial(self.vectors[index].float32, self.name) if self.has(index) else None
 
 
 # (start, stop) -> entries start:stop of a tensor, flattened, as a float32 numpy array
@@ -85,18 +85,15 @@ def in_chunks(numel: int, work: Callable[[int, int], T]) -> list[T]:
 
 @contextmanager
 def open_vectors(base_path: Path, vector_paths: list[Path]) -> Iterator[tuple]:
-    """(base handle, vector handles, each vector's tensor names, each vector's MappedTensors), memory-mapped
-    for the duration."""
-    with ExitStack() as stack:
-        base = stack.enter_context(safe_open(str(base_path), framework="pt"))
-        vectors = [stack.enter_context(safe_open(str(p), framework="pt")) for p in vector_paths]
-        yield base, vectors, [set(v.keys()) for v in vectors], [MappedTensors(p) for p in vector_paths]
+    """(base handle, a TaskVectorFile per vector), memory-mapped for the duration."""
+    with safe_open(str(base_path), framework="pt") as base:
+        yield base, [TaskVectorFile(path) for path in vector_paths]
 
 
-def merged_tensor_names(header: Header, vector_keys: list[set[str]]) -> list[str]:
+def merged_tensor_names(header: Header, vectors: list[TaskVectorFile]) -> list[str]:
     """The base's floating-point tensors that at least one vector changes, sorted: what a merge computes."""
     return sorted(name for name, info in header.tensors.items()
-                  if info.is_float and any(name in keys for keys in vector_keys))
+                  if info.is_float and any(name in vector.names for vector in vectors))
 
 
 def merge_streaming(base_path: Path, vector_paths: list[Path], out_path: Path,
@@ -107,14 +104,14 @@ def merge_streaming(base_path: Path, vector_paths: list[Path], out_path: Path,
     """
     header = read_header(base_path)
     entries = [(name, info.dtype, info.shape) for name, info in header.tensors.items()]
-    with open_vectors(base_path, vector_paths) as (base, vectors, vector_keys, mapped), \
+    with open_vectors(base_path, vector_paths) as (base, vectors), \
             StreamingWriter(out_path, entries, ctx.metadata) as writer:
         total = len(writer.names)
         for step, name in enumerate(writer.names, start=1):
             ctx.check_cancel()
             base_tensor = base.get_tensor(name)
-            if base_tensor.is_floating_point() and any(name in keys for keys in vector_keys):
-                slices = VectorSlices(vectors, vector_keys, name, mapped, tuple(base_tensor.shape))
+            if base_tensor.is_floating_point() and any(name in vector.names for vector in vectors):
+                slices = VectorSlices(vectors, name, tuple(base_tensor.shape))
                 merged = merge(name, base_tensor.float(), slices).to(base_tensor.dtype)
             else:
                 merged = base_tensor
@@ -136,11 +133,11 @@ def collect_deltas(base_path: Path, vector_paths: list[Path], delta: DeltaMerge,
     """
     deltas = {}
     header = read_header(base_path)
-    with open_vectors(base_path, vector_paths) as (_base, vectors, keys, mapped):
-        names = merged_tensor_names(header, keys)
+    with open_vectors(base_path, vector_paths) as (_base, vectors):
+        names = merged_tensor_names(header, vectors)
         for step, name in enumerate(names, start=1):
             ctx.check_cancel()
             shape = header.tensors[name].shape
-            deltas[name] = delta(name, VectorSlices(vectors, keys, name, mapped, shape))
+            deltas[name] = delta(name, VectorSlices(vectors, name, shape))
             ctx.report(Progress(stage, step, len(names)))
     return deltas

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from engine.context import MergeInputs, ModelSpec
 from engine.safetensors_io import read_header
+from engine.task_vectors import TaskVectorFile
 
 
 def file_sha256(path: Path) -> str:
@@ -120,9 +121,8 @@ def load_base_model(inputs: MergeInputs, device: str) -> torch.nn.Module:
 
 
 def load_float_deltas(path: Path, model_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A task vector's floating-point tensors that the model has, in float32."""
-    return {name: tensor.float() for name, tensor in load_state_dict_file(path).items()
-            if name in model_tensors and tensor.is_floating_point()}
+    """A task vector's floating-point tensors that the model has, dense (LoRA factors multiplied out), float32."""
+    return TaskVectorFile(path).float_deltas(model_tensors)
 
 
 class InPlaceWeights:

@@ -16,12 +16,13 @@ from engine.safetensors_io import (
     NotSafetensors,
     SafetensorsError,
     StreamingWriter,
+    TensorInfo,
     check_finite,
     read_header,
-    tensor_stats,
     torch_dtype_name,
 )
 from engine.selection import file_top_k_cuts
+from engine.task_vectors import TaskVectorFile
 from store.errors import RejectedInput
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
@@ -103,35 +104,42 @@ def counts(header: Header) -> TensorCounts:
     return TensorCounts(len(header.tensors), total, visual, total - visual)
 
 
-def _check_against_base(header: Header, base: Header) -> None:
-    if not header.tensors:
-        raise WeightsError(422, "The file holds no tensors.")
-    unknown = header.tensors.keys() - base.tensors.keys()
+def _check_against_base(tensors: dict[str, TensorInfo], base: Header) -> None:
+    unknown = tensors.keys() - base.tensors.keys()
     if unknown:
         raise WeightsError(422, f"Keys unknown to the base model: {_names(unknown)}.")
-    wrong = [n for n, info in header.tensors.items() if info.shape != base.tensors[n].shape]
+    wrong = [n for n, info in tensors.items() if info.shape != base.tensors[n].shape]
     if wrong:
         n = wrong[0]
         raise WeightsError(422, f"Shapes differ from the base model for {_names(wrong)} "
-                                f"(e.g. {n}: {list(header.tensors[n].shape)} vs {list(base.tensors[n].shape)}).")
+                                f"(e.g. {n}: {list(tensors[n].shape)} vs {list(base.tensors[n].shape)}).")
 
 
 @dataclass(frozen=True)
 class TaskVectorStats:
     l2_norm: float
     magnitude_cuts: list[float]  # engine.selection.PERCENTS' global cuts, so that TIES need not measure them
+    lora_rank: int | None  # the largest rank of its LoRA factors; None for a dense vector
 
 
 def validate_task_vector(path: Path, header: Header, base: Header) -> TaskVectorStats:
-    """Checks a task vector against its base; returns its L2 norm and top-k cuts."""
-    _check_against_base(header, base)
-    not_float = [n for n, info in header.tensors.items() if not (info.is_float and base.tensors[n].is_float)]
+    """Checks a task vector (dense tensors and/or LoRA factors, engine.task_vectors) against its base from the
+    header alone, then its values chunk by chunk; returns its L2 norm, top-k cuts and LoRA rank."""
+    if not header.tensors:
+        raise WeightsError(422, "The file holds no tensors.")
+    try:
+        vector = TaskVectorFile(path, header, base.tensors)
+    except SafetensorsError as exc:
+        raise WeightsError(422, f"Invalid LoRA factors: {exc}.") from None
+    _check_against_base(vector.layout.dense, base)
+    not_float = [n for n, info in vector.layout.dense.items() if not (info.is_float and base.tensors[n].is_float)]
+    not_float += [n for n in vector.layout.factors if not base.tensors[n].is_float]
     if not_float:
         raise WeightsError(422, f"Task vectors cover floating-point tensors only: {_names(not_float)}.")
-    bad, norm = tensor_stats(path, header)
+    bad, norm = vector.stats()
     if bad:
         raise WeightsError(422, f"Tensors hold NaN or Inf: {_names(bad)}.")
-    return TaskVectorStats(norm, file_top_k_cuts(path))
+    return TaskVectorStats(norm, file_top_k_cuts(path), vector.layout.max_rank)
 
 
 def finetuned_to_task_vector(path: Path, header: Header, base_path: Path, base: Header, out: Path) -> None:
@@ -140,7 +148,9 @@ def finetuned_to_task_vector(path: Path, header: Header, base_path: Path, base: 
     Two passes: the first finds which tensors changed (so the output header is known up front),
     the second writes their differences one at a time.
     """
-    _check_against_base(header, base)
+    if not header.tensors:
+        raise WeightsError(422, "The file holds no tensors.")
+    _check_against_base(header.tensors, base)
     _require_finite(path, header)
     changed: list[tuple[str, str, tuple[int, ...]]] = []
     with safe_open(str(path), framework="pt") as ft, safe_open(str(base_path), framework="pt") as b0:

@@ -7,6 +7,7 @@ store's sha256/ or tmp/, no new row in any table, no side effect of a pickle bei
 import builtins
 import io
 import json
+import math
 import pickle
 import sqlite3
 import time
@@ -189,6 +190,33 @@ def test_an_uploaded_task_vector_carries_its_top_k_cuts(stack, world, demo_asset
     assert len(json.loads(stored)) == 100
 
 
+def test_a_lora_task_vector_is_registered_with_its_rank_and_its_products_cuts(stack, world, http, tensors, tmp_path):
+    """Factors are validated against the base's shapes and measured as their product, never stored dense."""
+    from engine.selection import top_k_cuts
+    from engine.task_vectors import TaskVectorFile
+
+    _, tau = tensors
+    matrix, factored = _lora_factors(tau, 3)
+    factored[f"{matrix}.lora_A"] = torch.randn(factored[f"{matrix}.lora_A"].shape, generator=torch.Generator()
+                                               .manual_seed(0)) * 0.05
+    content = safetensors_bytes(factored, tmp_path)
+    response = post_file(http, "/v1/task-vectors", {"base_model_id": world["own_base"], "name": "lora"},
+                         "lora.safetensors", content)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["lora_rank"] == 3 and body["tensor_count"] == len(factored)
+    assert body["parameter_count"] == sum(t.numel() for t in factored.values())
+    (tmp_path / "lora.safetensors").write_bytes(content)
+    dense = TaskVectorFile(tmp_path / "lora.safetensors").float_deltas()
+    assert body["l2_norm"] == pytest.approx(math.sqrt(sum(float(t.double().square().sum()) for t in dense.values())),
+                                            rel=1e-6)
+    with sqlite3.connect(f"file:{stack.root / 'var' / 'tvforge.db'}?mode=ro", uri=True) as db:
+        stored = db.execute("SELECT magnitude_cuts FROM task_vectors WHERE id = ?", (body["id"],)).fetchone()[0]
+    flat = torch.cat([dense[name].reshape(-1) for name in sorted(dense)]).numpy()
+    assert json.loads(stored) == top_k_cuts(lambda: [flat])
+    assert http.get(f"/v1/task-vectors/{body['id']}").json()["lora_rank"] == 3
+
+
 # ---------------------------------------------------------------- pickles are refused and never loaded
 
 
@@ -273,10 +301,32 @@ def _cut(data: bytes, where: str) -> bytes:
     return data[:-100] if where == "data" else data[:20]
 
 
+def _lora_factors(tau: dict, rank: int, scale: float = 0.1, a_extra: int = 0) -> tuple[str, dict[str, torch.Tensor]]:
+    """(a weight matrix of tau, tau with that matrix replaced by rank-`rank` factors; lora_A a_extra columns wide)."""
+    matrix = next(n for n in sorted(tau) if n.startswith("visual.") and tau[n].dim() == 2 and min(tau[n].shape) > 2)
+    out_dim, in_dim = tau[matrix].shape
+    rest = {n: t for n, t in tau.items() if n != matrix}
+    return matrix, rest | {f"{matrix}.lora_A": torch.full((rank, in_dim + a_extra), scale),
+                           f"{matrix}.lora_B": torch.full((out_dim, rank), scale)}
+
+
+def _lora_cases(tau: dict) -> dict[str, dict[str, torch.Tensor]]:
+    matrix, factored = _lora_factors(tau, 2)
+    return {
+        "lora_A without its lora_B": {n: t for n, t in factored.items() if not n.endswith(".lora_B")},
+        "lora factors of the wrong shape": _lora_factors(tau, 2, a_extra=1)[1],
+        "lora rank over the matrix's": _lora_factors(tau, min(tau[matrix].shape) + 1)[1],
+        "lora factors and the dense tensor": factored | {matrix: tau[matrix]},
+        "lora factor holding nan": factored | {f"{matrix}.lora_A": torch.full_like(factored[f"{matrix}.lora_A"],
+                                                                                  float("nan"))},
+        "lora product overflowing float32": _lora_factors(tau, 2, scale=1e30)[1],
+    }
+
+
 def _tau_cases(base: dict, tau: dict) -> dict[str, dict[str, torch.Tensor]]:
     name = sorted(tau)[0]
     shape_name = next(n for n in sorted(tau) if tau[n].dim() >= 1 and tau[n].shape[0] > 1)
-    return {
+    return _lora_cases(tau) | {
         "shape mismatch": tau | {shape_name: torch.zeros(tau[shape_name].shape[0] + 1, *tau[shape_name].shape[1:])},
         "unknown key": tau | {"visual.no_such_tensor": torch.zeros(3)},
         "nan": tau | {name: torch.full_like(tau[name], float("nan"))},
@@ -290,7 +340,10 @@ def _tau_cases(base: dict, tau: dict) -> dict[str, dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("case", ["shape mismatch", "unknown key", "nan", "inf", "-inf in one entry",
                                   "integer tensor", "empty", "truncated data", "truncated header",
-                                  "finetuned identical to base", "finetuned with nan"])
+                                  "finetuned identical to base", "finetuned with nan", "lora_A without its lora_B",
+                                  "lora factors of the wrong shape", "lora rank over the matrix's",
+                                  "lora factors and the dense tensor", "lora factor holding nan",
+                                  "lora product overflowing float32"])
 def test_invalid_task_vector_is_422(stack, world, http, tensors, tmp_path, case):
     base, tau = tensors
     kind = "task_vector"

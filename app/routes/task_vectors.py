@@ -27,7 +27,8 @@ CREATE_BODY = multipart_body({
     "name": {"type": "string", "maxLength": 200},
     "kind": {"type": "string", "enum": ["task_vector", "finetuned"], "default": "task_vector"},
     "class_names": {"type": "string", "description": "JSON array of the task's class names."},
-    "file": FILE_PROPERTY | {"description": "safetensors: tau, or the fine-tuned state dict when kind=finetuned."},
+    "file": FILE_PROPERTY | {"description": "safetensors: tau (dense tensors and/or LoRA factors `<tensor>.lora_A`, "
+                                            "`<tensor>.lora_B`), or the fine-tuned state dict when kind=finetuned."},
 }, ["base_model_id", "name", "file"])
 
 
@@ -61,7 +62,7 @@ def _register(session, blobs: BlobStore, owner: str, upload: Upload, admit: Call
     row = TaskVector(id=new_id("tv"), owner=owner, base_model_id=base.id, name=name, source_kind=kind,
                      sha256=sha, size_bytes=size, tensor_count=len(tau_header.tensors),
                      parameter_count=tau_header.parameter_count, l2_norm=stats.l2_norm,
-                     magnitude_cuts=stats.magnitude_cuts, class_names=class_names)
+                     magnitude_cuts=stats.magnitude_cuts, lora_rank=stats.lora_rank, class_names=class_names)
     add_with_blob(session, blobs, sha, created, row, admit)
     return row
 

@@ -37,7 +37,7 @@ clip bounds the true gradient norm as intended.
 import math
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,7 @@ from engine.metrics import (
     normalised,
 )
 from engine.streaming import merge_streaming
+from engine.task_vectors import TaskVectorFile
 from engine.weights import load_base_model, load_float_deltas
 
 TOWER = "visual."
@@ -93,21 +94,42 @@ def partition_assignment(name: str, shape: Sequence[int], partitions: int, seed:
 
 
 @dataclass
+class LowRankStack:
+    """A block's LoRA task vectors side by side: sum_t c_t B_t A_t = (B * c[owner]) @ A, one matmul whatever
+    the number of vectors, and only the factors held (rank x (out + in) per vector, not out x in)."""
+
+    b: torch.Tensor  # (out, total rank): every vector's lora_B, concatenated along the rank
+    a: torch.Tensor  # (total rank, in): every vector's lora_A, stacked along the rank
+    owner: torch.Tensor  # (total rank,) long: the stack slot each rank column belongs to
+
+    @property
+    def nbytes(self) -> int:
+        return self.b.numel() * self.b.element_size() + self.a.numel() * self.a.element_size()
+
+    def delta(self, column: torch.Tensor) -> torch.Tensor:
+        return (self.b * column[self.owner].to(self.b.dtype)) @ self.a
+
+
+@dataclass
 class Composition:
-    """The image tower's blocks: theta_0 and the stacked task vectors, [n_vectors, *shape] per block; with
-    K > 1 partitions, each block's entries are split by a seeded assignment and get a coefficient each."""
+    """The image tower's blocks: theta_0 and the stacked task vectors, [n_vectors, *shape] per block (LoRA
+    vectors as LowRankStacks of their factors); with K > 1 partitions, each block's entries are split by a
+    seeded assignment and get a coefficient each."""
 
     blocks: list[str]  # full state-dict names, sorted
     base: dict[str, torch.Tensor]
-    stacks: dict[str, torch.Tensor]
+    stacks: dict[str, torch.Tensor]  # dense vectors (a LoRA vector's row is zero where the block has dense ones)
     granularity: str
+    vector_count: int  # the task vectors of the job (with slots, each stack holds fewer)
     partitions: int = 1
     assignments: dict[str, torch.Tensor] | None = None  # K > 1: block name -> uint8 partition per entry
     slots: dict[str, list[int]] | None = None  # memory budget: block name -> the vectors stacked for it
+    low_rank: dict[str, LowRankStack] = field(default_factory=dict)
 
     @property
     def stacked_bytes(self) -> int:
-        return sum(stack.numel() * stack.element_size() for stack in self.stacks.values())
+        return sum(stack.numel() * stack.element_size() for stack in self.stacks.values()) + sum(
+            stack.nbytes for stack in self.low_rank.values())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -115,32 +137,42 @@ class Composition:
 
     @property
     def coefficient_shape(self) -> tuple[int, ...]:
-        n_vectors = self.vector_count if self.slots is not None else next(iter(self.stacks.values())).shape[0]
         if self.partitions > 1:
-            return n_vectors, len(self.blocks), self.partitions
-        return n_vectors, len(self.blocks) if self.granularity == "block" else 1
-
-    vector_count: int | None = None  # with slots: the task vectors of the job (each stack holds fewer)
+            return self.vector_count, len(self.blocks), self.partitions
+        return self.vector_count, len(self.blocks) if self.granularity == "block" else 1
 
     def column(self, block_index: int) -> int:
         return block_index if self.granularity == "block" else 0
 
+    def _block_delta(self, name: str, column: torch.Tensor) -> torch.Tensor:
+        """sum over the block's stacked vectors of column[slot] * tau (column: one coefficient per slot)."""
+        delta = None
+        if name in self.stacks:
+            stack = self.stacks[name]
+            delta = torch.tensordot(column.to(stack.dtype), stack, dims=1)
+        if name in self.low_rank:
+            low_rank = self.low_rank[name].delta(column)
+            delta = low_rank if delta is None else delta + low_rank
+        return delta
+
     def compose(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
         """{block name: theta_0 + tensordot(coefficients of the block, stacked task vectors)}; with vectors held
         in half precision the tensordot runs in it and its result joins theta_0 in theta_0's dtype. With K
-        partitions the tensordot gives one candidate per partition ([K, *shape]) and each entry takes its own."""
+        partitions each partition's coefficients give one candidate ([K, *shape]) and each entry takes its own."""
         composed = {}
         for j, name in enumerate(self.blocks):
-            stack = self.stacks[name]
             if self.partitions > 1:
-                candidates = torch.tensordot(coefficients[:, j, :].T.to(stack.dtype), stack, dims=1)
-                index = self.assignments[name].to(stack.device, torch.long).unsqueeze(0)
+                columns = coefficients[:, j, :]
+                if self.slots is not None:
+                    columns = columns[self.slots[name]]
+                candidates = torch.stack([self._block_delta(name, columns[:, k]) for k in range(self.partitions)])
+                index = self.assignments[name].to(candidates.device, torch.long).unsqueeze(0)
                 delta = candidates.gather(0, index).squeeze(0)
             else:
                 column = coefficients[:, self.column(j)]
                 if self.slots is not None:  # only the selected vectors' coefficients are used (and learned)
                     column = column[self.slots[name]]
-                delta = torch.tensordot(column.to(stack.dtype), stack, dims=1)
+                delta = self._block_delta(name, column)
             composed[name] = self.base[name] + delta.to(self.base[name].dtype)
         return composed
 
@@ -174,30 +206,43 @@ def build_composition(model: torch.nn.Module, task_vectors: list[TaskVectorInput
     parameters = dict(model.named_parameters())
     tower = {name: p for name, p in parameters.items() if name.startswith(TOWER)}
     stacks: dict[str, torch.Tensor] = {}
+    factors: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}  # block -> (slot, B, A) per LoRA vector
     uncomposed = 0
     for index, tv in enumerate(task_vectors):
-        for name, delta in load_float_deltas(tv.path, parameters).items():
+        vector = TaskVectorFile(tv.path)
+        for name in vector.float_names():
+            if name not in parameters:
+                continue
             if name not in tower:
                 uncomposed += 1
                 continue
             slots = selected.get(name, []) if selected is not None else range(len(task_vectors))
             if index not in slots:
                 continue
+            slot, stack_dtype = list(slots).index(index), dtype or tower[name].dtype
+            lora = vector.lora(name)
+            if lora is not None:
+                factors.setdefault(name, []).append((slot, lora[0].to(device, stack_dtype),
+                                                     lora[1].to(device, stack_dtype)))
+                continue
             if name not in stacks:
-                stacks[name] = torch.zeros((len(slots), *tower[name].shape), dtype=dtype or tower[name].dtype,
-                                           device=device)
-            stacks[name][list(slots).index(index)] = delta.to(device)
-    if not stacks:
+                stacks[name] = torch.zeros((len(slots), *tower[name].shape), dtype=stack_dtype, device=device)
+            stacks[name][slot] = vector.tensor(name).to(device)
+    low_rank = {name: LowRankStack(torch.cat([b for _, b, _ in parts], dim=1), torch.cat([a for _, _, a in parts]),
+                                   torch.cat([torch.full((a.shape[0],), slot, dtype=torch.long, device=device)
+                                              for slot, _, a in parts]))
+                for name, parts in factors.items()}
+    if not stacks and not low_rank:
         raise ValueError("no task vector changes the image tower (visual.*): nothing to compose")
-    blocks = sorted(stacks)
+    blocks = sorted(stacks.keys() | low_rank.keys())
     base = {name: tower[name].detach() for name in blocks}  # the frozen model's own tensors, not copies
     assignments = None
     if partitions > 1:
         assignments = {name: partition_assignment(name, base[name].shape, partitions, partition_seed)
                        for name in blocks}
     slots = {name: selected[name] for name in blocks} if selected is not None else None
-    return Composition(blocks, base, stacks, granularity, partitions, assignments, slots, len(task_vectors)), \
-        uncomposed
+    return Composition(blocks, base, stacks, granularity, len(task_vectors), partitions, assignments, slots,
+                       low_rank), uncomposed
 
 
 def gradient_selection(model: torch.nn.Module, task_vectors: list[TaskVectorInput], parts: list["BatchPart"],

@@ -40,6 +40,7 @@ from engine.metrics import given_or_default
 from engine.safetensors_io import read_header, save_tensors
 from engine.scaling_search import SearchSpec, search_scaling, searched
 from engine.streaming import CHUNK, collect_deltas, float32_readers, in_chunks, merge_streaming
+from engine.task_vectors import TaskVectorFile
 from engine.weights import InPlaceWeights, load_base_model, load_float_deltas
 
 CALIBRATION_SPLITS = ("train", "val")
@@ -213,8 +214,8 @@ def _signs(inputs: MergeInputs, params: StaParams) -> list[float]:
 def _float_tensor_counts(inputs: MergeInputs) -> dict[str, int]:
     """Per task vector, its floating-point tensors that the base has (all scored by magnitude without data)."""
     base = read_header(inputs.base_path).tensors
-    return {tv.id: sum(1 for name, info in read_header(tv.path).tensors.items()
-                       if info.is_float and name in base) for tv in inputs.task_vectors}
+    return {tv.id: sum(1 for name in TaskVectorFile(tv.path).float_names() if name in base)
+            for tv in inputs.task_vectors}
 
 
 def _fuse(inputs: MergeInputs, params: StaParams, ctx: JobContext, fused, sources: dict[str, str],
