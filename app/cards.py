@@ -17,6 +17,7 @@ def model_card(checkpoint: Checkpoint, job: Job | None, checkpoint_path) -> dict
         "checkpoint": {"id": checkpoint.id, "sha256": checkpoint.sha256, "size_bytes": checkpoint.size_bytes,
                        "format": checkpoint.format, "created_at": checkpoint.created_at.isoformat()},
         "job_id": checkpoint.job_id,
+        "start_checkpoint_id": job.start_checkpoint_id if job is not None else None,
         **{name: json.loads(metadata[key]) if key in metadata else None for key, name in PROVENANCE_KEYS.items()},
         "file_metadata_keys": sorted(metadata),
     }
@@ -46,6 +47,9 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines += [f"| task vector ({tv.get('kind')}) | {tv.get('name')} | `{tv.get('sha256')}` |"
               for tv in inputs.get("task_vectors", [])]
     lines += [f"| dataset | {d.get('name')} | `{d.get('sha256')}` |" for d in inputs.get("datasets", [])]
+    if inputs.get("start_checkpoint"):
+        lines.append(f"| start checkpoint (merged onto) | {card['start_checkpoint_id']} | "
+                     f"`{inputs['start_checkpoint']['sha256']}` |")
     if card["chosen"]:
         lines += ["", "## Chosen values", "", "| name | value | source |", "|---|---|---|"]
         lines += [f"| {name} | `{json.dumps(c.get('value'))}` | {c.get('source')} |"

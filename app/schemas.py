@@ -88,6 +88,10 @@ class JobFields(StrictModel):
 
     base_model_id: str = Field(description="The base model whose task vectors are composed.")
     task_vectors: list[str] = Field(min_length=1, max_length=64, description="Task vector ids, in order.")
+    start_checkpoint_id: str | None = Field(
+        None, description="Chaining: an earlier job's checkpoint of the same base model to merge onto instead of "
+                          "theta_0 (aTLAS learns its coefficients from there). Accuracies stay normalised by each "
+                          "task's fine-tuned model theta_0 + tau_t.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seeds every random draw: same spec and seed, same bytes.")
 
 
@@ -164,6 +168,7 @@ class JobOut(Out):
     status: JobStatus
     base_model_id: str
     task_vectors: list[str] = Field(validation_alias="task_vector_ids")
+    start_checkpoint_id: str | None = Field(None, description="The checkpoint the merge started from (chaining).")
     params: dict[str, Any]
     seed: int
     progress: ProgressOut

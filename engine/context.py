@@ -44,6 +44,14 @@ class MergeInputs:
     base_spec: ModelSpec
     task_vectors: list[TaskVectorInput]
     datasets: dict[str, DatasetInput] = field(default_factory=dict)
+    # chaining: a full state dict of the same model (an earlier merge) that the merge is written onto instead of
+    # theta_0; task vectors stay tau_t = theta_t - theta_0 and fine-tuned references theta_0 + tau_t
+    start_path: Path | None = None
+
+    @property
+    def onto_path(self) -> Path:
+        """The weights a merge adds its delta to: the start checkpoint, else theta_0."""
+        return self.start_path or self.base_path
 
 
 @dataclass

@@ -34,7 +34,7 @@ class Evaluator:
         self.inputs, self.ctx, self.batch_size = inputs, ctx, batch_size
         self.model = load_base_model(inputs, ctx.device)
         self.heads = HeadFactory(self.model, inputs, ctx)
-        self.weights = InPlaceWeights(self.model, inputs.base_path)
+        self.weights = InPlaceWeights(self.model, inputs.base_path, inputs.start_path)
         self._tasks: dict[tuple[str, str | None], Task] = {}
         self._finetuned: dict[tuple[str, str, str], float] = {}  # (task vector, dataset, split) -> accuracy
 
@@ -43,8 +43,13 @@ class Evaluator:
         self.weights.restore()
 
     def use_deltas(self, deltas: dict[str, torch.Tensor], scale: float = 1.0) -> None:
-        """theta_0 + scale * deltas (float32 tensors by state-dict name)."""
+        """The merge's weights: theta_0 (or the job's start checkpoint) + scale * deltas (float32 tensors by
+        state-dict name)."""
         self.weights.load(deltas, scale)
+
+    def use_finetuned(self, task_vector_id: str) -> None:
+        """The fine-tuned model theta_0 + tau_t (from theta_0 whatever the merge starts from)."""
+        self.weights.load(self.task_vector_deltas(task_vector_id), onto_start=False)
 
     def use_checkpoint(self, path: Path) -> None:
         self.weights.restore()
@@ -84,7 +89,7 @@ class Evaluator:
         key = (target.task_vector_id, target.dataset_id, split)
         if key not in self._finetuned:
             self.ctx.check_cancel()
-            self.use_deltas(self.task_vector_deltas(target.task_vector_id))
+            self.use_finetuned(target.task_vector_id)
             self._finetuned[key] = self.accuracy(self.task(target), split)
             self.use_base()
         return self._finetuned[key]

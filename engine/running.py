@@ -76,7 +76,7 @@ def evaluate(inputs: MergeInputs, weights: Path | None, items: list[EvaluationIt
         if item.reference_checkpoint is not None:
             evaluator.use_checkpoint(item.reference_checkpoint)
         else:
-            evaluator.use_deltas(evaluator.task_vector_deltas(item.reference_task_vector_id))
+            evaluator.use_finetuned(item.reference_task_vector_id)
         references[item.dataset_id] = evaluator.accuracy(evaluator.task(target),
                                                          evaluator.split_of(target, REPORT_SPLITS))
         ctx.report(Progress("references", step, len(referenced), {"dataset_id": item.dataset_id}))

@@ -140,5 +140,5 @@ def write_scaled_merge(inputs: MergeInputs, ctx: JobContext, delta: DeltaMerge, 
             return base + scaling * delta(name, taus)
 
     out = ctx.workdir / "merged.safetensors"
-    count = merge_streaming(inputs.base_path, paths, out, merge, ctx)
+    count = merge_streaming(inputs.onto_path, paths, out, merge, ctx)
     return ScaledMerge(out, count, scaling, chosen_scaling, metrics)

@@ -96,15 +96,16 @@ def merged_tensor_names(header: Header, vectors: list[TaskVectorFile]) -> list[s
                   if info.is_float and any(name in vector.names for vector in vectors))
 
 
-def merge_streaming(base_path: Path, vector_paths: list[Path], out_path: Path,
+def merge_streaming(onto_path: Path, vector_paths: list[Path], out_path: Path,
                     merge: TensorMerge, ctx: JobContext, stage: str = "merging") -> int:
-    """Write out_path = merge(base, vectors) tensor by tensor; returns the number of tensors written.
+    """Write out_path = merge(onto, vectors) tensor by tensor; returns the number of tensors written.
 
-    Tensors absent from every vector and non-float tensors are copied from the base unchanged.
+    onto is what the merge adds to: theta_0 (the base file), or a start checkpoint of the same model
+    (MergeInputs.onto_path). Tensors absent from every vector and non-float tensors are copied from it unchanged.
     """
-    header = read_header(base_path)
+    header = read_header(onto_path)
     entries = [(name, info.dtype, info.shape) for name, info in header.tensors.items()]
-    with open_vectors(base_path, vector_paths) as (base, vectors), \
+    with open_vectors(onto_path, vector_paths) as (base, vectors), \
             StreamingWriter(out_path, entries, ctx.metadata) as writer:
         total = len(writer.names)
         for step, name in enumerate(writer.names, start=1):

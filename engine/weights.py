@@ -126,26 +126,33 @@ def load_float_deltas(path: Path, model_tensors: dict[str, torch.Tensor]) -> dic
 
 
 class InPlaceWeights:
-    """Sets a model's tensors to theta_0 + scale * delta in place, theta_0 read from the base file.
+    """Sets a model's tensors to origin + scale * delta in place, the origin read from its file: theta_0, or a
+    start checkpoint (chaining) for the weights a merge is written onto.
 
-    Re-reading theta_0 from the memory-mapped base keeps one model copy in memory,
+    Re-reading the origin from its memory map keeps one model copy in memory,
     and restores it exactly (no drift from adding and subtracting deltas).
     """
 
-    def __init__(self, model: torch.nn.Module, base_path: Path):
+    def __init__(self, model: torch.nn.Module, base_path: Path, start_path: Path | None = None):
         self.tensors = model.state_dict(keep_vars=True)
-        self.base_path = base_path
-        self._touched: set[str] = set()
+        self.base_path, self.start_path = base_path, start_path
+        self._start_names = set(read_header(start_path).tensors) & set(self.tensors) if start_path else set()
+        self._touched: set[str] = set()  # tensors that differ from theta_0
 
     @torch.no_grad()
-    def load(self, deltas: dict[str, torch.Tensor], scale: float = 1.0) -> None:
-        with safe_open(str(self.base_path), framework="pt") as base:
-            for name in sorted(self._touched | set(deltas)):
-                value = base.get_tensor(name).float()
+    def load(self, deltas: dict[str, torch.Tensor], scale: float = 1.0, onto_start: bool = True) -> None:
+        """origin + scale * deltas, the origin being the start checkpoint if there is one and onto_start, else
+        theta_0; restore() returns to theta_0."""
+        from_start = onto_start and self.start_path is not None
+        origin = self.start_path if from_start else self.base_path
+        set_now = set(deltas) | (self._start_names if from_start else set())
+        with safe_open(str(origin), framework="pt") as source:
+            for name in sorted(self._touched | set_now):
+                value = source.get_tensor(name).float()
                 if name in deltas:
                     value = value + scale * deltas[name]
                 self.tensors[name].copy_(value)
-        self._touched = set(deltas)
+        self._touched = set_now
 
     @torch.no_grad()
     def load_checkpoint(self, path: Path) -> None:
@@ -158,4 +165,4 @@ class InPlaceWeights:
                     self._touched.add(name)
 
     def restore(self) -> None:
-        self.load({})
+        self.load({}, onto_start=False)

@@ -163,9 +163,11 @@ def delete_finished(session: Session, job_id: str) -> bool:
     return _changed(session, delete(Job).where(Job.id == job_id, Job.status.in_(FINISHED)))
 
 
-def active_evaluations_of(session: Session, checkpoint_id: str) -> list[str]:
-    """Queued or running evaluation jobs that read this checkpoint (named in their params)."""
-    evaluations = session.scalars(select(Job).where(Job.kind == JobKind.EVALUATION.value, Job.status.in_(ACTIVE)))
-    return [job.id for job in evaluations
-            if checkpoint_id in (job.params.get("checkpoint_id"),
-                                 *(item.get("reference_checkpoint_id") for item in job.params["datasets"]))]
+def active_jobs_reading(session: Session, checkpoint_id: str) -> list[str]:
+    """Queued or running jobs that read this checkpoint: evaluations naming it in their params, merges starting
+    from it."""
+    active = session.scalars(select(Job).where(Job.status.in_(ACTIVE)))
+    return [job.id for job in active
+            if job.start_checkpoint_id == checkpoint_id or job.kind == JobKind.EVALUATION.value and checkpoint_id in (
+                job.params.get("checkpoint_id"),
+                *(item.get("reference_checkpoint_id") for item in job.params["datasets"]))]

@@ -151,6 +151,8 @@ class Job(Base):
     method: Mapped[str | None] = mapped_column(String(40))  # None for evaluations
     base_model_id: Mapped[str] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"), index=True)
     task_vector_ids: Mapped[list] = mapped_column(JSON)
+    # chaining: the checkpoint a merge is written onto instead of theta_0 (migration 0008 says why no foreign key)
+    start_checkpoint_id: Mapped[str | None] = mapped_column(String(40))
     params: Mapped[dict] = mapped_column(JSON)
     seed: Mapped[int] = mapped_column(Integer, default=0)
     request_hash: Mapped[str] = mapped_column(String(64))

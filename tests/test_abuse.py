@@ -346,9 +346,12 @@ def test_jobs_and_checkpoints_can_be_deleted_once_nothing_runs_on_them(stack, ht
         dataset = http.post("/v1/datasets", data={"name": "eval", "class_names": '["a", "b"]'},
                             files={"file": ("d.npz", content)}).json()
         evaluation = client.create_evaluation([{"dataset_id": dataset["id"]}], checkpoint_id=checkpoint_id)
+        chained = client.create_job("task_arithmetic", base_id, [vector["id"]], start_checkpoint_id=checkpoint_id)
     assert_problem(http.delete(f"/v1/checkpoints/{checkpoint_id}"), 409)  # a queued evaluation reads it
+    http.post(f"/v1/jobs/{evaluation['id']}/cancel")
+    assert_problem(http.delete(f"/v1/checkpoints/{checkpoint_id}"), 409)  # a queued merge starts from it
     assert_problem(http.delete(f"/v1/jobs/{blocker['id']}"), 409)  # running
-    for job_id in (evaluation["id"], blocker["id"]):
+    for job_id in (chained["id"], blocker["id"]):
         http.post(f"/v1/jobs/{job_id}/cancel")
     with stack.client() as client:
         assert client.wait_for_job(blocker["id"], timeout_s=60)["status"] == "cancelled"

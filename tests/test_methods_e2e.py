@@ -76,10 +76,11 @@ def registered_lora(stack, registered, quick_bench_assets, tmp_path_factory):
     return base_id, lora_ids, paths
 
 
-def run_over_http(stack, base_id, ids, method, params, download_to: Path):
+def run_over_http(stack, base_id, ids, method, params, download_to: Path, start_checkpoint_id: str | None = None):
     """Submit, follow the job's Server-Sent Events to the end, download the checkpoint."""
     with stack.client() as client:
-        job = client.create_job(method, base_id, [tv for tv, _ in ids.values()], params, seed=7)
+        job = client.create_job(method, base_id, [tv for tv, _ in ids.values()], params, seed=7,
+                                start_checkpoint_id=start_checkpoint_id)
         events = list(client.events(job["id"]))
         final = events[-1][1]
         assert final["status"] == "succeeded", final["error"]
@@ -210,3 +211,44 @@ def test_every_method_merges_lora_task_vectors_over_http(method, stack, register
         assert final["result"]["metrics"]["stacked_vector_bytes"] < dense_bytes / 2
     else:
         assert any(not torch.equal(merged[name], base[name]) for name in factored), "no factored tensor changed"
+
+
+def test_atlas_chained_onto_an_iso_cts_checkpoint_over_http(stack, registered, quick_bench_assets, tmp_path):
+    """A job names an earlier job's checkpoint as its start: aTLAS learns from the Iso-CTS merge, the checkpoint is
+    the engine's from the same start, accuracies stay normalised by theta_0 + tau_t, and the start checkpoint
+    cannot be deleted under a queued job or come from another base model."""
+    from dataclasses import replace
+
+    base_id, ids = registered
+    task_datasets = {tv: ds for tv, ds in ids.values()}
+    first, _, _ = run_over_http(stack, base_id, ids, "iso_cts", {}, tmp_path / "iso_cts.safetensors")
+    start_id = first["result"]["checkpoint_id"]
+    params = {"task_datasets": task_datasets, "epochs": 1, "batch_size": 32}
+    final, _, _ = run_over_http(stack, base_id, ids, "atlas", params, tmp_path / "chained.safetensors", start_id)
+    assert final["start_checkpoint_id"] == start_id
+    inputs = replace(engine_inputs(quick_bench_assets, ids), start_path=tmp_path / "iso_cts.safetensors")
+    direct = run_directly("atlas", params, inputs, tmp_path / "direct", int(stack.env["TVFORGE_TORCH_THREADS"]))
+    assert_same_tensors(tmp_path / "chained.safetensors", direct.checkpoint_path)
+    plain = run_directly("atlas", params, engine_inputs(quick_bench_assets, ids), tmp_path / "plain",
+                         int(stack.env["TVFORGE_TORCH_THREADS"]))
+    assert final["result"]["metrics"]["evaluation"] == direct.metrics["evaluation"]
+    assert final["result"]["metrics"]["evaluation"]["datasets"] != plain.metrics["evaluation"]["datasets"]
+    with stack.client() as client:
+        card = client.http.get(f"/v1/checkpoints/{final['result']['checkpoint_id']}/card").json()
+        markdown = client.http.get(f"/v1/checkpoints/{final['result']['checkpoint_id']}/card?format=markdown").text
+        start_sha = client.http.get(f"/v1/checkpoints/{start_id}").json()["sha256"]
+    assert card["inputs"]["start_checkpoint"] == {"sha256": start_sha} and card["start_checkpoint_id"] == start_id
+    assert f"| start checkpoint (merged onto) | {start_id} | `{start_sha}` |" in markdown
+
+    with stack.client() as client:
+        other = client.register_base_model("other-base", quick_bench_assets.base_path,
+                                           config=quick_bench_assets.model_config)
+        other_vector = client.upload_task_vector(other["id"], "other", quick_bench_assets.tasks[0].vector_path)
+        response = client.http.post("/v1/jobs", json={"method": "task_arithmetic", "base_model_id": other["id"],
+                                                      "task_vectors": [other_vector["id"]],
+                                                      "start_checkpoint_id": start_id})
+        assert response.status_code == 422 and response.json()["errors"][0]["loc"] == ["body", "start_checkpoint_id"]
+        response = client.http.post("/v1/jobs", json={"method": "task_arithmetic", "base_model_id": base_id,
+                                                      "task_vectors": [next(iter(task_datasets))],
+                                                      "start_checkpoint_id": "ckpt_none"})
+        assert response.status_code == 404

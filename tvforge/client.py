@@ -55,6 +55,7 @@ class TaskVectorInfo(TypedDict):
     tensor_count: int
     parameter_count: int
     l2_norm: float
+    lora_rank: int | None  # the largest rank of its LoRA factors; None for a dense vector
     class_names: list[str] | None
     created_at: str
 
@@ -89,6 +90,7 @@ class JobInfo(TypedDict):
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     base_model_id: str
     task_vectors: list[str]
+    start_checkpoint_id: str | None  # chaining: the checkpoint the merge started from
     params: dict[str, Any]
     seed: int
     progress: JobProgress
@@ -324,10 +326,14 @@ class TvforgeClient:
         return self._json(self.request("POST", path, json=body, headers=headers))
 
     def create_job(self, method: str, base_model_id: str, task_vectors: list[str], params: dict | None = None,
-                   seed: int = 0, idempotency_key: str | None = None) -> JobInfo:
-        return self._submit("/v1/jobs", {"method": method, "base_model_id": base_model_id,
-                                         "task_vectors": task_vectors, "params": params or {}, "seed": seed},
-                            idempotency_key)
+                   seed: int = 0, idempotency_key: str | None = None,
+                   start_checkpoint_id: str | None = None) -> JobInfo:
+        """start_checkpoint_id: merge onto an earlier job's checkpoint instead of theta_0 (chaining)."""
+        body = {"method": method, "base_model_id": base_model_id, "task_vectors": task_vectors,
+                "params": params or {}, "seed": seed}
+        if start_checkpoint_id is not None:
+            body["start_checkpoint_id"] = start_checkpoint_id
+        return self._submit("/v1/jobs", body, idempotency_key)
 
     def create_evaluation(self, datasets: list[dict], checkpoint_id: str | None = None,
                           base_model_id: str | None = None, idempotency_key: str | None = None) -> JobInfo:

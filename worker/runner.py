@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlalchemy import select
@@ -128,6 +128,12 @@ def _load(job_id: str) -> _LoadedJob:
             datasets={d.id: DatasetInput(d.id, d.name, blobs.path(d.sha256), d.class_names, d.templates)
                       for d in datasets},
         )
+        start = None
+        if job.start_checkpoint_id is not None:
+            start = session.get(Checkpoint, job.start_checkpoint_id)
+            if start is None:
+                raise ValueError(f"checkpoint {job.start_checkpoint_id} was deleted after this job was queued")
+            inputs = replace(inputs, start_path=blobs.path(start.sha256))
         checkpoint_paths = {}
         if job.kind == JobKind.EVALUATION:
             named = [job.params.get("checkpoint_id")]
@@ -137,19 +143,24 @@ def _load(job_id: str) -> _LoadedJob:
             missing = sorted({i for i in named if i} - set(checkpoint_paths))
             if missing:
                 raise ValueError(f"checkpoints {missing} were deleted after this evaluation was queued")
-        provenance = checkpoint_provenance(job, base, [vectors[tv_id] for tv_id in job.task_vector_ids], datasets)
+        provenance = checkpoint_provenance(job, base, [vectors[tv_id] for tv_id in job.task_vector_ids], datasets,
+                                           start)
         return _LoadedJob(job.kind, job.method, job.params, job.seed, inputs, base.id, job.owner, checkpoint_paths,
                           provenance)
 
 
-def checkpoint_provenance(job: Job, base: BaseModel, vectors: list[TaskVector], datasets: list[Dataset]) -> dict:
-    """What made the checkpoint, as safetensors metadata (JSON strings): the recipe, every input's sha256 and the
-    software. No job id or time: the same spec and seed must still give the same bytes."""
+def checkpoint_provenance(job: Job, base: BaseModel, vectors: list[TaskVector], datasets: list[Dataset],
+                          start: Checkpoint | None = None) -> dict:
+    """What made the checkpoint, as safetensors metadata (JSON strings): the recipe, every input's sha256 (the
+    start checkpoint's too, when chained) and the software. No job id or time: the same spec and seed must still
+    give the same bytes."""
     recipe = {"method": job.method, "params": job.params, "seed": job.seed}
     inputs = {"base_model": {"name": base.name, "sha256": base.sha256, "architecture": base.architecture,
                              "config": base.config},
               "task_vectors": [{"name": tv.name, "sha256": tv.sha256, "kind": tv.source_kind} for tv in vectors],
               "datasets": [{"name": d.name, "sha256": d.sha256} for d in sorted(datasets, key=lambda d: d.id)]}
+    if start is not None:
+        inputs["start_checkpoint"] = {"sha256": start.sha256}
     return {"tvforge.recipe": json.dumps(recipe, sort_keys=True), "tvforge.inputs": json.dumps(inputs, sort_keys=True),
             "tvforge.software": json.dumps(software_versions(), sort_keys=True)}
 

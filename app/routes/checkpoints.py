@@ -45,7 +45,8 @@ def delete_checkpoint(checkpoint_id: str, owner: OwnerDep, session: SessionDep):
     """The job stays, its result still naming the checkpoint (which then answers 404); the file is removed by the
     blob collector once nothing references it."""
     row = owned_or_404(session, Checkpoint, checkpoint_id, owner)
-    if jobs.active_evaluations_of(session, row.id):
-        raise Problem(409, "A queued or running evaluation reads this checkpoint.", slug="in-use")
+    if jobs.active_jobs_reading(session, row.id):
+        raise Problem(409, "A queued or running job reads this checkpoint (an evaluation, or a merge starting from "
+                           "it).", slug="in-use")
     session.delete(row)
     session.commit()

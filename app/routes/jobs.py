@@ -16,7 +16,7 @@ from store import jobs
 from store.db import session_scope
 from store.ids import new_id
 from store.jobs import JobStatus
-from store.models import BaseModel, Dataset, Job, JobInput, JobKind, TaskVector
+from store.models import BaseModel, Checkpoint, Dataset, Job, JobInput, JobKind, TaskVector
 from store.queries import page
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=PROBLEM_RESPONSES,
@@ -35,6 +35,10 @@ def _check_inputs(session, owner: str, body: JobFields) -> list[str]:
         tv = owned_or_404(session, TaskVector, tv_id, owner)
         if tv.base_model_id != body.base_model_id:
             raise invalid(["task_vectors", index], f"Task vector {tv_id} belongs to another base model")
+    if body.start_checkpoint_id is not None:
+        start = owned_or_404(session, Checkpoint, body.start_checkpoint_id, owner)
+        if session.get(Job, start.job_id).base_model_id != body.base_model_id:
+            raise invalid(["start_checkpoint_id"], "The start checkpoint belongs to another base model")
     strays = sorted(set(body.params.task_vector_ids()) - set(body.task_vectors))
     if strays:
         raise invalid(["params"], f"Parameters name task vectors that are not in the job: {', '.join(strays)}")
@@ -90,6 +94,7 @@ def create_job(body: JobCreate, response: Response, owner: OwnerDep, session: Se
         # The params echoed back are the ones the request set; defaults and chosen values go to result.metrics.
         return Job(id=new_id("job"), owner=owner, kind=JobKind.MERGE.value, method=body.method,
                    base_model_id=body.base_model_id, task_vector_ids=body.task_vectors,
+                   start_checkpoint_id=body.start_checkpoint_id,
                    params=body.params.model_dump(mode="json", exclude_unset=True), seed=body.seed,
                    request_hash=digest, inputs=[JobInput(task_vector_id=tv) for tv in body.task_vectors]
                    + [JobInput(dataset_id=ds) for ds in dataset_ids])

@@ -9,6 +9,10 @@ the pre-trained model) requires grad. Task-vector tensors outside the image
 tower get no gradient from image classification with frozen text heads; they
 are not composed and stay at theta_0 (counted in metrics["uncomposed_tensors"]).
 
+Chaining (MergeInputs.start_path, e.g. an Iso-CTS result): the composition starts from that checkpoint,
+theta(Lambda) = theta_start + sum_t Lambda[t, b] * tau_t[b], and the checkpoint is written onto it; the
+fine-tuned references that normalise accuracies stay theta_0 + tau_t, and the heads come from theta_0.
+
 Training follows fredzzhang/atlas (learn_task_addition.py, learn_few_shots.py,
 learn_task_negation.py): AdamW (weight decay 0.1), gradient-norm clip 1.0, fp16
 autocast with loss scaling on CUDA; the schedule, the epoch length and the split
@@ -74,7 +78,7 @@ from engine.metrics import (
 )
 from engine.streaming import merge_streaming
 from engine.task_vectors import TaskVectorFile
-from engine.weights import load_base_model, load_float_deltas
+from engine.weights import InPlaceWeights, load_base_model, load_float_deltas
 
 TOWER = "visual."
 CROP_SCALE = (0.5, 1.0)
@@ -532,7 +536,9 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
 
     model = load_base_model(inputs, device)
     heads = HeadFactory(model, inputs, ctx)
-    tasks = load_tasks(inputs, params, heads)
+    tasks = load_tasks(inputs, params, heads)  # every head from theta_0's text tower
+    weights = InPlaceWeights(model, inputs.base_path, inputs.start_path)
+    weights.load({})  # chaining: theta_0 -> the start checkpoint, in place (the composition's base); else nothing
     partition_seed = params.partition_seed if params.partition_seed is not None else ctx.seed
     selected = None
     if params.vectors_per_block is not None:  # drawn from their own stream: training's batches stay the same
@@ -560,9 +566,11 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
                                           params.eval_batch_size, device) for task in selection_tasks}
 
     finetuned = {}
-    if mode == "addition":
+    if mode == "addition":  # the fine-tuned references theta_0 + tau_t, whatever the composition starts from
+        weights.restore()
         finetuned = {task.name: tower.accuracy(one_hot(task), task, task.splits[selection_splits[task.name]],
                                                params.eval_batch_size, device) for task in selection_tasks}
+        weights.load({})
 
     def epoch_entry(epoch: int, loss: float | None) -> dict:
         entry = {"epoch": epoch, "loss": loss, "accuracy": accuracies(coefficients), "splits": selection_splits}
@@ -716,4 +724,4 @@ def write_checkpoint(inputs: MergeInputs, coefficients: dict, out: Path, ctx: Jo
             merged += (torch.tensor(value, dtype=base.dtype)[index] if index is not None else value) * tau
         return merged
 
-    return merge_streaming(inputs.base_path, [tv.path for tv in inputs.task_vectors], out, merge, ctx)
+    return merge_streaming(inputs.onto_path, [tv.path for tv in inputs.task_vectors], out, merge, ctx)

@@ -247,7 +247,7 @@ def _fuse(inputs: MergeInputs, params: StaParams, ctx: JobContext, fused, source
         return base + scaling * fused(name, taus)
 
     out = ctx.workdir / "merged.safetensors"
-    count = merge_streaming(inputs.base_path, paths, out, merge, ctx, stage="fusion")
+    count = merge_streaming(inputs.onto_path, paths, out, merge, ctx, stage="fusion")
     metrics.update(chosen=chosen, importance_source=sources, magnitude_tensors=magnitude_tensors, tensors=count)
     if isinstance(fused, MagnitudeFusion):
         metrics["mask_density"] = fused.densities([tv.id for tv in inputs.task_vectors])

@@ -69,6 +69,6 @@ def run(inputs: MergeInputs, params: TaskArithmeticParams, ctx: JobContext) -> M
         return scaled_sum(base, taus, scale)
 
     out = ctx.workdir / "merged.safetensors"
-    count = merge_streaming(inputs.base_path, [tv.path for tv in inputs.task_vectors], out, merge, ctx)
+    count = merge_streaming(inputs.onto_path, [tv.path for tv in inputs.task_vectors], out, merge, ctx)
     metrics["chosen"] = {"scaling": chosen_scaling, "operation": given_or_default(params, "operation")}
     return MethodResult(out, metrics={**metrics, "tensors": count})
