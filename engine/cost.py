@@ -73,7 +73,17 @@ def first_split(sizes: dict[str, int], order: tuple[str, ...]) -> int:
     return next((sizes[s] for s in order if sizes.get(s)), 0)
 
 
-def atlas_estimate(params, shape: TowerShape, n_vectors: int, split_sizes: dict[str, dict[str, int]],
+def stacked_entries(shape: TowerShape, vector_parameters: list[int], vectors_per_block: int | None) -> int:
+    """At most how many task-vector values aTLAS stacks: each vector's image-tower share, which is no more than
+    the tower or than the values its file stores (LoRA factors, not their products); a memory budget of b
+    vectors per block stacks at most b towers' worth."""
+    entries = sum(min(shape.visual_parameters, stored) for stored in vector_parameters)
+    if vectors_per_block is not None:
+        entries = min(entries, vectors_per_block * shape.visual_parameters)
+    return entries
+
+
+def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], split_sizes: dict[str, dict[str, int]],
                    dataset_side: int, runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
     """aTLAS: epochs x steps x batch training images (forward and backward), every epoch's selection
     evaluation, and memory for theta_0, the stacked vectors, the composed tower, a batch's activations and
@@ -107,7 +117,8 @@ def atlas_estimate(params, shape: TowerShape, n_vectors: int, split_sizes: dict[
     if params.partitions > 1:
         partition_bytes = shape.visual_parameters + params.partitions * FLOAT32 * shape.visual_parameters // max(
             1, shape.layers or 1)
-    peak = (runtime_bytes + shape.parameters * FLOAT32 + n_vectors * shape.visual_parameters * vector_bytes
+    stacked = stacked_entries(shape, vector_parameters, params.vectors_per_block)
+    peak = (runtime_bytes + shape.parameters * FLOAT32 + stacked * vector_bytes
             + 2 * shape.visual_parameters * FLOAT32 + partition_bytes
             + shape.activation_bytes(params.batch_size) + shape.image_bytes(params.batch_size)
             + dataset_bytes(split_sizes, dataset_side))
@@ -126,13 +137,15 @@ def search_estimate(params, shape: TowerShape, split_sizes: dict[str, dict[str, 
     return JobEstimate(grid * validation + reports, peak)
 
 
-def estimate_job(method: str, params, shape: TowerShape, n_vectors: int, split_sizes: dict[str, dict[str, int]],
-                 dataset_side: int, runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
-    """The estimate of a `method` job with these params over datasets of these split sizes (dataset id ->
-    {split: images}) whose images are dataset_side pixels square; runtime_bytes: the process before any
-    tensor (a worker knows its own; the default is this machine's)."""
+def estimate_job(method: str, params, shape: TowerShape, vector_parameters: list[int],
+                 split_sizes: dict[str, dict[str, int]], dataset_side: int,
+                 runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
+    """The estimate of a `method` job with these params over task vectors storing these numbers of values (their
+    files' parameter counts) and datasets of these split sizes (dataset id -> {split: images}) whose images are
+    dataset_side pixels square; runtime_bytes: the process before any tensor (a worker knows its own; the
+    default is this machine's)."""
     if method == "atlas":
-        return atlas_estimate(params, shape, n_vectors, split_sizes, dataset_side, runtime_bytes)
+        return atlas_estimate(params, shape, vector_parameters, split_sizes, dataset_side, runtime_bytes)
     grid = SEARCH_POINTS if getattr(params, "validation_datasets", None) else 0
     estimate = search_estimate(params, shape, split_sizes, grid, dataset_side, runtime_bytes)
     calibrated = len(getattr(params, "calibration_datasets", {}) or {})

@@ -101,4 +101,5 @@ def estimate_inputs(spec: MethodSpec, inputs: MergeInputs, params: MethodParams,
     for dataset_id, dataset in inputs.datasets.items():
         sizes[dataset_id] = split_sizes(dataset.path)
         side = max(side, image_side(dataset.path))
-    return estimate_job(spec.name, params, shape, len(inputs.task_vectors), sizes, side, runtime_bytes)
+    stored = [read_header(tv.path).parameter_count for tv in inputs.task_vectors]
+    return estimate_job(spec.name, params, shape, stored, sizes, side, runtime_bytes)

@@ -143,8 +143,20 @@ def test_the_memory_estimate_bounds_a_measured_atlas_run_within_a_factor_of_two(
     shape = TowerShape.from_config(config, tensor_counts.parameter_count, tensor_counts.visual_parameter_count)
     params = AtlasParams(objective="entropy", target_dataset_id="ds", epochs=1, batch_size=batch)
     # The runtime differs between installs (0.74 to 1.6 GiB seen): the estimate is given this process's.
-    estimate = estimate_job("atlas", params, shape, len(vectors), {"ds": {"train": 256}}, side,
+    stored = [read_header(path).parameter_count for path in vectors]
+    estimate = estimate_job("atlas", params, shape, stored, {"ds": {"train": 256}}, side,
                             runtime_bytes=report["baseline"])
     print(f"{'wide' if wide else 'tiny'} batch {batch}: runtime {report['baseline'] / 2**20:.0f} MiB, measured "
           f"{measured / 2**20:.0f} MiB, estimated {estimate.peak_bytes / 2**20:.0f} MiB")
     assert measured <= estimate.peak_bytes <= 2 * measured
+
+
+def test_stacked_vectors_are_counted_as_their_files_store_them():
+    """A LoRA vector stacks its factors, not their products; a dense one at most the image tower; a memory budget
+    of b vectors per block at most b towers."""
+    from engine.cost import TowerShape, stacked_entries
+
+    shape = TowerShape(parameters=1000, visual_parameters=600, image_size=32)
+    assert stacked_entries(shape, [1000, 600, 50], None) == 600 + 600 + 50
+    assert stacked_entries(shape, [1000, 600, 50], 1) == 600
+    assert stacked_entries(shape, [50, 40], 2) == 90

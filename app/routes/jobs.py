@@ -58,7 +58,8 @@ def _estimate(session, body: JobFields, dataset_ids: list[str]) -> JobEstimate:
     datasets = [session.get(Dataset, dataset_id) for dataset_id in dataset_ids]
     sizes = {d.id: {split: info["count"] for split, info in d.splits.items()} for d in datasets}
     side = max((max(d.image_shape[:2]) for d in datasets), default=0)
-    return estimate_job(body.method, body.params, shape, len(body.task_vectors), sizes, side)
+    stored = [session.get(TaskVector, tv_id).parameter_count for tv_id in body.task_vectors]
+    return estimate_job(body.method, body.params, shape, stored, sizes, side)
 
 
 def _within_bounds(estimate: JobEstimate, settings) -> None:
