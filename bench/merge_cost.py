@@ -122,14 +122,15 @@ def _save_synced(tensors: dict, path: Path) -> None:
 
 def child_merge(method: str, architecture: str, base_path: str, vector_paths: list[str], out_dir: str,
                 threads: str) -> dict:
-    """One merge as a worker runs it: the task vectors carry the top-k cuts their upload measured (timed
-    apart, as upload_cuts_seconds), except for ties_no_upload_cuts, which measures them in the merge."""
+    """One merge as a worker runs it: the task vectors carry the top-k cuts (TIES) or per-tensor mean magnitudes
+    (STA) their upload measured (timed apart, per vector, as upload_cuts_seconds / upload_means_seconds), except
+    for ties_no_upload_cuts, which measures the cuts in the merge."""
     import dataclasses
 
     from engine.context import JobContext, MergeInputs, ModelSpec, TaskVectorInput
     from engine.kernels import warm_up
     from engine.methods.catalogue import get_method
-    from engine.selection import file_top_k_cuts
+    from engine.selection import file_magnitude_means, file_top_k_cuts
 
     _threads(threads)
     with_cuts = method == "ties"  # the one method that reads them
@@ -138,14 +139,20 @@ def child_merge(method: str, architecture: str, base_path: str, vector_paths: li
     warm_up()  # as a worker does when its process starts
     inputs = MergeInputs(Path(base_path), ModelSpec(architecture=architecture),
                          [TaskVectorInput(f"tv{i}", f"tv{i}", Path(p)) for i, p in enumerate(vector_paths)])
-    upload_cuts = 0.0
+    upload_cuts = upload_means = 0.0
     if with_cuts:
         start = time.perf_counter()
         vectors = [dataclasses.replace(tv, magnitude_cuts=file_top_k_cuts(tv.path)) for tv in inputs.task_vectors]
         upload_cuts = (time.perf_counter() - start) / len(vectors)
         inputs = dataclasses.replace(inputs, task_vectors=vectors)
+    if method == "sta":
+        start = time.perf_counter()
+        vectors = [dataclasses.replace(tv, magnitude_means=file_magnitude_means(tv.path))
+                   for tv in inputs.task_vectors]
+        upload_means = (time.perf_counter() - start) / len(vectors)
+        inputs = dataclasses.replace(inputs, task_vectors=vectors)
     measured = _timed(lambda: runner(inputs, spec.params(), JobContext(workdir=Path(out_dir))))
-    return measured | {"upload_cuts_seconds": upload_cuts}
+    return measured | {"upload_cuts_seconds": upload_cuts, "upload_means_seconds": upload_means}
 
 
 def child_script(base_path: str, vector_paths: list[str], out_dir: str, threads: str) -> dict:
@@ -262,12 +269,15 @@ def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option(
                          "bound_seconds": bound, "ratio_to_bound": seconds / bound,
                          "upload_cuts_seconds_per_vector": statistics.median(r.get("upload_cuts_seconds", 0.0)
                                                                              for r in runs[method]),
+                         "upload_means_seconds_per_vector": statistics.median(r.get("upload_means_seconds", 0.0)
+                                                                              for r in runs[method]),
                          "input_mib": sum(Path(p).stat().st_size for p in [*paths, base_path]) / 2**20})
     header = ("| method | N | inputs (MiB) | time (s) | bound (s) | time / bound | peak anon (MiB) | anon growth (MiB) "
-              "| peak RSS (MiB) | upload cuts (s per vector) |")
+              "| peak RSS (MiB) | upload stats (s per vector) |")
     lines = [header, "|" + "---|" * 10]
     for r in rows:
-        cuts = f"{r['upload_cuts_seconds_per_vector']:.2f}" if r["method"] == "ties" else "-"
+        upload = {"ties": r["upload_cuts_seconds_per_vector"], "sta": r["upload_means_seconds_per_vector"]}
+        cuts = f"{upload[r['method']]:.2f}" if r["method"] in upload else "-"
         lines.append(f"| {r['method']} | {r['task_vectors']} | {r['input_mib']:.0f} | {r['seconds']:.2f} | "
                      f"{r['bound_seconds']:.2f} | {r['ratio_to_bound']:.2f} | {r['peak_anon_mib']:.0f} | "
                      f"{r['anon_growth_mib']:.0f} | {r['peak_rss_mib']:.0f} | {cuts} |")

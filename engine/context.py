@@ -24,6 +24,7 @@ class TaskVectorInput:
     path: Path
     class_names: list[str] | None = None
     magnitude_cuts: list[float] | None = None  # global top-k cuts for engine.selection.PERCENTS, if measured
+    magnitude_means: dict[str, float] | None = None  # mean |tau| per tensor (engine.selection), if measured
 
 
 @dataclass(frozen=True)

@@ -198,3 +198,12 @@ def warm_up() -> None:
         dare_drop(values, np.uint64(1), 0, 0.5, np.float32(0.5), np.empty(4, np.float32))
         threshold_accumulate(values, np.float32(1.0), np.float32(1.0), np.float32(1.0), np.zeros(4, np.float32))
 
+
+
+@numba.njit(cache=True, nogil=True)
+def abs_sum(values: np.ndarray) -> float:
+    """sum |v| over a float32 chunk, accumulated in float64 in index order."""
+    total = 0.0
+    for j in range(values.shape[0]):
+        total += abs(np.float64(values[j]))
+    return total

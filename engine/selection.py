@@ -8,15 +8,35 @@ value torch.kthvalue gives over the concatenated magnitudes (ties included), at 
 """
 import math
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from engine.kernels import HIGH_BINS, LOW_BINS, high_histogram, low_histograms
+from engine.kernels import HIGH_BINS, LOW_BINS, abs_sum, high_histogram, low_histograms
 from engine.streaming import CHUNK
 from engine.task_vectors import TaskVectorFile
 
 PERCENTS = tuple(range(1, 101))  # the top_k values whose cuts a task vector carries from its upload
+
+
+def mean_magnitude(read: Callable[[int, int], np.ndarray], numel: int) -> np.float32:
+    """mean |x| over a tensor read chunk by chunk, in float32: chunk sums in float64, added in chunk order, so
+    the value is the same whatever reads it and on however many threads (an upload measures it, STA's data-free
+    masks use it); 0 for an empty tensor."""
+    if numel == 0:
+        return np.float32(0.0)
+    total = 0.0
+    for start in range(0, numel, CHUNK):
+        total += abs_sum(read(start, min(numel, start + CHUNK)))
+    return np.float32(total / numel)
+
+
+def file_magnitude_means(path: Path) -> dict[str, float]:
+    """mean |tau| of every float tensor of a task vector file (LoRA factors as their product), by name."""
+    vector = TaskVectorFile(path)
+    return {name: float(mean_magnitude(partial(vector.float32, name), math.prod(vector.shape(name))))
+            for name in vector.float_names()}
 
 
 def _bin_from_top(counts: np.ndarray, rank: int) -> tuple[int, int]:

@@ -120,6 +120,8 @@ class TaskVector(Base):
     # TIES's global cut for top_k = 1, 2, ..., 100 percent (engine.selection.PERCENTS), measured at upload;
     # None for rows older than migration 0006 (a merge then measures them)
     magnitude_cuts: Mapped[list | None] = mapped_column(JSON)
+    # mean |tau| per tensor name (engine.selection.mean_magnitude), measured at upload; None before migration 0009
+    magnitude_means: Mapped[dict | None] = mapped_column(JSON)
     lora_rank: Mapped[int | None] = mapped_column(Integer)  # the largest rank of its LoRA factors; None: dense
     class_names: Mapped[list | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

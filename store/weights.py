@@ -21,7 +21,7 @@ from engine.safetensors_io import (
     read_header,
     torch_dtype_name,
 )
-from engine.selection import file_top_k_cuts
+from engine.selection import file_magnitude_means, file_top_k_cuts
 from engine.task_vectors import TaskVectorFile
 from store.errors import RejectedInput
 
@@ -119,6 +119,7 @@ def _check_against_base(tensors: dict[str, TensorInfo], base: Header) -> None:
 class TaskVectorStats:
     l2_norm: float
     magnitude_cuts: list[float]  # engine.selection.PERCENTS' global cuts, so that TIES need not measure them
+    magnitude_means: dict[str, float]  # mean |tau| per tensor, so that STA's data-free masks read each vector once
     lora_rank: int | None  # the largest rank of its LoRA factors; None for a dense vector
 
 
@@ -139,7 +140,7 @@ def validate_task_vector(path: Path, header: Header, base: Header) -> TaskVector
     bad, norm = vector.stats()
     if bad:
         raise WeightsError(422, f"Tensors hold NaN or Inf: {_names(bad)}.")
-    return TaskVectorStats(norm, file_top_k_cuts(path), vector.layout.max_rank)
+    return TaskVectorStats(norm, file_top_k_cuts(path), file_magnitude_means(path), vector.layout.max_rank)
 
 
 def finetuned_to_task_vector(path: Path, header: Header, base_path: Path, base: Header, out: Path) -> None:

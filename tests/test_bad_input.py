@@ -180,14 +180,18 @@ def tensors(demo_assets):
 # ---------------------------------------------------------------- what a valid upload stores
 
 
-def test_an_uploaded_task_vector_carries_its_top_k_cuts(stack, world, demo_assets):
-    """Measured once at upload (TIES reads them instead of two passes over every vector per merge)."""
-    from engine.selection import file_top_k_cuts
+def test_an_uploaded_task_vector_carries_its_top_k_cuts_and_mean_magnitudes(stack, world, demo_assets):
+    """Measured once at upload (TIES reads the cuts instead of two passes over every vector per merge, STA's
+    data-free masks the means instead of one)."""
+    from engine.selection import file_magnitude_means, file_top_k_cuts
 
     with sqlite3.connect(f"file:{stack.root / 'var' / 'tvforge.db'}?mode=ro", uri=True) as db:
-        stored = db.execute("SELECT magnitude_cuts FROM task_vectors WHERE id = ?", (world["own_tv"],)).fetchone()[0]
-    assert json.loads(stored) == file_top_k_cuts(demo_assets.vector_paths[0])
-    assert len(json.loads(stored)) == 100
+        cuts, means = db.execute("SELECT magnitude_cuts, magnitude_means FROM task_vectors WHERE id = ?",
+                                 (world["own_tv"],)).fetchone()
+    assert json.loads(cuts) == file_top_k_cuts(demo_assets.vector_paths[0])
+    assert len(json.loads(cuts)) == 100
+    assert json.loads(means) == file_magnitude_means(demo_assets.vector_paths[0])
+    assert set(json.loads(means)) == set(load_file(str(demo_assets.vector_paths[0])))
 
 
 def test_a_lora_task_vector_is_registered_with_its_rank_and_its_products_cuts(stack, world, http, tensors, tmp_path):

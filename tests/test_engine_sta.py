@@ -267,7 +267,8 @@ def test_data_free_default_decides_masks_while_fusing(job, tmp_path):
         for tv, tau in present:
             flat = tau.float().reshape(-1).numpy()
             bits = np.zeros(-(-flat.size // 8), np.uint8)
-            kept[tv] += threshold_mask(np.abs(flat), np.float32(tau.abs().mean()), np.float32(3.0), bits)
+            mean = np.float32(np.abs(flat).astype(np.float64).sum() / flat.size)  # the mean, in float64, rounded
+            kept[tv] += threshold_mask(np.abs(flat), mean, np.float32(3.0), bits)
             entries[tv] += flat.size
             masked_accumulate(flat, bits, 0, np.float32(-1.0 if tv == "tv1" else 1.0), total)
         expected = base + 0.6 * torch.from_numpy(total).view(base.shape)
@@ -275,3 +276,37 @@ def test_data_free_default_decides_masks_while_fusing(job, tmp_path):
     assert result.metrics["mask_density"] == {tv: kept[tv] / entries[tv] for tv in kept}
     assert result.metrics["importance_source"] == {"tv0": "magnitude", "tv1": "magnitude"}
     assert result.metrics["magnitude_tensors"] == {tv: len(vector) for tv, vector in job.taus.items()}
+
+
+def test_the_means_an_upload_measured_give_the_same_bytes_in_one_read(job, tmp_path):
+    """STA's data-free masks from the per-tensor mean magnitudes stored at upload: the same merge, each vector read
+    once; the means are what a float64 computation gives, rounded to float32."""
+    import dataclasses
+
+    from engine.selection import file_magnitude_means
+
+    means = {tv.id: file_magnitude_means(tv.path) for tv in job.inputs.task_vectors}
+    for tv_id, vector in job.taus.items():
+        for name, tau in vector.items():
+            assert means[tv_id][name] == float(np.float32(tau.double().abs().mean()))
+    stored = dataclasses.replace(job.inputs, task_vectors=[dataclasses.replace(tv, magnitude_means=means[tv.id])
+                                                           for tv in job.inputs.task_vectors])
+    params = StaParams(scaling=0.6, forget=["tv1"])
+    with_means = load_file(str(run(stored, params, Recorder().context(tmp_path / "a")).checkpoint_path))
+    measured = load_file(str(run(job.inputs, params, Recorder().context(tmp_path / "b")).checkpoint_path))
+    assert all(torch.equal(with_means[name], measured[name]) for name in measured)
+    wrong = dataclasses.replace(stored, task_vectors=[dataclasses.replace(tv, magnitude_means={
+        name: 2 * value for name, value in means[tv.id].items()}) for tv in job.inputs.task_vectors])
+    doubled = load_file(str(run(wrong, params, Recorder().context(tmp_path / "c")).checkpoint_path))
+    assert any(not torch.equal(doubled[name], measured[name]) for name in measured)  # the stored means are used
+
+
+@settings(max_examples=30, deadline=None)
+@given(size=st.integers(0, 300_000), seed=st.integers(0, 2**16))
+def test_mean_magnitude_is_the_float64_mean_whatever_the_reads(size, seed):
+    from engine.selection import mean_magnitude
+
+    values = np.random.default_rng(seed).standard_normal(size).astype(np.float32)
+    mean = mean_magnitude(lambda start, stop: values[start:stop], size)
+    expected = np.abs(values).astype(np.float64).mean() if size else 0.0
+    assert mean.dtype == np.float32 and mean == pytest.approx(expected, rel=1e-6)

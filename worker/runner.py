@@ -123,7 +123,8 @@ def _load(job_id: str) -> _LoadedJob:
             base_path=blobs.path(base.sha256),
             base_spec=ModelSpec(architecture=base.architecture, config=base.config),
             task_vectors=[TaskVectorInput(tv_id, vectors[tv_id].name, blobs.path(vectors[tv_id].sha256),
-                                          vectors[tv_id].class_names, vectors[tv_id].magnitude_cuts)
+                                          vectors[tv_id].class_names, vectors[tv_id].magnitude_cuts,
+                                          vectors[tv_id].magnitude_means)
                           for tv_id in job.task_vector_ids],
             datasets={d.id: DatasetInput(d.id, d.name, blobs.path(d.sha256), d.class_names, d.templates)
                       for d in datasets},

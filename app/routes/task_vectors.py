@@ -62,7 +62,8 @@ def _register(session, blobs: BlobStore, owner: str, upload: Upload, admit: Call
     row = TaskVector(id=new_id("tv"), owner=owner, base_model_id=base.id, name=name, source_kind=kind,
                      sha256=sha, size_bytes=size, tensor_count=len(tau_header.tensors),
                      parameter_count=tau_header.parameter_count, l2_norm=stats.l2_norm,
-                     magnitude_cuts=stats.magnitude_cuts, lora_rank=stats.lora_rank, class_names=class_names)
+                     magnitude_cuts=stats.magnitude_cuts, magnitude_means=stats.magnitude_means,
+                     lora_rank=stats.lora_rank, class_names=class_names)
     add_with_blob(session, blobs, sha, created, row, admit)
     return row
 

@@ -39,6 +39,7 @@ from engine.methods.sta.params import STA_SCALING_GRID, StaParams
 from engine.metrics import given_or_default
 from engine.safetensors_io import read_header, save_tensors
 from engine.scaling_search import SearchSpec, search_scaling, searched
+from engine.selection import mean_magnitude
 from engine.streaming import CHUNK, collect_deltas, float32_readers, in_chunks, merge_streaming
 from engine.task_vectors import TaskVectorFile
 from engine.weights import InPlaceWeights, load_base_model, load_float_deltas
@@ -95,10 +96,17 @@ def mean_abs_gradients(model: torch.nn.Module, names: list[str], head: torch.Ten
     return {name: total / len(batches) for name, total in sums.items()}
 
 
+def tensor_mean(scores: torch.Tensor) -> np.float32:
+    """The mean of non-negative scores over the tensor, as engine.selection.mean_magnitude takes it (the same
+    value an upload measures for |tau|, whatever the thread count)."""
+    flat = scores.detach().reshape(-1).float().cpu().numpy()
+    return mean_magnitude(lambda start, stop: flat[start:stop], flat.size)
+
+
 def normalise(scores: torch.Tensor) -> torch.Tensor:
     """Scores divided by their mean over the tensor (all zeros stay zeros)."""
-    mean = scores.mean()
-    return scores / mean if mean > 0 else torch.zeros_like(scores)
+    mean = tensor_mean(scores)
+    return scores / torch.tensor(mean) if mean > 0 else torch.zeros_like(scores)
 
 
 def select(normalised_scores: torch.Tensor, threshold: float, density: float | None) -> torch.Tensor:
@@ -130,7 +138,9 @@ def run(inputs: MergeInputs, params: StaParams, ctx: JobContext) -> MethodResult
     if missing:
         raise ValueError(f"datasets {missing} are not among the job's datasets")
     if not params.calibration_datasets and not params.disjoint and params.density is None:
-        return _fuse(inputs, params, ctx, MagnitudeFusion(params.threshold, _signs(inputs, params)),
+        fusion = MagnitudeFusion(params.threshold, _signs(inputs, params),
+                                 [tv.magnitude_means for tv in inputs.task_vectors])
+        return _fuse(inputs, params, ctx, fusion,
                      {tv.id: "magnitude" for tv in inputs.task_vectors}, _float_tensor_counts(inputs))
     mask_dir = ctx.workdir / "sta"
     mask_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +199,7 @@ def run(inputs: MergeInputs, params: StaParams, ctx: JobContext) -> MethodResult
                     kept += int(mask.sum())
                 else:  # the default: one compiled pass from importance to packed bits (same bits as select)
                     bits = np.zeros(-(-importance.numel() // 8), np.uint8)
-                    kept += threshold_mask(importance.reshape(-1).numpy(), np.float32(importance.mean()),
+                    kept += threshold_mask(importance.reshape(-1).numpy(), tensor_mean(importance),
                                            np.float32(params.threshold), bits)
                     packed[name] = torch.from_numpy(bits)
                 entries += importance.numel()
@@ -256,12 +266,14 @@ def _fuse(inputs: MergeInputs, params: StaParams, ctx: JobContext, fused, source
 
 class MagnitudeFusion:
     """sum_t sign_t m_t tau_t for one tensor with the data-free default masks (|tau_t| >= threshold x the
-    tensor's mean |tau_t|, and > 0) decided as it goes: one pass over each vector's tensor for its mean, then
-    one compiled pass that selects and sums (engine.kernels.threshold_accumulate), chunk by chunk. The same
-    bits as threshold_mask then masked_accumulate, without mask files or a second read of the vectors."""
+    tensor's mean |tau_t|, and > 0) decided as it goes: one compiled pass that selects and sums
+    (engine.kernels.threshold_accumulate), chunk by chunk, each vector read once. The means come from the
+    vectors' uploads (means[t], by tensor name); a vector without them costs one more pass over it. The same
+    bits as threshold_mask then masked_accumulate, without mask files."""
 
-    def __init__(self, threshold: float, signs: list[float]):
+    def __init__(self, threshold: float, signs: list[float], means: list[dict[str, float] | None] | None = None):
         self.threshold, self.signs = np.float32(threshold), signs
+        self.means = means or [None] * len(signs)
         self.kept: list[dict[str, int]] = [{} for _ in signs]  # per vector: tensor -> kept entries
         self.entries: list[dict[str, int]] = [{} for _ in signs]
 
@@ -272,8 +284,9 @@ class MagnitudeFusion:
         numel = math.prod(shape)
         fused = []
         for index, read in enumerate(readers):
-            if read is not None:  # the mean as normalise() takes it: torch's float32 mean of |tau|
-                mean = np.float32(torch.from_numpy(np.abs(read(0, numel))).mean())
+            if read is not None:
+                stored = self.means[index]
+                mean = np.float32(stored[name]) if stored and name in stored else mean_magnitude(read, numel)
                 fused.append((index, read, mean, np.float32(signs[index])))
         total = np.zeros(numel, np.float32)
 
