@@ -129,10 +129,11 @@ class TaskVectorFile:
         row_start = first_block * rows_per_block
         row_stop = min(out_dim, (last_block + 1) * rows_per_block)
         b = self.mapped.float32(factors.b, row_start * factors.rank, row_stop * factors.rank).reshape(-1, factors.rank)
-        blocks = [b[i:i + rows_per_block] @ a for i in range(0, row_stop - row_start, rows_per_block)]
-        flat = (blocks[0] if len(blocks) == 1 else np.concatenate(blocks)).reshape(-1)
+        product = np.empty((row_stop - row_start, in_dim), np.float32)
+        for row in range(0, row_stop - row_start, rows_per_block):
+            np.matmul(b[row:row + rows_per_block], a, out=product[row:row + rows_per_block])
         offset = row_start * in_dim
-        return flat[start - offset:stop - offset]
+        return product.reshape(-1)[start - offset:stop - offset]
 
     def tensor(self, name: str) -> torch.Tensor:
         """The dense tensor in float32 (one tensor materialised)."""

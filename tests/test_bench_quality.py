@@ -196,8 +196,12 @@ def test_accuracies_agree_with_a_plain_load_state_dict_evaluation(run):
 
 def test_atlas_variants_trade_memory_for_coefficients(run):
     table = run["result"]["tables"]["atlas_variants"]
-    default, budget, partitioned = table["rows"]
+    default, budget, partitioned, lora = table["rows"]
     assert budget["params"]["vectors_per_block"] == 1 and partitioned["params"]["partitions"] == 2
+    assert lora["lora_rank"] == 4 and lora["params"] == default["params"]
+    # rank-4 factors of 128-wide matrices: the transformer's stacks shrink by more than half
+    assert lora["metrics"]["stacked_vector_bytes"] < default["metrics"]["stacked_vector_bytes"] / 2
+    assert lora["metrics"]["coefficients"] == default["metrics"]["coefficients"]
     held = {r["row"]: r["metrics"]["stacked_vector_bytes"] for r in table["rows"]}
     assert held[budget["row"]] * len(table["tasks"]) == held[default["row"]] == held[partitioned["row"]]
     assert partitioned["metrics"]["coefficients"] == 2 * default["metrics"]["coefficients"]
@@ -205,3 +209,4 @@ def test_atlas_variants_trade_memory_for_coefficients(run):
     assert learned * len(table["tasks"]) == default["metrics"]["coefficients"]
     for r in table["rows"]:
         assert is_fraction(r["mean_accuracy"]) and r["mean_normalised_accuracy"] > 0
+    assert all(r.get("lora_rank") is None for r in (budget, partitioned))

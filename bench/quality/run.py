@@ -23,7 +23,10 @@ Tables:
    adaptation (entropy, and UFM's trusted pseudo-labels) on the held-out task, with every other task's vector.
 4. (full run) STA ablation at lambda 1: threshold 1, 2, 3, 4, 6, 8 and per-tensor density 0.05, 0.1, 0.2.
 5. aTLAS accuracy against the memory of its stacked vectors: under a memory budget (1 or 2 vectors per
-   block, chosen by the gradient at lambda = 0) and with 4 partitions per block (aTLAS x K).
+   block, chosen by the gradient at lambda = 0), with 4 partitions per block (aTLAS x K), and on LoRA
+   task vectors of rank 4 and 16 (each vector's image-tower transformer matrices replaced by their best
+   rank-r approximation as lora_A / lora_B factors: what a LoRA of that rank could at best hold, not a
+   LoRA fine-tune).
 
 Threads: 1 by default (tiny matmuls: a second thread on this shared 2-core box only adds contention).
 Everything is seeded (JobContext.seed 0, torch.manual_seed(0) before each runner, bootstrap seed 0).
@@ -36,7 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,13 +74,17 @@ class RunConfig:
     shots: tuple[int, ...]
     sta_ablation: bool
     bootstrap_samples: int
-    atlas_variants: tuple[tuple[str, dict], ...] = ()  # (row, params beside addition's) for table 5
+    # table 5: (row, params beside addition's, LoRA rank of the task vectors or None for the dense ones)
+    atlas_variants: tuple[tuple[str, dict, int | None], ...] = ()
 
 
-# aTLAS under a memory budget (b vectors held per block, the paper's gradient selection) and aTLAS x K.
-ATLAS_VARIANTS = (("memory budget: 1 vector per block", {"vectors_per_block": 1}),
-                  ("memory budget: 2 vectors per block", {"vectors_per_block": 2}),
-                  ("x 4 partitions per block", {"partitions": 4}))
+# aTLAS under a memory budget (b vectors held per block, the paper's gradient selection), aTLAS x K, and aTLAS
+# on LoRA task vectors.
+ATLAS_VARIANTS = (("memory budget: 1 vector per block", {"vectors_per_block": 1}, None),
+                  ("memory budget: 2 vectors per block", {"vectors_per_block": 2}, None),
+                  ("x 4 partitions per block", {"partitions": 4}, None),
+                  ("LoRA task vectors, rank 4", {}, 4),
+                  ("LoRA task vectors, rank 16", {}, 16))
 
 
 FULL = RunConfig(atlas_addition_epochs=None, atlas_few_shot_epochs=None, atlas_entropy_epochs=None,
@@ -85,7 +92,8 @@ FULL = RunConfig(atlas_addition_epochs=None, atlas_few_shot_epochs=None, atlas_e
                  atlas_variants=ATLAS_VARIANTS)
 QUICK = RunConfig(atlas_addition_epochs=4, atlas_few_shot_epochs=3, atlas_entropy_epochs=2, negation_targets=1,
                   shots=(1, 4), sta_ablation=False, bootstrap_samples=200,
-                  atlas_variants=(ATLAS_VARIANTS[0], ("x 2 partitions per block", {"partitions": 2})))
+                  atlas_variants=(ATLAS_VARIANTS[0], ("x 2 partitions per block", {"partitions": 2}, None),
+                                  ATLAS_VARIANTS[3]))
 
 NOTES = [
     "Every row is a checkpoint written by engine.running.run_method (a worker's code path), evaluated with the "
@@ -119,6 +127,29 @@ def merge_inputs(assets: Assets, vectors: list[TaskAssets], extra: dict[str, Dat
     datasets = {t.name: dataset_input(t) for t in [*assets.tasks, assets.held_out]}
     return MergeInputs(assets.base_path, assets.model_spec, [task_vector_input(t) for t in vectors],
                        {**datasets, **(extra or {})})
+
+
+def lora_task_vector(task: TaskAssets, rank: int, folder: Path) -> TaskVectorInput:
+    """The task's vector with each image-tower transformer matrix replaced by its best rank-`rank` approximation
+    (truncated SVD, in float64) as engine.task_vectors' lora_A / lora_B factors; every other tensor dense."""
+    import torch
+    from safetensors.torch import load_file
+
+    from engine.safetensors_io import save_tensors
+    from engine.task_vectors import LORA_A, LORA_B
+
+    path = folder / f"{task.name}-lora{rank}.safetensors"
+    if not path.exists():
+        tensors = {}
+        for name, tau in load_file(str(task.vector_path)).items():
+            if name.startswith("visual.transformer.") and tau.ndim == 2 and min(tau.shape) > rank:
+                u, s, vh = torch.linalg.svd(tau.double(), full_matrices=False)
+                tensors[name + LORA_B] = (u[:, :rank] * s[:rank]).float().contiguous()
+                tensors[name + LORA_A] = vh[:rank].float().contiguous()
+            else:
+                tensors[name] = tau
+        save_tensors(path, tensors)
+    return TaskVectorInput(id=task.name, name=task.name, path=path, class_names=task.class_names)
 
 
 def unlabelled_dataset(task: TaskAssets, folder: Path) -> DatasetInput:
@@ -421,9 +452,14 @@ def atlas_variants_table(bench: Bench, addition: dict, config: RunConfig) -> dic
     inputs = merge_inputs(assets, assets.tasks)
     default = next(r for r in addition["rows"] if r["row"] == "aTLAS")
     rows = [{**default, "row": "every vector, one coefficient per block (table 1)"}]
-    for label, extra in config.atlas_variants:
+    for label, extra, lora_rank in config.atlas_variants:
         params = {**default["params"], **extra}
-        record = bench.run("atlas", inputs, params, f"atlas-{label}")
+        vectors = inputs
+        if lora_rank is not None:
+            vectors = replace(inputs, task_vectors=[lora_task_vector(task, lora_rank, bench.workdir)
+                                                    for task in assets.tasks])
+        record = bench.run("atlas", vectors, params, f"atlas-{label}")
+        record["lora_rank"] = lora_rank
         accuracy, eval_s = bench.score(f"aTLAS {label}", Path(record["checkpoint"]), names)
         record.update(row=label, eval_s=round(eval_s, 2))
         rows.append(with_scores(record, accuracy, finetuned))
