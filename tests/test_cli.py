@@ -85,6 +85,28 @@ def test_merge_again_reuses_every_upload_and_the_same_job(stack, example, merged
     assert result.stderr.count("(already on the server)") == 4
 
 
+def test_a_recipe_chains_onto_an_earlier_merge(stack, example, merged):
+    """start_checkpoint_id in a recipe: task arithmetic written onto the example's TIES checkpoint."""
+    _, first = merged
+    with stack.client() as client:
+        jobs = [job for job in client.iterate("/v1/jobs") if job["method"] == "ties" and job["status"] == "succeeded"]
+    start_id = jobs[0]["result"]["checkpoint_id"]
+    chained = example.parent / "chained.yaml"
+    recipe = yaml.safe_load(example.read_text())
+    recipe.update(method="task_arithmetic", params={"scaling": 0.5}, start_checkpoint_id=start_id,
+                  output="merged-chained.safetensors")
+    chained.write_text(yaml.safe_dump(recipe))
+    output = Path(tvforge("merge", str(chained), stack=stack).stdout.strip().splitlines()[-1])
+    start, result = load_file(str(first)), load_file(str(output))
+    vectors = [load_file(str(example.parent / path)) for path in recipe["vectors"].values()]
+    for name, tensor in start.items():
+        delta = sum(vector[name].double() for vector in vectors if name in vector)
+        torch.testing.assert_close(result[name].double(), tensor.double() + 0.5 * delta, rtol=1e-5, atol=1e-6)
+    with stack.client() as client:
+        job = next(job for job in client.iterate("/v1/jobs") if job["start_checkpoint_id"] == start_id)
+    assert job["method"] == "task_arithmetic"
+
+
 def test_merge_with_an_unknown_param_exits_2_naming_the_field_and_uploads_nothing(stack, example):
     bad = example.parent / "bad.yaml"
     recipe = yaml.safe_load(example.read_text())

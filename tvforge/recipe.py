@@ -68,6 +68,9 @@ class RecipeFields(StrictModel):
     datasets: dict[Name, DatasetRef | Path] = Field(
         default={}, max_length=64, description="Datasets by name; params refer to them by these names.")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    start_checkpoint_id: str | None = Field(
+        None, description="Chaining: merge onto this checkpoint (an earlier job's, same base model) instead of "
+                          "theta_0.")
     output: Path | None = Field(None, description="Where the merged checkpoint goes, relative to the recipe.")
 
     @model_validator(mode="after")
@@ -171,8 +174,11 @@ class RecipeRun:
         dataset_ids = {name: self._resolve_dataset(name, ref) for name, ref in self.recipe.dataset_refs().items()}
         ids = vector_ids | dataset_ids
         params = self.recipe.params.model_dump(mode="json", exclude_unset=True)
-        return {"method": self.recipe.method, "base_model_id": base_id, "task_vectors": list(vector_ids.values()),
+        body = {"method": self.recipe.method, "base_model_id": base_id, "task_vectors": list(vector_ids.values()),
                 "params": _replace_names(params, ids), "seed": self.recipe.seed}
+        if self.recipe.start_checkpoint_id is not None:
+            body["start_checkpoint_id"] = self.recipe.start_checkpoint_id
+        return body
 
     def _resolve_base(self) -> str:
         ref = self.recipe.base

@@ -276,7 +276,8 @@ def merge(recipe_file: Path = typer.Argument(..., exists=True, dir_okay=False, h
                             upload_progress=lambda label: progress_callback(progress, f"upload {label}"))
             body = run.resolve()
         job = client.create_job(body["method"], body["base_model_id"], body["task_vectors"], body["params"],
-                                body["seed"], idempotency_key=idempotency_key(body))
+                                body["seed"], idempotency_key=idempotency_key(body),
+                                start_checkpoint_id=body.get("start_checkpoint_id"))
         console.print(f"job {job['id']} ({job['method']}): {job['status']}")
         job = watch_job(client, job["id"])
         report_job(job)
