@@ -63,6 +63,7 @@ def test_jobs_and_resource_pages_list_what_the_owner_has(stack, atlas_job):
     assert f'data-id="{atlas_job["ids"]["base"]}"' in models and "lifecycle-base" in models
     vectors = render(f"{stack.url}/ui/#/vectors?key={stack.owner_key}")
     assert all(f'data-id="{v}"' in vectors for v in atlas_job["ids"]["vectors"])
+    assert "<th>lora_rank</th>" in vectors and "<td>dense</td>" in vectors
     datasets = render(f"{stack.url}/ui/#/datasets?key={stack.owner_key}")
     assert f'data-id="{atlas_job["ids"]["dataset"]}"' in datasets
 

@@ -184,7 +184,7 @@ async function jobPage(jobId) {
   const vectorNames = vectors.map((v) => v.name);
   const metrics = (job.result && job.result.metrics) || {};
   const recipe = { method: job.method, base_model_id: job.base_model_id, task_vectors: job.task_vectors,
-    params: job.params, seed: job.seed };
+    params: job.params, seed: job.seed, ...(job.start_checkpoint_id ? { start_checkpoint_id: job.start_checkpoint_id } : {}) };
   const parts = [
     h("h1", {}, `Job ${job.id} `, status(job.status)),
     h("div", { class: "card grid", id: "job-summary" },
@@ -193,6 +193,8 @@ async function jobPage(jobId) {
         `${Math.round(100 * job.progress.fraction)}% ${job.progress.stage || ""}`,
         job.progress.total ? ` (${job.progress.step}/${job.progress.total})` : ""),
       h("span", { class: "muted" }, "task vectors"), h("span", {}, vectorNames.join(", ")),
+      ...(job.start_checkpoint_id ? [h("span", { class: "muted" }, "merged onto"),
+        h("span", { id: "job-start" }, job.start_checkpoint_id)] : []),
       h("span", { class: "muted" }, "created / started / finished"),
       h("span", {}, `${when(job.created_at)} / ${when(job.started_at)} / ${when(job.finished_at)}`),
       h("span", { class: "muted" }, "attempts"), h("span", {}, job.attempts)),
@@ -238,7 +240,8 @@ const PAGES = {
   models: () => listPage("Base models", "/v1/base-models", [["id"], ["name"], ["architecture", (v, r) => v || "config"],
     ["parameter_count"], ["size_bytes", mib], ["created_at", when]]),
   vectors: () => listPage("Task vectors", "/v1/task-vectors", [["id"], ["name"], ["base_model_id"], ["source_kind"],
-    ["l2_norm"], ["size_bytes", mib], ["created_at", when]]),
+    ["l2_norm"], ["lora_rank", (v) => (v == null ? "dense" : `LoRA r ${v}`)], ["size_bytes", mib],
+    ["created_at", when]]),
   datasets: () => listPage("Datasets", "/v1/datasets", [["id"], ["name"], ["labeled"],
     ["class_names", (v) => (v ? `${v.length} classes` : "–")], ["splits", (v) => Object.entries(v || {})
       .map(([name, s]) => `${name} ${s.images ?? s}`).join(", ")], ["created_at", when]]),
