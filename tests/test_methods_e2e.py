@@ -50,25 +50,17 @@ LORA_RANK = 8
 
 @pytest.fixture(scope="module")
 def registered_lora(stack, registered, quick_bench_assets, tmp_path_factory):
-    """Rank-8 LoRA task vectors (truncated SVDs of the assets' image-tower matrices, every other tensor dense)
-    uploaded over HTTP: {task name: (task vector id, dataset id)} and each vector's file by id."""
-    from engine.safetensors_io import save_tensors
+    """Rank-8 LoRA task vectors (the benchmark's: truncated SVDs of the assets' image-tower transformer matrices,
+    every other tensor dense) uploaded over HTTP: {task name: (task vector id, dataset id)} and each vector's file
+    by id."""
+    from bench.quality.run import lora_task_vector
 
     base_id, ids = registered
     folder = tmp_path_factory.mktemp("lora")
     lora_ids, paths = {}, {}
     with stack.client() as client:
         for task in quick_bench_assets.tasks:
-            tensors = {}
-            for name, tau in load_file(str(task.vector_path)).items():
-                if name.startswith("visual.") and tau.ndim == 2 and min(tau.shape) > LORA_RANK:
-                    u, s, vh = torch.linalg.svd(tau.double(), full_matrices=False)
-                    tensors[f"{name}.lora_B"] = (u[:, :LORA_RANK] * s[:LORA_RANK]).float().contiguous()
-                    tensors[f"{name}.lora_A"] = vh[:LORA_RANK].float().contiguous()
-                else:
-                    tensors[name] = tau
-            path = folder / f"{task.name}.safetensors"
-            save_tensors(path, tensors)
+            path = lora_task_vector(task, LORA_RANK, folder).path
             vector = client.upload_task_vector(base_id, f"{task.name}-lora", path, class_names=task.class_names)
             assert vector["lora_rank"] == LORA_RANK and vector["parameter_count"] < path.stat().st_size
             lora_ids[task.name] = (vector["id"], ids[task.name][1])
