@@ -670,7 +670,7 @@ def test_a_malformed_job_spec_is_422_locating_the_field(stack, world, http, case
 @pytest.mark.parametrize("changes,valid", [
     ({"params": {"scaling": 0.3, "bogus": 1}}, "scaling, operation, validation_datasets, control_dataset_id"),
     ({"method": "ties", "params": {"topk": 20}}, "top_k"),
-    ({"priority": "high"}, "base_model_id, task_vectors, seed, method, params"),
+    ({"priority": "high"}, "base_model_id, task_vectors, start_checkpoint_id, seed, method, params"),
 ])
 def test_an_unknown_field_is_422_naming_the_valid_ones(stack, world, http, changes, valid):
     body = assert_problem(http.post("/v1/jobs", json=_job(world, **changes)), 422)
