@@ -197,6 +197,8 @@ class CoefficientsOut(BaseModel):
     blocks: list[str]
     values: list[list[float]]
     granularity: str
+    start_checkpoint_id: str | None = Field(
+        None, description="Chaining: the checkpoint the coefficients compose onto (null: theta_0).")
     extra: dict[str, Any] = Field(default_factory=dict)
 
 

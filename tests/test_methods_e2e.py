@@ -216,8 +216,9 @@ def test_atlas_chained_onto_an_iso_cts_checkpoint_over_http(stack, registered, q
     first, _, _ = run_over_http(stack, base_id, ids, "iso_cts", {}, tmp_path / "iso_cts.safetensors")
     start_id = first["result"]["checkpoint_id"]
     params = {"task_datasets": task_datasets, "epochs": 1, "batch_size": 32}
-    final, _, _ = run_over_http(stack, base_id, ids, "atlas", params, tmp_path / "chained.safetensors", start_id)
-    assert final["start_checkpoint_id"] == start_id
+    final, _, coefficients = run_over_http(stack, base_id, ids, "atlas", params, tmp_path / "chained.safetensors",
+                                           start_id)
+    assert final["start_checkpoint_id"] == start_id and coefficients.json()["start_checkpoint_id"] == start_id
     inputs = replace(engine_inputs(quick_bench_assets, ids), start_path=tmp_path / "iso_cts.safetensors")
     direct = run_directly("atlas", params, inputs, tmp_path / "direct", int(stack.env["TVFORGE_TORCH_THREADS"]))
     assert_same_tensors(tmp_path / "chained.safetensors", direct.checkpoint_path)

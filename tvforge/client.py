@@ -119,6 +119,7 @@ class CoefficientsInfo(TypedDict):
     blocks: list[str]
     values: list[list[float]]
     granularity: str
+    start_checkpoint_id: NotRequired[str | None]  # chaining: the checkpoint they compose onto
     extra: NotRequired[dict[str, Any]]
 
 

@@ -182,6 +182,7 @@ def job_coefficients(job_id: str, owner: OwnerDep, session: SessionDep):
                       slug="no-coefficients")
     known = {"task_vectors", "blocks", "values", "granularity"}
     return CoefficientsOut(job_id=job.id, **{k: coefficients[k] for k in known},
+                           start_checkpoint_id=job.start_checkpoint_id,
                            extra={k: v for k, v in coefficients.items() if k not in known})
 
 
