@@ -37,21 +37,54 @@ def low_histograms(values: np.ndarray, slot_of_bin: np.ndarray, counts: np.ndarr
             counts[slot, magnitude & 0xFFFF] += 1
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _trimmed(value, cut):
+    """TIES's trim of one entry, split by sign: (kept positive part, kept negative part, kept > 0, kept < 0).
+    Selects, not ifs, so the loops that call it vectorise: which entries are kept is data, and a branch on
+    it mispredicts at every other entry. The kept value is positive + negative exactly, one of them being 0."""
+    zero = np.float32(0.0)
+    up = (value >= cut) & (value > zero)  # a cut of 0 keeps zeros, which count on neither side
+    down = (value <= -cut) & (value < zero)
+    return (value if up else zero), (value if down else zero), up, down
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _disjoint(elected, positive_total, negative_total, positive_count, negative_count, mean):
+    """The elected sign's agreeing entries' sum, or their mean, from the running sums kept apart by sign."""
+    zero = np.float32(0.0)
+    if elected > 0:
+        total, count = positive_total, positive_count
+    elif elected < 0:
+        total, count = negative_total, negative_count
+    else:
+        total, count = zero, 0
+    if not mean:
+        return total
+    if count > 0:
+        return total / np.float32(count)
+    return zero
+
+
+@numba.njit(cache=True, nogil=True)
+def ties_begin(tau: np.ndarray, cut: np.float32, trimmed_sum: np.ndarray, positive_sum: np.ndarray,
+               negative_sum: np.ndarray, positive_count: np.ndarray, negative_count: np.ndarray) -> None:
+    """Start the running sums and counts from the first task vector's trimmed entries (|tau| >= cut): what
+    ties_accumulate adds to zeroed sums, without reading them."""
+    for j in range(tau.shape[0]):
+        positive, negative, up, down = _trimmed(tau[j], cut)
+        trimmed_sum[j] = positive + negative
+        positive_sum[j] = positive
+        negative_sum[j] = negative
+        positive_count[j] = up
+        negative_count[j] = down
+
+
 @numba.njit(cache=True, nogil=True)
 def ties_accumulate(tau: np.ndarray, cut: np.float32, trimmed_sum: np.ndarray, positive_sum: np.ndarray,
                     negative_sum: np.ndarray, positive_count: np.ndarray, negative_count: np.ndarray) -> None:
-    """Add one task vector's trimmed entries (|tau| >= cut) to the running sums and counts.
-
-    Branch-free (selects, not ifs), so the loop vectorises: which entries are kept is data, and a branch
-    on it mispredicts at every other entry. trimmed = positive + negative exactly, one of them being 0.
-    """
-    zero = np.float32(0.0)
+    """Add one task vector's trimmed entries (|tau| >= cut) to the running sums and counts."""
     for j in range(tau.shape[0]):
-        value = tau[j]
-        up = (value >= cut) & (value > zero)  # a cut of 0 keeps zeros, which count on neither side
-        down = (value <= -cut) & (value < zero)
-        positive = value if up else zero
-        negative = value if down else zero
+        positive, negative, up, down = _trimmed(tau[j], cut)
         trimmed_sum[j] += positive + negative
         positive_sum[j] += positive
         negative_sum[j] += negative
@@ -64,23 +97,31 @@ def ties_resolve(trimmed_sum: np.ndarray, positive_sum: np.ndarray, negative_sum
                  positive_count: np.ndarray, negative_count: np.ndarray, mean: bool, out: np.ndarray) -> int:
     """Elect each entry's sign from the trimmed sum; out = the agreeing entries' sum, or their mean.
     Returns how many entries of out are nonzero."""
-    zero = np.float32(0.0)
     nonzero = 0
     for j in range(out.shape[0]):
-        elected = trimmed_sum[j]
-        if elected > 0:
-            total, count = positive_sum[j], positive_count[j]
-        elif elected < 0:
-            total, count = negative_sum[j], negative_count[j]
+        out[j] = _disjoint(trimmed_sum[j], positive_sum[j], negative_sum[j], positive_count[j], negative_count[j],
+                           mean)
+        nonzero += out[j] != np.float32(0.0)
+    return nonzero
+
+
+@numba.njit(cache=True, nogil=True)
+def ties_finish(tau: np.ndarray, cut: np.float32, trimmed_sum: np.ndarray, positive_sum: np.ndarray,
+                negative_sum: np.ndarray, positive_count: np.ndarray, negative_count: np.ndarray, mean: bool,
+                onto, scale: np.float32, out: np.ndarray) -> int:
+    """ties_accumulate of the last task vector and ties_resolve in one pass, the running sums read but not
+    written back: out = the merged entries (onto None) or onto + scale * merged (float32, as torch computes
+    base + lambda * delta). Returns how many merged entries are nonzero."""
+    nonzero = 0
+    for j in range(out.shape[0]):
+        positive, negative, up, down = _trimmed(tau[j], cut)
+        merged = _disjoint(trimmed_sum[j] + (positive + negative), positive_sum[j] + positive,
+                           negative_sum[j] + negative, positive_count[j] + up, negative_count[j] + down, mean)
+        nonzero += merged != np.float32(0.0)
+        if onto is None:
+            out[j] = merged
         else:
-            total, count = zero, 0
-        if not mean:
-            out[j] = total
-        elif count > 0:
-            out[j] = total / np.float32(count)
-        else:
-            out[j] = zero
-        nonzero += out[j] != zero
+            out[j] = onto[j] + scale * merged
     return nonzero
 
 
@@ -188,7 +229,13 @@ def warm_up() -> None:
         high_histogram(values, counts_high)
         for dtype in (np.int32, np.int64):
             low_histograms(values, slots, np.zeros((1, LOW_BINS), dtype))
-        ties_accumulate(values, np.float32(0.5), *sums, *counts)
+        ties_accumulate(values, np.float32(0.5), *sums, *counts)  # DARE's TIES combine
+        for count_type in (np.uint8, np.int32):  # TIES: a byte per count up to 255 vectors
+            running = [*sums, *(np.zeros(4, count_type) for _ in range(2))]
+            ties_begin(values, np.float32(0.5), *running)
+            ties_accumulate(values, np.float32(0.5), *running)
+            for onto in (None, writable, read_only):
+                ties_finish(values, np.float32(0.5), *running, True, onto, np.float32(1.0), np.empty(4, np.float32))
     ties_resolve(*sums, *counts, True, np.empty(4, np.float32))
     for values in (writable, read_only, writable.astype(np.float64)):
         all_finite(values)

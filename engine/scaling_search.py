@@ -7,6 +7,7 @@ lowest mean target accuracy whose control accuracy stays >= 0.95 x zero-shot. TI
 (prateeks/ties-merging) and STA search the same grid when validation data is given.
 Ties go to the smaller lambda.
 """
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +103,10 @@ def searched(value: float, metrics: dict) -> dict:
     return chosen(value, f"search on {'/'.join(splits)} ({metrics['search']['rule']})")
 
 
+# (name, base tensor, the vectors' slices, lambda) -> base + lambda * the merged task vector, float32
+ScaledDeltaMerge = Callable[[str, torch.Tensor, Sequence[torch.Tensor | None], float], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class ScaledMerge:
     """What write_scaled_merge wrote: the checkpoint, its tensor count, the lambda used and its source, and
@@ -116,12 +121,14 @@ class ScaledMerge:
 
 def write_scaled_merge(inputs: MergeInputs, ctx: JobContext, delta: DeltaMerge, validation_datasets: dict[str, str],
                        grid: tuple[float, ...], scaling: float, chosen_scaling: dict,
-                       patience: int | None = None) -> ScaledMerge:
+                       patience: int | None = None, scaled_delta: ScaledDeltaMerge | None = None) -> ScaledMerge:
     """Write theta_0 + lambda * delta(tensor) to ctx.workdir/merged.safetensors, for a method that merges the
     task vectors into one delta per tensor (TIES, TSV-M, Iso-C, Iso-CTS, DARE).
 
     With validation_datasets, lambda is searched over grid on them (the merged vector is then held in
-    memory, one model's worth); without, `scaling` is used and the delta streams tensor by tensor.
+    memory, one model's worth); without, `scaling` is used and the delta streams tensor by tensor, through
+    scaled_delta where the method has one (the same bits as base + lambda * delta, without whole-tensor
+    temporaries).
     """
     paths = [tv.path for tv in inputs.task_vectors]
     metrics: dict = {}
@@ -135,6 +142,9 @@ def write_scaled_merge(inputs: MergeInputs, ctx: JobContext, delta: DeltaMerge, 
 
         def merge(name: str, base: torch.Tensor, _taus) -> torch.Tensor:
             return base + scaling * deltas[name]
+    elif scaled_delta is not None:
+        def merge(name: str, base: torch.Tensor, taus) -> torch.Tensor:
+            return scaled_delta(name, base, taus, scaling)
     else:
         def merge(name: str, base: torch.Tensor, taus) -> torch.Tensor:
             return base + scaling * delta(name, taus)

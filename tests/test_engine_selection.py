@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.methods.ties.method import ties_merge
+from engine.methods.ties.method import counted_ties_merge, ties_merge
 from engine.selection import kth_largest_magnitude
 
 finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)  # subnormals and zeros too
@@ -65,18 +65,33 @@ def two_pass_reference(taus, top_k, cuts, merge):
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 300), st.sampled_from([5.0, 20.0, 60.0, 100.0]),
-       st.sampled_from(["mean", "sum"]), st.booleans(), st.booleans(), st.integers(0, 2**31))
-def test_one_pass_ties_equals_the_two_pass_reference_bit_for_bit(n, size, top_k, merge, global_cuts, gap, seed):
+       st.sampled_from(["mean", "sum"]), st.booleans(), st.sampled_from([None, 0, 1, -1]),
+       st.sampled_from([None, 0.3, 1.0, -0.7]), st.integers(0, 2**31))
+def test_one_pass_ties_equals_the_two_pass_reference_bit_for_bit(n, size, top_k, merge, global_cuts, gap, scale,
+                                                                 seed):
     generator = torch.Generator().manual_seed(seed)
     taus = [(torch.randn(size, generator=generator) * 4).round() / 4 for _ in range(n)]  # ties and exact zeros
-    if gap and n > 1:
-        taus[1] = None
+    if gap is not None and n > 1:
+        taus[gap] = None  # a vector without this tensor: second, or last (the one that resolves)
     cuts = [float(torch.rand(1, generator=generator)) for _ in range(n)] if global_cuts else None
-    merged = ties_merge(taus, top_k, cuts, merge)
     expected = two_pass_reference(taus, top_k, cuts, merge)
+    if scale is None:
+        merged, nonzero = counted_ties_merge(taus, top_k, cuts, merge)
+    else:  # onto + lambda * merged in the same pass, as a streamed merge writes it
+        onto = torch.randn(size, generator=generator)
+        merged, nonzero = counted_ties_merge(taus, top_k, cuts, merge, onto, scale)
+        expected = onto + scale * expected
     assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
+    assert nonzero == int((two_pass_reference(taus, top_k, cuts, merge) != 0).sum())
+
+
+def test_ties_mean_over_more_vectors_than_a_byte_counts():
+    generator = torch.Generator().manual_seed(3)
+    taus = [(torch.randn(40, generator=generator) * 4).round().abs() / 4 + 0.25 for _ in range(300)]  # all agree
+    expected = two_pass_reference(taus, 100.0, None, "mean")
+    assert torch.equal(ties_merge(taus, 100.0, None, "mean").view(torch.int32), expected.view(torch.int32))
 
 
 @settings(max_examples=100, deadline=None)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from engine.context import JobContext, MergeInputs, MethodResult, Progress
-from engine.kernels import ties_accumulate, ties_resolve
+from engine.kernels import ties_accumulate, ties_begin, ties_finish
 from engine.methods.ties.params import TiesParams
 from engine.metrics import chosen, given_or_default
 from engine.safetensors_io import read_header
@@ -43,16 +43,20 @@ def ties_merge(taus: Sequence[torch.Tensor | None], top_k: float, cuts: Sequence
 
 
 def counted_ties_merge(taus: Sequence[torch.Tensor | None], top_k: float, cuts: Sequence[float] | None = None,
-                       merge: str = "mean") -> tuple[torch.Tensor, int]:
+                       merge: str = "mean", onto: torch.Tensor | None = None,
+                       scale: float = 1.0) -> tuple[torch.Tensor, int]:
     """The merged task vector of one tensor, float32: the trimmed entries agreeing with the elected sign,
-    averaged (mean) or summed (sum), and how many of its entries are nonzero. cuts: each vector's global
-    cut; None trims each tensor on its own.
+    averaged (mean) or summed (sum), and how many of the merged entries are nonzero. cuts: each vector's global
+    cut; None trims each tensor on its own. With onto (float32, the tensor's shape), onto + scale * merged
+    instead, the same bits as torch's `onto + scale * merged`.
 
-    One pass over the vectors, chunk by chunk (engine.kernels.ties_accumulate). The reference's two passes
-    (sum the trimmed vectors to elect each entry's sign, then merge the entries agreeing with it) give the
-    same numbers from running sums kept apart by sign: the entries agreeing with a positive elected sign
-    are exactly the positive ones, so their sum and count are the positive running sum and count, added in
-    the same order. The elected sign is taken from the full running sum, as the reference computes it.
+    One pass over the vectors, chunk by chunk (engine.kernels: ties_begin, ties_accumulate, ties_finish).
+    The reference's two passes (sum the trimmed vectors to elect each entry's sign, then merge the entries
+    agreeing with it) give the same numbers from running sums kept apart by sign: the entries agreeing with
+    a positive elected sign are exactly the positive ones, so their sum and count are the positive running
+    sum and count, added in the same order. The elected sign is taken from the full running sum, as the
+    reference computes it. The first vector's pass starts the sums without reading them and the last's
+    resolves each entry without writing them back, so at N = 2 the sums make one trip through the cache.
     """
     shape, readers = float32_readers(taus)
     numel = math.prod(shape)
@@ -61,20 +65,33 @@ def counted_ties_merge(taus: Sequence[torch.Tensor | None], top_k: float, cuts: 
         if read is not None:
             cut = _tensor_cut(read, numel, top_k) if cuts is None else cuts[index]
             present.append((read, np.float32(cut)))
-    out = np.zeros(numel, np.float32)
+    flat_onto = None if onto is None else onto.reshape(-1).numpy()
+    out = np.empty(numel, np.float32)
+    if not present:
+        out[:] = 0.0 if flat_onto is None else flat_onto
+        return torch.from_numpy(out).view(shape), 0
+    # a count never exceeds the number of vectors: a byte holds it, and the running arrays shrink by a fifth
+    count_type = np.uint8 if len(present) <= np.iinfo(np.uint8).max else np.int32
+    (*earlier, (last_read, last_cut)) = present
+    mean, factor = merge == "mean", np.float32(scale)
 
     def merge_range(first: int, last: int) -> int:
         sums = [np.empty(CHUNK, np.float32) for _ in range(3)]
-        counts = [np.empty(CHUNK, np.int32) for _ in range(2)]
+        counts = [np.empty(CHUNK, count_type) for _ in range(2)]
         nonzero = 0
-        for start in range(first, last if present else first, CHUNK):
+        for start in range(first, last, CHUNK):
             stop = min(last, start + CHUNK)
             running = [buffer[:stop - start] for buffer in (*sums, *counts)]
-            for buffer in running:
-                buffer.fill(0)
-            for read, cut in present:
-                ties_accumulate(read(start, stop), cut, *running)
-            nonzero += ties_resolve(*running, merge == "mean", out[start:stop])
+            if earlier:
+                (read, cut), *middle = earlier
+                ties_begin(read(start, stop), cut, *running)
+                for read, cut in middle:
+                    ties_accumulate(read(start, stop), cut, *running)
+            else:
+                for buffer in running:
+                    buffer.fill(0)
+            nonzero += ties_finish(last_read(start, stop), last_cut, *running, mean,
+                                   None if flat_onto is None else flat_onto[start:stop], factor, out[start:stop])
         return nonzero
 
     nonzero = sum(in_chunks(numel, merge_range))
@@ -108,15 +125,17 @@ def run(inputs: MergeInputs, params: TiesParams, ctx: JobContext) -> MethodResul
         cuts, cuts_source = global_cuts(inputs, params.top_k, ctx)
     kept = [0, 0]  # nonzero merged entries, entries merged
 
-    def merged_delta(_name: str, taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        delta, nonzero = counted_ties_merge(taus, params.top_k, cuts, params.merge)
+    def counted(taus: Sequence[torch.Tensor | None], onto: torch.Tensor | None = None,
+                scale: float = 1.0) -> torch.Tensor:
+        merged, nonzero = counted_ties_merge(taus, params.top_k, cuts, params.merge, onto, scale)
         kept[0] += nonzero
-        kept[1] += delta.numel()
-        return delta
+        kept[1] += merged.numel()
+        return merged
 
     scaling = params.resolved_scaling
-    written = write_scaled_merge(inputs, ctx, merged_delta, params.validation_datasets, params.scaling_grid, scaling,
-                                 given_or_default(params, "scaling") | {"value": scaling})
+    written = write_scaled_merge(inputs, ctx, lambda _name, taus: counted(taus), params.validation_datasets,
+                                 params.scaling_grid, scaling, given_or_default(params, "scaling") | {"value": scaling},
+                                 scaled_delta=lambda _name, base, taus, scale: counted(taus, base, scale))
     metrics = written.metrics
     metrics["chosen"] = {
         "top_k": given_or_default(params, "top_k"), "trim_scope": given_or_default(params, "trim_scope"),
