@@ -125,6 +125,28 @@ def ties_finish(tau: np.ndarray, cut: np.float32, trimmed_sum: np.ndarray, posit
     return nonzero
 
 
+def ties_step(position: int, vectors: int, tau: np.ndarray, cut: np.float32, running: list[np.ndarray], mean: bool,
+              onto: np.ndarray | None, scale: np.float32, out: np.ndarray) -> int:
+    """Task vector `position` (of `vectors`) over one chunk: ties_begin for the first, ties_accumulate for the
+    middle ones, ties_finish for the last (writing out; returns its count of nonzero merged entries, else 0).
+    running: the chunk's three sums and two counts (counts of a type that holds `vectors`)."""
+    if position == vectors - 1:
+        if vectors == 1:
+            for buffer in running:
+                buffer.fill(0)
+        return ties_finish(tau, cut, *running, mean, onto, scale, out)
+    if position == 0:
+        ties_begin(tau, cut, *running)
+    else:
+        ties_accumulate(tau, cut, *running)
+    return 0
+
+
+def ties_count_type(vectors: int) -> type:
+    """The smallest count type ties_step's running counts can use: a count never exceeds the vectors."""
+    return np.uint8 if vectors <= np.iinfo(np.uint8).max else np.int32
+
+
 @numba.njit(cache=True, nogil=True)
 def _no_all_ones_exponent(bits: np.ndarray, exponent: int) -> bool:
     found = 0

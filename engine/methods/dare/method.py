@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from engine.context import JobContext, MergeInputs, MethodResult
-from engine.kernels import dare_drop, splitmix64, ties_accumulate, ties_resolve
+from engine.kernels import dare_drop, splitmix64, ties_count_type, ties_step
 from engine.methods.dare.params import DareParams
 from engine.metrics import chosen, given_or_default
 from engine.scaling_search import write_scaled_merge
@@ -37,39 +37,49 @@ def _divisor(drop_rate: float, rescale: bool) -> np.float32:
     return np.float32(1 - drop_rate) if rescale else np.float32(1.0)
 
 
-def dare_merge(name: str, taus: Sequence[torch.Tensor | None], params: DareParams, seed: int) -> tuple[torch.Tensor,
-                                                                                                      int, int]:
+def dare_merge(name: str, taus: Sequence[torch.Tensor | None], params: DareParams, seed: int,
+               onto: torch.Tensor | None = None, scale: float = 1.0) -> tuple[torch.Tensor, int, int]:
     """One tensor's merged delta, float32, chunk by chunk: each vector's chunk is dropped into a scratch buffer
-    and added to the running sum (sum) or TIES's running sums (ties); returns it, the surviving entries and
-    the entries."""
+    and added to the chunk's running sum (sum) or TIES's running sums (ties); returns it, the surviving entries
+    and the entries. With onto (float32, the tensor's shape), onto + scale * the merged delta instead, in the
+    same pass (the same bits as torch's `onto + scale * delta`)."""
     shape, readers = float32_readers(taus)
     numel = math.prod(shape)
     present = [(read, drop_stream(seed, position, name)) for position, read in enumerate(readers) if read is not None]
     divisor = _divisor(params.drop_rate, params.rescale)
-    out = np.zeros(numel, np.float32)
+    flat_onto = None if onto is None else onto.reshape(-1).numpy()
+    factor = np.float32(scale)
+    out = np.empty(numel, np.float32)
+    ties = params.combine == "ties"
+    count_type = ties_count_type(len(present))
 
     def merge_range(first: int, last: int) -> int:
-        scratch = np.empty(CHUNK, np.float32)
+        scratch, summed = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32)
         sums = [np.empty(CHUNK, np.float32) for _ in range(3)]
-        counts = [np.empty(CHUNK, np.int32) for _ in range(2)]
+        counts = [np.empty(CHUNK, count_type) for _ in range(2)]
         kept = 0
         for start in range(first, last, CHUNK):
             stop = min(last, start + CHUNK)
             dropped = scratch[:stop - start]
-            if params.combine == "ties":
-                running = [buffer[:stop - start] for buffer in (*sums, *counts)]
-                for buffer in running:
-                    buffer.fill(0)
-            for read, stream in present:
+            onto_chunk = None if flat_onto is None else flat_onto[start:stop]
+            running = [buffer[:stop - start] for buffer in (*sums, *counts)]
+            total = out[start:stop] if onto_chunk is None else summed[:stop - start]
+            total.fill(0)
+            for position, (read, stream) in enumerate(present):
                 kept += dare_drop(read(start, stop), stream, start, params.drop_rate, divisor, dropped)
-                if params.combine == "ties":  # DARE in place of the magnitude trim: a cut of 0 keeps every entry
-                    ties_accumulate(dropped, np.float32(0.0), *running)
+                if ties:  # DARE in place of the magnitude trim: a cut of 0 keeps every entry
+                    ties_step(position, len(present), dropped, np.float32(0.0), running, True, onto_chunk, factor,
+                              out[start:stop])
                 else:
-                    np.add(out[start:stop], dropped, out=out[start:stop])
-            if params.combine == "ties":
-                ties_resolve(*running, True, out[start:stop])
+                    np.add(total, dropped, out=total)
+            if not ties and onto_chunk is not None:
+                np.multiply(total, factor, out=total)
+                np.add(onto_chunk, total, out=out[start:stop])
         return kept
 
+    if not present:
+        out[:] = 0.0 if flat_onto is None else flat_onto
+        return torch.from_numpy(out).view(shape), 0, 0
     kept = sum(in_chunks(numel, merge_range))
     return torch.from_numpy(out).view(shape), kept, numel * len(present)
 
@@ -78,15 +88,17 @@ def run(inputs: MergeInputs, params: DareParams, ctx: JobContext) -> MethodResul
     seed = params.seed if params.seed is not None else ctx.seed
     counts = [0, 0]  # surviving entries, entries
 
-    def merged_delta(name: str, taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        delta, kept, entries = dare_merge(name, taus, params, seed)
+    def counted(name: str, taus: Sequence[torch.Tensor | None], onto: torch.Tensor | None = None,
+                scale: float = 1.0) -> torch.Tensor:
+        merged, kept, entries = dare_merge(name, taus, params, seed, onto, scale)
         counts[0] += kept
         counts[1] += entries
-        return delta
+        return merged
 
     scaling = params.resolved_scaling
-    written = write_scaled_merge(inputs, ctx, merged_delta, params.validation_datasets, params.scaling_grid, scaling,
-                                 given_or_default(params, "scaling") | {"value": scaling})
+    written = write_scaled_merge(inputs, ctx, counted, params.validation_datasets, params.scaling_grid, scaling,
+                                 given_or_default(params, "scaling") | {"value": scaling},
+                                 scaled_delta=lambda name, base, taus, scale: counted(name, taus, base, scale))
     metrics = written.metrics
     metrics["chosen"] = {
         "drop_rate": given_or_default(params, "drop_rate"), "rescale": given_or_default(params, "rescale"),

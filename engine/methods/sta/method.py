@@ -254,7 +254,7 @@ def _fuse(inputs: MergeInputs, params: StaParams, ctx: JobContext, fused, source
         chosen["scaling"] = given_or_default(params, "scaling")
 
     def merge(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        return base + scaling * fused(name, taus)
+        return fused.scaled(name, base, taus, scaling)
 
     out = ctx.workdir / "merged.safetensors"
     count = merge_streaming(inputs.onto_path, paths, out, merge, ctx, stage="fusion")
@@ -277,8 +277,10 @@ class MagnitudeFusion:
         self.kept: list[dict[str, int]] = [{} for _ in signs]  # per vector: tensor -> kept entries
         self.entries: list[dict[str, int]] = [{} for _ in signs]
 
-    def __call__(self, name: str, taus: Sequence[torch.Tensor | None], signs: list[float] | None = None
-                 ) -> torch.Tensor:
+    def __call__(self, name: str, taus: Sequence[torch.Tensor | None], signs: list[float] | None = None,
+                 onto: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        """The fused tensor, or with onto (float32, the tensor's shape) onto + scale * fused: the same bits as
+        torch's `onto + scale * fused`, each chunk summed in a buffer that stays in cache."""
         signs = signs or self.signs
         shape, readers = float32_readers(taus)
         numel = math.prod(shape)
@@ -288,21 +290,33 @@ class MagnitudeFusion:
                 stored = self.means[index]
                 mean = np.float32(stored[name]) if stored and name in stored else mean_magnitude(read, numel)
                 fused.append((index, read, mean, np.float32(signs[index])))
-        total = np.zeros(numel, np.float32)
+        flat_onto = None if onto is None else onto.reshape(-1).numpy()
+        out = np.empty(numel, np.float32)
 
         def fuse_range(first: int, last: int) -> list[int]:
             kept = [0] * len(fused)
+            running = np.empty(CHUNK, np.float32)
             for start in range(first, last, CHUNK):
                 stop = min(last, start + CHUNK)
+                total = out[start:stop] if flat_onto is None else running[:stop - start]
+                total.fill(0)
                 for k, (_, read, mean, sign) in enumerate(fused):
-                    kept[k] += threshold_accumulate(read(start, stop), mean, self.threshold, sign, total[start:stop])
+                    kept[k] += threshold_accumulate(read(start, stop), mean, self.threshold, sign, total)
+                if flat_onto is not None:
+                    np.multiply(total, np.float32(scale), out=total)
+                    np.add(flat_onto[start:stop], total, out=out[start:stop])
             return kept
 
         counts = in_chunks(numel, fuse_range)
         for k, (index, *_rest) in enumerate(fused):
             self.kept[index][name] = sum(part[k] for part in counts)
             self.entries[index][name] = numel
-        return torch.from_numpy(total).view(shape)
+        return torch.from_numpy(out).view(shape)
+
+    def scaled(self, name: str, base: torch.Tensor, taus: Sequence[torch.Tensor | None], scale: float
+               ) -> torch.Tensor:
+        """base + scale * the fused tensor, in the fusion's own pass."""
+        return self(name, taus, onto=base, scale=scale)
 
     def unsigned(self):
         """The same fusion with every sign +1."""
@@ -370,3 +384,8 @@ class FusedDelta:
     def unsigned(self):
         """The same fusion with every sign +1."""
         return lambda name, taus: self(name, taus, [1.0] * len(self.signs))
+
+    def scaled(self, name: str, base: torch.Tensor, taus: Sequence[torch.Tensor | None], scale: float
+               ) -> torch.Tensor:
+        """base + scale * the fused tensor."""
+        return base + scale * self(name, taus)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from engine.context import JobContext, MergeInputs, MethodResult, Progress
-from engine.kernels import ties_accumulate, ties_begin, ties_finish
+from engine.kernels import ties_count_type, ties_step
 from engine.methods.ties.params import TiesParams
 from engine.metrics import chosen, given_or_default
 from engine.safetensors_io import read_header
@@ -50,7 +50,7 @@ def counted_ties_merge(taus: Sequence[torch.Tensor | None], top_k: float, cuts: 
     cut; None trims each tensor on its own. With onto (float32, the tensor's shape), onto + scale * merged
     instead, the same bits as torch's `onto + scale * merged`.
 
-    One pass over the vectors, chunk by chunk (engine.kernels: ties_begin, ties_accumulate, ties_finish).
+    One pass over the vectors, chunk by chunk (engine.kernels.ties_step).
     The reference's two passes (sum the trimmed vectors to elect each entry's sign, then merge the entries
     agreeing with it) give the same numbers from running sums kept apart by sign: the entries agreeing with
     a positive elected sign are exactly the positive ones, so their sum and count are the positive running
@@ -70,9 +70,7 @@ def counted_ties_merge(taus: Sequence[torch.Tensor | None], top_k: float, cuts: 
     if not present:
         out[:] = 0.0 if flat_onto is None else flat_onto
         return torch.from_numpy(out).view(shape), 0
-    # a count never exceeds the number of vectors: a byte holds it, and the running arrays shrink by a fifth
-    count_type = np.uint8 if len(present) <= np.iinfo(np.uint8).max else np.int32
-    (*earlier, (last_read, last_cut)) = present
+    count_type = ties_count_type(len(present))
     mean, factor = merge == "mean", np.float32(scale)
 
     def merge_range(first: int, last: int) -> int:
@@ -82,16 +80,10 @@ def counted_ties_merge(taus: Sequence[torch.Tensor | None], top_k: float, cuts: 
         for start in range(first, last, CHUNK):
             stop = min(last, start + CHUNK)
             running = [buffer[:stop - start] for buffer in (*sums, *counts)]
-            if earlier:
-                (read, cut), *middle = earlier
-                ties_begin(read(start, stop), cut, *running)
-                for read, cut in middle:
-                    ties_accumulate(read(start, stop), cut, *running)
-            else:
-                for buffer in running:
-                    buffer.fill(0)
-            nonzero += ties_finish(last_read(start, stop), last_cut, *running, mean,
-                                   None if flat_onto is None else flat_onto[start:stop], factor, out[start:stop])
+            onto_chunk = None if flat_onto is None else flat_onto[start:stop]
+            for position, (read, cut) in enumerate(present):
+                nonzero += ties_step(position, len(present), read(start, stop), cut, running, mean, onto_chunk, factor,
+                                     out[start:stop])
         return nonzero
 
     nonzero = sum(in_chunks(numel, merge_range))
