@@ -1,19 +1,23 @@
 """The service under load: polling latency, queueing delay, and memory while moving a model-sized file.
 
-    python -m bench.service [--connections 10 100 500] [--seconds 8] [--jobs 10] [--big-model ViT-B-32]
+    python -m bench.service [--connections 10 100 500] [--seconds 8] [--poll-s 0.25] [--jobs 10]
+                            [--big-model ViT-B-32]
 
 Starts its own embedded service (SQLite, a private redis-server, `tvforge api`, then one `tvforge worker`),
 and measures, printing a table and writing JSON:
 1. Polling: for each connection count, that many concurrent clients (httpx, one keep-alive connection
    each) poll GET /v1/jobs/{id} of a queued job for a fixed time: requests per second, p50 and p99,
    non-200 answers; beside them the same uvicorn serving a constant JSON body from a bare FastAPI app
-   (the floor: what the framework and server cost alone).
+   (the floor: what the framework and server cost alone). Twice: as pollers (each pausing --poll-s after
+   every answer, as the SDK's wait_for_job does), then back to back (the server's saturation).
 2. Queueing: --jobs task-arithmetic jobs submitted one after another to an idle worker; the delay from
    the job's row being created to the worker starting it (created_at -> started_at, the server's clocks).
 3. Memory: a randomly initialised --big-model base (ViT-B-32: 605 MB) and one task vector over its
    image tower are uploaded, merged by the worker, and the merged checkpoint downloaded; the peak resident
    memory (VmHWM, file pages it mapped included) of the API and of the worker's processes before and
-   after each step, and the growth of the API's anonymous memory (RssAnon: what it holds itself).
+   after each step, and the peak growth of the API's anonymous memory (RssAnon sampled every 5 ms: what it
+   holds itself). A fine-tuned checkpoint of the same model is uploaded too (the API converts it to a task
+   vector).
 """
 import argparse
 import asyncio
@@ -23,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -62,16 +67,21 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 60) -> No
     raise RuntimeError(f"{url}: not ready after {timeout_s} s")
 
 
-async def hammer(url: str, headers: dict, connections: int, seconds: float) -> dict:
+async def hammer(url: str, headers: dict, connections: int, seconds: float, pause_s: float = 0.0) -> dict:
+    """`connections` clients, each on one keep-alive connection, sending GET url for `seconds`: back to back
+    (pause_s 0: the server's saturation) or pausing pause_s after each answer, as the SDK's wait_for_job polls
+    (each client starts at a random point of its first pause, so that they do not poll in lockstep)."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     errors = 0
     stop_at = time.monotonic() + seconds
+    phases = np.random.default_rng(0).uniform(0, pause_s, connections)
 
-    async def client() -> None:
+    async def client(phase: float) -> None:
         nonlocal errors
         async with httpx.AsyncClient(headers=headers, timeout=60,
                                      limits=httpx.Limits(max_connections=1)) as http:
+            await asyncio.sleep(phase)
             while time.monotonic() < stop_at:
                 start = time.perf_counter()
                 try:
@@ -81,12 +91,15 @@ async def hammer(url: str, headers: dict, connections: int, seconds: float) -> d
                     continue
                 latencies.append(time.perf_counter() - start)
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                if pause_s:
+                    await asyncio.sleep(pause_s)
 
     started = time.monotonic()
-    await asyncio.gather(*(client() for _ in range(connections)))
+    await asyncio.gather(*(client(phase) for phase in phases))
     elapsed = time.monotonic() - started
     ok = statuses.get(200, 0)
-    return {"connections": connections, "seconds": round(elapsed, 1), "requests_per_s": round(ok / elapsed, 1),
+    return {"connections": connections, "pause_s": pause_s, "seconds": round(elapsed, 1),
+            "requests_per_s": round(ok / elapsed, 1),
             "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 1) if latencies else None,
             "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 1) if latencies else None,
             "non_200": {str(k): v for k, v in statuses.items() if k != 200}, "transport_errors": errors}
@@ -103,6 +116,23 @@ def _status(pid: int) -> dict[str, int]:
     except FileNotFoundError:
         pass
     return values
+
+
+class AnonymousPeak(threading.Thread):
+    """Samples a process's RssAnon every 5 ms: the kernel keeps no high-water mark of anonymous memory alone."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self._done = pid, _status(pid)["RssAnon"], threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.005):
+            self.peak = max(self.peak, _status(self.pid)["RssAnon"])
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return self.peak
 
 
 def _family(pid: int) -> list[int]:
@@ -158,20 +188,25 @@ def memory_moving_a_model(client, root: Path, api_pid: int, worker_pid: int, mod
     config = open_clip.get_model_config(model)
     state = open_clip.create_model(model, pretrained=None).state_dict()
     base_path, vector_path = root / "big-base.safetensors", root / "big-vector.safetensors"
+    finetuned_path = root / "big-finetuned.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(base_path))
-    save_file({k: 0.01 * torch.randn_like(v) for k, v in state.items()
-               if k.startswith("visual.") and v.is_floating_point()}, str(vector_path))
-    del state
+    tau = {k: 0.01 * torch.randn_like(v) for k, v in state.items() if k.startswith("visual.") and v.is_floating_point()}
+    save_file(tau, str(vector_path))
+    save_file({k: (v + tau[k] if k in tau else v).contiguous() for k, v in state.items()}, str(finetuned_path))
+    del state, tau
     steps = []
 
     def step(name: str, size: int, action) -> object:
         before_api, before_worker = _status(api_pid), _peaks(worker_pid)
+        anonymous = AnonymousPeak(api_pid)
+        anonymous.start()
         started = time.perf_counter()
         result = action()
-        after_api = _status(api_pid)
-        steps.append({"step": name, "file_mib": _mib(size), "seconds": round(time.perf_counter() - started, 1),
+        seconds = time.perf_counter() - started
+        anonymous_peak, after_api = anonymous.stop(), _status(api_pid)
+        steps.append({"step": name, "file_mib": _mib(size), "seconds": round(seconds, 1),
                       "api_peak_growth_mib": _mib(after_api["VmHWM"] - before_api["VmHWM"]),
-                      "api_anonymous_growth_mib": _mib(after_api["RssAnon"] - before_api["RssAnon"]),
+                      "api_anonymous_growth_mib": _mib(anonymous_peak - before_api["RssAnon"]),
                       "worker_peak_growth_mib": _mib(_peak_growth(before_worker, _peaks(worker_pid)))})
         print(json.dumps(steps[-1]), flush=True)
         return result
@@ -180,6 +215,8 @@ def memory_moving_a_model(client, root: Path, api_pid: int, worker_pid: int, mod
                 lambda: client.register_base_model("big", base_path, config=config))
     vector = step("upload task vector", vector_path.stat().st_size,
                   lambda: client.upload_task_vector(base["id"], "big-v", vector_path))
+    step("upload fine-tuned checkpoint (the API converts it)", finetuned_path.stat().st_size,
+         lambda: client.upload_task_vector(base["id"], "big-ft", finetuned_path, kind="finetuned"))
     merged = step("merge (task arithmetic, on the worker)", base_path.stat().st_size, lambda: client.wait_for_job(
         client.create_job("task_arithmetic", base["id"], [vector["id"]])["id"], timeout_s=600))
     step("download the merged checkpoint", base_path.stat().st_size, lambda: client.download_checkpoint(
@@ -191,6 +228,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, nargs="+", default=[10, 100, 500])
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--poll-s", type=float, default=0.25,
+                        help="a poller's pause between answers and its next request (the SDK's wait_for_job default)")
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--big-model", default="ViT-B-32", help="open_clip architecture of the memory test")
     parser.add_argument("--out", type=Path, default=Path("bench/results/service.json"))
@@ -233,14 +272,15 @@ def main() -> None:
             vector = client.upload_task_vector(base["id"], "load-v", assets.vector_paths[0])
             job = client.create_job("task_arithmetic", base["id"], [vector["id"]])
         rows = []
-        for connections in args.connections:
-            for name, url, headers in [
-                ("GET /v1/jobs/{id}", f"{api_url}/v1/jobs/{job['id']}", {"Authorization": f"Bearer {key}"}),
-                ("static FastAPI body", f"{baseline_url}/static", {}),
-            ]:
-                row = {"target": name, **asyncio.run(hammer(url, headers, connections, args.seconds))}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        for pause_s in (args.poll_s, 0.0):
+            for connections in args.connections:
+                for name, url, headers in [
+                    ("GET /v1/jobs/{id}", f"{api_url}/v1/jobs/{job['id']}", {"Authorization": f"Bearer {key}"}),
+                    ("static FastAPI body", f"{baseline_url}/static", {}),
+                ]:
+                    row = {"target": name, **asyncio.run(hammer(url, headers, connections, args.seconds, pause_s))}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
         worker = subprocess.Popen([*cli, "worker"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         processes.append(worker)
         with TvforgeClient(api_url, key, timeout=600) as client:
@@ -263,8 +303,10 @@ def main() -> None:
 
 
 def render(rows: list[dict], queueing: dict, memory: dict) -> str:
-    lines = ["| target | connections | requests/s | p50 ms | p99 ms | non-200 |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['target']} | {r['connections']} | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
+    lines = ["| target | clients | pause (s) | requests/s | p50 ms | p99 ms | non-200 |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['target']} | {r['connections']} | {r['pause_s']} | {r['requests_per_s']} | {r['p50_ms']} | "
+              f"{r['p99_ms']} | "
               f"{sum(r['non_200'].values()) + r['transport_errors']} |" for r in rows]
     lines += ["", f"POST /v1/jobs -> worker starts it ({queueing['jobs']} jobs, idle worker): p50 "
                   f"{queueing['p50_ms']} ms, max {queueing['max_ms']} ms", "",

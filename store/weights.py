@@ -4,6 +4,7 @@ Everything here reads safetensors headers first and tensors one at a time,
 so a multi-gigabyte upload is checked without loading it whole.
 """
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from engine.safetensors_io import (
     TensorInfo,
     check_finite,
     read_header,
+    torch_dtype,
     torch_dtype_name,
 )
 from engine.selection import file_magnitude_means, file_top_k_cuts
@@ -143,11 +145,29 @@ def validate_task_vector(path: Path, header: Header, base: Header) -> TaskVector
     return TaskVectorStats(norm, file_top_k_cuts(path), file_magnitude_means(path), vector.layout.max_rank)
 
 
+# Entries of a tensor's rows that the conversion holds at a time (as float64: 8 MiB per operand).
+CONVERT_ROWS_ENTRIES = 1 << 20
+
+
+def _row_pieces(handle, name: str, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+    """A tensor of an open safetensors file read a few whole rows at a time (about CONVERT_ROWS_ENTRIES
+    entries), so no piece is a whole large tensor; a 0-d tensor in one piece."""
+    if not shape:
+        yield handle.get_tensor(name)
+        return
+    rows = handle.get_slice(name)
+    step = max(1, CONVERT_ROWS_ENTRIES // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], step):
+        yield rows[start:start + step]
+
+
 def finetuned_to_task_vector(path: Path, header: Header, base_path: Path, base: Header, out: Path) -> None:
     """tau = theta_ft - theta_0 over the floating-point tensors fine-tuning changed, written streaming.
 
     Two passes: the first finds which tensors changed (so the output header is known up front),
-    the second writes their differences one at a time.
+    the second writes their differences one at a time. Both read the two files a few rows at a time; the
+    difference is taken in float64 and rounded once to the tensor's dtype (exact for float16 inputs), and
+    only the tensor being written is held whole.
     """
     if not header.tensors:
         raise WeightsError(422, "The file holds no tensors.")
@@ -156,13 +176,17 @@ def finetuned_to_task_vector(path: Path, header: Header, base_path: Path, base: 
     changed: list[tuple[str, str, tuple[int, ...]]] = []
     with safe_open(str(path), framework="pt") as ft, safe_open(str(base_path), framework="pt") as b0:
         for name, info in header.tensors.items():
-            both_float = info.is_float and base.tensors[name].is_float
-            if both_float and not torch.equal(ft.get_tensor(name), b0.get_tensor(name)):
+            if info.is_float and base.tensors[name].is_float and any(
+                    not torch.equal(tuned, original) for tuned, original in
+                    zip(_row_pieces(ft, name, info.shape), _row_pieces(b0, name, info.shape), strict=True)):
                 changed.append((name, info.dtype, info.shape))
         if not changed:
             raise WeightsError(422, "The fine-tuned weights equal the base model: the task vector would be empty.")
         with StreamingWriter(out, changed) as writer:
-            for name in writer.names:
-                tuned = ft.get_tensor(name)
-                writer.write(name, (tuned.double() - b0.get_tensor(name).double()).to(tuned.dtype))
-
+            for name, dtype, shape in sorted(changed):  # the order the writer lays them out
+                tau = torch.empty(shape, dtype=torch_dtype(dtype))
+                flat, offset = tau.view(-1), 0
+                for tuned, original in zip(_row_pieces(ft, name, shape), _row_pieces(b0, name, shape), strict=True):
+                    flat[offset:offset + tuned.numel()] = (tuned.double() - original.double()).reshape(-1)
+                    offset += tuned.numel()
+                writer.write(name, tau)
