@@ -3,8 +3,9 @@
 For N = 2, 8, 16 task vectors (random tensors with the shapes of ViT-B/32's image tower) and the full
 ViT-B/32 base, each merge runs in a fresh process with torch's default threads (--threads to change),
 imports done before the clock starts, and the measurements are interleaved (bound, each method; repeated;
-before each, the last output removed and the disk synced) and reported as medians, with the ratio of the best
-runs beside them (on a VM whose writeback stalls a run now and then, the least disturbed run of each):
+before each, the last output removed, the disk synced and the inputs read into the page cache) and reported
+as medians, with the ratio of the best runs beside them (on a VM whose I/O stalls a run now and then, the
+least disturbed run of each):
 - wall time of the merge alone, and its ratio to the time of simply reading the N + 1 inputs once and
   writing one output of the base's size, fsync included (the bound, measured the same way in the same run);
 - peak anonymous memory (the process's own, sampled every 5 ms; "growth" is above the process's memory
@@ -218,13 +219,19 @@ def child_copy(base_path: str, vector_paths: list[str], out_dir: str) -> dict:
     return _timed(work)
 
 
-def _quiesce(scratch: str) -> None:
+def _quiesce(scratch: str, inputs: list[Path]) -> None:
     """Before each measurement: the last run's output removed, so every run writes a new file as a job does
-    (truncating it would put its page-cache teardown, about 0.1 s for 605 MB, on the clock), and everything
-    written so far flushed, so no run waits on another's writeback."""
+    (truncating it would put its page-cache teardown, about 0.1 s for 605 MB, on the clock); everything
+    written so far flushed, so no run waits on another's writeback; and every input read once, so every run
+    starts with them in the page cache (FusionBench-style TIES's 4-14 GB pushes some of them out)."""
     for leftover in Path(scratch).glob("*.safetensors"):
         leftover.unlink()
     os.sync()
+    buffer = bytearray(CHUNK)
+    for path in inputs:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
 
 
 def _in_child(kind: str, *args: str) -> dict:
@@ -263,10 +270,10 @@ def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option(
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             _in_child("copy", str(base_path), paths, scratch)  # warm the page cache for both sides alike
             for _ in range(repeats):
-                _quiesce(scratch)
+                _quiesce(scratch, [base_path, *vector_paths])
                 runs["bound"].append(_in_child("copy", str(base_path), paths, scratch))
                 for method in chosen:
-                    _quiesce(scratch)
+                    _quiesce(scratch, [base_path, *vector_paths])
                     runs[method].append(_measure(method, architecture, base_path, paths, scratch, threads))
         bound = statistics.median(r["seconds"] for r in runs["bound"])
         best_bound = min(r["seconds"] for r in runs["bound"])

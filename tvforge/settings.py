@@ -3,7 +3,7 @@
 The same code runs embedded (SQLite, local blob store, a private redis-server)
 and in production (PostgreSQL, a shared Redis); only these settings differ.
 """
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         """Zero-shot heads shared by the jobs (a cache: anything in it may be removed)."""
         return self.resolved_blob_dir.parent / "cache"
 
-    @property
+    @cached_property  # read by every request's session: resolving the path is a few syscalls each time
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'tvforge.db').resolve()}"
 
