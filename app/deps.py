@@ -40,8 +40,11 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 BlobsDep = Annotated[BlobStore, Depends(get_blob_store)]
 
 
-def current_owner(session: SessionDep, settings: SettingsDep,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def authenticate(session: Session, settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> str:
+    """The key's owner, counted against their rate limits; a 401 or 429 problem otherwise."""
     unauthorized = Problem(401, "A valid API key is required: Authorization: Bearer <key>.",
                            slug="unauthorized", headers={"WWW-Authenticate": "Bearer"})
     if credentials is None or credentials.scheme.lower() != "bearer":
@@ -52,6 +55,10 @@ def current_owner(session: SessionDep, settings: SettingsDep,
         raise unauthorized
     rate_limits(settings).check(owner)
     return owner
+
+
+def current_owner(session: SessionDep, settings: SettingsDep, credentials: CredentialsDep) -> str:
+    return authenticate(session, settings, credentials)
 
 
 OwnerDep = Annotated[str, Depends(current_owner)]

@@ -1,19 +1,20 @@
 """Composition jobs: the row is created and committed first, then its id is published to the broker."""
 import asyncio
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.deps import OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
+from app.deps import CredentialsDep, OwnerDep, ReleasingRoute, SessionDep, SettingsDep, authenticate, owned_or_404
 from app.problems import PROBLEM_RESPONSES, Problem
 from app.quotas import check_storage
 from app.schemas import CoefficientsOut, DryRunOut, JobCreate, JobFields, JobOut, LearningCurveOut, Page
 from app.submit import invalid, submit
 from engine.cost import JobEstimate, TowerShape, estimate_job
 from store import jobs
-from store.db import session_scope
+from store.db import new_session, session_scope
 from store.ids import new_id
 from store.jobs import JobStatus
 from store.models import BaseModel, Checkpoint, Dataset, Job, JobInput, JobKind, TaskVector
@@ -26,13 +27,24 @@ SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
 
 
-def _check_inputs(session, owner: str, body: JobFields) -> list[str]:
-    """Every id the job names must be the owner's and fit together; returns the dataset ids."""
-    owned_or_404(session, BaseModel, body.base_model_id, owner)
+@dataclass(frozen=True)
+class JobRows:
+    """The rows a job names, held so that sizing it reads the rows that were checked: the session's identity
+    map keeps only weak references, so asking it again could query anew and find a row deleted meanwhile."""
+
+    base: BaseModel
+    vectors: list[TaskVector]
+    datasets: list[Dataset]
+
+
+def _check_inputs(session, owner: str, body: JobFields) -> JobRows:
+    """Every id the job names must be the owner's and fit together; returns their rows."""
+    base = owned_or_404(session, BaseModel, body.base_model_id, owner)
     if len(set(body.task_vectors)) != len(body.task_vectors):
         raise invalid(["task_vectors"], "Task vector ids must be distinct")
+    vectors = []
     for index, tv_id in enumerate(body.task_vectors):
-        tv = owned_or_404(session, TaskVector, tv_id, owner)
+        vectors.append(tv := owned_or_404(session, TaskVector, tv_id, owner))
         if tv.base_model_id != body.base_model_id:
             raise invalid(["task_vectors", index], f"Task vector {tv_id} belongs to another base model")
     if body.start_checkpoint_id is not None:
@@ -42,23 +54,21 @@ def _check_inputs(session, owner: str, body: JobFields) -> list[str]:
     strays = sorted(set(body.params.task_vector_ids()) - set(body.task_vectors))
     if strays:
         raise invalid(["params"], f"Parameters name task vectors that are not in the job: {', '.join(strays)}")
-    dataset_ids = list(dict.fromkeys(body.params.dataset_ids()))
-    for dataset_id in dataset_ids:
-        owned_or_404(session, Dataset, dataset_id, owner)
-    return dataset_ids
+    datasets = [owned_or_404(session, Dataset, dataset_id, owner)
+                for dataset_id in dict.fromkeys(body.params.dataset_ids())]
+    return JobRows(base, vectors, datasets)
 
 
-def _estimate(session, body: JobFields, dataset_ids: list[str]) -> JobEstimate:
+def _estimate(body: JobFields, rows: JobRows) -> JobEstimate:
     """What the job will cost a worker (engine.cost), from the rows' sizes alone."""
     import open_clip
 
-    base = session.get(BaseModel, body.base_model_id)
+    base = rows.base
     config = base.config or open_clip.get_model_config(base.architecture) or {}
     shape = TowerShape.from_config(config, base.parameter_count, base.visual_parameter_count)
-    datasets = [session.get(Dataset, dataset_id) for dataset_id in dataset_ids]
-    sizes = {d.id: {split: info["count"] for split, info in d.splits.items()} for d in datasets}
-    side = max((max(d.image_shape[:2]) for d in datasets), default=0)
-    stored = [session.get(TaskVector, tv_id).parameter_count for tv_id in body.task_vectors]
+    sizes = {d.id: {split: info["count"] for split, info in d.splits.items()} for d in rows.datasets}
+    side = max((max(d.image_shape[:2]) for d in rows.datasets), default=0)
+    stored = [tv.parameter_count for tv in rows.vectors]
     return estimate_job(body.method, body.params, shape, stored, sizes, side)
 
 
@@ -81,24 +91,24 @@ def create_job(body: JobCreate, response: Response, owner: OwnerDep, session: Se
                dry_run: Annotated[bool, Query(description="Validate everything and estimate the cost; queue "
                                                           "nothing.")] = False):
     if dry_run:
-        estimate = _estimate(session, body, _check_inputs(session, owner, body))
+        estimate = _estimate(body, _check_inputs(session, owner, body))
         _within_bounds(estimate, settings)
         return JSONResponse(DryRunOut(method=body.method, estimate=estimate.as_dict(), limits={
             "max_job_images": settings.max_job_images,
             "worker_memory_bytes": settings.worker_memory_bytes}).model_dump(), status_code=200)
 
     def build(digest: str) -> Job:
-        dataset_ids = _check_inputs(session, owner, body)
-        _within_bounds(_estimate(session, body, dataset_ids), settings)
+        rows = _check_inputs(session, owner, body)
+        _within_bounds(_estimate(body, rows), settings)
         # the merged checkpoint is a full state dict: about the base model's size
-        check_storage(session, settings, owner, session.get(BaseModel, body.base_model_id).size_bytes)
+        check_storage(session, settings, owner, rows.base.size_bytes)
         # The params echoed back are the ones the request set; defaults and chosen values go to result.metrics.
         return Job(id=new_id("job"), owner=owner, kind=JobKind.MERGE.value, method=body.method,
                    base_model_id=body.base_model_id, task_vector_ids=body.task_vectors,
                    start_checkpoint_id=body.start_checkpoint_id,
                    params=body.params.model_dump(mode="json", exclude_unset=True), seed=body.seed,
                    request_hash=digest, inputs=[JobInput(task_vector_id=tv) for tv in body.task_vectors]
-                   + [JobInput(dataset_id=ds) for ds in dataset_ids])
+                   + [JobInput(dataset_id=d.id) for d in rows.datasets])
 
     return submit(session, response, owner, body, idempotency_key, build, settings)
 
@@ -112,9 +122,18 @@ def list_jobs(owner: OwnerDep, session: SessionDep, limit: Annotated[int, Query(
 
 
 
+def _polled_job(credentials, settings, job_id: str) -> JobOut:
+    with new_session() as session:
+        owner = authenticate(session, settings, credentials)
+        return JobOut.model_validate(owned_or_404(session, Job, job_id, owner))
+
+
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, response: Response, owner: OwnerDep, session: SessionDep):
-    job = owned_or_404(session, Job, job_id, owner)
+async def get_job(job_id: str, response: Response, credentials: CredentialsDep, settings: SettingsDep):
+    # The route clients poll: the key's check, the read and the response model in one threadpool hop. As a
+    # sync route with the owner dependency it took three (dependency, route, response validation), and the
+    # hand-offs between threads were most of a poll's cost.
+    job = await run_in_threadpool(_polled_job, credentials, settings, job_id)
     if job.status not in jobs.FINISHED:
         response.headers["Retry-After"] = RETRY_AFTER_S
     return job
