@@ -76,6 +76,15 @@ def owned_or_404(session: Session, model, resource_id: str, owner: str):
     return row
 
 
+def base_model_of(session: Session, checkpoint: Checkpoint) -> str:
+    """The base model a checkpoint was made from, through its job; a 404 if a concurrent delete removed the job
+    (and the checkpoint with it) after the checkpoint was read."""
+    job = session.get(Job, checkpoint.job_id)
+    if job is None:
+        raise not_found(RESOURCE_NAMES[Checkpoint], checkpoint.id)
+    return job.base_model_id
+
+
 def _closing_sessions(endpoint):
     @functools.wraps(endpoint)  # FastAPI reads the parameters through __wrapped__
     def run(*args, **kwargs):

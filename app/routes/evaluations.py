@@ -3,7 +3,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 
-from app.deps import OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
+from app.deps import OwnerDep, ReleasingRoute, SessionDep, SettingsDep, base_model_of, owned_or_404
 from app.problems import PROBLEM_RESPONSES
 from app.schemas import EvaluationCreate, JobOut
 from app.submit import invalid, submit
@@ -14,15 +14,11 @@ router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"], responses=PRO
                    route_class=ReleasingRoute)
 
 
-def _base_of_checkpoint(session, checkpoint: Checkpoint) -> str:
-    return session.get(Job, checkpoint.job_id).base_model_id
-
-
 def _check(session, owner: str, body: EvaluationCreate) -> tuple[str, list[str]]:
     """The evaluated model's base model id and the reference task vector ids; every id must be the owner's
     and every reference of the same base model."""
     if body.checkpoint_id is not None:
-        base_model_id = _base_of_checkpoint(session, owned_or_404(session, Checkpoint, body.checkpoint_id, owner))
+        base_model_id = base_model_of(session, owned_or_404(session, Checkpoint, body.checkpoint_id, owner))
     else:
         base_model_id = owned_or_404(session, BaseModel, body.base_model_id, owner).id
     vectors = []
@@ -30,7 +26,7 @@ def _check(session, owner: str, body: EvaluationCreate) -> tuple[str, list[str]]
         owned_or_404(session, Dataset, item.dataset_id, owner)
         if item.reference_checkpoint_id is not None:
             reference = owned_or_404(session, Checkpoint, item.reference_checkpoint_id, owner)
-            if _base_of_checkpoint(session, reference) != base_model_id:
+            if base_model_of(session, reference) != base_model_id:
                 raise invalid(["datasets", index, "reference_checkpoint_id"],
                               "The reference checkpoint belongs to another base model")
         if item.reference_task_vector_id is not None:

@@ -7,7 +7,16 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.deps import CredentialsDep, OwnerDep, ReleasingRoute, SessionDep, SettingsDep, authenticate, owned_or_404
+from app.deps import (
+    CredentialsDep,
+    OwnerDep,
+    ReleasingRoute,
+    SessionDep,
+    SettingsDep,
+    authenticate,
+    base_model_of,
+    owned_or_404,
+)
 from app.problems import PROBLEM_RESPONSES, Problem
 from app.quotas import check_storage
 from app.schemas import CoefficientsOut, DryRunOut, JobCreate, JobFields, JobOut, LearningCurveOut, Page
@@ -49,7 +58,7 @@ def _check_inputs(session, owner: str, body: JobFields) -> JobRows:
             raise invalid(["task_vectors", index], f"Task vector {tv_id} belongs to another base model")
     if body.start_checkpoint_id is not None:
         start = owned_or_404(session, Checkpoint, body.start_checkpoint_id, owner)
-        if session.get(Job, start.job_id).base_model_id != body.base_model_id:
+        if base_model_of(session, start) != body.base_model_id:
             raise invalid(["start_checkpoint_id"], "The start checkpoint belongs to another base model")
     strays = sorted(set(body.params.task_vector_ids()) - set(body.task_vectors))
     if strays:
