@@ -93,24 +93,12 @@ def ties_accumulate(tau: np.ndarray, cut: np.float32, trimmed_sum: np.ndarray, p
 
 
 @numba.njit(cache=True, nogil=True)
-def ties_resolve(trimmed_sum: np.ndarray, positive_sum: np.ndarray, negative_sum: np.ndarray,
-                 positive_count: np.ndarray, negative_count: np.ndarray, mean: bool, out: np.ndarray) -> int:
-    """Elect each entry's sign from the trimmed sum; out = the agreeing entries' sum, or their mean.
-    Returns how many entries of out are nonzero."""
-    nonzero = 0
-    for j in range(out.shape[0]):
-        out[j] = _disjoint(trimmed_sum[j], positive_sum[j], negative_sum[j], positive_count[j], negative_count[j],
-                           mean)
-        nonzero += out[j] != np.float32(0.0)
-    return nonzero
-
-
-@numba.njit(cache=True, nogil=True)
 def ties_finish(tau: np.ndarray, cut: np.float32, trimmed_sum: np.ndarray, positive_sum: np.ndarray,
                 negative_sum: np.ndarray, positive_count: np.ndarray, negative_count: np.ndarray, mean: bool,
                 onto, scale: np.float32, out: np.ndarray) -> int:
-    """ties_accumulate of the last task vector and ties_resolve in one pass, the running sums read but not
-    written back: out = the merged entries (onto None) or onto + scale * merged (float32, as torch computes
+    """ties_accumulate of the last task vector and the resolve in one pass (each entry's sign elected from its
+    trimmed sum, then the agreeing entries' sum or mean), the running sums read but not written back:
+    out = the merged entries (onto None) or onto + scale * merged (float32, as torch computes
     base + lambda * delta). Returns how many merged entries are nonzero."""
     nonzero = 0
     for j in range(out.shape[0]):
@@ -245,20 +233,17 @@ def warm_up() -> None:
     writable = np.ones(4, np.float32)
     read_only = np.frombuffer(writable.tobytes(), np.float32)
     sums = [np.zeros(4, np.float32) for _ in range(3)]
-    counts = [np.zeros(4, np.int32) for _ in range(2)]
     slots = np.full(HIGH_BINS, -1, np.int32)
     for values in (writable, read_only):
         high_histogram(values, counts_high)
         for dtype in (np.int32, np.int64):
             low_histograms(values, slots, np.zeros((1, LOW_BINS), dtype))
-        ties_accumulate(values, np.float32(0.5), *sums, *counts)  # DARE's TIES combine
         for count_type in (np.uint8, np.int32):  # TIES: a byte per count up to 255 vectors
             running = [*sums, *(np.zeros(4, count_type) for _ in range(2))]
             ties_begin(values, np.float32(0.5), *running)
             ties_accumulate(values, np.float32(0.5), *running)
             for onto in (None, writable, read_only):
                 ties_finish(values, np.float32(0.5), *running, True, onto, np.float32(1.0), np.empty(4, np.float32))
-    ties_resolve(*sums, *counts, True, np.empty(4, np.float32))
     for values in (writable, read_only, writable.astype(np.float64)):
         all_finite(values)
     threshold_mask(writable, np.float32(1.0), np.float32(1.0), np.zeros(1, np.uint8))
