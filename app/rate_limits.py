@@ -17,6 +17,11 @@ class OwnerRateLimits:
         self.items = parse_many(spec) if spec.strip() else []
         self.limiter = MovingWindowRateLimiter(storage.storage_from_string(storage_uri))
 
+    @property
+    def in_process(self) -> bool:
+        """Whether a check stays in this process (no limits, or counters in its memory): no network wait."""
+        return not self.items or isinstance(self.limiter.storage, storage.MemoryStorage)
+
     def check(self, owner: str) -> None:
         """Count one request of owner's; a Problem 429 if any limit is spent."""
         for item in self.items:

@@ -6,7 +6,7 @@ import hashlib
 import secrets
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from store.ids import new_id
@@ -27,12 +27,19 @@ def create_key(session: Session, owner: str, name: str = "", expires_in: timedel
     return key
 
 
+# Key's row while it is neither revoked nor expired; bound with live_key_params. Built once: the route clients
+# poll runs it with every request, and building the expression cost more than running it.
+LIVE_KEY = and_(ApiKey.__table__.c.key_hash == bindparam("key_hash"), ApiKey.__table__.c.revoked_at.is_(None),
+                or_(ApiKey.__table__.c.expires_at.is_(None), ApiKey.__table__.c.expires_at > bindparam("now")))
+
+
+def live_key_params(key: str, now: datetime | None = None) -> dict:
+    return {"key_hash": hash_key(key), "now": now or utcnow()}
+
+
 def owner_for_key(session: Session, key: str, now: datetime | None = None) -> str | None:
     """The owner of a key that is neither revoked nor expired; None otherwise."""
-    now = now or utcnow()
-    return session.scalar(select(ApiKey.owner).where(
-        ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None),
-        or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now)))
+    return session.scalar(select(ApiKey.owner).where(LIVE_KEY), live_key_params(key, now))
 
 
 def revoke_key(session: Session, key_id: str) -> bool:

@@ -4,13 +4,14 @@ import binascii
 import re
 from collections.abc import Callable
 
-from sqlalchemy import Select, delete, exists, select
+from sqlalchemy import Connection, Row, Select, and_, bindparam, delete, exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from store.blobs import BlobStore
 from store.jobs import ACTIVE
-from store.models import BaseModel, Checkpoint, Dataset, Job, JobInput, TaskVector
+from store.keys import LIVE_KEY, live_key_params
+from store.models import ApiKey, BaseModel, Checkpoint, Dataset, Job, JobInput, TaskVector
 
 ID_PATTERN = re.compile(r"[a-z]+_[0-9a-f]{32}")
 
@@ -28,6 +29,23 @@ def get_owned(session: Session, model, resource_id: str, owner: str):
         return None
     row = session.get(model, resource_id)
     return row if row is not None and row.owner == owner else None
+
+
+_JOBS = Job.__table__
+_JOB_FOR_KEY = (select(ApiKey.__table__.c.owner.label("key_owner"), *_JOBS.c).select_from(ApiKey.__table__)
+                .outerjoin(_JOBS, and_(_JOBS.c.id == bindparam("job_id"), _JOBS.c.owner == ApiKey.__table__.c.owner))
+                .where(LIVE_KEY).limit(1))
+
+
+def job_for_key(connection: Connection, key: str, job_id: str) -> tuple[str | None, Row | None]:
+    """For the route clients poll, in one Core statement built once (no ORM session, no identity map): the owner
+    of a live key (None: no such key) and that owner's job as a row of the jobs table (None: absent or another
+    owner's). An id of the wrong shape is bound as NULL, which matches nothing (PostgreSQL refuses NUL bytes)."""
+    row = connection.execute(_JOB_FOR_KEY, {**live_key_params(key),
+                                            "job_id": job_id if ID_PATTERN.fullmatch(job_id) else None}).first()
+    if row is None:
+        return None, None
+    return row.key_owner, row if row.id is not None else None
 
 
 def encode_cursor(last_id: str) -> str:

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from migrations import check, downgrade, upgrade
 from store.ids import new_id
-from store.models import ApiKey, Base, BaseModel, Checkpoint, Dataset, Job, JobInput, TaskVector
+from store.models import ApiKey, Base, BaseModel, Checkpoint, Dataset, Job, JobInput, JobStatus, TaskVector
 
 
 @pytest.fixture
@@ -166,4 +166,36 @@ def test_ids_that_postgres_cannot_store_read_as_absent(fresh_postgres_url):
     with Session(engine) as session:
         assert get_owned(session, Job, "job_\x00", "alice") is None
         assert get_owned(session, Job, "job_" + "0" * 32, "alice") is None
+    engine.dispose()
+
+
+def test_job_for_key_reads_the_owner_and_their_job_in_one_statement(database_url):
+    """The polled route's read: a live key's owner and that owner's job; another owner's job, an id of the
+    wrong shape (a NUL byte included: PostgreSQL refuses one) or a missing job read as None beside the owner;
+    a revoked, expired or unknown key reads as no owner at all."""
+    from datetime import timedelta
+
+    from store.keys import create_key, hash_key, revoke_key
+    from store.queries import job_for_key
+
+    upgrade(database_url)
+    engine = create_engine(database_url)
+    with Session(engine) as session:
+        alice, bob = create_key(session, "alice"), create_key(session, "bob")
+        expired = create_key(session, "alice", expires_in=timedelta(seconds=-1))
+        revoked = create_key(session, "alice")
+        session.flush()
+        revoke_key(session, session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(revoked))))
+        job = add_job(session, add_base_model(session), idempotency_key=None)
+        job_id = job.id
+        session.commit()
+    with engine.connect() as connection:
+        owner, row = job_for_key(connection, alice, job_id)
+        assert owner == "alice" and row.id == job_id and row.params == {"alpha": 0.5}
+        assert row.status == JobStatus.QUEUED and row.created_at.tzinfo is not None
+        assert job_for_key(connection, bob, job_id) == ("bob", None)
+        assert job_for_key(connection, alice, "job_" + "0" * 32) == ("alice", None)
+        assert job_for_key(connection, alice, "job_\x00") == ("alice", None)
+        for dead in (expired, revoked, "tvf_unknown"):
+            assert job_for_key(connection, dead, job_id) == (None, None)
     engine.dispose()
