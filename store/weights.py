@@ -145,8 +145,10 @@ def validate_task_vector(path: Path, header: Header, base: Header) -> TaskVector
     return TaskVectorStats(norm, file_top_k_cuts(path), file_magnitude_means(path), vector.layout.max_rank)
 
 
-# Entries of a tensor's rows that the conversion holds at a time (as float64: 8 MiB per operand).
-CONVERT_ROWS_ENTRIES = 1 << 20
+# Entries of a tensor's rows that the conversion holds at a time (as float64: 2 MiB per operand). At 1 << 20
+# (8 MiB per operand) the API's anonymous peak while converting a ViT-B/32 checkpoint was 84-89 MiB above its
+# start, at 1 << 18 41 MiB, in the same time (3.5 s; bench/service.py).
+CONVERT_ROWS_ENTRIES = 1 << 18
 
 
 def _row_pieces(handle, name: str, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
