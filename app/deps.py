@@ -39,17 +39,13 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 # Async on purpose: FastAPI runs a sync dependency in a threadpool hop of its own (about 0.15 ms of a request
-# that reads one row), and both of these return cached objects.
+# that reads one row), and the settings are built once. The blob store stays sync: the first call may reach S3.
 async def _settings() -> Settings:
     return get_settings()
 
 
-async def _blob_store() -> BlobStore:
-    return get_blob_store()
-
-
 SettingsDep = Annotated[Settings, Depends(_settings)]
-BlobsDep = Annotated[BlobStore, Depends(_blob_store)]
+BlobsDep = Annotated[BlobStore, Depends(get_blob_store)]
 
 
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
