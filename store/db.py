@@ -43,7 +43,9 @@ def no_wait_engine() -> Engine | None:
     """For SQLite only (None otherwise): an engine of one connection per thread that never waits for a lock
     (busy timeout 0: a locked database raises OperationalError at once), for point reads made where waiting
     is not allowed: the API's event loop. In WAL mode a reader is locked out only in rare moments (the
-    WAL's recovery, an exclusive-mode writer); the caller then retries where it may wait."""
+    WAL's recovery, an exclusive-mode writer); the caller then retries where it may wait. SingletonThreadPool
+    keeps five threads' connections and closes the oldest beyond that: one event loop's thread per process is
+    what it is for."""
     url = get_settings().resolved_database_url
     return _no_wait_engine_for(url) if url.startswith("sqlite") else None
 
