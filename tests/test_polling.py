@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from migrations import upgrade
-from store.db import no_wait_engine, session_scope
+from store.db import engine_for, no_wait_engine, session_scope
 from store.keys import create_key
 from tvforge.settings import get_settings
 
@@ -25,8 +25,6 @@ def embedded(request, tmp_path, monkeypatch):
     upgrade(f"sqlite:///{database}")
     with session_scope() as session:
         key = create_key(session, "alice")
-    from store.db import engine_for
-
     engine_for(get_settings().resolved_database_url).dispose()  # no connection of this process stays open
     yield database, key
     engine_for(get_settings().resolved_database_url).dispose()
