@@ -71,15 +71,11 @@ def admit(settings: Settings, owner: str | None) -> str:
     return owner
 
 
-def authenticate(session: Session, settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> str:
+def current_owner(session: SessionDep, settings: SettingsDep, credentials: CredentialsDep) -> str:
     """The key's owner, counted against their rate limits; a 401 or 429 problem otherwise."""
     owner = owner_for_key(session, bearer_key(credentials))
     session.rollback()  # ends the read: the connection goes back to the pool before the route runs
     return admit(settings, owner)
-
-
-def current_owner(session: SessionDep, settings: SettingsDep, credentials: CredentialsDep) -> str:
-    return authenticate(session, settings, credentials)
 
 
 OwnerDep = Annotated[str, Depends(current_owner)]

@@ -203,14 +203,18 @@ def child_fusionbench_ties(base_path: str, vector_paths: list[str], out_dir: str
     return _timed(work)
 
 
+def _read_through(path: str | Path, buffer: bytearray) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buffer):
+            pass
+
+
 def child_copy(base_path: str, vector_paths: list[str], out_dir: str) -> dict:
     """The bound: read every input once, write one new output of the base's size (a copy of the base)."""
     def work() -> None:
         buffer = bytearray(CHUNK)
         for path in vector_paths:
-            with open(path, "rb", buffering=0) as f:
-                while f.readinto(buffer):
-                    pass
+            _read_through(path, buffer)
         with open(base_path, "rb", buffering=0) as source, open(Path(out_dir) / "copy.safetensors", "wb") as out:
             while n := source.readinto(buffer):
                 out.write(memoryview(buffer)[:n])
@@ -229,9 +233,7 @@ def _quiesce(scratch: str, inputs: list[Path]) -> None:
     os.sync()
     buffer = bytearray(CHUNK)
     for path in inputs:
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buffer):
-                pass
+        _read_through(path, buffer)
 
 
 def _in_child(kind: str, *args: str) -> dict:
