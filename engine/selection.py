@@ -1,10 +1,14 @@
-"""Exact top-k magnitude cuts without sorting: a two-level radix select on the bits of float32 magnitudes.
+"""Exact top-k magnitude cuts without sorting: a radix select on the bits of float32 magnitudes.
 
 A non-negative float32's bit pattern, read as an int32, orders exactly as the float does. So the k-th largest
 magnitude is found by counting entries per high 16 bits (one pass, a 32768-bin histogram), picking the bin
-that holds the k-th largest, then counting that bin's entries per low 16 bits (a second pass). Both passes
-stream chunk by chunk, so memory is one chunk (and the second level's counts), and the answer is the very
-value torch.kthvalue gives over the concatenated magnitudes (ties included), at a fraction of its cost.
+that holds the k-th largest, then counting that bin's entries per low 16 bits (a second pass). Every pass
+streams chunk by chunk, so memory is one chunk and the counts, and the answer is the very value
+torch.kthvalue gives over the concatenated magnitudes (ties included), at a fraction of its cost.
+
+Many ranks at once (an upload's 100 cuts) need about 100 first-level bins, and 100 rows of 2^16 counts (26 MB)
+written at random missed the cache at nearly every entry (0.69 s of a 351 MB vector's 1.1 s validation). So
+beyond a few bins the low 16 bits are taken 8 at a time, in two passes whose rows of 2^8 counts stay in cache.
 """
 import math
 from collections.abc import Callable, Iterable
@@ -13,7 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.kernels import HIGH_BINS, LOW_BINS, abs_sum, high_histogram, low_histograms
+from engine.kernels import (
+    HIGH_BINS,
+    LOW_BINS,
+    SPLIT_BINS,
+    abs_sum,
+    high_histogram,
+    low16_histograms,
+    low_histograms,
+    mid_histograms,
+)
 from engine.streaming import CHUNK
 from engine.task_vectors import TaskVectorFile
 
@@ -60,37 +73,62 @@ def _as_float(bits: int) -> float:
     return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
 
 
+# Up to this many first-level bins, the low 16 bits are one level: rows of 2^16 int32 counts, 256 KiB each
+FEW_BINS = 2
+
+
+def _narrowed(counts: np.ndarray, slot_of: Callable[[int], int], located: dict[int, tuple[int, int]],
+              width: int) -> dict[int, tuple[int, int]]:
+    """One more level for each rank: from (bits so far, entries above that prefix's bin) and the level's
+    counts per prefix slot, (the bits extended by this level's `width`, entries above the narrower bin)."""
+    narrowed = {}
+    for rank, (prefix, above) in located.items():
+        level_bin, level_above = _bin_from_top(counts[slot_of(prefix)], rank - above)
+        narrowed[rank] = ((prefix << width) | level_bin, above + level_above)
+    return narrowed
+
+
 def _select(chunks: Callable[[], Iterable[np.ndarray]], ranks_of: Callable[[int], list[int]]) -> list[float]:
-    """The rank-th largest magnitudes over every entry of chunks() (called twice: one pass per level), for
-    the ranks that ranks_of(number of entries) gives; a rank of 0 gives 0.0. Every rank is served by the
-    same two passes: a second-level histogram per distinct first-level bin (at most len(ranks) x 65536)."""
+    """The rank-th largest magnitudes over every entry of chunks() (called once per level: twice, or three times
+    for ranks over more than FEW_BINS first-level bins), for the ranks that ranks_of(number of entries) gives;
+    a rank of 0 gives 0.0. Every rank is served by the same passes: a row of counts per distinct prefix at each
+    level after the first, and a last row for the entries no rank needs."""
     high = _high_histogram(chunks)
     total = int(high.sum())
     ranks = ranks_of(total)
     located = {rank: _bin_from_top(high, rank) for rank in set(ranks) if rank > 0}
-    bins = sorted({high_bin for high_bin, _ in located.values()})
-    if not bins:
+    if not located:
         return [0.0] * len(ranks)
-    slot_of_bin = np.full(HIGH_BINS, -1, dtype=np.int32)
-    slot_of_bin[bins] = np.arange(len(bins), dtype=np.int32)
-    # one exact float value per (slot, low) cell: int32 holds its count for any file under 8 GiB of floats
-    low = np.zeros((len(bins), LOW_BINS), dtype=np.int32 if total < 2**31 else np.int64)
-    for chunk in chunks():
-        low_histograms(chunk, slot_of_bin, low)
-    values = []
-    for rank in ranks:
-        if rank == 0:
-            values.append(0.0)
-            continue
-        high_bin, above = located[rank]
-        low_bin, _ = _bin_from_top(low[slot_of_bin[high_bin]], rank - above)
-        values.append(_as_float((high_bin << 16) | low_bin))
-    return values
+    count_type = np.int32 if total < 2**31 else np.int64  # a cell's count; int32 for any file under 8 GiB of floats
+    high_bins = sorted({high_bin for high_bin, _ in located.values()})
+    slot_of_high = np.full(HIGH_BINS, len(high_bins), dtype=np.int32)
+    slot_of_high[high_bins] = np.arange(len(high_bins), dtype=np.int32)
+    high_slot = slot_of_high.__getitem__
+
+    if len(high_bins) <= FEW_BINS:
+        low = np.zeros((len(high_bins) + 1, LOW_BINS), dtype=count_type)
+        for chunk in chunks():
+            low16_histograms(chunk, slot_of_high, low)
+        located = _narrowed(low, high_slot, located, 16)
+    else:
+        mid = np.zeros((len(high_bins) + 1, SPLIT_BINS), dtype=count_type)
+        for chunk in chunks():
+            mid_histograms(chunk, slot_of_high, mid)
+        located = _narrowed(mid, high_slot, located, 8)
+        pairs = sorted({prefix for prefix, _ in located.values()})
+        slot_of_mid = np.full((len(high_bins) + 1, SPLIT_BINS), len(pairs), dtype=np.int32)
+        for slot, prefix in enumerate(pairs):
+            slot_of_mid[high_slot(prefix >> 8), prefix & 0xFF] = slot
+        low = np.zeros((len(pairs) + 1, SPLIT_BINS), dtype=count_type)
+        for chunk in chunks():
+            low_histograms(chunk, slot_of_high, slot_of_mid, low)
+        located = _narrowed(low, lambda pair: slot_of_mid[high_slot(pair >> 8), pair & 0xFF], located, 8)
+    return [_as_float(located[rank][0]) if rank > 0 else 0.0 for rank in ranks]
 
 
 def kth_largest_magnitude(chunks: Callable[[], Iterable[np.ndarray]], k: int) -> float:
-    """The k-th largest |x| over every entry of the float32 arrays chunks() yields (called twice: one pass
-    per level); k >= 1 and at most the number of entries."""
+    """The k-th largest |x| over every entry of the float32 arrays chunks() yields (called twice: one pass per
+    level); k >= 1 and at most the number of entries."""
     def ranks_of(total: int) -> list[int]:
         if k < 1 or k > total:
             raise ValueError(f"k={k} outside 1..{total}")
@@ -101,7 +139,7 @@ def kth_largest_magnitude(chunks: Callable[[], Iterable[np.ndarray]], k: int) ->
 def top_k_cuts(chunks: Callable[[], Iterable[np.ndarray]], percents: Iterable[float] = PERCENTS) -> list[float]:
     """For each top_k percent, the magnitude at or above which entries are in the top_k percent of all the
     entries chunks() yields (TIES's trim: ceil(top_k% of the entries) kept, ties at the cut too; 0.0 where
-    that keeps everything), all from the same two passes."""
+    that keeps everything), all from the same passes."""
     def ranks_of(total: int) -> list[int]:
         keeps = [math.ceil(p / 100 * total) for p in percents]
         return [keep if keep < total else 0 for keep in keeps]
@@ -111,7 +149,7 @@ def top_k_cuts(chunks: Callable[[], Iterable[np.ndarray]], percents: Iterable[fl
 def file_top_k_cuts(path: Path, names: set[str] | None = None, percents: Iterable[float] = PERCENTS,
                     chunk: int = CHUNK) -> list[float]:
     """top_k_cuts over the named float tensors of a task vector file (all of them by default; LoRA factors
-    count as their product), as if flattened together; read chunk by chunk, twice, never concatenated."""
+    count as their product), as if flattened together; read chunk by chunk, once per level, never concatenated."""
     vector = TaskVectorFile(path)
     present = sorted(name for name in vector.float_names() if names is None or name in names)
 

@@ -128,19 +128,25 @@ def test_merges_split_over_threads_give_the_same_bits(merge):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 3000), st.integers(0, 2**31), st.booleans())
-def test_top_k_cuts_are_each_percents_kth_largest(size, seed, coarse):
+@given(st.integers(1, 3000), st.integers(0, 2**31), st.sampled_from(["normal", "coarse", "one_high_bin", "one_pair"]))
+def test_top_k_cuts_are_each_percents_kth_largest(size, seed, spread):
     from engine.selection import PERCENTS, top_k_cuts
 
     generator = torch.Generator().manual_seed(seed)
     values = torch.randn(size, generator=generator)
-    if coarse:
+    if spread == "coarse":
         values = (values * 4).round() / 4  # ties and exact zeros
+    elif spread != "normal":  # two thirds of the entries in one high bin, [1, 1 + 2^-7) (ranks split by the
+        # middle 8 bits), or in one (high, middle) pair, [1, 1 + 2^-15) (split by the low 8 alone); the rest spread
+        width = 2**-7 if spread == "one_high_bin" else 2**-15
+        clustered = torch.rand(size, generator=generator) < 2 / 3
+        values = torch.where(clustered, 1 + torch.rand(size, generator=generator) * width, values)
     chunks = [values[: size // 3].numpy(), values[size // 3:].numpy()]
+    magnitudes = values.abs()
     expected = []
     for percent in PERCENTS:
         keep = int(np.ceil(percent / 100 * size))
-        expected.append(0.0 if keep >= size else kth_largest_magnitude(lambda: iter(chunks), keep))
+        expected.append(0.0 if keep >= size else float(magnitudes.kthvalue(size - keep + 1).values))
     assert top_k_cuts(lambda: iter(chunks)) == expected
 
 
