@@ -41,6 +41,24 @@ def low16_histograms(values: np.ndarray, slot_of_high: np.ndarray, counts: np.nd
 
 
 @numba.njit(cache=True, nogil=True)
+def chunk_measures(values: np.ndarray, counts: np.ndarray) -> tuple[bool, float, float]:
+    """An upload's one pass over a float32 chunk: (no NaN or Inf, sum |v|, sum v^2), both sums in float64 in
+    index order (sum |v| is abs_sum's), and high_histogram's counts."""
+    bits = values.view(np.int32)
+    exponent = np.int32(0x7F800000)
+    found = 0
+    absolute = 0.0
+    squared = 0.0
+    for j in range(bits.shape[0]):
+        found |= (bits[j] & exponent) == exponent
+        value = np.float64(values[j])
+        absolute += abs(value)
+        squared += value * value
+        counts[(bits[j] & MAGNITUDE_MASK) >> 16] += 1
+    return found == 0, absolute, squared
+
+
+@numba.njit(cache=True, nogil=True)
 def mid_histograms(values: np.ndarray, slot_of_high: np.ndarray, counts: np.ndarray) -> None:
     """counts[slot_of_high[high], bits 15..8] += 1 for every |v|: the second level of several radix selects at
     once. Bins that hold no wanted rank map to a last, discarded row: no branch on the data, which mispredicted
@@ -276,6 +294,7 @@ def warm_up() -> None:
     for values in (writable, read_only):
         high_histogram(values, counts_high)
         abs_sum(values)
+        chunk_measures(values, counts_high)
         for dtype in (np.int32, np.int64):
             low16_histograms(values, slots, np.zeros((1, LOW_BINS), dtype))
             mid_histograms(values, slots, np.zeros((1, SPLIT_BINS), dtype))

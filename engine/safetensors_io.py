@@ -146,43 +146,6 @@ def all_finite(tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-STATS_CHUNK = 1 << 20  # elements: the float64 work buffer of tensor_stats stays at 8 MiB
-
-
-def chunked_stats(chunks: Iterable) -> tuple[bool, float]:
-    """(every entry finite, sum of squares in float64) over float tensors given chunk by chunk."""
-    import torch
-
-    finite, squared = True, 0.0
-    for part in chunks:
-        finite = finite and all_finite(part)
-        squared += float(torch.linalg.vector_norm(part, dtype=torch.float64)) ** 2
-    return finite, squared
-
-
-def tensor_stats(path: Path, header: Header, names: set[str] | None = None) -> tuple[list[str], float]:
-    """(names of floating-point tensors holding NaN or Inf, L2 norm of all of them), in one pass; only the
-    tensors in names, if given.
-
-    One tensor at a time, each in chunks: the norm accumulates in float64 without a float64 copy of
-    any tensor (a 600 MB vector's largest tensor would otherwise cost 8 bytes an entry).
-    """
-    from safetensors import safe_open
-
-    bad, squared = [], 0.0
-    with safe_open(str(path), framework="pt") as f:
-        for name, info in header.tensors.items():
-            if not (info.is_float and info.numel) or (names is not None and name not in names):
-                continue
-            flat = f.get_tensor(name).reshape(-1)
-            finite, tensor_squared = chunked_stats(flat[start:start + STATS_CHUNK]
-                                                   for start in range(0, flat.numel(), STATS_CHUNK))
-            squared += tensor_squared
-            if not finite:
-                bad.append(name)
-    return bad, math.sqrt(squared)
-
-
 def check_finite(path: Path, header: Header) -> list[str]:
     """Names of floating-point tensors holding NaN or Inf, read one tensor at a time."""
     from safetensors import safe_open
@@ -390,6 +353,6 @@ def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = No
 
 __all__ = [
     "DTYPES", "Header", "MappedTensors", "NotSafetensors", "SafetensorsError", "StreamingWriter", "TensorInfo",
-    "all_finite", "check_finite", "chunked_stats", "read_header", "save_tensors", "tensor_buffer", "torch_dtype",
+    "all_finite", "check_finite", "read_header", "save_tensors", "tensor_buffer", "torch_dtype",
     "torch_dtype_name",
 ]

@@ -12,6 +12,7 @@ beyond a few bins the low 16 bits are taken 8 at a time, in two passes whose row
 """
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from engine.kernels import (
     LOW_BINS,
     SPLIT_BINS,
     abs_sum,
+    chunk_measures,
     high_histogram,
     low16_histograms,
     low_histograms,
@@ -88,12 +90,15 @@ def _narrowed(counts: np.ndarray, slot_of: Callable[[int], int], located: dict[i
     return narrowed
 
 
-def _select(chunks: Callable[[], Iterable[np.ndarray]], ranks_of: Callable[[int], list[int]]) -> list[float]:
+def _select(chunks: Callable[[], Iterable[np.ndarray]], ranks_of: Callable[[int], list[int]],
+            high: np.ndarray | None = None) -> list[float]:
     """The rank-th largest magnitudes over every entry of chunks() (called once per level: twice, or three times
-    for ranks over more than FEW_BINS first-level bins), for the ranks that ranks_of(number of entries) gives;
-    a rank of 0 gives 0.0. Every rank is served by the same passes: a row of counts per distinct prefix at each
-    level after the first, and a last row for the entries no rank needs."""
-    high = _high_histogram(chunks)
+    for ranks over more than FEW_BINS first-level bins; once less if `high`, the first level's counts, is given),
+    for the ranks that ranks_of(number of entries) gives; a rank of 0 gives 0.0. Every rank is served by the same
+    passes: a row of counts per distinct prefix at each level after the first, and a last row for the entries no
+    rank needs."""
+    if high is None:
+        high = _high_histogram(chunks)
     total = int(high.sum())
     ranks = ranks_of(total)
     located = {rank: _bin_from_top(high, rank) for rank in set(ranks) if rank > 0}
@@ -136,14 +141,15 @@ def kth_largest_magnitude(chunks: Callable[[], Iterable[np.ndarray]], k: int) ->
     return _select(chunks, ranks_of)[0]
 
 
-def top_k_cuts(chunks: Callable[[], Iterable[np.ndarray]], percents: Iterable[float] = PERCENTS) -> list[float]:
+def top_k_cuts(chunks: Callable[[], Iterable[np.ndarray]], percents: Iterable[float] = PERCENTS,
+               high: np.ndarray | None = None) -> list[float]:
     """For each top_k percent, the magnitude at or above which entries are in the top_k percent of all the
     entries chunks() yields (TIES's trim: ceil(top_k% of the entries) kept, ties at the cut too; 0.0 where
     that keeps everything), all from the same passes."""
     def ranks_of(total: int) -> list[int]:
         keeps = [math.ceil(p / 100 * total) for p in percents]
         return [keep if keep < total else 0 for keep in keeps]
-    return _select(chunks, ranks_of)
+    return _select(chunks, ranks_of, high)
 
 
 def file_top_k_cuts(path: Path, names: set[str] | None = None, percents: Iterable[float] = PERCENTS,
@@ -159,3 +165,42 @@ def file_top_k_cuts(path: Path, names: set[str] | None = None, percents: Iterabl
             for start in range(0, numel, chunk):
                 yield vector.float32(name, start, start + chunk)
     return top_k_cuts(chunks, percents)
+
+
+@dataclass(frozen=True)
+class VectorMeasures:
+    """What an upload measures of a task vector's values."""
+
+    non_finite: list[str]  # float tensors holding NaN or Inf; when any, nothing else is measured
+    l2_norm: float  # of the dense task vector (LoRA factors as their product), summed in float64
+    magnitude_means: dict[str, float]  # file_magnitude_means' values: STA's data-free masks read them
+    magnitude_cuts: list[float]  # file_top_k_cuts' values for PERCENTS: TIES reads them
+
+
+def measure_vector(vector: TaskVectorFile) -> VectorMeasures:
+    """Finiteness, L2 norm, per-tensor mean magnitudes and the first level of the top-k cuts in one pass over
+    the vector's values (engine.kernels.chunk_measures, chunk by chunk), then the cuts' remaining levels:
+    three passes where separate measurements made five. Means and cuts are bit for bit the ones
+    file_magnitude_means and file_top_k_cuts give (the same chunks, sums in the same order)."""
+    names = vector.float_names()
+    high = np.zeros(HIGH_BINS, dtype=np.int64)
+    non_finite, squared, means = [], 0.0, {}
+    for name in names:
+        numel = math.prod(vector.shape(name))
+        finite, absolute = True, 0.0
+        for start in range(0, numel, CHUNK):
+            chunk_finite, chunk_absolute, chunk_squared = chunk_measures(
+                vector.float32(name, start, min(numel, start + CHUNK)), high)
+            finite, absolute, squared = finite and chunk_finite, absolute + chunk_absolute, squared + chunk_squared
+        if not finite:
+            non_finite.append(name)
+        means[name] = float(np.float32(absolute / numel)) if numel else 0.0
+    if non_finite:
+        return VectorMeasures(non_finite, math.nan, {}, [])
+
+    def chunks():
+        for name in names:
+            numel = math.prod(vector.shape(name))
+            for start in range(0, numel, CHUNK):
+                yield vector.float32(name, start, start + CHUNK)
+    return VectorMeasures([], math.sqrt(squared), means, top_k_cuts(chunks, PERCENTS, high))

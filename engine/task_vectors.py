@@ -9,23 +9,13 @@ Every reader here yields the dense task vector's values. A factored tensor is co
 rows (the same blocks whatever range is asked for), so a chunk costs one block or two, the whole tensor is
 never needed for a chunk, and a chunk read and a whole-tensor read give the same bits.
 """
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.safetensors_io import (
-    STATS_CHUNK,
-    Header,
-    MappedTensors,
-    SafetensorsError,
-    TensorInfo,
-    chunked_stats,
-    read_header,
-    tensor_stats,
-)
+from engine.safetensors_io import Header, MappedTensors, SafetensorsError, TensorInfo, read_header
 
 LORA_A, LORA_B = ".lora_A", ".lora_B"
 LORA_BLOCK_ENTRIES = 1 << 16  # entries of the dense product computed per block of rows
@@ -158,17 +148,3 @@ class TaskVectorFile:
     def float_deltas(self, names: set[str] | dict | None = None) -> dict[str, torch.Tensor]:
         """Every floating-point tensor the file changes (among `names`, if given), dense, in float32."""
         return {name: self.tensor(name) for name in self.float_names() if names is None or name in names}
-
-    def stats(self) -> tuple[list[str], float]:
-        """(tensors holding NaN or Inf, L2 norm of the dense task vector) in one pass; a factored tensor's
-        product is checked and measured chunk by chunk, never whole."""
-        bad, norm = tensor_stats(self.path, self.header, set(self.layout.dense))
-        squared = norm ** 2
-        for name in sorted(self.layout.factors):
-            numel = math.prod(self.shape(name))
-            finite, tensor_squared = chunked_stats(torch.from_numpy(self.float32(name, start, start + STATS_CHUNK))
-                                                   for start in range(0, numel, STATS_CHUNK))
-            squared += tensor_squared
-            if not finite:
-                bad.append(name)
-        return bad, math.sqrt(squared)

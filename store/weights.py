@@ -23,7 +23,7 @@ from engine.safetensors_io import (
     torch_dtype,
     torch_dtype_name,
 )
-from engine.selection import file_magnitude_means, file_top_k_cuts
+from engine.selection import measure_vector
 from engine.task_vectors import TaskVectorFile
 from store.errors import RejectedInput
 
@@ -127,7 +127,7 @@ class TaskVectorStats:
 
 def validate_task_vector(path: Path, header: Header, base: Header) -> TaskVectorStats:
     """Checks a task vector (dense tensors and/or LoRA factors, engine.task_vectors) against its base from the
-    header alone, then its values chunk by chunk; returns its L2 norm, top-k cuts and LoRA rank."""
+    header alone, then its values chunk by chunk; returns its L2 norm, top-k cuts, mean magnitudes and LoRA rank."""
     if not header.tensors:
         raise WeightsError(422, "The file holds no tensors.")
     try:
@@ -139,10 +139,11 @@ def validate_task_vector(path: Path, header: Header, base: Header) -> TaskVector
     not_float += [n for n in vector.layout.factors if not base.tensors[n].is_float]
     if not_float:
         raise WeightsError(422, f"Task vectors cover floating-point tensors only: {_names(not_float)}.")
-    bad, norm = vector.stats()
-    if bad:
-        raise WeightsError(422, f"Tensors hold NaN or Inf: {_names(bad)}.")
-    return TaskVectorStats(norm, file_top_k_cuts(path), file_magnitude_means(path), vector.layout.max_rank)
+    measured = measure_vector(vector)
+    if measured.non_finite:
+        raise WeightsError(422, f"Tensors hold NaN or Inf: {_names(measured.non_finite)}.")
+    return TaskVectorStats(measured.l2_norm, measured.magnitude_cuts, measured.magnitude_means,
+                           vector.layout.max_rank)
 
 
 # Entries of a tensor's rows that the conversion holds at a time (as float64: 2 MiB per operand). At 1 << 20

@@ -762,24 +762,29 @@ def test_an_evaluation_reference_of_another_base_is_422(stack, world, http, tmp_
                        ["body", "datasets", 0, "reference_task_vector_id"])
 
 
-def test_tensor_stats_give_the_norm_in_float64_and_name_non_finite_tensors(tmp_path):
-    """One chunked pass (engine.safetensors_io.tensor_stats) against a float64 computation of the whole."""
+def test_an_upload_measures_the_norm_in_float64_and_names_non_finite_tensors(tmp_path):
+    """One chunked pass (engine.selection.measure_vector) against a float64 computation of the whole; its means
+    and cuts are bit for bit the separate measurements' (the merges that compute them alike rely on it)."""
     import math
 
     import torch
-    from safetensors.torch import save_file
 
-    from engine import safetensors_io
-    from engine.safetensors_io import read_header, tensor_stats
+    from engine.safetensors_io import save_tensors
+    from engine.selection import file_magnitude_means, file_top_k_cuts, measure_vector
+    from engine.streaming import CHUNK
+    from engine.task_vectors import TaskVectorFile
 
     generator = torch.Generator().manual_seed(0)
-    tensors = {"a": torch.randn(3, safetensors_io.STATS_CHUNK // 2 + 7, generator=generator),
-               "b": torch.randn(5, generator=generator).half(), "steps": torch.arange(4)}
+    tensors = {"a": torch.randn(3, CHUNK // 2 + 7, generator=generator),  # chunks that straddle rows
+               "b": torch.randn(5, generator=generator).half(), "c": torch.randn(9, generator=generator).bfloat16()}
     path = tmp_path / "v.safetensors"
-    save_file(tensors, str(path))
-    bad, norm = tensor_stats(path, read_header(path))
-    expected = math.sqrt(sum(float(t.double().square().sum()) for t in (tensors["a"], tensors["b"])))
-    assert bad == [] and norm == pytest.approx(expected, rel=1e-12)
+    save_tensors(path, tensors)
+    measured = measure_vector(TaskVectorFile(path))
+    expected = math.sqrt(sum(float(t.double().square().sum()) for t in tensors.values()))
+    assert measured.non_finite == [] and measured.l2_norm == pytest.approx(expected, rel=1e-12)
+    assert measured.magnitude_means == file_magnitude_means(path)
+    assert measured.magnitude_cuts == file_top_k_cuts(path)
     tensors["a"][2, -1] = float("inf")
-    save_file(tensors, str(path))
-    assert tensor_stats(path, read_header(path))[0] == ["a"]
+    tensors["c"][0] = float("nan")
+    save_tensors(path, tensors)
+    assert measure_vector(TaskVectorFile(path)).non_finite == ["a", "c"]

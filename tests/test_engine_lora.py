@@ -111,17 +111,21 @@ def test_any_range_of_a_product_is_the_same_bits_as_the_whole(tmp_path_factory, 
     assert torch.equal(got_b, b) and torch.equal(got_a, a)
 
 
-def test_stats_measure_the_product_and_name_non_finite_factors(tmp_path):
+def test_an_upload_measures_the_product_and_names_non_finite_factors(tmp_path):
+    from engine.selection import file_magnitude_means, file_top_k_cuts, measure_vector
+
     b, a = torch.randn(300, 4, dtype=torch.float64), torch.randn(4, 500, dtype=torch.float64)
     path = tmp_path / "v.safetensors"
     save_tensors(path, {"w.lora_A": a.float(), "w.lora_B": b.float(), "bias": torch.full((3,), 2.0)})
-    bad, norm = TaskVectorFile(path).stats()
-    assert bad == []
-    assert norm == pytest.approx(math.sqrt(float((b.float().double() @ a.float().double()).square().sum()) + 12),
-                                 rel=1e-6)
+    measured = measure_vector(TaskVectorFile(path))
+    assert measured.non_finite == []
+    assert measured.l2_norm == pytest.approx(
+        math.sqrt(float((b.float().double() @ a.float().double()).square().sum()) + 12), rel=1e-6)
+    assert measured.magnitude_means == file_magnitude_means(path)
+    assert measured.magnitude_cuts == file_top_k_cuts(path)
     a[1, 7] = float("nan")
     save_tensors(path, {"w.lora_A": a.float(), "w.lora_B": b.float()})
-    assert TaskVectorFile(path).stats()[0] == ["w"]
+    assert measure_vector(TaskVectorFile(path)).non_finite == ["w"]
 
 
 TRAINING_FREE = sorted(name for name in METHODS if name != "atlas")
