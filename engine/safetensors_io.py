@@ -191,7 +191,10 @@ class MappedTensors:
         raw = self._map[offset:offset + (stop - start) * size].view(_NUMPY_FLOATS[info.dtype])
         if info.dtype == "BF16":
             return (raw.astype(np.uint32) << 16).view(np.float32)
-        return raw if info.dtype == "F32" else raw.astype(np.float32)
+        if info.dtype == "F32":
+            return raw
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range reads as Inf, which callers refuse
+            return raw.astype(np.float32)
 
 
 class StreamingWriter:

@@ -58,6 +58,8 @@ def _bin_from_top(counts: np.ndarray, rank: int) -> tuple[int, int]:
     """(bin holding the rank-th largest entry, entries in the bins above it); rank counts from 1."""
     from_top = np.cumsum(counts[::-1])
     index = int(np.searchsorted(from_top, rank))
+    if index == len(counts):  # counts not of the entries the rank was computed over: never a wrong answer
+        raise ValueError(f"rank {rank} beyond the {int(from_top[-1])} entries counted")
     above = int(from_top[index - 1]) if index > 0 else 0
     return len(counts) - 1 - index, above
 
@@ -75,7 +77,7 @@ def _as_float(bits: int) -> float:
     return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
 
 
-# Up to this many first-level bins, the low 16 bits are one level: rows of 2^16 int32 counts, 256 KiB each
+# Up to this many first-level bins, the low 16 bits are one level: rows of 2^16 counts, 256 KiB each in int32
 FEW_BINS = 2
 
 
@@ -171,17 +173,20 @@ def file_top_k_cuts(path: Path, names: set[str] | None = None, percents: Iterabl
 class VectorMeasures:
     """What an upload measures of a task vector's values."""
 
-    non_finite: list[str]  # float tensors holding NaN or Inf; when any, nothing else is measured
-    l2_norm: float  # of the dense task vector (LoRA factors as their product), summed in float64
+    non_finite: list[str]  # float tensors holding NaN or Inf as float32 (a float64 beyond its range too)
+    l2_norm: float  # of the dense task vector as merges read it (float32; LoRA factors as their product), summed
+    # in float64; NaN, and the means and cuts empty, when a tensor is not finite
     magnitude_means: dict[str, float]  # file_magnitude_means' values: STA's data-free masks read them
     magnitude_cuts: list[float]  # file_top_k_cuts' values for PERCENTS: TIES reads them
 
 
 def measure_vector(vector: TaskVectorFile) -> VectorMeasures:
     """Finiteness, L2 norm, per-tensor mean magnitudes and the first level of the top-k cuts in one pass over
-    the vector's values (engine.kernels.chunk_measures, chunk by chunk), then the cuts' remaining levels:
-    three passes where separate measurements made five. Means and cuts are bit for bit the ones
-    file_magnitude_means and file_top_k_cuts give (the same chunks, sums in the same order)."""
+    the vector's values as merges read them, float32 (engine.kernels.chunk_measures, chunk by chunk), then the
+    cuts' remaining levels: three passes in all, where the separate measurements (finiteness and norm, the
+    means, the cuts' three levels) made five. Means and cuts are bit for bit the ones file_magnitude_means and
+    file_top_k_cuts give (the same chunks, sums in the same order) for the same layout: the upload passes the
+    layout that knows the base, which differs from a merge's only for a base tensor named like a LoRA factor."""
     names = vector.float_names()
     high = np.zeros(HIGH_BINS, dtype=np.int64)
     non_finite, squared, means = [], 0.0, {}

@@ -141,7 +141,8 @@ def validate_task_vector(path: Path, header: Header, base: Header) -> TaskVector
         raise WeightsError(422, f"Task vectors cover floating-point tensors only: {_names(not_float)}.")
     measured = measure_vector(vector)
     if measured.non_finite:
-        raise WeightsError(422, f"Tensors hold NaN or Inf: {_names(measured.non_finite)}.")
+        raise WeightsError(422, f"Tensors hold NaN or Inf (in float32, as merges read them): "
+                                f"{_names(measured.non_finite)}.")
     return TaskVectorStats(measured.l2_norm, measured.magnitude_cuts, measured.magnitude_means,
                            vector.layout.max_rank)
 

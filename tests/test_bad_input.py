@@ -776,11 +776,13 @@ def test_an_upload_measures_the_norm_in_float64_and_names_non_finite_tensors(tmp
 
     generator = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(3, CHUNK // 2 + 7, generator=generator),  # chunks that straddle rows
-               "b": torch.randn(5, generator=generator).half(), "c": torch.randn(9, generator=generator).bfloat16()}
+               "b": torch.randn(5, generator=generator).half(), "c": torch.randn(9, generator=generator).bfloat16(),
+               "steps": torch.arange(4)}  # not a float: neither measured nor checked
     path = tmp_path / "v.safetensors"
     save_tensors(path, tensors)
     measured = measure_vector(TaskVectorFile(path))
-    expected = math.sqrt(sum(float(t.double().square().sum()) for t in tensors.values()))
+    assert sorted(measured.magnitude_means) == ["a", "b", "c"]
+    expected = math.sqrt(sum(float(t.double().square().sum()) for n, t in tensors.items() if n != "steps"))
     assert measured.non_finite == [] and measured.l2_norm == pytest.approx(expected, rel=1e-12)
     assert measured.magnitude_means == file_magnitude_means(path)
     assert measured.magnitude_cuts == file_top_k_cuts(path)
@@ -788,3 +790,5 @@ def test_an_upload_measures_the_norm_in_float64_and_names_non_finite_tensors(tmp
     tensors["c"][0] = float("nan")
     save_tensors(path, tensors)
     assert measure_vector(TaskVectorFile(path)).non_finite == ["a", "c"]
+    save_tensors(path, {"d": torch.tensor([1.0, 1e39], dtype=torch.float64)})  # finite, but Inf as merges read it
+    assert measure_vector(TaskVectorFile(path)).non_finite == ["d"]

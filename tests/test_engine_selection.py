@@ -128,7 +128,8 @@ def test_merges_split_over_threads_give_the_same_bits(merge):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 3000), st.integers(0, 2**31), st.sampled_from(["normal", "coarse", "one_high_bin", "one_pair"]))
+@given(st.integers(1, 3000), st.integers(0, 2**31),
+       st.sampled_from(["normal", "coarse", "one_high_bin", "one_pair", "all_in_one_high_bin"]))
 def test_top_k_cuts_are_each_percents_kth_largest(size, seed, spread):
     from engine.selection import PERCENTS, top_k_cuts
 
@@ -136,6 +137,8 @@ def test_top_k_cuts_are_each_percents_kth_largest(size, seed, spread):
     values = torch.randn(size, generator=generator)
     if spread == "coarse":
         values = (values * 4).round() / 4  # ties and exact zeros
+    elif spread == "all_in_one_high_bin":  # every rank in one first-level bin: the one 16-bit level
+        values = 1 + torch.rand(size, generator=generator) * 2**-7
     elif spread != "normal":  # two thirds of the entries in one high bin, [1, 1 + 2^-7) (ranks split by the
         # middle 8 bits), or in one (high, middle) pair, [1, 1 + 2^-15) (split by the low 8 alone); the rest spread
         width = 2**-7 if spread == "one_high_bin" else 2**-15
