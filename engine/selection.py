@@ -11,7 +11,7 @@ written at random missed the cache at nearly every entry (0.69 s of a 351 MB vec
 beyond a few bins the low 16 bits are taken 8 at a time, in two passes whose rows of 2^8 counts stay in cache.
 """
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,12 +39,15 @@ def mean_magnitude(read: Callable[[int, int], np.ndarray], numel: int) -> np.flo
     """mean |x| over a tensor read chunk by chunk, in float32: chunk sums in float64, added in chunk order, so
     the value is the same whatever reads it and on however many threads (an upload measures it, STA's data-free
     masks use it); 0 for an empty tensor."""
-    if numel == 0:
-        return np.float32(0.0)
     total = 0.0
     for start in range(0, numel, CHUNK):
         total += abs_sum(read(start, min(numel, start + CHUNK)))
-    return np.float32(total / numel)
+    return _mean(total, numel)
+
+
+def _mean(total: float, numel: int) -> np.float32:
+    """A tensor's mean magnitude from its float64 sum of |x|, as every reader rounds it; 0 for an empty tensor."""
+    return np.float32(total / numel) if numel else np.float32(0.0)
 
 
 def file_magnitude_means(path: Path) -> dict[str, float]:
@@ -160,13 +163,15 @@ def file_top_k_cuts(path: Path, names: set[str] | None = None, percents: Iterabl
     count as their product), as if flattened together; read chunk by chunk, once per level, never concatenated."""
     vector = TaskVectorFile(path)
     present = sorted(name for name in vector.float_names() if names is None or name in names)
+    return top_k_cuts(partial(_vector_chunks, vector, present, chunk), percents)
 
-    def chunks():
-        for name in present:
-            numel = math.prod(vector.shape(name))
-            for start in range(0, numel, chunk):
-                yield vector.float32(name, start, start + chunk)
-    return top_k_cuts(chunks, percents)
+
+def _vector_chunks(vector: TaskVectorFile, names: list[str], chunk: int) -> Iterator[np.ndarray]:
+    """The named tensors' values as float32, chunk by chunk, one tensor after another."""
+    for name in names:
+        numel = math.prod(vector.shape(name))
+        for start in range(0, numel, chunk):
+            yield vector.float32(name, start, start + chunk)
 
 
 @dataclass(frozen=True)
@@ -199,13 +204,8 @@ def measure_vector(vector: TaskVectorFile) -> VectorMeasures:
             finite, absolute, squared = finite and chunk_finite, absolute + chunk_absolute, squared + chunk_squared
         if not finite:
             non_finite.append(name)
-        means[name] = float(np.float32(absolute / numel)) if numel else 0.0
+        means[name] = float(_mean(absolute, numel))
     if non_finite:
         return VectorMeasures(non_finite, math.nan, {}, [])
-
-    def chunks():
-        for name in names:
-            numel = math.prod(vector.shape(name))
-            for start in range(0, numel, CHUNK):
-                yield vector.float32(name, start, start + CHUNK)
-    return VectorMeasures([], math.sqrt(squared), means, top_k_cuts(chunks, PERCENTS, high))
+    cuts = top_k_cuts(partial(_vector_chunks, vector, names, CHUNK), PERCENTS, high)
+    return VectorMeasures([], math.sqrt(squared), means, cuts)
