@@ -147,3 +147,33 @@ def test_streaming_writer_hashes_and_checks_what_it_writes(tmp_path):
     assert writer.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert writer.size == path.stat().st_size
     assert writer.non_finite == ["a", "d"]
+
+
+def test_streaming_writer_checks_and_writes_piece_by_piece(tmp_path, monkeypatch):
+    """Pieces of 64 bytes and a writeback hint every 128: a NaN or Inf in any piece but the first is found,
+    a non-finite value after a finite piece too, and the bytes and hash are the whole tensors'."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from engine.safetensors_io import StreamingWriter
+
+    monkeypatch.setattr(StreamingWriter, "WRITE_PIECE", 64)
+    monkeypatch.setattr(StreamingWriter, "WRITEBACK_EVERY", 128)
+    late_nan = torch.arange(100, dtype=torch.float32)
+    late_nan[97] = float("nan")
+    middle_inf = torch.arange(40, dtype=torch.float64)
+    middle_inf[20] = -float("inf")
+    late_bf16_inf = torch.ones(80, dtype=torch.bfloat16)
+    late_bf16_inf[70] = float("inf")
+    tensors = {"a_finite": torch.randn(7, 33), "b_late_nan": late_nan, "c_middle_inf": middle_inf,
+               "d_bf16": late_bf16_inf, "e_ints": torch.arange(50), "f_finite64": torch.randn(30, dtype=torch.float64)}
+    path = tmp_path / "w.safetensors"
+    with StreamingWriter(path, [(n, torch_dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()]) as writer:
+        for name in writer.names:
+            writer.write(name, tensors[name])
+    assert writer.non_finite == ["b_late_nan", "c_middle_inf", "d_bf16"]
+    assert writer.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = load_file(path)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name].view(torch.uint8), tensor.view(torch.uint8)), name
