@@ -7,7 +7,10 @@ before each, the last output removed, the disk synced and the inputs read into t
 as medians, with the ratio of the best runs beside them (on a VM whose I/O stalls a run now and then, the
 least disturbed run of each):
 - wall time of the merge alone, and its ratio to the time of simply reading the N + 1 inputs once and
-  writing one output of the base's size, fsync included (the bound, measured the same way in the same run);
+  writing one output of the base's size, fsync included (the bound, measured the same way in the same run,
+  written as tvforge's writer writes: 1 MiB calls, writeback started every 8 MiB); beside it, the time to
+  sha256 an output of that size alone, which every tvforge merge does (the checkpoint's digest) and the
+  bound and the comparisons do not;
 - peak anonymous memory (the process's own, sampled every 5 ms; "growth" is above the process's memory
   before the merge started: interpreter, torch) and peak total RSS. Inputs are memory-mapped, so total
   RSS also counts page-cache pages of the inputs, which the kernel can drop at any time; anonymous
@@ -203,23 +206,44 @@ def child_fusionbench_ties(base_path: str, vector_paths: list[str], out_dir: str
     return _timed(work)
 
 
-def _read_through(path: str | Path, buffer: bytearray) -> None:
+def _read_through(path: str | Path, buffer: bytearray, digest=None) -> None:
     with open(path, "rb", buffering=0) as f:
-        while f.readinto(buffer):
-            pass
+        while n := f.readinto(buffer):
+            if digest is not None:
+                digest.update(memoryview(buffer)[:n])
 
 
 def child_copy(base_path: str, vector_paths: list[str], out_dir: str) -> dict:
-    """The bound: read every input once, write one new output of the base's size (a copy of the base)."""
+    """The bound: read every input once, write one new output of the base's size (a copy of the base). It
+    writes as tvforge's StreamingWriter does (calls of WRITE_PIECE bytes, writeback started every
+    WRITEBACK_EVERY), so that it stays a floor for tvforge's merges; it neither checks nor hashes."""
+    from engine.safetensors_io import StreamingWriter, start_writeback
+
     def work() -> None:
-        buffer = bytearray(CHUNK)
+        buffer = bytearray(StreamingWriter.WRITE_PIECE)
         for path in vector_paths:
             _read_through(path, buffer)
-        with open(base_path, "rb", buffering=0) as source, open(Path(out_dir) / "copy.safetensors", "wb") as out:
+        with open(base_path, "rb", buffering=0) as source, \
+                open(Path(out_dir) / "copy.safetensors", "wb", buffering=0) as out:
+            size = written_back = 0
             while n := source.readinto(buffer):
                 out.write(memoryview(buffer)[:n])
-            out.flush()
+                size += n
+                if size - written_back >= StreamingWriter.WRITEBACK_EVERY:
+                    start_writeback(out.fileno(), written_back, size)
+                    written_back = size
             os.fsync(out.fileno())
+    return _timed(work)
+
+
+def child_sha256(base_path: str) -> dict:
+    """sha256 of the base's bytes from the page cache, alone: what every tvforge merge computes of its output
+    (the checkpoint's digest) and the bound and the script do not."""
+    import hashlib
+
+    def work() -> None:
+        digest, buffer = hashlib.sha256(), bytearray(1 << 20)
+        _read_through(base_path, buffer, digest)
     return _timed(work)
 
 
@@ -268,12 +292,13 @@ def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option(
         base_path, vector_paths = make_inputs(folder, architecture, count)
         paths = [str(p) for p in vector_paths]
         chosen = [m for m in methods.split(",") if not (m == "fusionbench_ties" and count > fusionbench_max)]
-        runs: dict[str, list[dict]] = {"bound": [], **{m: [] for m in chosen}}
+        runs: dict[str, list[dict]] = {"bound": [], "sha256": [], **{m: [] for m in chosen}}
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             _in_child("copy", str(base_path), paths, scratch)  # warm the page cache for both sides alike
             for _ in range(repeats):
                 _quiesce(scratch, [base_path, *vector_paths])
                 runs["bound"].append(_in_child("copy", str(base_path), paths, scratch))
+                runs["sha256"].append(_in_child("sha256", str(base_path)))
                 for method in chosen:
                     _quiesce(scratch, [base_path, *vector_paths])
                     runs[method].append(_measure(method, architecture, base_path, paths, scratch, threads))
@@ -291,6 +316,7 @@ def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option(
                          "anon_growth_mib": max(r["anon_growth_mib"] for r in runs[method]),
                          "peak_rss_mib": max(r["peak_rss_mib"] for r in runs[method]),
                          "bound_seconds": bound, "ratio_to_bound": seconds / bound,
+                         "output_sha256_seconds": statistics.median(r["seconds"] for r in runs["sha256"]),
                          "upload_cuts_seconds_per_vector": statistics.median(r.get("upload_cuts_seconds", 0.0)
                                                                              for r in runs[method]),
                          "upload_means_seconds_per_vector": statistics.median(r.get("upload_means_seconds", 0.0)
@@ -315,6 +341,10 @@ def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option(
                                            "torch_threads": threads or torch.get_num_threads(), "repeats": repeats},
                                "rows": rows, "table": table}, indent=2) + "\n")
     typer.echo(table)
+    for count in sorted({r["task_vectors"] for r in rows}):
+        first = next(r for r in rows if r["task_vectors"] == count)
+        typer.echo(f"N = {count}: bound {first['bound_seconds']:.2f} s, sha256 of the output alone "
+                   f"{first['output_sha256_seconds']:.2f} s")
 
 
 if __name__ == "__main__":

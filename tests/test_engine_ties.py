@@ -41,7 +41,9 @@ def test_elect_and_disjoint_mean_by_hand():
 
 
 def reference_ties(taus: list[np.ndarray], top_k: float) -> np.ndarray:
-    """Entry-by-entry loops, float64."""
+    """Entry-by-entry loops, float64, but for the sign election: the sum whose sign is elected is added in
+    float32 in the vectors' order, as the reference code adds float32 weights; in float64, a sum that is
+    exactly 0 in float32 (0.38 + 1.01 - 0.99 - 0.4) can come out below 0 and elect another sign."""
     trimmed = []
     for tau in taus:
         flat = tau.ravel()
@@ -51,7 +53,10 @@ def reference_ties(taus: list[np.ndarray], top_k: float) -> np.ndarray:
     merged = np.zeros_like(taus[0])
     for index in np.ndindex(merged.shape):
         values = [t[index] for t in trimmed]
-        sign = np.sign(sum(values))
+        total = np.float32(0.0)
+        for value in values:
+            total = np.float32(total + np.float32(value))
+        sign = np.sign(total)
         agreeing = [v for v in values if v != 0 and np.sign(v) == sign]
         merged[index] = np.mean(agreeing) if agreeing else 0.0
     return merged

@@ -177,3 +177,42 @@ def test_streaming_writer_checks_and_writes_piece_by_piece(tmp_path, monkeypatch
     loaded = load_file(path)
     for name, tensor in tensors.items():
         assert torch.equal(loaded[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def test_a_failing_writer_raises_instead_of_blocking_the_caller(tmp_path, monkeypatch):
+    """Room for four pieces in flight; four one-piece tensors are queued and a four-piece one waits for room
+    when the first write fails. The writer must release the room of the tensors it then skips, so the caller
+    gets the error instead of waiting forever."""
+    import threading
+
+    import engine.safetensors_io as safetensors_io
+    from engine.safetensors_io import StreamingWriter
+
+    monkeypatch.setattr(StreamingWriter, "WRITE_PIECE", 64)
+    monkeypatch.setattr(StreamingWriter, "IN_FLIGHT", 4 * 64)
+    gate = threading.Event()
+
+    def failing_buffer(_tensor):
+        gate.wait(timeout=20)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors_io, "tensor_buffer", failing_buffer)
+    tensors = {**{f"small{i}": torch.ones(16) for i in range(4)}, "wide": torch.ones(64)}
+    writer = StreamingWriter(tmp_path / "w.safetensors", [(n, "F32", tuple(t.shape)) for n, t in tensors.items()])
+    outcome = {}
+
+    def hand_over() -> None:
+        try:
+            for name in writer.names:
+                writer.write(name, tensors[name])
+            writer.close()
+        except OSError as exc:
+            outcome["error"] = exc
+
+    caller = threading.Thread(target=hand_over, daemon=True)
+    caller.start()
+    caller.join(timeout=1)  # the caller now waits for room for "wide"
+    gate.set()
+    caller.join(timeout=20)
+    assert not caller.is_alive(), "write() blocked on a writer that had failed"
+    assert str(outcome["error"]) == "disk full"

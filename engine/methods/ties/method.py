@@ -5,6 +5,12 @@ vector, resolve_sign by the sum of the trimmed vectors, disjoint_merge) and Fusi
 ties_merging_utils for the `sum` merge. The global cut is found one task vector at a time, so
 memory grows with the model, not with the number of vectors; merging then streams tensor by tensor, and
 within a tensor chunk by chunk through fused loops (engine/kernels.py).
+
+One deliberate deviation: an entry whose trimmed values sum to exactly 0 merges to 0. The reference
+(resolve_zero_signs, "majority") gives such an entry the sign that most of the model's entries elected,
+which needs a pass over the whole model before any tensor is written; the entries it changes are those
+whose nonzero trimmed values cancel exactly in float32 (an entry that every vector trims away merges to
+0 either way).
 """
 import math
 from collections.abc import Sequence
