@@ -224,8 +224,9 @@ def start_writeback(fd: int, start: int, stop: int) -> None:
         _SYNC_FILE_RANGE(fd, start, stop - start, _SYNC_FILE_RANGE_WRITE)
 
 
-# torch dtype -> the numpy dtype a tensor's little-endian bytes are checked as, a piece at a time
-_PIECEWISE_FINITE = {"torch.float32": "<f4", "torch.float64": "<f8"}
+# torch dtype -> the numpy dtype a tensor's little-endian bytes are checked as, a piece at a time (the
+# compiled check reads native floats, so elsewhere a float tensor is checked whole, before the byte swap)
+_PIECEWISE_FINITE = {"torch.float32": "<f4", "torch.float64": "<f8"} if sys.byteorder == "little" else {}
 
 
 class StreamingWriter:
@@ -250,10 +251,10 @@ class StreamingWriter:
     # to the host: page_reporting_order 9) calls of 2 MiB and more ran 4-10x slower in about half the runs,
     # the time inside the kernel's copy into the page cache: likely 2 MiB folios taken from memory the host
     # had discarded. A 605 MB file in 9 MiB calls: 0.13-1.47 s; in 1 MiB calls: 0.13-0.18 s (ten runs each).
-    WRITE_PIECE = 1 << 20
-    # Bytes written between two start_writeback calls: the fsync in close() then waits for the last few MiB
-    # and not for the whole file (task arithmetic of two ViT-B/32 vectors, interleaved runs in one process:
-    # median 0.98 -> 0.76 s, of which fsync was 0.25-0.3 s).
+    WRITE_PIECE = 1 << 20  # a multiple of 8, so that every piece of a float64 tensor is whole floats
+    # Bytes written between two start_writeback calls (checked after each piece): the fsync in close() then
+    # waits for the last few MiB and not for the whole file (task arithmetic of two ViT-B/32 vectors,
+    # interleaved runs in one process: median 0.98 -> 0.76 s, of which fsync was 0.25-0.3 s).
     WRITEBACK_EVERY = 8 << 20
 
     def __init__(self, path: Path, entries: Iterable[tuple[str, str, tuple[int, ...]]],
@@ -309,13 +310,13 @@ class StreamingWriter:
                     if pieces_as is not None and finite:
                         finite = bool(finite_array(piece.view(pieces_as)))
                     self._file.write(piece)
+                    self.size += len(piece)
+                    if self.size - self._written_back >= self.WRITEBACK_EVERY:
+                        self._file.flush()  # the header and short tails wait in the file object's buffer
+                        start_writeback(self._file.fileno(), self._written_back, self.size)
+                        self._written_back = self.size
                 if not finite:
                     self.non_finite.append(name)
-                self.size += len(buffer)
-                if self.size - self._written_back >= self.WRITEBACK_EVERY:
-                    self._file.flush()
-                    start_writeback(self._file.fileno(), self._written_back, self.size)
-                    self._written_back = self.size
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
                 self._failure = exc
                 self._budget.release(pieces)
@@ -326,8 +327,13 @@ class StreamingWriter:
     def _hash_queued(self) -> None:
         while (item := self._to_hash.get()) is not None:
             buffer, pieces = item
-            self._digest.update(buffer)
-            self._budget.release(pieces)
+            try:
+                if self._failure is None:
+                    self._digest.update(buffer)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                self._failure = exc
+            finally:
+                self._budget.release(pieces)
 
     def _budget_pieces(self, nbytes: int | None = None) -> int:
         """IN_FLIGHT in write pieces, or what a tensor of nbytes takes of it (at least one, at most all)."""

@@ -43,7 +43,7 @@ def test_elect_and_disjoint_mean_by_hand():
 def reference_ties(taus: list[np.ndarray], top_k: float) -> np.ndarray:
     """Entry-by-entry loops, float64, but for the sign election: the sum whose sign is elected is added in
     float32 in the vectors' order, as the reference code adds float32 weights; in float64, a sum that is
-    exactly 0 in float32 (0.38 + 1.01 - 0.99 - 0.4) can come out below 0 and elect another sign."""
+    exactly 0 in float32 (-0.99 - 0.4 + 0.38 + 1.01, in that order) can come out below 0 and elect another sign."""
     trimmed = []
     for tau in taus:
         flat = tau.ravel()

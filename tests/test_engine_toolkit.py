@@ -150,28 +150,47 @@ def test_streaming_writer_hashes_and_checks_what_it_writes(tmp_path):
 
 
 def test_streaming_writer_checks_and_writes_piece_by_piece(tmp_path, monkeypatch):
-    """Pieces of 64 bytes and a writeback hint every 128: a NaN or Inf in any piece but the first is found,
-    a non-finite value after a finite piece too, and the bytes and hash are the whole tensors'."""
+    """Pieces of 64 bytes and a writeback hint every 128: no write call is larger than a piece, the hints
+    cover the file in order and leave less than 128 bytes unhinted, a NaN or Inf in a float32 or float64
+    piece after finite ones is found, and the bytes and hash are the whole tensors'."""
     import hashlib
 
     from safetensors.torch import load_file
 
+    import engine.safetensors_io as safetensors_io
     from engine.safetensors_io import StreamingWriter
 
     monkeypatch.setattr(StreamingWriter, "WRITE_PIECE", 64)
     monkeypatch.setattr(StreamingWriter, "WRITEBACK_EVERY", 128)
+    hinted = []
+    monkeypatch.setattr(safetensors_io, "start_writeback", lambda _fd, start, stop: hinted.append((start, stop)))
     late_nan = torch.arange(100, dtype=torch.float32)
     late_nan[97] = float("nan")
     middle_inf = torch.arange(40, dtype=torch.float64)
     middle_inf[20] = -float("inf")
-    late_bf16_inf = torch.ones(80, dtype=torch.bfloat16)
-    late_bf16_inf[70] = float("inf")
+    bf16_inf = torch.ones(80, dtype=torch.bfloat16)  # checked whole: no piecewise check for 16-bit floats
+    bf16_inf[70] = float("inf")
     tensors = {"a_finite": torch.randn(7, 33), "b_late_nan": late_nan, "c_middle_inf": middle_inf,
-               "d_bf16": late_bf16_inf, "e_ints": torch.arange(50), "f_finite64": torch.randn(30, dtype=torch.float64)}
+               "d_bf16": bf16_inf, "e_ints": torch.arange(50), "f_finite64": torch.randn(30, dtype=torch.float64)}
     path = tmp_path / "w.safetensors"
-    with StreamingWriter(path, [(n, torch_dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()]) as writer:
+    writer = StreamingWriter(path, [(n, torch_dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors.items()])
+    file, calls = writer._file, []
+
+    class RecordedFile:
+        def write(self, data):
+            calls.append(len(data))
+            return file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(file, name)
+
+    writer._file = RecordedFile()
+    with writer:
         for name in writer.names:
             writer.write(name, tensors[name])
+    assert calls and max(calls) <= 64
+    assert hinted[0][0] == 0 and all(a[1] == b[0] for a, b in zip(hinted, hinted[1:], strict=False))
+    assert all(stop - start >= 128 for start, stop in hinted) and writer.size - hinted[-1][1] < 128
     assert writer.non_finite == ["b_late_nan", "c_middle_inf", "d_bf16"]
     assert writer.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     loaded = load_file(path)
@@ -216,3 +235,25 @@ def test_a_failing_writer_raises_instead_of_blocking_the_caller(tmp_path, monkey
     caller.join(timeout=20)
     assert not caller.is_alive(), "write() blocked on a writer that had failed"
     assert str(outcome["error"]) == "disk full"
+
+
+def test_a_failing_hasher_is_raised_not_recorded_as_a_digest(tmp_path):
+    """A digest that fails on the hasher thread makes close() raise, instead of a sha256 of part of the file."""
+    from engine.safetensors_io import StreamingWriter
+
+    class FailingDigest:
+        def __init__(self):
+            self.calls = 0
+
+        def update(self, _data):
+            self.calls += 1
+            if self.calls == 2:
+                raise MemoryError("hasher failed")
+
+    tensors = {f"t{i}": torch.ones(1000) for i in range(5)}
+    writer = StreamingWriter(tmp_path / "w.safetensors", [(n, "F32", (1000,)) for n in tensors])
+    writer._digest = FailingDigest()
+    with pytest.raises(MemoryError, match="hasher failed"):
+        for name in writer.names:
+            writer.write(name, tensors[name])
+        writer.close()
