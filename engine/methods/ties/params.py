@@ -14,7 +14,9 @@ DEFAULT_SCALING = {"mean": 1.0, "sum": 0.3}
 class TiesParams(SearchedMergeParams):
     """TIES-merging. Defaults follow the paper and its code: the top 20% of each task vector by magnitude
     over the whole flattened vector, sign election, disjoint mean, lambda 1 (the code's default; its
-    reported numbers search lambda on validation data, which validation_datasets does)."""
+    reported numbers search lambda on validation data, which validation_datasets does). One deviation: an
+    entry whose kept values cancel exactly (their float32 sum is 0) merges to 0, where the code gives it the
+    sign most of the model's entries elected."""
 
     top_k: float = Field(
         20.0, gt=0, le=100,
