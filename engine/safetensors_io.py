@@ -237,9 +237,9 @@ class StreamingWriter:
     are taken from the bytes as they are written, so nobody reads the file again for them.
 
     Checking and writing run on a writer thread and hashing on a hasher thread, overlapped with each
-    other and with whatever computes the next tensor (all of them release the GIL); IN_FLIGHT bounds
-    the bytes handed over and not yet hashed. A tensor handed to write() must not be modified afterwards. A
-    failure on either thread is raised by the next write() or by close().
+    other and with whatever computes the next tensor (all of them release the GIL); a budget (IN_FLIGHT
+    unless given) bounds the bytes handed over and not yet hashed. A tensor handed to write() must not be
+    modified afterwards. A failure on either thread is raised by the next write() or by close().
     """
 
     # Bytes handed to write() and not yet hashed (a tensor larger than this passes alone). Queues of two
@@ -258,8 +258,11 @@ class StreamingWriter:
     WRITEBACK_EVERY = 8 << 20
 
     def __init__(self, path: Path, entries: Iterable[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, in_flight: int | None = None):
+        """in_flight: the bytes handed over and not yet hashed, IN_FLIGHT if None (a process whose memory
+        matters more than the write's speed, such as the API, passes less)."""
         self.path = path
+        self._in_flight = self.IN_FLIGHT if in_flight is None else in_flight
         header: dict[str, object] = {}
         if metadata:
             header["__metadata__"] = dict(sorted(metadata.items()))
@@ -282,7 +285,7 @@ class StreamingWriter:
         self.non_finite: list[str] = []
         self._next = 0
         self._failure: BaseException | None = None
-        self._budget = threading.Semaphore(self._budget_pieces())  # IN_FLIGHT, in write pieces
+        self._budget = threading.Semaphore(self._budget_pieces())  # in write pieces
         self._to_write: queue.Queue = queue.Queue()
         self._to_hash: queue.Queue = queue.Queue()
         self._threads = [threading.Thread(target=self._write_queued, name="safetensors-writer", daemon=True),
@@ -336,8 +339,9 @@ class StreamingWriter:
                 self._budget.release(pieces)
 
     def _budget_pieces(self, nbytes: int | None = None) -> int:
-        """IN_FLIGHT in write pieces, or what a tensor of nbytes takes of it (at least one, at most all)."""
-        whole = max(1, self.IN_FLIGHT // self.WRITE_PIECE)
+        """The in-flight budget in write pieces, or what a tensor of nbytes takes of it (at least one, at most
+        all)."""
+        whole = max(1, self._in_flight // self.WRITE_PIECE)
         return whole if nbytes is None else max(1, min(whole, -(-nbytes // self.WRITE_PIECE)))
 
     def _stop(self) -> None:

@@ -208,7 +208,6 @@ def test_a_failing_writer_raises_instead_of_blocking_the_caller(tmp_path, monkey
     from engine.safetensors_io import StreamingWriter
 
     monkeypatch.setattr(StreamingWriter, "WRITE_PIECE", 64)
-    monkeypatch.setattr(StreamingWriter, "IN_FLIGHT", 4 * 64)
     gate = threading.Event()
 
     def failing_buffer(_tensor):
@@ -217,7 +216,9 @@ def test_a_failing_writer_raises_instead_of_blocking_the_caller(tmp_path, monkey
 
     monkeypatch.setattr(safetensors_io, "tensor_buffer", failing_buffer)
     tensors = {**{f"small{i}": torch.ones(16) for i in range(4)}, "wide": torch.ones(64)}
-    writer = StreamingWriter(tmp_path / "w.safetensors", [(n, "F32", tuple(t.shape)) for n, t in tensors.items()])
+    writer = StreamingWriter(tmp_path / "w.safetensors", [(n, "F32", tuple(t.shape)) for n, t in tensors.items()],
+                             in_flight=4 * 64)
+    assert writer._budget_pieces() == 4
     outcome = {}
 
     def hand_over() -> None:
