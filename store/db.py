@@ -1,13 +1,21 @@
 """Engine and session factory, one per process and database URL."""
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache, partial
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import SingletonThreadPool
+from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from tvforge.settings import get_settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _sqlite_pragmas(dbapi_connection, _record, busy_timeout_ms: int = 30000) -> None:
@@ -75,3 +83,31 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def is_transient(error: BaseException) -> bool:
+    """The database could not answer now (down, restarting, "starting up", locked, no pooled connection free),
+    so the same transaction may succeed later; a constraint or programming error would fail again."""
+    if isinstance(error, PoolTimeout) or (isinstance(error, DBAPIError) and error.connection_invalidated):
+        return True
+    if not isinstance(error, OperationalError):
+        return False
+    # SQLite reports a missing table or a syntax error as OperationalError too: of its errors, only locks pass.
+    sqlite_name = getattr(error.orig, "sqlite_errorname", None)
+    return sqlite_name is None or sqlite_name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+
+
+def transact(work: Callable[[Session], T], retry_for_s: float) -> T:
+    """work(session) in a transaction of its own (session_scope), run again from the start while the database
+    is unreachable, for up to retry_for_s; then the last error is raised. A commit whose acknowledgement was
+    lost is run again, so work must be safe to repeat: store.jobs' transitions are conditional on the row's
+    state, and reads are."""
+    retrying = Retrying(retry=retry_if_exception(is_transient), stop=stop_after_delay(retry_for_s),
+                        wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.5), reraise=True,
+                        before_sleep=before_sleep_log(log, logging.WARNING))
+    return retrying(_in_one_transaction, work)
+
+
+def _in_one_transaction(work: Callable[[Session], T]) -> T:
+    with session_scope() as session:
+        return work(session)

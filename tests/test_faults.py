@@ -96,6 +96,93 @@ def test_jobs_queued_or_running_when_postgres_restarts_all_finish(tmp_path_facto
         cluster.stop()
 
 
+@pytest.fixture
+def job_on_own_postgres(monkeypatch, tmp_path):
+    """A running job, claimed by worker "w", on a PostgreSQL cluster of its own (the test halts it), with the
+    process's settings pointed at it."""
+    from migrations import upgrade
+    from store import jobs
+    from store.db import get_engine, session_scope
+    from store.ids import new_id
+    from store.models import BaseModel, Job, JobKind
+    from tests.services import start_postgres_cluster
+    from tvforge.settings import get_settings
+
+    cluster = start_postgres_cluster()
+    monkeypatch.setenv("TVFORGE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TVFORGE_DATABASE_URL", cluster.url)
+    get_settings.cache_clear()
+    try:
+        upgrade(cluster.url)
+        with session_scope() as session:
+            base = BaseModel(id=new_id("bm"), owner="alice", name="b", architecture="ViT-B-32", config=None,
+                             pretrained=None, sha256="0" * 64, size_bytes=1, tensor_count=1, parameter_count=1,
+                             visual_parameter_count=1, text_parameter_count=0)
+            session.add(base)
+            session.flush()
+            job = jobs.enqueue(session, Job(id=new_id("job"), owner="alice", kind=JobKind.MERGE.value,
+                                            method="ties", base_model_id=base.id, task_vector_ids=[], params={},
+                                            seed=0, request_hash="h"))
+        with session_scope() as session:
+            assert jobs.claim(session, job.id, "w", jobs.stale_before(60), max_attempts=3)
+        yield cluster, job.id
+    finally:
+        get_engine().dispose()
+        get_settings.cache_clear()
+        cluster.stop()
+
+
+@pytest.mark.postgres
+def test_a_workers_final_write_waits_through_a_postgres_restart(job_on_own_postgres):
+    """A job that has done its work is recorded once PostgreSQL is back (store.db.transact), rather than failed
+    for the outage. CI once failed the running job of the restart test above when its final write met
+    PostgreSQL "starting up"."""
+    from store import jobs
+    from store.db import session_scope, transact
+    from store.models import Job
+
+    cluster, job_id = job_on_own_postgres
+    cluster.halt()
+    outcome: dict = {}
+
+    def finish() -> None:
+        try:
+            outcome["recorded"] = transact(lambda session: jobs.succeed(session, job_id, "w", result={}),
+                                           retry_for_s=60)
+        except BaseException as error:  # reported below
+            outcome["error"] = error
+
+    writer = threading.Thread(target=finish)
+    writer.start()
+    time.sleep(1.5)
+    assert writer.is_alive(), outcome  # still retrying, not failed
+    cluster.start()
+    writer.join(timeout=60)
+    assert outcome == {"recorded": True}
+    with session_scope() as session:
+        assert session.get(Job, job_id).status == "succeeded"
+
+
+def test_an_error_that_would_recur_is_not_retried(tmp_path, monkeypatch):
+    """SQLite names a missing table an OperationalError, as it does a lock: only the lock is retried."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from store.db import get_engine, transact
+    from tvforge.settings import get_settings
+
+    monkeypatch.setenv("TVFORGE_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="no such table"):
+            transact(lambda session: session.execute(text("SELECT * FROM nowhere")), retry_for_s=30)
+        assert time.monotonic() - started < 5
+    finally:
+        get_engine().dispose()
+        get_settings.cache_clear()
+
+
 def test_the_api_restarted_with_uploads_and_event_streams_open_loses_nothing(tmp_path_factory, own_redis,
                                                                              demo_assets):
     stack = Stack(tmp_path_factory.mktemp("api-restart"), own_redis["url"], graceful_shutdown_s=2)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from engine.context import (
     Cancelled,
@@ -26,7 +27,7 @@ from engine.running import EvaluationItem, estimate_inputs, evaluate, run_method
 from engine.safetensors_io import read_header
 from store import jobs
 from store.blobs import get_blob_store
-from store.db import session_scope
+from store.db import session_scope, transact
 from store.ids import new_id
 from store.jobs import JobStatus
 from store.models import BaseModel, Checkpoint, Dataset, Job, JobKind, TaskVector
@@ -36,11 +37,19 @@ log = logging.getLogger(__name__)
 PROGRESS_MIN_INTERVAL_S = 0.5
 
 
+def through_outages(settings: Settings) -> float:
+    """How long the job's own reads and writes are retried while the database is unreachable (a restart, a
+    fail-over): a job that has done its work must not be failed, or its result lost, for a blip. Past the
+    heartbeat timeout the reaper takes the job as lost anyway, and the conditional transitions then refuse
+    this worker's late write."""
+    return settings.heartbeat_timeout_s
+
+
 def claim(job_id: str, worker_id: str, settings: Settings) -> bool:
     """Take the job (store.jobs.claim): of two deliveries of one id, one wins."""
-    with session_scope() as session:
-        return jobs.claim(session, job_id, worker_id, jobs.stale_before(settings.heartbeat_timeout_s),
-                          settings.max_attempts)
+    return transact(lambda session: jobs.claim(session, job_id, worker_id,
+                                               jobs.stale_before(settings.heartbeat_timeout_s),
+                                               settings.max_attempts), through_outages(settings))
 
 
 class Heartbeat(threading.Thread):
@@ -110,44 +119,43 @@ class _LoadedJob:
     provenance: dict[str, str]  # written into the checkpoint's safetensors metadata (the model card's core)
 
 
-def _load(job_id: str) -> _LoadedJob:
+def _load(session: Session, job_id: str) -> _LoadedJob:
     blobs = get_blob_store()
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        base = session.get(BaseModel, job.base_model_id)
-        rows = session.scalars(select(TaskVector).where(TaskVector.id.in_(job.task_vector_ids)))
-        vectors = {tv.id: tv for tv in rows}
-        dataset_ids = [i.dataset_id for i in job.inputs if i.dataset_id]
-        datasets = session.scalars(select(Dataset).where(Dataset.id.in_(dataset_ids))).all()
-        inputs = MergeInputs(
-            base_path=blobs.path(base.sha256),
-            base_spec=ModelSpec(architecture=base.architecture, config=base.config),
-            task_vectors=[TaskVectorInput(tv_id, vectors[tv_id].name, blobs.path(vectors[tv_id].sha256),
-                                          vectors[tv_id].class_names, vectors[tv_id].magnitude_cuts,
-                                          vectors[tv_id].magnitude_means)
-                          for tv_id in job.task_vector_ids],
-            datasets={d.id: DatasetInput(d.id, d.name, blobs.path(d.sha256), d.class_names, d.templates)
-                      for d in datasets},
-        )
-        start = None
-        if job.start_checkpoint_id is not None:
-            start = session.get(Checkpoint, job.start_checkpoint_id)
-            if start is None:
-                raise ValueError(f"checkpoint {job.start_checkpoint_id} was deleted after this job was queued")
-            inputs = replace(inputs, start_path=blobs.path(start.sha256))
-        checkpoint_paths = {}
-        if job.kind == JobKind.EVALUATION:
-            named = [job.params.get("checkpoint_id")]
-            named += [item.get("reference_checkpoint_id") for item in job.params["datasets"]]
-            rows = session.scalars(select(Checkpoint).where(Checkpoint.id.in_([i for i in named if i])))
-            checkpoint_paths = {row.id: blobs.path(row.sha256) for row in rows}
-            missing = sorted({i for i in named if i} - set(checkpoint_paths))
-            if missing:
-                raise ValueError(f"checkpoints {missing} were deleted after this evaluation was queued")
-        provenance = checkpoint_provenance(job, base, [vectors[tv_id] for tv_id in job.task_vector_ids], datasets,
-                                           start)
-        return _LoadedJob(job.kind, job.method, job.params, job.seed, inputs, base.id, job.owner, checkpoint_paths,
-                          provenance)
+    job = session.get(Job, job_id)
+    base = session.get(BaseModel, job.base_model_id)
+    rows = session.scalars(select(TaskVector).where(TaskVector.id.in_(job.task_vector_ids)))
+    vectors = {tv.id: tv for tv in rows}
+    dataset_ids = [i.dataset_id for i in job.inputs if i.dataset_id]
+    datasets = session.scalars(select(Dataset).where(Dataset.id.in_(dataset_ids))).all()
+    inputs = MergeInputs(
+        base_path=blobs.path(base.sha256),
+        base_spec=ModelSpec(architecture=base.architecture, config=base.config),
+        task_vectors=[TaskVectorInput(tv_id, vectors[tv_id].name, blobs.path(vectors[tv_id].sha256),
+                                      vectors[tv_id].class_names, vectors[tv_id].magnitude_cuts,
+                                      vectors[tv_id].magnitude_means)
+                      for tv_id in job.task_vector_ids],
+        datasets={d.id: DatasetInput(d.id, d.name, blobs.path(d.sha256), d.class_names, d.templates)
+                  for d in datasets},
+    )
+    start = None
+    if job.start_checkpoint_id is not None:
+        start = session.get(Checkpoint, job.start_checkpoint_id)
+        if start is None:
+            raise ValueError(f"checkpoint {job.start_checkpoint_id} was deleted after this job was queued")
+        inputs = replace(inputs, start_path=blobs.path(start.sha256))
+    checkpoint_paths = {}
+    if job.kind == JobKind.EVALUATION:
+        named = [job.params.get("checkpoint_id")]
+        named += [item.get("reference_checkpoint_id") for item in job.params["datasets"]]
+        rows = session.scalars(select(Checkpoint).where(Checkpoint.id.in_([i for i in named if i])))
+        checkpoint_paths = {row.id: blobs.path(row.sha256) for row in rows}
+        missing = sorted({i for i in named if i} - set(checkpoint_paths))
+        if missing:
+            raise ValueError(f"checkpoints {missing} were deleted after this evaluation was queued")
+    provenance = checkpoint_provenance(job, base, [vectors[tv_id] for tv_id in job.task_vector_ids], datasets,
+                                       start)
+    return _LoadedJob(job.kind, job.method, job.params, job.seed, inputs, base.id, job.owner, checkpoint_paths,
+                      provenance)
 
 
 def checkpoint_provenance(job: Job, base: BaseModel, vectors: list[TaskVector], datasets: list[Dataset],
@@ -244,8 +252,9 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
     heartbeat.start()
     log.info("job claimed by %s", worker_id)
     workdir = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-", dir=blobs.tmp_dir))
+    retry_for_s = through_outages(settings)
     try:
-        loaded = _load(job_id)
+        loaded = transact(lambda session: _load(session, job_id), retry_for_s)
         ctx = JobContext(
             workdir=workdir, cache_dir=settings.head_cache_dir,
             device=resolve_device(settings.device), seed=loaded.seed, report=ProgressWriter(job_id, worker_id),
@@ -256,8 +265,8 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
         if loaded.kind == JobKind.EVALUATION:
             report = _evaluate(loaded, ctx)
             ctx.check_cancel()
-            with session_scope() as session:
-                ok = jobs.succeed(session, job_id, worker_id, result={"metrics": {"evaluation": report}})
+            ok = transact(lambda session: jobs.succeed(session, job_id, worker_id,
+                                                       result={"metrics": {"evaluation": report}}), retry_for_s)
             return JobStatus.SUCCEEDED if ok else None
         spec = get_method(loaded.method)
         params = spec.params.model_validate(loaded.params)
@@ -272,18 +281,17 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
                                     "method": loaded.method, "task_vectors": job_vector_ids(loaded),
                                     "tensor_count": len(header.tensors), "parameter_count": header.parameter_count,
                                     "device": ctx.device})
-        with session_scope() as session:
-            ok = jobs.succeed(session, job_id, worker_id, result={"checkpoint_id": checkpoint.id,
-                                                                  "metrics": result.metrics},
-                              artifacts=result.artifacts or None, checkpoint=checkpoint)
+        ok = transact(lambda session: jobs.succeed(session, job_id, worker_id,
+                                                   result={"checkpoint_id": checkpoint.id, "metrics": result.metrics},
+                                                   artifacts=result.artifacts or None, checkpoint=checkpoint),
+                      retry_for_s)
         log.info("job succeeded: checkpoint %s (%d bytes)", checkpoint.id, size)
         return JobStatus.SUCCEEDED if ok else None
     except Cancelled:
         if heartbeat.lost.is_set():
             log.warning("job %s was taken from worker %s; stopping", job_id, worker_id)
             return None
-        with session_scope() as session:
-            jobs.acknowledge_cancel(session, job_id, worker_id)
+        transact(lambda session: jobs.acknowledge_cancel(session, job_id, worker_id), retry_for_s)
         return JobStatus.CANCELLED
     except Exception as exc:
         from celery.exceptions import SoftTimeLimitExceeded
@@ -295,8 +303,7 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
         else:
             log.exception("job %s failed", job_id)
             error = jobs.problem("Job failed", f"{type(exc).__name__}: {exc}", "job-failed")
-        with session_scope() as session:
-            jobs.fail(session, job_id, worker_id, error=error)
+        transact(lambda session: jobs.fail(session, job_id, worker_id, error=error), retry_for_s)
         return JobStatus.FAILED
     finally:
         heartbeat.stop()
