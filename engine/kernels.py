@@ -9,6 +9,8 @@ checks them against an independent two-pass reference).
 Inputs are 1-D float32 numpy arrays (memory-mapped task vectors are converted chunk by chunk by the
 callers). `cache=True` keeps the compiled code beside this file, so only the first process compiles.
 """
+import math
+
 import numba
 import numpy as np
 
@@ -245,7 +247,7 @@ def threshold_accumulate(tau: np.ndarray, mean: np.float32, threshold: np.float3
 
 
 GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
-UNIT_53 = 1.0 / (1 << 53)
+LOW_32 = np.uint64(0xFFFFFFFF)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -256,20 +258,57 @@ def splitmix64(z: np.uint64) -> np.uint64:
     return z ^ (z >> np.uint64(31))
 
 
+def drop_threshold(drop_rate: float) -> np.uint64:
+    """The 32-bit draw above which an entry survives: draw / 2**32 > drop_rate exactly when draw > this."""
+    return np.uint64(math.floor(drop_rate * 2**32))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _pair_output(stream: np.uint64, index: int) -> np.uint64:
+    """splitmix64's output that holds entry index's draw (outputs are counted from 1)."""
+    return splitmix64(stream + np.uint64((index >> 1) + 1) * GOLDEN_GAMMA)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _put_survivor(out: np.ndarray, at: int, value: np.float32, draw: np.uint64, threshold: np.uint64,
+                  divisor: np.float32, accumulate: bool) -> None:
+    survivor = value / divisor if draw > threshold else np.float32(0.0)
+    if accumulate:
+        out[at] += survivor
+    else:
+        out[at] = survivor
+
+
 @numba.njit(cache=True, nogil=True)
-def dare_drop(tau: np.ndarray, stream: np.uint64, first: int, drop_rate: float, divisor: np.float32,
-              out: np.ndarray) -> int:
+def dare_drop(tau: np.ndarray, stream: np.uint64, first: int, threshold: np.uint64, divisor: np.float32,
+              out: np.ndarray, accumulate: bool) -> int:
     """DARE's drop of entries first .. first + len(tau) of one task vector's tensor: out[j] = tau[j] / divisor if
-    the entry survives, else 0. Entry i's uniform draw is the top 53 bits of splitmix64(stream + (i + 1) * gamma)
-    (splitmix64's i-th output), and it survives when the draw exceeds drop_rate: a draw depends on the entry's
-    index alone, so any chunking or threading gives the same bytes. Returns how many survived."""
-    zero = np.float32(0.0)
+    the entry survives, else 0 (accumulate: out[j] += that, the sum of vectors without a pass of its own).
+    Entries 2k and 2k + 1 draw the high and the low 32 bits of splitmix64's (k + 1)-th output
+    (splitmix64(stream + (k + 1) * gamma)), and an entry survives when its draw exceeds threshold
+    (drop_threshold). A draw depends on the entry's index alone, so any chunking or threading gives the same
+    bytes. Two draws per hash: 0.079 s per 88M entries on one core here, against 0.112 s for one 53-bit draw per
+    hash. Returns how many survived."""
+    count = tau.shape[0]
+    j = 0
     kept = 0
-    for j in range(tau.shape[0]):
-        draw = splitmix64(stream + np.uint64(first + j + 1) * GOLDEN_GAMMA)
-        keep = np.float64(draw >> np.uint64(11)) * UNIT_53 > drop_rate
-        out[j] = tau[j] / divisor if keep else zero
-        kept += keep
+    if first & 1 and count:  # an odd first entry is the low half of its pair
+        draw = _pair_output(stream, first) & LOW_32
+        _put_survivor(out, 0, tau[0], draw, threshold, divisor, accumulate)
+        kept += draw > threshold
+        j = 1
+    pair = (first + j) >> 1
+    for k in range((count - j) >> 1):
+        output = splitmix64(stream + np.uint64(pair + k + 1) * GOLDEN_GAMMA)
+        high, low = output >> np.uint64(32), output & LOW_32
+        at = j + 2 * k
+        _put_survivor(out, at, tau[at], high, threshold, divisor, accumulate)
+        _put_survivor(out, at + 1, tau[at + 1], low, threshold, divisor, accumulate)
+        kept += (high > threshold) + (low > threshold)
+    if (count - j) & 1:  # an even last entry is the high half of its pair
+        draw = _pair_output(stream, first + count - 1) >> np.uint64(32)
+        _put_survivor(out, count - 1, tau[count - 1], draw, threshold, divisor, accumulate)
+        kept += draw > threshold
     return kept
 
 
@@ -310,6 +349,8 @@ def warm_up() -> None:
     threshold_mask(writable, np.float32(1.0), np.float32(1.0), np.zeros(1, np.uint8))
     for values in (writable, read_only):
         masked_accumulate(values, np.zeros(1, np.uint8), 0, np.float32(1.0), np.zeros(4, np.float32))
-        dare_drop(values, np.uint64(1), 0, 0.5, np.float32(0.5), np.empty(4, np.float32))
+        for accumulate in (False, True):
+            dare_drop(values, np.uint64(1), 0, drop_threshold(0.5), np.float32(0.5), np.zeros(4, np.float32),
+                      accumulate)
         threshold_accumulate(values, np.float32(1.0), np.float32(1.0), np.float32(1.0), np.zeros(4, np.float32))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.kernels import dare_drop
+from engine.kernels import dare_drop, drop_threshold
 from engine.methods.catalogue import get_method
 from engine.methods.dare.method import dare_merge, drop_stream, run
 from engine.methods.dare.params import DareParams
@@ -24,7 +24,7 @@ def drop_and_rescale(tau: torch.Tensor, drop_rate: float, rescale: bool, seed: i
     flat = tau.detach().float().contiguous().view(-1).numpy()
     out = np.empty_like(flat)
     divisor = np.float32(1 - drop_rate) if rescale else np.float32(1.0)
-    kept = dare_drop(flat, drop_stream(seed, position, name), 0, drop_rate, divisor, out)
+    kept = dare_drop(flat, drop_stream(seed, position, name), 0, drop_threshold(drop_rate), divisor, out, False)
     return torch.from_numpy(out).view(tau.shape), int(kept)
 
 
@@ -99,13 +99,15 @@ def test_params():
 
 
 def reference_draws(stream: np.uint64, count: int) -> np.ndarray:
-    """splitmix64's outputs 1..count from state `stream`, as uniforms in [0, 1) from their top 53 bits (numpy)."""
+    """Entries 0..count-1's uniforms in [0, 1) (numpy): the high, then the low 32 bits of each of splitmix64's
+    outputs 1, 2, ... from state `stream`."""
     with np.errstate(over="ignore"):
-        z = stream + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = stream + np.arange(1, (count + 1) // 2 + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
+    halves = np.stack([z >> np.uint64(32), z & np.uint64(0xFFFFFFFF)], axis=1).reshape(-1)[:count]
+    return halves.astype(np.float64) / 2.0**32
 
 
 def test_drop_is_splitmix64_of_each_entrys_index():
@@ -114,6 +116,36 @@ def test_drop_is_splitmix64_of_each_entrys_index():
     keep = reference_draws(drop_stream(5, 2, "visual.w"), 5000) > 0.3
     expected = np.where(keep, tau.numpy() / np.float32(0.7), np.float32(0.0)).astype(np.float32)
     assert np.array_equal(dropped.numpy(), expected) and kept == int(keep.sum())
+
+
+@pytest.mark.parametrize(("first", "count"), [(0, 1), (1, 1), (1, 2), (3, 6), (7, 10), (10, 7)])
+def test_a_slice_from_any_entry_draws_what_the_whole_tensor_does(first, count):
+    """Draws come two per hash: a slice that starts or ends inside a pair still draws each entry's own half."""
+    tau = np.linspace(-1, 1, 20, dtype=np.float32)
+    stream, threshold, divisor = drop_stream(1, 0, "w"), drop_threshold(0.5), np.float32(0.5)
+    whole = np.empty_like(tau)
+    dare_drop(tau, stream, 0, threshold, divisor, whole, False)
+    part = np.empty(count, np.float32)
+    kept = dare_drop(tau[first:first + count], stream, first, threshold, divisor, part, False)
+    assert np.array_equal(part, whole[first:first + count]) and kept == int((part != 0).sum())
+
+
+def test_accumulating_adds_what_the_drop_writes():
+    """The sum path draws straight into its running sum: the same bits as adding the dropped chunk."""
+    tau = np.linspace(-1, 1, 21, dtype=np.float32)
+    running = np.linspace(3, 4, 21, dtype=np.float32)
+    args = (drop_stream(2, 1, "w"), 3, drop_threshold(0.4), np.float32(0.6))
+    dropped = np.empty_like(tau)
+    kept = dare_drop(tau, *args, dropped, False)
+    summed = running.copy()
+    assert dare_drop(tau, *args, summed, True) == kept and np.array_equal(summed, running + dropped)
+
+
+def test_the_threshold_is_exact():
+    """An entry survives when draw / 2**32 > drop_rate: at the threshold it is dropped, one above it survives."""
+    for drop_rate in (0.0, 0.3, 0.5, 0.9, 1 - 2.0**-40):
+        threshold = int(drop_threshold(drop_rate))
+        assert threshold / 2**32 <= drop_rate < (threshold + 1) / 2**32
 
 
 def test_chunks_and_threads_give_the_same_bytes_as_a_whole_tensor():

@@ -2,11 +2,11 @@
 
 The drop follows FusionBench's dare/utils.py (param_random_drop_: keep where a uniform draw exceeds p, then
 divide by 1 - p); the sum follows its DareTaskArithmetic, the ties combination mergekit's dare_ties (sign
-consensus and a disjoint mean, no magnitude trim). The draws are splitmix64 hashes of the entry's index in a
-stream seeded by (seed, the vector's position, the tensor's name) instead of torch.rand_like's sequential
-stream: the same seed gives the same bytes whatever the order in which tensors are merged, the chunking or the
-threads, and the merge streams chunk by chunk like TIES (engine/kernels.py), so memory does not grow with the
-number of vectors.
+consensus and a disjoint mean, no magnitude trim). The draws are 32-bit halves of splitmix64 hashes of the
+entry's index in a stream seeded by (seed, the vector's position, the tensor's name) instead of
+torch.rand_like's sequential stream (whose float32 uniforms have 24 bits): the same seed gives the same bytes
+whatever the order in which tensors are merged, the chunking or the threads, and the merge streams chunk by
+chunk like TIES (engine/kernels.py), so memory does not grow with the number of vectors.
 """
 import math
 import zlib
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from engine.context import JobContext, MergeInputs, MethodResult
-from engine.kernels import dare_drop, splitmix64, ties_count_type, ties_step
+from engine.kernels import dare_drop, drop_threshold, splitmix64, ties_count_type, ties_step
 from engine.methods.dare.params import DareParams
 from engine.metrics import chosen, given_or_default
 from engine.scaling_search import write_scaled_merge
@@ -47,6 +47,7 @@ def dare_merge(name: str, taus: Sequence[torch.Tensor | None], params: DareParam
     numel = math.prod(shape)
     present = [(read, drop_stream(seed, position, name)) for position, read in enumerate(readers) if read is not None]
     divisor = _divisor(params.drop_rate, params.rescale)
+    threshold = drop_threshold(params.drop_rate)
     flat_onto = None if onto is None else onto.reshape(-1).numpy()
     factor = np.float32(scale)
     out = np.empty(numel, np.float32)
@@ -66,12 +67,12 @@ def dare_merge(name: str, taus: Sequence[torch.Tensor | None], params: DareParam
             total = out[start:stop] if onto_chunk is None else summed[:stop - start]
             total.fill(0)
             for position, (read, stream) in enumerate(present):
-                kept += dare_drop(read(start, stop), stream, start, params.drop_rate, divisor, dropped)
                 if ties:  # DARE in place of the magnitude trim: a cut of 0 keeps every entry
+                    kept += dare_drop(read(start, stop), stream, start, threshold, divisor, dropped, False)
                     ties_step(position, len(present), dropped, np.float32(0.0), running, True, onto_chunk, factor,
                               out[start:stop])
-                else:
-                    np.add(total, dropped, out=total)
+                else:  # added into the running sum as it is drawn (the bits of np.add of the dropped chunk)
+                    kept += dare_drop(read(start, stop), stream, start, threshold, divisor, total, True)
             if not ties and onto_chunk is not None:
                 np.multiply(total, factor, out=total)
                 np.add(onto_chunk, total, out=out[start:stop])
