@@ -13,7 +13,9 @@ DEFAULT_SCALING = {"sum": 0.3, "ties": 1.0}
 class DareParams(SearchedMergeParams):
     """DARE. Each task vector loses a random fraction drop_rate of its entries and the survivors are scaled by
     1 / (1 - drop_rate), so its expectation is unchanged; the dropped vectors are then summed (task arithmetic)
-    or merged TIES-style. The drop is seeded per task vector and tensor: the same seed gives the same bytes."""
+    or merged TIES-style. The drop is seeded per task vector and tensor: the same seed gives the same bytes. (The
+    draws changed once, for speed, from one 53-bit draw per splitmix64 hash to two 32-bit draws: a DARE
+    checkpoint made before that change is not reproduced bit for bit by its seed.)"""
 
     drop_rate: float = Field(
         0.5, ge=0, lt=1,
