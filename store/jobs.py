@@ -50,23 +50,29 @@ def mark_published(session: Session, job_id: str) -> bool:
 def claim(session: Session, job_id: str, worker_id: str, stale_before: datetime, max_attempts: int) -> bool:
     """queued (or running under a worker whose heartbeat is older than stale_before) -> running by worker_id.
 
-    A job whose cancel was requested is cancelled instead, one out of attempts is failed; both return False.
+    A takeable job whose cancel was requested is cancelled instead, one out of attempts is failed; both return
+    False. A job running under a live heartbeat is left alone (False), whatever its attempts: a second delivery
+    must not end it. worker_id must be unique to this claim (worker.tasks adds a random token to host:pid): a
+    job already running under it is this same claim, committed once and repeated because its answer was lost,
+    and is held (True).
     """
     job = session.get(Job, job_id)
     if job is None or job.status not in ACTIVE:
         return False
+    if job.status == JobStatus.RUNNING and job.worker_id == worker_id:
+        return True
+    takeable = (Job.id == job_id, or_(Job.status == JobStatus.QUEUED,
+                                      (Job.status == JobStatus.RUNNING) & (Job.heartbeat_at < stale_before)))
     if job.cancel_requested:
-        _finish(session, job_id, None, JobStatus.CANCELLED)
+        _finish(session, takeable, JobStatus.CANCELLED)
         return False
     if job.attempts >= max_attempts:
-        _finish(session, job_id, None, JobStatus.FAILED, error=worker_lost(job.attempts))
+        _finish(session, takeable, JobStatus.FAILED, error=worker_lost(job.attempts))
         return False
     now = utcnow()
-    return _changed(session, update(Job).where(
-        Job.id == job_id,
-        or_(Job.status == JobStatus.QUEUED, (Job.status == JobStatus.RUNNING) & (Job.heartbeat_at < stale_before)),
-    ).values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker_id=worker_id, heartbeat_at=now,
-             started_at=now, progress={"fraction": 0.0, "stage": "starting", "step": 0, "total": 0, "metrics": {}}))
+    return _changed(session, update(Job).where(*takeable).values(
+        status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker_id=worker_id, heartbeat_at=now, started_at=now,
+        progress={"fraction": 0.0, "stage": "starting", "step": 0, "total": 0, "metrics": {}}))
 
 
 def _held_by(job_id: str, worker_id: str):
@@ -86,15 +92,14 @@ def cancel_requested(session: Session, job_id: str) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
-def _finish(session: Session, job_id: str, worker_id: str | None, status: JobStatus, **values) -> bool:
-    conditions = _held_by(job_id, worker_id) if worker_id is not None else (Job.id == job_id, Job.status.in_(ACTIVE))
-    return _changed(session, update(Job).where(*conditions).values(status=status, finished_at=utcnow(), **values))
+def _finish(session: Session, where: tuple, status: JobStatus, **values) -> bool:
+    return _changed(session, update(Job).where(*where).values(status=status, finished_at=utcnow(), **values))
 
 
 def succeed(session: Session, job_id: str, worker_id: str, result: dict, artifacts: dict | None = None,
             checkpoint: Checkpoint | None = None) -> bool:
     """running -> succeeded (with its checkpoint row, for a merge), only if this worker still holds the job."""
-    done = _finish(session, job_id, worker_id, JobStatus.SUCCEEDED, result=result, artifacts=artifacts,
+    done = _finish(session, _held_by(job_id, worker_id), JobStatus.SUCCEEDED, result=result, artifacts=artifacts,
                    progress={"fraction": 1.0, "stage": "done", "step": 1, "total": 1, "metrics": {}})
     if done and checkpoint is not None:
         session.add(checkpoint)
@@ -103,12 +108,12 @@ def succeed(session: Session, job_id: str, worker_id: str, result: dict, artifac
 
 def fail(session: Session, job_id: str, worker_id: str, error: dict) -> bool:
     """running -> failed with an RFC 9457 error, only if this worker still holds the job."""
-    return _finish(session, job_id, worker_id, JobStatus.FAILED, error=error)
+    return _finish(session, _held_by(job_id, worker_id), JobStatus.FAILED, error=error)
 
 
 def acknowledge_cancel(session: Session, job_id: str, worker_id: str) -> bool:
     """running -> cancelled, by the worker that stopped at a cancel request."""
-    return _finish(session, job_id, worker_id, JobStatus.CANCELLED)
+    return _finish(session, _held_by(job_id, worker_id), JobStatus.CANCELLED)
 
 
 def cancel(session: Session, job_id: str) -> JobStatus | None:

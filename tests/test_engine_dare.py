@@ -142,10 +142,17 @@ def test_accumulating_adds_what_the_drop_writes():
 
 
 def test_the_threshold_is_exact():
-    """An entry survives when draw / 2**32 > drop_rate: at the threshold it is dropped, one above it survives."""
+    """An entry survives when draw / 2**32 > drop_rate, that is when its 32-bit draw exceeds the threshold: a
+    draw equal to the threshold is dropped, one above it survives."""
     for drop_rate in (0.0, 0.3, 0.5, 0.9, 1 - 2.0**-40):
         threshold = int(drop_threshold(drop_rate))
         assert threshold / 2**32 <= drop_rate < (threshold + 1) / 2**32
+    stream = drop_stream(4, 0, "w")
+    draw = int(reference_draws(stream, 1)[0] * 2**32)  # entry 0's 32-bit draw
+    out = np.empty(1, np.float32)
+    for threshold, survives in ((draw, False), (draw - 1, True)):
+        assert dare_drop(np.ones(1, np.float32), stream, 0, np.uint64(threshold), np.float32(1.0), out, False) \
+            == survives and out[0] == float(survives)
 
 
 def test_chunks_and_threads_give_the_same_bytes_as_a_whole_tensor():

@@ -183,6 +183,30 @@ def test_an_error_that_would_recur_is_not_retried(tmp_path, monkeypatch):
         get_settings.cache_clear()
 
 
+def test_a_locked_sqlite_database_is_transient(tmp_path):
+    """The other half of the rule above: SQLite's lock errors are retried."""
+    import sqlite3
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    from store.db import is_transient
+
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+    try:
+        with pytest.raises(OperationalError) as raised, engine.connect() as connection:
+            connection.execute(text("SELECT * FROM t"))
+        assert "locked" in str(raised.value) and is_transient(raised.value)
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+        engine.dispose()
+
+
 def test_the_api_restarted_with_uploads_and_event_streams_open_loses_nothing(tmp_path_factory, own_redis,
                                                                              demo_assets):
     stack = Stack(tmp_path_factory.mktemp("api-restart"), own_redis["url"], graceful_shutdown_s=2)

@@ -118,6 +118,20 @@ def test_only_one_of_many_concurrent_claims_wins(sessions, job_id):
         assert job.worker_id == f"w{results.index(True)}"
 
 
+def test_a_claim_repeated_after_its_answer_was_lost_still_holds_the_job(sessions, job_id):
+    """store.db.transact runs a claim again when its commit's answer was lost: the second run finds the job
+    running under the same claim's id and holds it, without spending an attempt. Another delivery of the job
+    while it runs under a live heartbeat leaves it running, though it is on its last attempt."""
+    for _ in range(2):
+        with sessions.begin() as session:
+            assert jobs.claim(session, job_id, "w1:token", far_past(), max_attempts=1)
+    with sessions.begin() as session:
+        assert not jobs.claim(session, job_id, "w2:token", far_past(), max_attempts=1)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.worker_id, job.attempts) == (JobStatus.RUNNING, "w1:token", 1)
+
+
 def test_a_stale_running_job_is_requeued_once_then_failed_after_its_attempts(sessions, job_id):
     with sessions.begin() as session:
         jobs.claim(session, job_id, "w1", far_past(), max_attempts=2)

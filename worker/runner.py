@@ -27,7 +27,7 @@ from engine.running import EvaluationItem, estimate_inputs, evaluate, run_method
 from engine.safetensors_io import read_header
 from store import jobs
 from store.blobs import get_blob_store
-from store.db import session_scope, transact
+from store.db import is_transient, session_scope, transact
 from store.ids import new_id
 from store.jobs import JobStatus
 from store.models import BaseModel, Checkpoint, Dataset, Job, JobKind, TaskVector
@@ -285,8 +285,11 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
                                                    result={"checkpoint_id": checkpoint.id, "metrics": result.metrics},
                                                    artifacts=result.artifacts or None, checkpoint=checkpoint),
                       retry_for_s)
+        if not ok:
+            log.warning("job %s: checkpoint %s not recorded, the job is no longer this worker's", job_id, checkpoint.id)
+            return None
         log.info("job succeeded: checkpoint %s (%d bytes)", checkpoint.id, size)
-        return JobStatus.SUCCEEDED if ok else None
+        return JobStatus.SUCCEEDED
     except Cancelled:
         if heartbeat.lost.is_set():
             log.warning("job %s was taken from worker %s; stopping", job_id, worker_id)
@@ -296,6 +299,11 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
     except Exception as exc:
         from celery.exceptions import SoftTimeLimitExceeded
 
+        if is_transient(exc):
+            # The database stayed out past through_outages: the job is not at fault, and a failure written once
+            # it is back would replace work that may be done. The reaper re-queues the job.
+            log.error("job %s: the database is unreachable; left to the reaper", job_id)
+            raise
         if isinstance(exc, SoftTimeLimitExceeded):
             error = jobs.problem("Time limit", f"The job ran past {settings.job_time_limit_s} s.", "time-limit")
         elif isinstance(exc, TooLargeForWorker):

@@ -1,5 +1,6 @@
 """Celery tasks and worker signals."""
 import os
+import secrets
 import socket
 
 from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown
@@ -24,7 +25,9 @@ def _configure_logging(**_) -> None:
 def run_job_task(job_id: str) -> str | None:
     token = logs.job_id.set(job_id)  # every log line of the job carries its id
     try:
-        return run_job(job_id, worker_id=f"{socket.gethostname()}:{os.getpid()}")
+        # A token per delivery: a retried claim knows its own row, and a restarted process that reuses the pid
+        # (a container's first pids repeat) is not taken for the one that died.
+        return run_job(job_id, worker_id=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}")
     finally:
         logs.job_id.reset(token)
 
