@@ -297,11 +297,10 @@ def dare_drop(tau: np.ndarray, stream: np.uint64, first: int, threshold: np.uint
         _put_survivor(out, 0, tau[0], draw, threshold, divisor, accumulate)
         kept += draw > threshold
         j = 1
-    pair = (first + j) >> 1
     for k in range((count - j) >> 1):
-        output = splitmix64(stream + np.uint64(pair + k + 1) * GOLDEN_GAMMA)
-        high, low = output >> np.uint64(32), output & LOW_32
         at = j + 2 * k
+        output = _pair_output(stream, first + at)
+        high, low = output >> np.uint64(32), output & LOW_32
         _put_survivor(out, at, tau[at], high, threshold, divisor, accumulate)
         _put_survivor(out, at + 1, tau[at + 1], low, threshold, divisor, accumulate)
         kept += (high > threshold) + (low > threshold)
