@@ -67,7 +67,15 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     """The thin SVD, in float32 as the references take it. LAPACK's float32 divide-and-conquer SVD can fail to
     converge on the matrices these merges build (the concatenated singular vectors have many equal singular
     values; a task's matrix with the common space projected out has many near 0: both seen on ViT-B/32
-    shapes); it is then taken in float64."""
+    shapes); it is then taken in float64.
+
+    A wide matrix is decomposed through its transpose (the same factors, up to rounding and the pairs' signs,
+    which every merge here cancels): MKL's CPU SVD of a 768 x 3072 float32 matrix (ViT-B/32's MLP output
+    projection, and TSV-M's concatenated right singular vectors of it) took 0.47 s, of its transpose 0.16 s.
+    """
+    if matrix.shape[0] < matrix.shape[1]:
+        u, s, vh = svd(matrix.T)
+        return vh.T, s, u.T
     try:
         return torch.linalg.svd(matrix, full_matrices=False)
     except torch.linalg.LinAlgError:

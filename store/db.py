@@ -5,7 +5,7 @@ from contextlib import contextmanager
 from functools import lru_cache, partial
 from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
@@ -16,6 +16,12 @@ from tvforge.settings import get_settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# A PostgreSQL host that accepts the connection and never answers (a partition, a hung server) would hold the
+# connecting thread for as long as TCP keeps the socket (libpq waits for the server's reply without limit):
+# past the API's 503 and the worker's retry window. libpq's connect_timeout bounds the whole handshake. A
+# URL's own connect_timeout wins.
+POSTGRES_CONNECT_TIMEOUT_S = 10
 
 
 def _sqlite_pragmas(dbapi_connection, _record, busy_timeout_ms: int = 30000) -> None:
@@ -36,7 +42,9 @@ def engine_for(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_engine(url, pool_pre_ping=True, **pool)
+        given = "connect_timeout" in make_url(url).query
+        connect_args = {} if given else {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
+        engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args, **pool)
     return engine
 
 

@@ -12,6 +12,7 @@ from engine.methods.iso_cts.params import IsoCtsParams
 from engine.methods.spectral_params import SPECTRAL_GRID, SPECTRAL_PATIENCE
 from engine.methods.tsv_m.params import TsvMParams
 from engine.spectral import iso_c_merge, iso_cts_merge, merged_delta, polar, tsv_merge
+from engine.spectral import svd as spectral_svd
 from tests.engine_jobs import IndependentEvaluator, Recorder, make_job, one_thread  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -235,3 +236,24 @@ def test_svd_falls_back_to_float64_when_float32_does_not_converge(monkeypatch):
     orthonormal = polar(matrix)
     assert orthonormal.dtype == torch.float32
     torch.testing.assert_close(orthonormal.T @ orthonormal, torch.eye(5), rtol=1e-5, atol=1e-5)
+
+
+def test_svd_of_a_wide_matrix_is_taken_through_its_transpose(monkeypatch):
+    """MKL's CPU SVD of a wide matrix is about 3x slower than of its transpose: only tall or square matrices
+    reach LAPACK, and the factors returned are the wide matrix's own thin SVD."""
+    matrix = torch.randn(6, 15, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    decomposed = []
+    svd = torch.linalg.svd
+
+    def recording(m, full_matrices=True):
+        decomposed.append(tuple(m.shape))
+        return svd(m, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", recording)
+    u, s, vh = spectral_svd(matrix)
+    assert decomposed == [(15, 6)]
+    assert (u.shape, s.shape, vh.shape) == ((6, 6), (6,), (6, 15))
+    torch.testing.assert_close(s, svd(matrix, full_matrices=False)[1])
+    torch.testing.assert_close((u * s) @ vh, matrix)
+    torch.testing.assert_close(u.T @ u, torch.eye(6, dtype=torch.float64))
+    torch.testing.assert_close(vh @ vh.T, torch.eye(6, dtype=torch.float64))

@@ -207,6 +207,47 @@ def test_a_locked_sqlite_database_is_transient(tmp_path):
         engine.dispose()
 
 
+@pytest.mark.parametrize(("default_s", "in_url"), [(1, ""), (1000, "?connect_timeout=1")],
+                         ids=["default", "the URL's own"])
+def test_a_postgres_host_that_never_answers_fails_the_connection_instead_of_holding_it(monkeypatch, default_s,
+                                                                                      in_url):
+    """A listener that accepts the TCP connection and never says a word, as a hung or partitioned server does:
+    without a connect timeout libpq waits for its reply for ever. The engine's connect raises a transient error
+    (so the API answers 503 and the worker's retries go on) within the timeout."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    import store.db
+    from store.db import engine_for, is_transient
+
+    monkeypatch.setattr(store.db, "POSTGRES_CONNECT_TIMEOUT_S", default_s)
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    engine = engine_for.__wrapped__(f"postgresql+psycopg://u:p@127.0.0.1:{listener.getsockname()[1]}/silent{in_url}")
+    outcome: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except BaseException as exc:  # noqa: BLE001 - examined below
+            outcome.append(exc)
+
+    attempt = threading.Thread(target=connect, daemon=True)
+    attempt.start()
+    attempt.join(timeout=15)
+    try:
+        assert accepted, "the connection never reached the listener"
+        assert not attempt.is_alive(), "the connect attempt is still waiting on a server that never answers"
+        assert isinstance(outcome[0], OperationalError) and is_transient(outcome[0])
+    finally:
+        engine.dispose()
+        listener.close()
+        for connection, _ in accepted:
+            connection.close()
+
+
 def test_the_api_restarted_with_uploads_and_event_streams_open_loses_nothing(tmp_path_factory, own_redis,
                                                                              demo_assets):
     stack = Stack(tmp_path_factory.mktemp("api-restart"), own_redis["url"], graceful_shutdown_s=2)
