@@ -343,8 +343,9 @@ def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option(
     typer.echo(table)
     for count in sorted({r["task_vectors"] for r in rows}):
         first = next(r for r in rows if r["task_vectors"] == count)
-        typer.echo(f"N = {count}: bound {first['bound_seconds']:.2f} s, sha256 of the output alone "
-                   f"{first['output_sha256_seconds']:.2f} s")
+        runs = first["bound_runs_seconds"]
+        typer.echo(f"N = {count}: bound {first['bound_seconds']:.2f} s (runs {min(runs):.2f}-{max(runs):.2f} s), "
+                   f"sha256 of the output alone {first['output_sha256_seconds']:.2f} s")
 
 
 if __name__ == "__main__":
