@@ -14,7 +14,9 @@ least disturbed run of each):
 - peak anonymous memory (the process's own, sampled every 5 ms; "growth" is above the process's memory
   before the merge started: interpreter, torch) and peak total RSS. Inputs are memory-mapped, so total
   RSS also counts page-cache pages of the inputs, which the kernel can drop at any time; anonymous
-  memory is what must not grow with N.
+  memory is what must not grow with N;
+- in the JSON only, the CPU time of each merge (user and system, all threads, the memory sampler's few
+  milliseconds included), to tell a day of slower compute from a day of more waiting.
 
 Beside tvforge's methods (the engine's code path, as a worker runs it, with the top-k cuts that each task
 vector's upload measured; the upload's cost per vector is reported apart), rows to compare with:
@@ -109,12 +111,18 @@ def _threads(threads: str) -> None:
 
 
 def _timed(work) -> dict:
+    """Wall time, and the CPU time the process spent in it (user and kernel, all threads): on a day when a
+    merge is slower, more CPU time for the same work points at the machine's compute, the same CPU time at
+    waiting (the disk, another process)."""
     sampler = PeakSampler()
     sampler.start()
+    before = os.times()
     start = time.perf_counter()
     work()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, **sampler.stop()}
+    after = os.times()
+    return {"seconds": seconds, "cpu_user_seconds": after.user - before.user,
+            "cpu_system_seconds": after.system - before.system, **sampler.stop()}
 
 
 def _save_synced(tensors: dict, path: Path) -> None:
@@ -309,6 +317,8 @@ def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option(
             best = min(r["seconds"] for r in runs[method])
             rows.append({"method": method, "task_vectors": count, "architecture": architecture, "seconds": seconds,
                          "runs_seconds": [round(r["seconds"], 3) for r in runs[method]],
+                         "cpu_user_seconds": statistics.median(r["cpu_user_seconds"] for r in runs[method]),
+                         "cpu_system_seconds": statistics.median(r["cpu_system_seconds"] for r in runs[method]),
                          "bound_runs_seconds": [round(r["seconds"], 3) for r in runs["bound"]],
                          "best_seconds": best, "best_bound_seconds": best_bound,
                          "best_ratio_to_bound": best / best_bound,
