@@ -27,7 +27,10 @@ vector's upload measured; the upload's cost per vector is reported apart), rows 
 - `fusionbench_ties`: TIES as FusionBench's ties_merging_utils computes it (every task vector flattened
   into one [N, P] matrix, kthvalue per row for the global top-k, sign election and disjoint mean over the
   matrix), then save_file and fsync. Its memory grows with N (about 4 copies of the matrix); it runs for
-  N <= --fusionbench-max 8, since at 16 it would need more memory than this machine's 24 GiB.
+  N <= --fusionbench-max 8, since at 16 it would need more memory than this machine's 24 GiB;
+- `mergekit_task_arithmetic`, `mergekit_ties`: mergekit's own merge methods (its registry's task_arithmetic
+  and ties, GeneralizedTaskArithmeticMerge.merge_group) tensor by tensor over the base and each fine-tuned
+  model, in the environment scripts/mergekit_env.sh makes (left out where it is absent).
 
     python -m bench.merge_cost [--counts 2,8,16] [--repeats 3] [--methods task_arithmetic,ties,script]
 """
@@ -214,6 +217,50 @@ def child_fusionbench_ties(base_path: str, vector_paths: list[str], out_dir: str
     return _timed(work)
 
 
+# tvforge's default parameters in mergekit's terms: task arithmetic as weight 0.3 per model (lambda 0.3 on the
+# sum); TIES as top 20% kept (density 0.2), sign election by sum, disjoint mean (normalize), lambda 1. mergekit
+# trims each tensor on its own (tvforge's trim_scope tensor; its default trims over the whole vector).
+MERGEKIT_PARAMETERS = {
+    "task_arithmetic": {"weight": 0.3, "density": 1.0, "normalize": False},
+    "ties": {"weight": 1.0, "density": 0.2, "normalize": True},
+}
+
+
+def child_mergekit(method: str, base_path: str, vector_paths: list[str], out_dir: str, threads: str) -> dict:
+    """mergekit's own merge method (mergekit.merge_methods registry: GeneralizedTaskArithmeticMerge.merge_group) over
+    each tensor, as mergekit's executor runs it: the base's tensor and each fine-tuned model's (theta_0 + tau,
+    what mergekit reads from a fine-tuned checkpoint), merged one tensor at a time; outputs kept until saved in one
+    save_file (mergekit's writer holds a shard of up to 5 GB), then fsync. Runs under scripts/mergekit_env.sh's
+    interpreter."""
+    from mergekit.merge_methods.base import TensorGroup
+    from mergekit.merge_methods.registry import get
+    from safetensors import safe_open
+
+    _threads(threads)
+    merge = get(method)
+    shared = MERGEKIT_PARAMETERS[method]
+
+    def work() -> None:
+        out = {}
+        with safe_open(base_path, framework="pt") as base_file:
+            vectors = [safe_open(path, framework="pt") for path in vector_paths]
+            names = [set(v.keys()) for v in vectors]  # noqa: SIM118 - safe_open is not a dict
+            for name in sorted(base_file.keys()):  # noqa: SIM118
+                base = base_file.get_tensor(name)
+                present = [v for v, held in zip(vectors, names, strict=True) if name in held]
+                if not present or not base.is_floating_point():
+                    out[name] = base
+                    continue
+                group = TensorGroup.from_tensors([base, *(base + v.get_tensor(name) for v in present)], base_index=0)
+                ids = [entry.id for entry in group.non_base]
+                out[name] = merge.merge_group(group, weight=dict.fromkeys(ids, shared["weight"]),
+                                              density=dict.fromkeys(ids, shared["density"]),
+                                              normalize=shared["normalize"], rescale=False, int8_mask=False,
+                                              **{"lambda": 1.0})
+        _save_synced(out, Path(out_dir) / f"mergekit_{method}.safetensors")
+    return _timed(work)
+
+
 def _read_through(path: str | Path, buffer: bytearray, digest=None) -> None:
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):
@@ -268,29 +315,38 @@ def _quiesce(scratch: str, inputs: list[Path]) -> None:
         _read_through(path, buffer)
 
 
-def _in_child(kind: str, *args: str) -> dict:
+def _in_child(kind: str, *args: str, python: str = sys.executable) -> dict:
     """Runs one measurement in a fresh interpreter, so peaks are not inherited from earlier runs."""
     code = (f"import json, sys; from bench.merge_cost import child_{kind}; "
             f"print(json.dumps(child_{kind}(*json.loads(sys.argv[1]))))")
-    result = subprocess.run([sys.executable, "-c", code, json.dumps(list(args))], check=True, capture_output=True,
+    result = subprocess.run([python, "-c", code, json.dumps(list(args))], check=True, capture_output=True,
                             text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 COMPARISONS = ("script", "fusionbench_ties")  # the rows that are not tvforge methods
+MERGEKIT_ROWS = {"mergekit_task_arithmetic": "task_arithmetic", "mergekit_ties": "ties"}
 
 
-def _measure(method: str, architecture: str, base_path: Path, paths: list[str], scratch: str, threads: int) -> dict:
+def _measure(method: str, architecture: str, base_path: Path, paths: list[str], scratch: str, threads: int,
+             mergekit_python: str | None) -> dict:
     if method in COMPARISONS:
         return _in_child(method, str(base_path), paths, scratch, str(threads))
+    if method in MERGEKIT_ROWS:
+        return _in_child("mergekit", MERGEKIT_ROWS[method], str(base_path), paths, scratch, str(threads),
+                         python=mergekit_python)
     return _in_child("merge", method, architecture, str(base_path), paths, scratch, str(threads))
 
 
 def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option("ViT-B-32"),
-         methods: str = typer.Option("task_arithmetic,ties,ties_no_upload_cuts,sta,dare,script,fusionbench_ties"),
+         methods: str = typer.Option("task_arithmetic,ties,ties_no_upload_cuts,sta,dare,script,fusionbench_ties,"
+                                     "mergekit_task_arithmetic,mergekit_ties"),
          repeats: int = typer.Option(5, min=1),
          threads: int = typer.Option(0, min=0, help="torch threads in each merge (0: torch's default, as the worker)"),
          fusionbench_max: int = typer.Option(8, help="largest N for fusionbench_ties (its memory grows with N)"),
+         mergekit_python: Path = typer.Option(
+             Path(".venv-mergekit/bin/python"),
+             help="scripts/mergekit_env.sh's interpreter; without it the mergekit rows are left out"),
          workdir: Path = typer.Option(None, help="Where inputs are generated (default: a temp dir)."),
          out: Path = typer.Option(Path("bench/results/merge_cost.json"))) -> None:
     folder = workdir or Path(tempfile.mkdtemp(prefix="tvforge-merge-cost-"))
@@ -299,7 +355,8 @@ def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option(
     for count in sorted(int(c) for c in counts.split(",")):
         base_path, vector_paths = make_inputs(folder, architecture, count)
         paths = [str(p) for p in vector_paths]
-        chosen = [m for m in methods.split(",") if not (m == "fusionbench_ties" and count > fusionbench_max)]
+        chosen = [m for m in methods.split(",") if not (m == "fusionbench_ties" and count > fusionbench_max)
+                  and not (m in MERGEKIT_ROWS and not mergekit_python.exists())]
         runs: dict[str, list[dict]] = {"bound": [], "sha256": [], **{m: [] for m in chosen}}
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             _in_child("copy", str(base_path), paths, scratch)  # warm the page cache for both sides alike
@@ -309,7 +366,8 @@ def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option(
                 runs["sha256"].append(_in_child("sha256", str(base_path)))
                 for method in chosen:
                     _quiesce(scratch, [base_path, *vector_paths])
-                    runs[method].append(_measure(method, architecture, base_path, paths, scratch, threads))
+                    runs[method].append(_measure(method, architecture, base_path, paths, scratch, threads,
+                                                 str(mergekit_python)))
         bound = statistics.median(r["seconds"] for r in runs["bound"])
         best_bound = min(r["seconds"] for r in runs["bound"])
         for method in chosen:
