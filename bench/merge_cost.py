@@ -114,9 +114,9 @@ def _threads(threads: str) -> None:
 
 
 def _timed(work) -> dict:
-    """Wall time, and the CPU time the process spent in it (user and kernel, all threads): on a day when a
-    merge is slower, more CPU time for the same work points at the machine's compute, the same CPU time at
-    waiting (the disk, another process)."""
+    """Wall time, and the CPU time the process spent in it (user and kernel, all threads, the memory sampler's
+    reads of /proc included: about 1% of a core): on a day when a merge is slower, more CPU time for the same work
+    points at the machine's compute, the same CPU time at waiting (the disk, another process)."""
     sampler = PeakSampler()
     sampler.start()
     before = os.times()
@@ -329,7 +329,7 @@ MERGEKIT_ROWS = {"mergekit_task_arithmetic": "task_arithmetic", "mergekit_ties":
 
 
 def _measure(method: str, architecture: str, base_path: Path, paths: list[str], scratch: str, threads: int,
-             mergekit_python: str | None) -> dict:
+             mergekit_python: str) -> dict:
     if method in COMPARISONS:
         return _in_child(method, str(base_path), paths, scratch, str(threads))
     if method in MERGEKIT_ROWS:
@@ -349,6 +349,8 @@ def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option(
              help="scripts/mergekit_env.sh's interpreter; without it the mergekit rows are left out"),
          workdir: Path = typer.Option(None, help="Where inputs are generated (default: a temp dir)."),
          out: Path = typer.Option(Path("bench/results/merge_cost.json"))) -> None:
+    has_mergekit = mergekit_python.exists() and subprocess.run(
+        [str(mergekit_python), "-c", "import mergekit.merge_methods.registry"], capture_output=True).returncode == 0
     folder = workdir or Path(tempfile.mkdtemp(prefix="tvforge-merge-cost-"))
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -356,7 +358,7 @@ def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option(
         base_path, vector_paths = make_inputs(folder, architecture, count)
         paths = [str(p) for p in vector_paths]
         chosen = [m for m in methods.split(",") if not (m == "fusionbench_ties" and count > fusionbench_max)
-                  and not (m in MERGEKIT_ROWS and not mergekit_python.exists())]
+                  and not (m in MERGEKIT_ROWS and not has_mergekit)]
         runs: dict[str, list[dict]] = {"bound": [], "sha256": [], **{m: [] for m in chosen}}
         with tempfile.TemporaryDirectory(dir=folder) as scratch:
             _in_child("copy", str(base_path), paths, scratch)  # warm the page cache for both sides alike
@@ -411,8 +413,9 @@ def main(counts: str = typer.Option("2,8,16"), architecture: str = typer.Option(
     typer.echo(table)
     for count in sorted({r["task_vectors"] for r in rows}):
         first = next(r for r in rows if r["task_vectors"] == count)
-        runs = first["bound_runs_seconds"]
-        typer.echo(f"N = {count}: bound {first['bound_seconds']:.2f} s (runs {min(runs):.2f}-{max(runs):.2f} s), "
+        bound_runs = first["bound_runs_seconds"]
+        typer.echo(f"N = {count}: bound {first['bound_seconds']:.2f} s "
+                   f"(runs {min(bound_runs):.2f}-{max(bound_runs):.2f} s), "
                    f"sha256 of the output alone {first['output_sha256_seconds']:.2f} s")
 
 

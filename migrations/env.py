@@ -2,6 +2,7 @@
 from alembic import context
 from sqlalchemy import TypeDecorator, create_engine, pool
 
+from store.db import connect_args_for
 from store.models import Base
 from tvforge.settings import get_settings
 
@@ -42,7 +43,7 @@ def run_migrations_offline() -> None:
 
 def run_migrations_online() -> None:
     url = database_url()
-    engine = create_engine(url, poolclass=pool.NullPool)
+    engine = create_engine(url, poolclass=pool.NullPool, connect_args=connect_args_for(url))
     try:
         with engine.connect() as connection:
             configure(url, connection=connection)

@@ -6,9 +6,10 @@
 #   bash scripts/mergekit_env.sh   ->   .venv-mergekit/bin/python
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || { echo "run scripts/bootstrap.sh first" >&2; exit 1; }
-project_site=$(.venv/bin/python -c "import site; print(site.getsitepackages()[0])")
-.venv/bin/python -m venv .venv-mergekit
+project_venv="${TVFORGE_VENV:-.venv}"
+[ -x "$project_venv/bin/python" ] || { echo "run scripts/bootstrap.sh first" >&2; exit 1; }
+project_site=$("$project_venv/bin/python" -c "import site; print(site.getsitepackages()[0])")
+"$project_venv/bin/python" -m venv .venv-mergekit
 own_site=$(.venv-mergekit/bin/python -c "import site; print(site.getsitepackages()[0])")
 echo "$project_site" > "$own_site/project-venv.pth"
 .venv-mergekit/bin/python -m pip install -q "mergekit==0.1.5"

@@ -1,5 +1,6 @@
 """Engine and session factory, one per process and database URL."""
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache, partial
@@ -17,10 +18,9 @@ from tvforge.settings import get_settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# A PostgreSQL host that accepts the connection and never answers (a partition, a hung server) would hold the
-# connecting thread for as long as TCP keeps the socket (libpq waits for the server's reply without limit):
-# past the API's 503 and the worker's retry window. libpq's connect_timeout bounds the whole handshake. A
-# URL's own connect_timeout wins.
+# A PostgreSQL host that accepts the connection and never answers (a partition, a hung server) holds a connecting
+# thread for psycopg's own default of 130 s per address: past the worker's retry window (the heartbeat timeout,
+# 60 s) and far past what an API request should wait. A connect_timeout in the URL or PGCONNECT_TIMEOUT wins.
 POSTGRES_CONNECT_TIMEOUT_S = 10
 
 
@@ -42,10 +42,16 @@ def engine_for(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        given = "connect_timeout" in make_url(url).query
-        connect_args = {} if given else {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
-        engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args, **pool)
+        engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args_for(url), **pool)
     return engine
+
+
+def connect_args_for(url: str) -> dict:
+    """The DBAPI connect arguments tvforge adds to a URL: POSTGRES_CONNECT_TIMEOUT_S for PostgreSQL unless the URL
+    or the environment (PGCONNECT_TIMEOUT) sets a connect timeout; nothing for SQLite."""
+    if url.startswith("sqlite") or "connect_timeout" in make_url(url).query or "PGCONNECT_TIMEOUT" in os.environ:
+        return {}
+    return {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}
 
 
 @lru_cache

@@ -207,13 +207,15 @@ def test_a_locked_sqlite_database_is_transient(tmp_path):
         engine.dispose()
 
 
-@pytest.mark.parametrize(("default_s", "in_url"), [(1, ""), (1000, "?connect_timeout=1")],
-                         ids=["default", "the URL's own"])
+@pytest.mark.parametrize(("default_s", "in_url", "environment"),
+                         [(1, "", None), (1000, "?connect_timeout=1", None), (1000, "", "1")],
+                         ids=["default", "the URL's own", "PGCONNECT_TIMEOUT"])
 def test_a_postgres_host_that_never_answers_fails_the_connection_instead_of_holding_it(monkeypatch, default_s,
-                                                                                      in_url):
+                                                                                      in_url, environment):
     """A listener that accepts the TCP connection and never says a word, as a hung or partitioned server does:
-    without a connect timeout libpq waits for its reply for ever. The engine's connect raises a transient error
-    (so the API answers 503 and the worker's retries go on) within the timeout."""
+    psycopg's own default would wait 130 s for its reply, past the worker's retry window. The engine's connect
+    raises a transient error (so the API answers 503 and the worker's retries go on) within the timeout in
+    force: tvforge's default, else the URL's or the environment's (psycopg rounds 1 s up to 2)."""
     from sqlalchemy import text
     from sqlalchemy.exc import OperationalError
 
@@ -221,6 +223,10 @@ def test_a_postgres_host_that_never_answers_fails_the_connection_instead_of_hold
     from store.db import engine_for, is_transient
 
     monkeypatch.setattr(store.db, "POSTGRES_CONNECT_TIMEOUT_S", default_s)
+    if environment is None:
+        monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("PGCONNECT_TIMEOUT", environment)
     listener = socket.create_server(("127.0.0.1", 0))
     accepted = []
     threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
@@ -235,11 +241,13 @@ def test_a_postgres_host_that_never_answers_fails_the_connection_instead_of_hold
             outcome.append(exc)
 
     attempt = threading.Thread(target=connect, daemon=True)
+    started = time.monotonic()
     attempt.start()
     attempt.join(timeout=15)
     try:
         assert accepted, "the connection never reached the listener"
         assert not attempt.is_alive(), "the connect attempt is still waiting on a server that never answers"
+        assert time.monotonic() - started < 8, "the connect gave up, but not at the timeout in force"
         assert isinstance(outcome[0], OperationalError) and is_transient(outcome[0])
     finally:
         engine.dispose()
