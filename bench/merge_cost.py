@@ -15,8 +15,8 @@ least disturbed run of each):
   before the merge started: interpreter, torch) and peak total RSS. Inputs are memory-mapped, so total
   RSS also counts page-cache pages of the inputs, which the kernel can drop at any time; anonymous
   memory is what must not grow with N;
-- in the JSON only, the CPU time of each merge (user and system, all threads, the memory sampler's few
-  milliseconds included), to tell a day of slower compute from a day of more waiting.
+- in the JSON only, the CPU time of each merge (user and system, all threads, the memory sampler's reads of
+  /proc included), to tell a day of slower compute from a day of more waiting.
 
 Beside tvforge's methods (the engine's code path, as a worker runs it, with the top-k cuts that each task
 vector's upload measured; the upload's cost per vector is reported apart), rows to compare with:
