@@ -1,6 +1,7 @@
 """aTLAS's training step against a plain fine-tuning step of the same model on the same batch.
 
     python -m bench.atlas_step [--model ViT-B-32] [--vectors 8] [--batch 16] [--steps 8] [--threads 2]
+                               [--device cuda] [--amp]
 
 On a randomly initialised open_clip image tower with random task vectors, times (median of --steps rounds,
 the variants interleaved, after one warm-up step each) and measures the memory of:
@@ -12,6 +13,10 @@ the variants interleaved, after one warm-up step each) and measures the memory o
   (sum of coefficient x vector tensor, vectors kept as separate tensors), the way fredzzhang/atlas's
   weighted image encoder composes; a re-implementation of that strategy for a side-by-side time, not
   the official code itself.
+With --amp every variant's forward pass runs under engine.metrics.autocast, as the engine trains aTLAS
+(float16 on CUDA; on the CPU it changes nothing), and on CUDA a variant holds the vectors in float16, the
+engine's default there (AtlasParams.vector_dtype auto). The loss scaling that goes with float16 is left out
+of every variant alike: one multiply of the loss and of the gradients.
 Prints a table and writes JSON. CPU only here; on a GPU pass --device cuda.
 """
 import argparse
@@ -19,6 +24,7 @@ import json
 import os
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from engine.methods.atlas.method import TOWER, Composition
+from engine.metrics import autocast
 
 
 def _anon_mib() -> float:
@@ -53,6 +60,17 @@ def _interleaved(steps: dict[str, object], rounds: int, device: str) -> dict[str
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _step_peak_mib(step) -> float:
+    """CUDA memory one step allocates at its peak beyond what was allocated before it (activations,
+    composed weights, gradients), MiB."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
+
+
 def main() -> None:
     import open_clip
 
@@ -63,6 +81,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="forward passes under the engine's autocast")
     parser.add_argument("--out", type=Path, default=Path("bench/results/atlas_step.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,14 +95,19 @@ def main() -> None:
     target = torch.randn(args.batch, model.visual.output_dim, device=args.device)
     anon_model = _anon_mib()
 
+    def precision():
+        return autocast(args.device) if args.amp else nullcontext()
+
     def loss_of(features: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(F.normalize(features, dim=-1), F.normalize(target, dim=-1))
+        return F.mse_loss(F.normalize(features.float(), dim=-1), F.normalize(target, dim=-1))
 
     # 1. fine-tuning: every image-tower weight trainable
     def finetune_step() -> None:
         model.visual.requires_grad_(True)
         model.visual.zero_grad(set_to_none=True)
-        loss_of(model.visual(pixels)).backward()
+        with precision():
+            features = model.visual(pixels)
+        loss_of(features).backward()
         model.visual.zero_grad(set_to_none=True)
         model.requires_grad_(False)
 
@@ -100,7 +124,9 @@ def main() -> None:
     def run(composed: dict[str, torch.Tensor]) -> None:
         coefficients.grad = None
         weights = {name[len(TOWER):]: tensor for name, tensor in composed.items()}
-        loss_of(functional_call(model.visual, weights, (pixels,))).backward()
+        with precision():
+            features = functional_call(model.visual, weights, (pixels,))
+        loss_of(features).backward()
 
 
     # 2b. the same with the vectors held in bfloat16 (AtlasParams.vector_dtype)
@@ -121,10 +147,15 @@ def main() -> None:
             composed[name] = total
         return composed
 
-    timed = _interleaved({"finetune": finetune_step, "atlas": lambda: run(composition.compose(coefficients)),
-                          "bfloat16": lambda: run(half.compose(coefficients)), "loop": lambda: run(loop_compose())},
-                         args.steps, args.device)
+    steps = {"finetune": finetune_step, "atlas": lambda: run(composition.compose(coefficients)),
+             "bfloat16": lambda: run(half.compose(coefficients)), "loop": lambda: run(loop_compose())}
+    if args.device.startswith("cuda"):  # 2c. float16, the engine's default on CUDA
+        fp16 = Composition(blocks, composition.base, {name: s.to(torch.float16) for name, s in stacks.items()},
+                           "block", args.vectors)
+        steps["float16"] = lambda: run(fp16.compose(coefficients))
+    timed = _interleaved(steps, args.steps, args.device)
     finetune_s, atlas_s, half_s, loop_s = (timed[k] for k in ("finetune", "atlas", "bfloat16", "loop"))
+    step_peaks = {name: _step_peak_mib(step) for name, step in steps.items()} if "float16" in steps else {}
 
     parameters = sum(p.numel() for p in tower.values())
     result = {
@@ -134,8 +165,12 @@ def main() -> None:
         "per_vector_loop_step_s": round(loop_s, 3), "atlas_bfloat16_step_s": round(half_s, 3),
         "stacked_vectors_bfloat16_mib": half_mib,
         "atlas_over_finetune": round(atlas_s / finetune_s, 2), "loop_over_finetune": round(loop_s / finetune_s, 2),
-        "process_anonymous_mib_with_model": anon_model, "stacked_vectors_mib": stacks_mib,
+        "process_anonymous_mib_with_model": anon_model, "stacked_vectors_mib": stacks_mib, "amp": args.amp,
     }
+    if "float16" in timed:
+        result |= {"atlas_float16_step_s": round(timed["float16"], 3),
+                   "atlas_float16_over_finetune": round(timed["float16"] / finetune_s, 2),
+                   "cuda_device": torch.cuda.get_device_name(), "cuda_step_peak_mib": step_peaks}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"| step ({args.model}, {args.vectors} vectors, batch {args.batch}, {args.device}, {args.threads} threads) "
@@ -143,9 +178,14 @@ def main() -> None:
           f"| fine-tuning (forward + backward, all weights) | {finetune_s:.3f} | 1.00 |\n"
           f"| aTLAS (engine: tensordot per block) | {atlas_s:.3f} | {atlas_s / finetune_s:.2f} |\n"
           f"| aTLAS, vectors held in bfloat16 | {half_s:.3f} | {half_s / finetune_s:.2f} |\n"
-          f"| aTLAS, per-vector loop composition | {loop_s:.3f} | {loop_s / finetune_s:.2f} |\n\n"
+          f"| aTLAS, per-vector loop composition | {loop_s:.3f} | {loop_s / finetune_s:.2f} |"
+          + (f"\n| aTLAS, vectors held in float16 | {timed['float16']:.3f} | {timed['float16'] / finetune_s:.2f} |"
+             if "float16" in timed else "")
+          + f"\n\nAutocast: {'float16 on CUDA' if args.amp and 'float16' in timed else 'none'}. "
           f"Stacked task vectors: {stacks_mib} MiB in fp32 ({args.vectors} x {parameters:,} parameters), "
-          f"{half_mib} MiB in bfloat16.")
+          f"{half_mib} MiB in bfloat16."
+          + (f" Device {result['cuda_device']}; each step's peak of CUDA memory above what it found allocated, MiB: "
+             f"{step_peaks}." if step_peaks else ""))
 
 
 if __name__ == "__main__":

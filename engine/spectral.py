@@ -7,7 +7,8 @@ other tensor (biases, norms, the patch embedding, the class token) is the runnin
 
 A tensor's slices are read one task vector at a time, so memory is bounded by the largest layer (times
 the few factors a method keeps), not by the model or the number of vectors. SVDs run in float32, as the
-references run them on their device.
+references run them on their device, and every factor is kept on the slices' device: the merges run wherever
+their slices are (bench.spectral_device times them on the CPU and on CUDA).
 """
 from collections.abc import Callable, Sequence
 
@@ -90,6 +91,13 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
+def _factor_buffers(first: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zeroed left vectors, values and right vectors of `rank` kept triplets, on the slices' device."""
+    device = first.device
+    return (torch.zeros(first.shape[0], rank, device=device), torch.zeros(rank, device=device),
+            torch.zeros(rank, first.shape[1], device=device))
+
+
 def tsv_merge(slices: Sequence[torch.Tensor]) -> torch.Tensor:
     """TSV-M: each task keeps its top 1/T of singular triplets, side by side; the concatenated left and
     right singular vectors are orthogonalised and recombined with the kept singular values."""
@@ -98,9 +106,7 @@ def tsv_merge(slices: Sequence[torch.Tensor]) -> torch.Tensor:
     first = slices[0]
     rank = min(first.shape)
     kept = int(rank * reduction)
-    left = torch.zeros(first.shape[0], rank)
-    values = torch.zeros(rank)
-    right = torch.zeros(rank, first.shape[1])
+    left, values, right = _factor_buffers(first, rank)
     for i in range(tasks):
         u, s, vh = svd(slices[i])
         span = slice(i * kept, (i + 1) * kept)
@@ -134,9 +140,7 @@ def iso_cts_merge(slices: Sequence[torch.Tensor], common_space_fraction: float) 
     u, s, vh = svd(total)
     common_u, common_s, common_vh = u[:, :common], s[:common], vh[:common]
 
-    left = torch.zeros(first.shape[0], rank)
-    values = torch.zeros(rank)
-    right = torch.zeros(rank, first.shape[1])
+    left, values, right = _factor_buffers(first, rank)
     for i in range(tasks):
         specific = slices[i]
         specific = specific - common_u @ (common_u.T @ specific)

@@ -126,14 +126,30 @@ def quick_bench_assets(tmp_path_factory):
     return build_assets(Path(folder) if folder else tmp_path_factory.mktemp("bench-assets"), quick=True)
 
 
+@pytest.fixture(scope="module")
+def registered(stack, quick_bench_assets):
+    """The assets uploaded over HTTP: {task name: (task vector id, dataset id)} and the base model id."""
+    assets = quick_bench_assets
+    with stack.client() as client:
+        base = client.register_base_model("bench-base", assets.base_path, config=assets.model_config)
+        ids = {}
+        for task in assets.tasks:
+            vector = client.upload_task_vector(base["id"], task.name, task.vector_path, class_names=task.class_names)
+            dataset = client.upload_dataset(task.name, task.dataset_path, class_names=task.class_names)
+            ids[task.name] = (vector["id"], dataset["id"])
+    return base["id"], ids
+
+
 _redis_db = iter(range(1, 16))
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, redis_url) -> Iterator[Stack]:
-    """API + one worker, on fresh state and a Redis database of their own."""
-    live = Stack(tmp_path_factory.mktemp("stack"), f"{redis_url.rsplit('/', 1)[0]}/{next(_redis_db)}",
-                 max_upload_bytes=64 * 1024 * 1024, max_dataset_decoded_bytes=64 * 1024 * 1024)
+def stack(request, tmp_path_factory, redis_url) -> Iterator[Stack]:
+    """API + one worker, on fresh state and a Redis database of their own; a test module's STACK_SETTINGS
+    (settings by field name, as Stack takes them) are added."""
+    settings = {"max_upload_bytes": 64 * 1024 * 1024, "max_dataset_decoded_bytes": 64 * 1024 * 1024}
+    settings |= getattr(request.module, "STACK_SETTINGS", {})
+    live = Stack(tmp_path_factory.mktemp("stack"), f"{redis_url.rsplit('/', 1)[0]}/{next(_redis_db)}", **settings)
     live.start_api()
     live.start_worker()
     yield live
