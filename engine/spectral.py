@@ -84,6 +84,37 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
 
 
+# A leading singular value below this fraction of the largest is left to svd(): the Gram matrix's rounding
+# (float64 eps x sigma_1^2) would reach float32's resolution of its singular vector (at sigma_k / sigma_1 ~ 1e-4)
+GRAM_RELATIVE_FLOOR = 1e-4
+
+
+def leading_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first k triplets of svd(matrix): the references take the full SVD and keep them. Computed from the
+    eigendecomposition of the float64 Gram matrix of the short side (V and sigma^2), then U = A V / sigma:
+    for ViT-B/32's 3072 x 768 float32 matrices 0.074 s against the full SVD's 0.158 (2 threads), and closer
+    to the float64 SVD's leading part (relative 4.5e-7 against float32 LAPACK's 1.7e-5 on random matrices,
+    whose singular values crowd at k). Where a kept singular value is below GRAM_RELATIVE_FLOOR of the largest
+    (a rank-deficient matrix, such as a LoRA vector's; the Gram's eigenvectors there are not accurate, and U
+    is undefined at 0) it is the full SVD's, whose arbitrary completion the references use too."""
+    rows, columns = matrix.shape
+    if rows < columns:
+        u, s, vh = leading_svd(matrix.T, k)
+        return vh.T, s, u.T
+    exact = matrix.double()
+    try:
+        values, vectors = torch.linalg.eigh(exact.T @ exact)  # ascending
+    except torch.linalg.LinAlgError:
+        values = None
+    if values is None or k == 0 or not bool(values[-k] > GRAM_RELATIVE_FLOOR ** 2 * values[-1]):
+        u, s, vh = svd(matrix)
+        return u[:, :k], s[:k], vh[:k]
+    values, vectors = values[-k:].flip(0), vectors[:, -k:].flip(1)
+    singular = values.sqrt()
+    left = (exact @ vectors) / singular
+    return left.to(matrix.dtype), singular.to(matrix.dtype), vectors.T.to(matrix.dtype)
+
+
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The orthonormal factor closest to matrix (U V^T of its SVD): how the references re-orthogonalise
     the concatenated singular vectors."""
@@ -92,10 +123,10 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def _factor_buffers(first: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zeroed left vectors, values and right vectors of `rank` kept triplets, on the slices' device."""
-    device = first.device
-    return (torch.zeros(first.shape[0], rank, device=device), torch.zeros(rank, device=device),
-            torch.zeros(rank, first.shape[1], device=device))
+    """Zeroed left vectors, values and right vectors of `rank` kept triplets, as the slices' dtype and device."""
+    like = {"dtype": first.dtype, "device": first.device}
+    return (torch.zeros(first.shape[0], rank, **like), torch.zeros(rank, **like),
+            torch.zeros(rank, first.shape[1], **like))
 
 
 def tsv_merge(slices: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -108,9 +139,8 @@ def tsv_merge(slices: Sequence[torch.Tensor]) -> torch.Tensor:
     kept = int(rank * reduction)
     left, values, right = _factor_buffers(first, rank)
     for i in range(tasks):
-        u, s, vh = svd(slices[i])
         span = slice(i * kept, (i + 1) * kept)
-        left[:, span], values[span], right[span] = u[:, :kept], s[:kept], vh[:kept]
+        left[:, span], values[span], right[span] = leading_svd(slices[i], kept)
     return (polar(left) * values) @ polar(right)
 
 
@@ -137,16 +167,14 @@ def iso_cts_merge(slices: Sequence[torch.Tensor], common_space_fraction: float) 
     total = first.clone()
     for i in range(1, tasks):
         total += slices[i]
-    u, s, vh = svd(total)
-    common_u, common_s, common_vh = u[:, :common], s[:common], vh[:common]
+    common_u, common_s, common_vh = leading_svd(total, common)
 
     left, values, right = _factor_buffers(first, rank)
     for i in range(tasks):
         specific = slices[i]
         specific = specific - common_u @ (common_u.T @ specific)
-        u_t, s_t, vh_t = svd(specific)
         span = slice(i * per_task, (i + 1) * per_task)
-        left[:, span], values[span], right[span] = u_t[:, :per_task], s_t[:per_task], vh_t[:per_task]
+        left[:, span], values[span], right[span] = leading_svd(specific, per_task)
     span = slice(tasks * per_task, tasks * per_task + common)
     left[:, span], values[span], right[span] = common_u, common_s, common_vh
     return (polar(left) * values.mean()) @ polar(right)

