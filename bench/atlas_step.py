@@ -14,9 +14,10 @@ the variants interleaved, after one warm-up step each) and measures the memory o
   weighted image encoder composes; a re-implementation of that strategy for a side-by-side time, not
   the official code itself.
 With --amp every variant's forward pass runs under engine.metrics.autocast, as the engine trains aTLAS
-(float16 on CUDA; on the CPU it changes nothing), and on CUDA a variant holds the vectors in float16, the
-engine's default there (AtlasParams.vector_dtype auto). The loss scaling that goes with float16 is left out
-of every variant alike: one multiply of the loss and of the gradients.
+(float16 on CUDA; on the CPU it changes nothing). On CUDA one more variant holds the vectors in float16, the
+engine's default there (AtlasParams.vector_dtype auto), and each variant's peak CUDA memory is measured. The
+loss scaling that goes with float16 is left out of every variant alike: one multiply of the loss and of the
+gradients.
 Prints a table and writes JSON. CPU only here; on a GPU pass --device cuda.
 """
 import argparse
@@ -50,11 +51,11 @@ def _interleaved(steps: dict[str, object], rounds: int, device: str) -> dict[str
         step()
     for _ in range(rounds):
         for name, step in steps.items():
-            if device == "cuda":
+            if device.startswith("cuda"):
                 torch.cuda.synchronize()
             started = time.perf_counter()
             step()
-            if device == "cuda":
+            if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}

@@ -6,9 +6,10 @@ every 2-D tensor but a text projection is merged through SVDs of the task vector
 other tensor (biases, norms, the patch embedding, the class token) is the running mean of the vectors.
 
 A tensor's slices are read one task vector at a time, so memory is bounded by the largest layer (times
-the few factors a method keeps), not by the model or the number of vectors. SVDs run in float32, as the
-references run them on their device, and every factor is kept on the slices' device: the merges run wherever
-their slices are (bench.spectral_device times them on the CPU and on CUDA).
+the few factors a method keeps), not by the model or the number of vectors. Full SVDs run in float32, as the
+references run them on their device; the leading triplets that TSV-M and Iso-CTS keep come from a float64
+Gram matrix (leading_svd). Every factor is kept on the slices' device: the merges run wherever their slices
+are (bench.spectral_device times them on the CPU and on CUDA).
 """
 from collections.abc import Callable, Sequence
 
@@ -98,15 +99,20 @@ def leading_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     (a rank-deficient matrix, such as a LoRA vector's; the Gram's eigenvectors there are not accurate, and U
     is undefined at 0) it is the full SVD's, whose arbitrary completion the references use too."""
     rows, columns = matrix.shape
+    if not 0 <= k <= min(rows, columns):
+        raise ValueError(f"cannot keep {k} singular triplets of a {rows} x {columns} matrix")
     if rows < columns:
         u, s, vh = leading_svd(matrix.T, k)
         return vh.T, s, u.T
+    if k == 0:
+        like = {"dtype": matrix.dtype, "device": matrix.device}
+        return torch.zeros(rows, 0, **like), torch.zeros(0, **like), torch.zeros(0, columns, **like)
     exact = matrix.double()
     try:
         values, vectors = torch.linalg.eigh(exact.T @ exact)  # ascending
     except torch.linalg.LinAlgError:
         values = None
-    if values is None or k == 0 or not bool(values[-k] > GRAM_RELATIVE_FLOOR ** 2 * values[-1]):
+    if values is None or not bool(values[-k] > GRAM_RELATIVE_FLOOR ** 2 * values[-1]):
         u, s, vh = svd(matrix)
         return u[:, :k], s[:k], vh[:k]
     values, vectors = values[-k:].flip(0), vectors[:, -k:].flip(1)

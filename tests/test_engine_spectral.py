@@ -285,4 +285,28 @@ def test_leading_svd_of_a_rank_deficient_matrix_is_the_full_svds():
     u, s, vh = leading_svd(matrix, 4)
     full_u, full_s, full_vh = spectral_svd(matrix)
     assert torch.equal(u, full_u[:, :4]) and torch.equal(s, full_s[:4]) and torch.equal(vh, full_vh[:4])
-    assert leading_svd(matrix, 0)[1].shape == (0,)
+    empty = leading_svd(matrix, 0)
+    assert [tuple(f.shape) for f in empty] == [(30, 0), (0,), (0, 10)]
+    with pytest.raises(ValueError):
+        leading_svd(matrix, 11)
+
+
+@pytest.mark.parametrize("smallest, gram", [(1e-3, True), (1e-5, False)])
+def test_leading_svd_leaves_kept_singular_values_below_1e_4_of_the_largest_to_the_svd(smallest, gram, monkeypatch):
+    """Singular values 1 .. `smallest`, all kept: the Gram path above the floor, the full SVD below it."""
+    generator = torch.Generator().manual_seed(9)
+    left, _ = torch.linalg.qr(torch.randn(20, 6, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
+    values = torch.logspace(0, float(np.log10(smallest)), 6, dtype=torch.float64)
+    matrix = ((left * values) @ right.T).float()
+    svd_calls = []
+    svd = torch.linalg.svd
+
+    def recording(m, full_matrices=True):
+        svd_calls.append(tuple(m.shape))
+        return svd(m, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", recording)
+    _, s, _ = leading_svd(matrix, 6)
+    assert bool(svd_calls) is not gram
+    torch.testing.assert_close(s.double(), values, rtol=1e-3, atol=1e-6)
