@@ -6,8 +6,8 @@ One transformer block of ViT-B/32's image tower has four weight matrices (attent
 2304 x 768, out-projection 768 x 768, MLP 3072 x 768 and 768 x 3072); the tower has twelve such blocks, and
 they are nearly all of a spectral merge's time (bench/results/merge_cost_spectral.json). For N random
 task-vector slices of each matrix (0.01 x randn, float32, as bench.merge_cost's vectors), the CPU and, where
-present, CUDA run engine.spectral's merge of the block. The slices' copy to the device and the merged
-matrix's copy back are timed with it, as a worker reads slices from memory-mapped files.
+present, CUDA run engine.spectral's merge of the block as a job on that device runs it (on_device): the
+slices' copies to the device and the merged matrix's copy back are timed with it.
 
 Reported: the median over --repeats after one warm-up (CUDA synchronised); that times 12 as the tower's
 estimate; each device's largest difference from the CPU's merge, relative to the CPU merge's largest entry
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import typer
 
-from engine.spectral import iso_c_merge, iso_cts_merge, tsv_merge
+from engine.spectral import iso_c_merge, iso_cts_merge, on_device, tsv_merge
 
 BLOCK_MATRICES = {"attn.in_proj_weight": (2304, 768), "attn.out_proj.weight": (768, 768),
                   "mlp.c_fc.weight": (3072, 768), "mlp.c_proj.weight": (768, 3072)}
@@ -39,11 +39,8 @@ def _synchronise(device: str) -> None:
 
 
 def _merge_block(merge, slices: dict[str, list[torch.Tensor]], device: str) -> dict[str, torch.Tensor]:
-    merged = {}
-    for name, matrices in slices.items():
-        on_device = [matrix.to(device, non_blocking=False) for matrix in matrices]
-        merged[name] = merge(on_device).cpu()
-    return merged
+    """The block's matrices merged as a job on `device` merges them (engine.spectral.on_device)."""
+    return {name: on_device(merge, device)(matrices) for name, matrices in slices.items()}
 
 
 def main(vectors: int = typer.Option(8, help="task vectors N"),

@@ -48,6 +48,31 @@ class Slices(Sequence):
         return self._taus[self._indices[index]].float()
 
 
+class SlicesOn(Sequence):
+    """Slices copied to a device as each is indexed."""
+
+    def __init__(self, slices: Sequence[torch.Tensor], device: str):
+        self._slices, self._device = slices, device
+
+    def __len__(self) -> int:
+        return len(self._slices)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self._slices[index].to(self._device)
+
+
+def on_device(merge_matrix: MatrixMerge, device: str) -> MatrixMerge:
+    """merge_matrix taken on the job's device (the references take these SVDs on their GPU): each slice is
+    copied there as it is read, the merged matrix copied back."""
+    if torch.device(device).type == "cpu":
+        return merge_matrix
+
+    def merge(slices: Sequence[torch.Tensor]) -> torch.Tensor:
+        return merge_matrix(SlicesOn(slices, device)).cpu()
+
+    return merge
+
+
 def running_mean(slices: Sequence[torch.Tensor]) -> torch.Tensor:
     """The mean, accumulated as the references do (mean += (tau - mean) / (i + 1))."""
     mean = slices[0].clone()

@@ -11,7 +11,16 @@ from engine.methods.iso_c.params import IsoCParams
 from engine.methods.iso_cts.params import IsoCtsParams
 from engine.methods.spectral_params import SPECTRAL_GRID, SPECTRAL_PATIENCE
 from engine.methods.tsv_m.params import TsvMParams
-from engine.spectral import iso_c_merge, iso_cts_merge, leading_svd, merged_delta, polar, tsv_merge
+from engine.spectral import (
+    SlicesOn,
+    iso_c_merge,
+    iso_cts_merge,
+    leading_svd,
+    merged_delta,
+    on_device,
+    polar,
+    tsv_merge,
+)
 from engine.spectral import svd as spectral_svd
 from tests.engine_jobs import IndependentEvaluator, Recorder, make_job, one_thread  # noqa: F401 - fixture
 
@@ -310,3 +319,21 @@ def test_leading_svd_leaves_kept_singular_values_below_1e_4_of_the_largest_to_th
     _, s, _ = leading_svd(matrix, 6)
     assert bool(svd_calls) is not gram
     torch.testing.assert_close(s.double(), values, rtol=1e-3, atol=1e-6)
+
+
+def test_on_device_copies_each_slice_as_it_is_read_and_the_merge_back():
+    """A merge on another device sees slices on that device and returns to the CPU; on the CPU nothing is wrapped."""
+    vectors = random_vectors(3)
+    slices = [vector["visual.mlp.weight"] for vector in vectors]
+    assert on_device(tsv_merge, "cpu") is tsv_merge
+    seen = []
+
+    def recording(on):
+        seen.extend(on[i].device.type for i in range(len(on)))
+        return on[0]
+
+    onto_meta = on_device(recording, "meta")
+    with pytest.raises(NotImplementedError):  # the meta device holds no data to copy back
+        onto_meta(slices)
+    assert seen == ["meta"] * 3
+    torch.testing.assert_close(tsv_merge(SlicesOn(slices, "cpu")), tsv_merge(slices))
