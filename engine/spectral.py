@@ -110,9 +110,25 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
 
 
-# A leading singular value below this fraction of the largest is left to svd(): the Gram matrix's rounding
-# (float64 eps x sigma_1^2) would reach float32's resolution of its singular vector (at sigma_k / sigma_1 ~ 1e-4)
+# A singular value that a Gram path relies on below this fraction of the largest sends it to svd(): the Gram
+# matrix's rounding (float64 eps x sigma_1^2) would reach float32's resolution of its singular vector (at
+# sigma / sigma_1 ~ 1e-4)
 GRAM_RELATIVE_FLOOR = 1e-4
+
+
+def _gram_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A tall matrix in float64, and its Gram matrix's eigenvalues (sigma^2, ascending) and eigenvectors (V); None
+    where eigh does not converge."""
+    exact = matrix.double()
+    try:
+        values, vectors = torch.linalg.eigh(exact.T @ exact)
+    except torch.linalg.LinAlgError:
+        return None
+    return exact, values, vectors
+
+
+def _above_floor(values: torch.Tensor, index: int) -> bool:
+    return bool(values[index] > GRAM_RELATIVE_FLOOR ** 2 * values[-1])
 
 
 def leading_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -132,25 +148,39 @@ def leading_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     if k == 0:
         like = {"dtype": matrix.dtype, "device": matrix.device}
         return torch.zeros(rows, 0, **like), torch.zeros(0, **like), torch.zeros(0, columns, **like)
-    exact = matrix.double()
-    try:
-        values, vectors = torch.linalg.eigh(exact.T @ exact)  # ascending
-    except torch.linalg.LinAlgError:
-        values = None
-    if values is None or not bool(values[-k] > GRAM_RELATIVE_FLOOR ** 2 * values[-1]):
+    gram = _gram_eigh(matrix)
+    if gram is None or not _above_floor(gram[1], -k):
         u, s, vh = svd(matrix)
         return u[:, :k], s[:k], vh[:k]
+    exact, values, vectors = gram
     values, vectors = values[-k:].flip(0), vectors[:, -k:].flip(1)
     singular = values.sqrt()
     left = (exact @ vectors) / singular
     return left.to(matrix.dtype), singular.to(matrix.dtype), vectors.T.to(matrix.dtype)
 
 
+def polar_and_mean(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The orthonormal factor closest to matrix (U V^T of its SVD: how the references re-orthogonalise the
+    concatenated singular vectors, and Iso-C's directions) and the mean singular value (Iso-C's scale). Where
+    every singular value is at least GRAM_RELATIVE_FLOOR of the largest the factor is unique, and is computed as
+    A V diag(sigma^-1) V^T from the float64 Gram matrix (0.12 s against the SVD's 0.18 for 3072 x 768, 2
+    threads); else, as for a rank-deficient matrix, it is the SVD's, whose completion the references use."""
+    if matrix.shape[0] < matrix.shape[1]:
+        factor, mean = polar_and_mean(matrix.T)
+        return factor.T, mean
+    gram = _gram_eigh(matrix)
+    if gram is None or not _above_floor(gram[1], 0):
+        u, s, vh = svd(matrix)
+        return u @ vh, s.mean()
+    exact, values, vectors = gram
+    singular = values.sqrt()
+    factor = ((exact @ vectors) / singular) @ vectors.T
+    return factor.to(matrix.dtype), singular.mean().to(matrix.dtype)
+
+
 def polar(matrix: torch.Tensor) -> torch.Tensor:
-    """The orthonormal factor closest to matrix (U V^T of its SVD): how the references re-orthogonalise
-    the concatenated singular vectors."""
-    u, _, vh = svd(matrix)
-    return u @ vh
+    """polar_and_mean's orthonormal factor."""
+    return polar_and_mean(matrix)[0]
 
 
 def _factor_buffers(first: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,8 +210,8 @@ def iso_c_merge(slices: Sequence[torch.Tensor]) -> torch.Tensor:
     total = slices[0].clone()
     for i in range(1, len(slices)):
         total += slices[i]
-    u, s, vh = svd(total)
-    return (u * s.mean()) @ vh
+    factor, mean = polar_and_mean(total)
+    return factor * mean
 
 
 def iso_cts_merge(slices: Sequence[torch.Tensor], common_space_fraction: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ from engine.spectral import (
     merged_delta,
     on_device,
     polar,
+    polar_and_mean,
     tsv_merge,
 )
 from engine.spectral import svd as spectral_svd
@@ -242,9 +243,10 @@ def test_svd_falls_back_to_float64_when_float32_does_not_converge(monkeypatch):
         return svd(m, full_matrices=full_matrices)
 
     monkeypatch.setattr(torch.linalg, "svd", float32_fails)
-    orthonormal = polar(matrix)
-    assert orthonormal.dtype == torch.float32
-    torch.testing.assert_close(orthonormal.T @ orthonormal, torch.eye(5), rtol=1e-5, atol=1e-5)
+    u, s, vh = spectral_svd(matrix)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    torch.testing.assert_close((u * s) @ vh, matrix, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u.T @ u, torch.eye(5), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture
@@ -336,3 +338,28 @@ def test_on_device_copies_each_slice_as_it_is_read_and_the_merge_back():
         onto_meta(slices)
     assert seen == ["meta"] * 3
     torch.testing.assert_close(tsv_merge(SlicesOn(slices, "cpu")), tsv_merge(slices))
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40)])
+def test_polar_factor_and_mean_singular_value_without_an_svd(shape, svd_calls):
+    """A full-rank matrix: U V^T and the mean singular value of its float64 SVD, from the Gram matrix alone."""
+    matrix = torch.randn(shape, generator=torch.Generator().manual_seed(11))
+    exact_u, exact_s, exact_vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    svd_calls.clear()
+    factor, mean = polar_and_mean(matrix)
+    assert svd_calls == [] and factor.shape == shape and factor.dtype == mean.dtype == torch.float32
+    torch.testing.assert_close(factor.double(), exact_u @ exact_vh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean.double(), exact_s.mean(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(polar(matrix), factor)
+
+
+def test_polar_of_a_rank_deficient_matrix_is_the_svds(svd_calls):
+    """A singular value at 0 (a TSV-M concatenation with columns left empty, when T x (rank // T) < rank): the
+    polar factor is not unique, and it is the SVD's, as the references take it."""
+    matrix = torch.randn(30, 2, generator=torch.Generator().manual_seed(12)) @ torch.randn(
+        2, 10, generator=torch.Generator().manual_seed(13))
+    factor, mean = polar_and_mean(matrix)
+    assert svd_calls == [(30, 10)]
+    u, s, vh = spectral_svd(matrix)
+    assert torch.equal(factor, u @ vh) and torch.equal(mean, s.mean())
+
