@@ -150,13 +150,14 @@ def main() -> None:
 
     steps = {"finetune": finetune_step, "atlas": lambda: run(composition.compose(coefficients)),
              "bfloat16": lambda: run(half.compose(coefficients)), "loop": lambda: run(loop_compose())}
-    if args.device.startswith("cuda"):  # 2c. float16, the engine's default on CUDA
+    on_cuda = args.device.startswith("cuda")
+    if on_cuda:  # 2c. float16, the engine's default on CUDA
         fp16 = Composition(blocks, composition.base, {name: s.to(torch.float16) for name, s in stacks.items()},
                            "block", args.vectors)
         steps["float16"] = lambda: run(fp16.compose(coefficients))
     timed = _interleaved(steps, args.steps, args.device)
     finetune_s, atlas_s, half_s, loop_s = (timed[k] for k in ("finetune", "atlas", "bfloat16", "loop"))
-    step_peaks = {name: _step_peak_mib(step) for name, step in steps.items()} if "float16" in steps else {}
+    step_peaks = {name: _step_peak_mib(step) for name, step in steps.items()} if on_cuda else {}
 
     parameters = sum(p.numel() for p in tower.values())
     result = {
@@ -168,7 +169,7 @@ def main() -> None:
         "atlas_over_finetune": round(atlas_s / finetune_s, 2), "loop_over_finetune": round(loop_s / finetune_s, 2),
         "process_anonymous_mib_with_model": anon_model, "stacked_vectors_mib": stacks_mib, "amp": args.amp,
     }
-    if "float16" in timed:
+    if on_cuda:
         result |= {"atlas_float16_step_s": round(timed["float16"], 3),
                    "atlas_float16_over_finetune": round(timed["float16"] / finetune_s, 2),
                    "cuda_device": torch.cuda.get_device_name(), "cuda_step_peak_mib": step_peaks}
@@ -181,8 +182,8 @@ def main() -> None:
           f"| aTLAS, vectors held in bfloat16 | {half_s:.3f} | {half_s / finetune_s:.2f} |\n"
           f"| aTLAS, per-vector loop composition | {loop_s:.3f} | {loop_s / finetune_s:.2f} |"
           + (f"\n| aTLAS, vectors held in float16 | {timed['float16']:.3f} | {timed['float16'] / finetune_s:.2f} |"
-             if "float16" in timed else "")
-          + f"\n\nAutocast: {'float16 on CUDA' if args.amp and 'float16' in timed else 'none'}. "
+             if on_cuda else "")
+          + f"\n\nAutocast: {'float16 on CUDA' if args.amp and on_cuda else 'none'}. "
           f"Stacked task vectors: {stacks_mib} MiB in fp32 ({args.vectors} x {parameters:,} parameters), "
           f"{half_mib} MiB in bfloat16."
           + (f" Device {result['cuda_device']}; each step's peak of CUDA memory above what it found allocated, MiB: "

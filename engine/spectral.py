@@ -6,10 +6,11 @@ every 2-D tensor but a text projection is merged through SVDs of the task vector
 other tensor (biases, norms, the patch embedding, the class token) is the running mean of the vectors.
 
 A tensor's slices are read one task vector at a time, so memory is bounded by the largest layer (times
-the few factors a method keeps), not by the model or the number of vectors. Full SVDs run in float32, as the
-references run them on their device; the leading triplets that TSV-M and Iso-CTS keep come from a float64
-Gram matrix (leading_svd). Every factor is kept on the slices' device: the merges run wherever their slices
-are (bench.spectral_device times them on the CPU and on CUDA).
+the few factors a method keeps), not by the model or the number of vectors. The leading triplets that TSV-M
+and Iso-CTS keep, and the polar factors all three take, come from the eigendecomposition of a float64 Gram
+matrix (leading_svd, polar_and_mean); where that would lose precision (a rank-deficient matrix) they come
+from the full SVD, in float32 as the references take it. Every factor is kept on the slices' device: the
+merges run wherever their slices are (bench.spectral_device times them on the CPU and on CUDA).
 """
 from collections.abc import Callable, Sequence
 

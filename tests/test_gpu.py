@@ -1,11 +1,11 @@
 """Jobs through a real Celery worker whose device is CUDA: what issue 11 asks of a GPU. scripts/device_checks.sh
 runs this on the device machine; where CUDA is absent it is skipped.
 
-aTLAS (autocast to float16 with loss scaling, vectors held in float16), STA (Taylor importance from gradients)
-and TSV-M (its SVDs on the CPU, its alpha searched by evaluating on the device), each submitted over HTTP on the
-quality benchmark's --quick assets: the service must say the checkpoint was made on the worker's device, and the
-checkpoint and its accuracies must be what the engine computes in this process on that device from the same
-inputs, parameters and seed. GPU kernels need not repeat bit for bit (atomic additions in some backward
+aTLAS (autocast to float16 with loss scaling, vectors held in float16), STA (Taylor importance from gradients) and
+TSV-M (its SVDs on the device, engine.spectral.on_device; its alpha searched by evaluating there), each submitted
+over HTTP on the quality benchmark's --quick assets: the service must say the checkpoint was made on the worker's
+device, and the checkpoint and its accuracies must be what the engine computes in this process on that device from
+the same inputs, parameters and seed. GPU kernels need not repeat bit for bit (atomic additions in some backward
 passes), so on CUDA the comparison allows float rounding and two images' worth of accuracy where the CPU's is
 exact. The same job is also run on the CPU, and both devices' accuracies go to the JSON file TVFORGE_CHECK_OUT
 names: what mixed precision changes.
