@@ -4,19 +4,25 @@ shared by many machines (S3BlobStore), each of which keeps a local cache in the 
 Blobs are shared by identical uploads, so a row's delete never removes its blob directly (an upload
 of the same bytes may be about to point a new row at it): collect_garbage removes blobs no row
 references that nobody has committed for a grace period; a commit of existing bytes refreshes the
-blob's time.
+blob's time. Each commit leaves a stamp (the local file's inode, a remote object's commit token): a refused
+upload removes the blob it created only while the stamp is its own, so a concurrent upload of the same bytes,
+which committed after it and is about to add its row, keeps the blob. On one machine the check and the
+removal hold a lock that commits take too (flock on <root>/.lock).
 
 Files are written under tmp/ while they stream in (hashed on the way), then
 fsynced and renamed to sha256/<aa>/<rest>: a reader never sees a half file.
 """
+import fcntl
 import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 from urllib.parse import urlparse
 
 CHUNK = 1024 * 1024
@@ -24,6 +30,16 @@ CHUNK = 1024 * 1024
 
 class TooLarge(Exception):
     """The stream went past the byte limit it was written under."""
+
+
+class Committed(NamedTuple):
+    """What a commit did: the blob's digest and size, whether the store held those bytes before (created is
+    False then), and the stamp this commit left on it."""
+
+    sha256: str
+    size: int
+    created: bool
+    stamp: str
 
 
 class PendingBlob:
@@ -88,22 +104,22 @@ class BlobStore:
     def pending(self, max_bytes: int | None = None) -> PendingBlob:
         return PendingBlob(self, max_bytes)
 
-    def commit(self, blob: PendingBlob) -> bool:
-        """Move a finished pending blob into place. Returns False if that content was already stored."""
+    def commit(self, blob: PendingBlob) -> Committed:
+        """Move a finished pending blob into place."""
         if blob.sha256 is None:
             blob.finish()
-        _, _, created = self.commit_file(blob.path, blob.sha256)
-        return created
+        return self.commit_file(blob.path, blob.sha256)
 
     def pending_path(self, suffix: str = "") -> Path:
         """A fresh path under tmp/ for code that writes a whole file itself, then calls commit_file."""
         return self.tmp_dir / f"{time.time_ns()}-{os.getpid()}-{os.urandom(4).hex()}{suffix}"
 
-    def commit_file(self, path: Path, known_sha256: str | None = None) -> tuple[str, int, bool]:
-        """Hash, fsync and move a finished file from tmp/ into place; returns (sha256, size, created).
+    def commit_file(self, path: Path, known_sha256: str | None = None) -> Committed:
+        """Hash, fsync and move a finished file from tmp/ into place.
 
         known_sha256: the digest its writer took of the bytes as it wrote and fsynced them (the engine's
-        StreamingWriter does), which spares reading the file again.
+        StreamingWriter does), which spares reading the file again. Bytes already stored are replaced by this
+        copy (a new inode: this commit's stamp; readers that have the old file open keep reading it).
         """
         if known_sha256 is None:
             digest = hashlib.sha256()
@@ -113,39 +129,72 @@ class BlobStore:
                 os.fsync(f.fileno())
             known_sha256 = digest.hexdigest()
         sha, size = known_sha256, path.stat().st_size
-        created = self._store(sha, path)
+        remote = self._store(sha, path)
         target = self.local_path(sha)
-        if target.exists():
-            os.utime(target)  # in use again: the collector's grace period starts over
-            path.unlink()
-            return sha, size, created
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
+        with self._exclusive():
+            existed = target.exists()
+            os.replace(path, target)
+            os.utime(target)  # rename keeps the writer's time: the collector's grace period starts at the commit
+            inode = target.stat().st_ino
         _fsync_dir(target.parent)
-        return sha, size, created
+        created, stamp = remote if remote is not None else (not existed, str(inode))
+        return Committed(sha, size, created, stamp)
 
-    def _store(self, sha256: str, path: Path) -> bool:
-        """Make the blob durable where every machine finds it; True if it was not stored before. Locally,
-        the file moved into place is that."""
-        return not self.local_path(sha256).exists()
+    def _store(self, sha256: str, path: Path) -> tuple[bool, str] | None:
+        """Make the blob durable where every machine finds it, returning (created, stamp); None for the local
+        store, where the file moved into place is that."""
+        return None
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Serialises commits with the checks that precede a removal, across this machine's processes."""
+        with open(self.root / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _stamp(self, sha256: str) -> str | None:
+        try:
+            return str(self.local_path(sha256).stat().st_ino)
+        except FileNotFoundError:
+            return None
 
     def delete(self, sha256: str) -> None:
         self.local_path(sha256).unlink(missing_ok=True)
+
+    def discard(self, committed: Committed) -> bool:
+        """Remove the blob a refused upload created, unless a later commit of the same bytes (an upload about
+        to point its row at them) left its own stamp; the caller has checked that no row points at it.
+        Returns whether it went."""
+        if not committed.created:
+            return False
+        with self._exclusive():
+            if self._stamp(committed.sha256) != committed.stamp:
+                return False
+            self.delete(committed.sha256)
+            return True
+
+    def keep_fresh(self, paths: Iterable[Path]) -> None:
+        """Mark blobs a running job reads as in use (a remote store's cache keeps them); nothing to do here."""
 
     def collect_garbage(self, referenced: Callable[[], set[str]], grace_s: float) -> list[str]:
         """Remove stored blobs that no row references and nobody committed for grace_s; returns their digests.
 
         The cutoff is taken before referenced() reads the rows: a blob committed after the cutoff is
-        kept for its age, one committed before has its row read (uploads commit the row right after).
+        kept for its age, one committed before has its row read (uploads commit the row right after). Each
+        removal looks at the blob's time again under the commits' lock, so a commit that lands meanwhile keeps it.
         """
         cutoff = time.time() - grace_s
         keep = referenced()
         removed = []
         for path in (self.root / "sha256").glob("*/*"):
             sha = path.parent.name + path.name
-            if sha not in keep and path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed.append(sha)
+            if sha in keep:
+                continue
+            with self._exclusive():
+                if _older_than(path, cutoff):
+                    path.unlink()
+                    removed.append(sha)
         return removed
 
     def clean_tmp(self, older_than_s: float = 24 * 3600) -> int:
@@ -169,6 +218,13 @@ class BlobStore:
             return True
         except OSError:
             return False
+
+
+def _older_than(path: Path, cutoff: float) -> bool:
+    try:
+        return path.stat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -268,20 +324,36 @@ class S3BlobStore(BlobStore):
         for mtime, size, path in sorted(entries):
             if total <= self.cache_max_bytes or mtime >= protected_after:
                 break
-            path.unlink(missing_ok=True)  # a process that has it open or mapped keeps reading it
+            with self._exclusive():
+                if _older_than(path, protected_after):  # not committed or used since it was listed
+                    path.unlink()  # a process that has it open or mapped keeps reading it
+                    removed += 1
             total -= size
-            removed += 1
         return removed
 
-    def _store(self, sha256: str, path: Path) -> bool:
+    def keep_fresh(self, paths: Iterable[Path]) -> None:
+        """A running job's inputs count as used now, so prune_cache leaves them (its evaluation reopens files
+        long after the job resolved their paths)."""
+        for path in paths:
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                pass
+
+    def _store(self, sha256: str, path: Path) -> tuple[bool, str]:
+        """Every commit writes a fresh token into the object's metadata: its stamp."""
+        stamp, key = uuid.uuid4().hex, self.key(sha256)
         if self._head(sha256) is not None:
             # In use again: rewriting its metadata restarts the collector's grace period (LastModified).
-            key = self.key(sha256)
             self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
-                                    Metadata={"touched": str(time.time())}, MetadataDirective="REPLACE")
-            return False
-        self.client.upload_file(str(path), self.bucket, self.key(sha256))
-        return True
+                                    Metadata={"commit": stamp}, MetadataDirective="REPLACE")
+            return False, stamp
+        self.client.upload_file(str(path), self.bucket, key, ExtraArgs={"Metadata": {"commit": stamp}})
+        return True, stamp
+
+    def _stamp(self, sha256: str) -> str | None:
+        head = self._head(sha256)
+        return None if head is None else head.get("Metadata", {}).get("commit")
 
     def delete(self, sha256: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.key(sha256))
@@ -289,7 +361,9 @@ class S3BlobStore(BlobStore):
 
     def collect_garbage(self, referenced: Callable[[], set[str]], grace_s: float) -> list[str]:
         """As the local store's, over the bucket's objects (LastModified is the last commit); cached copies
-        of removed objects go too."""
+        of removed objects go too. A listed candidate is asked for its time again just before it is removed, as
+        a listing page may be minutes old by then; S3 has no conditional delete, so a commit from another
+        machine in the moment between that question and the delete can still lose its blob."""
         cutoff = time.time() - grace_s
         keep = referenced()
         removed = []
@@ -299,9 +373,13 @@ class S3BlobStore(BlobStore):
             for item in page.get("Contents", []):
                 folder, name = item["Key"].rsplit("/", 2)[-2:]
                 sha = folder + name
-                if sha not in keep and item["LastModified"].timestamp() < cutoff:
-                    self.delete(sha)
-                    removed.append(sha)
+                if sha in keep or item["LastModified"].timestamp() >= cutoff:
+                    continue
+                with self._exclusive():
+                    head = self._head(sha)
+                    if head is not None and head["LastModified"].timestamp() < cutoff:
+                        self.delete(sha)
+                        removed.append(sha)
         for path in (self.root / "sha256").glob("*/*"):  # copies cached here of objects removed elsewhere
             sha = path.parent.name + path.name
             if sha not in keep and path.stat().st_mtime < cutoff and not self.exists(sha):

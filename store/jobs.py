@@ -98,12 +98,16 @@ def _finish(session: Session, where: tuple, status: JobStatus, **values) -> bool
 
 def succeed(session: Session, job_id: str, worker_id: str, result: dict, artifacts: dict | None = None,
             checkpoint: Checkpoint | None = None) -> bool:
-    """running -> succeeded (with its checkpoint row, for a merge), only if this worker still holds the job."""
+    """running -> succeeded (with its checkpoint row, for a merge), only if this worker still holds the job.
+
+    True also when this worker already succeeded it: a commit that landed but whose answer was lost is retried
+    (store.db.transact), and finds its own work done (the checkpoint row went in with that commit)."""
     done = _finish(session, _held_by(job_id, worker_id), JobStatus.SUCCEEDED, result=result, artifacts=artifacts,
                    progress={"fraction": 1.0, "stage": "done", "step": 1, "total": 1, "metrics": {}})
     if done and checkpoint is not None:
         session.add(checkpoint)
-    return done
+    return done or session.scalar(select(Job.id).where(
+        Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.SUCCEEDED)) is not None
 
 
 def fail(session: Session, job_id: str, worker_id: str, error: dict) -> bool:
@@ -130,8 +134,11 @@ def cancel(session: Session, job_id: str) -> JobStatus | None:
 
 def requeue_lost(session: Session, job: Job, stale_before: datetime, max_attempts: int) -> JobStatus | None:
     """A running job whose heartbeat is older than stale_before goes back to queued, or to failed after
-    max_attempts. Conditional on the stale heartbeat, so a worker that just came back keeps its job."""
-    if job.attempts >= max_attempts:
+    max_attempts; one whose owner asked to cancel it is cancelled (no worker is left to do it). Conditional on
+    the stale heartbeat, so a worker that just came back keeps its job."""
+    if job.cancel_requested:
+        values, status = {"status": JobStatus.CANCELLED, "finished_at": utcnow()}, JobStatus.CANCELLED
+    elif job.attempts >= max_attempts:
         values, status = {"status": JobStatus.FAILED, "finished_at": utcnow(), "error": worker_lost(job.attempts)}, \
             JobStatus.FAILED
     else:
@@ -151,11 +158,17 @@ def unpublished_jobs(session: Session, created_before: datetime) -> list[str]:
         Job.status == JobStatus.QUEUED, Job.published_at.is_(None), Job.created_at < created_before)))
 
 
-def unclaimed_jobs(session: Session, published_before: datetime) -> list[str]:
-    """Queued jobs published before the cutoff and still not claimed: the broker may have lost their message
-    (a restarted Redis without persistence). Publishing them again is harmless: claims are conditional."""
-    return list(session.scalars(select(Job.id).where(
-        Job.status == JobStatus.QUEUED, Job.published_at.is_not(None), Job.published_at < published_before)))
+def unclaimed_jobs(session: Session, republish_after_s: float) -> list[str]:
+    """Queued jobs published at least republish_after_s ago and still not claimed: the broker may have lost their
+    message (a restarted Redis without persistence). Publishing them again is harmless (claims are conditional),
+    but a job that merely waits behind busy workers would gain a message every interval, so each wait is at least
+    as long as the job had waited when it was last published: messages grow with the log of the wait."""
+    now = utcnow()
+    rows = session.execute(select(Job.id, Job.created_at, Job.published_at).where(
+        Job.status == JobStatus.QUEUED, Job.published_at.is_not(None),
+        Job.published_at < now - timedelta(seconds=republish_after_s)))
+    return [job_id for job_id, created_at, published_at in rows
+            if now - published_at >= max(timedelta(seconds=republish_after_s), published_at - created_at)]
 
 
 def stale_before(timeout_s: float) -> datetime:
@@ -164,8 +177,14 @@ def stale_before(timeout_s: float) -> datetime:
 
 def delete_finished(session: Session, job_id: str) -> bool:
     """Delete a finished job with its inputs and checkpoint rows (their blobs go to the collector); False if the
-    job is still queued or running."""
+    job is still queued or running. The caller first checks checkpoints_in_use."""
     return _changed(session, delete(Job).where(Job.id == job_id, Job.status.in_(FINISHED)))
+
+
+def checkpoints_in_use(session: Session, job_id: str) -> list[str]:
+    """Queued or running jobs that read a checkpoint this job made (deleting the job would delete it)."""
+    made = session.scalars(select(Checkpoint.id).where(Checkpoint.job_id == job_id)).all()
+    return [reader for checkpoint_id in made for reader in active_jobs_reading(session, checkpoint_id)]
 
 
 def active_jobs_reading(session: Session, checkpoint_id: str) -> list[str]:

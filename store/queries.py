@@ -8,7 +8,7 @@ from sqlalchemy import Connection, Row, Select, and_, bindparam, delete, exists,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from store.blobs import BlobStore
+from store.blobs import BlobStore, Committed
 from store.jobs import ACTIVE
 from store.keys import LIVE_KEY, live_key_params
 from store.models import ApiKey, BaseModel, Checkpoint, Dataset, Job, JobInput, TaskVector
@@ -82,10 +82,11 @@ def blob_referenced(session: Session, sha256: str) -> bool:
     )
 
 
-def add_with_blob(session: Session, blobs: BlobStore, sha256: str, created: bool, row,
+def add_with_blob(session: Session, blobs: BlobStore, committed: Committed, row,
                   admit: Callable[[int], None] | None = None) -> None:
     """Commit a row that points at a blob just stored; if admit(row.size_bytes) refuses it or the
-    commit fails, the blob goes too.
+    commit fails, the blob goes too, unless a row or another upload of the same bytes uses it
+    (BlobStore.discard).
 
     The blob is stored before the row: a crash in between leaves an unreferenced blob, never
     a row pointing at a missing file.
@@ -97,8 +98,8 @@ def add_with_blob(session: Session, blobs: BlobStore, sha256: str, created: bool
         session.commit()
     except BaseException:
         session.rollback()
-        if created and not blob_referenced(session, sha256):
-            blobs.delete(sha256)
+        if committed.created and not blob_referenced(session, committed.sha256):
+            blobs.discard(committed)
         raise
 
 

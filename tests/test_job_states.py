@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from migrations import upgrade
@@ -200,3 +200,64 @@ def test_unpublished_queued_jobs_are_found_after_their_grace(sessions, job_id):
         jobs.mark_published(session, job_id)
     with sessions() as session:
         assert jobs.unpublished_jobs(session, utcnow() + timedelta(seconds=1)) == []
+
+
+def test_a_lost_job_whose_cancel_was_requested_is_cancelled_not_requeued(sessions, job_id):
+    """No worker is left to honour the cancel: requeueing would hold a queue place (and the owner's active-job
+    quota) until some worker claimed it only to cancel it."""
+    with sessions.begin() as session:
+        jobs.claim(session, job_id, "w1", far_past(), max_attempts=3)
+        assert jobs.cancel(session, job_id) is JobStatus.RUNNING
+    with sessions.begin() as session:
+        outcome = jobs.requeue_lost(session, session.get(Job, job_id), utcnow() + timedelta(seconds=1), 3)
+    assert outcome is JobStatus.CANCELLED and status(sessions, job_id) is JobStatus.CANCELLED
+
+
+def test_a_success_repeated_after_its_answer_was_lost_is_still_a_success(sessions, job_id):
+    """store.db.transact runs the final write again when its commit landed but the answer was lost."""
+    with sessions.begin() as session:
+        jobs.claim(session, job_id, "w1", far_past(), max_attempts=3)
+    checkpoint_id = new_id("ckpt")
+    for _ in range(2):
+        with sessions.begin() as session:
+            checkpoint = Checkpoint(id=checkpoint_id, owner="alice", job_id=job_id, sha256="1" * 64, size_bytes=1,
+                                    format="safetensors", contents={})
+            assert jobs.succeed(session, job_id, "w1", {"checkpoint_id": checkpoint_id}, None, checkpoint)
+    with sessions.begin() as session:
+        assert not jobs.succeed(session, job_id, "w2", {}, None, None)  # only the worker that held it
+        assert session.scalar(select(func.count()).select_from(Checkpoint)) == 1
+
+
+def test_a_queued_job_is_published_again_at_growing_intervals(sessions, job_id):
+    """A job waiting behind busy workers is not given a new broker message every interval: each wait is at least
+    as long as the job had waited when last published."""
+    def republished(created_s_ago: float, published_s_ago: float) -> bool:
+        with sessions.begin() as session:
+            job = session.get(Job, job_id)
+            job.created_at = utcnow() - timedelta(seconds=created_s_ago)
+            job.published_at = utcnow() - timedelta(seconds=published_s_ago)
+        with sessions() as session:
+            return jobs.unclaimed_jobs(session, republish_after_s=300) == [job_id]
+
+    assert not republished(created_s_ago=200, published_s_ago=200)  # published at once, 200 s ago
+    assert republished(created_s_ago=310, published_s_ago=310)
+    assert not republished(created_s_ago=1000, published_s_ago=400)  # had waited 600 s when last published
+    assert republished(created_s_ago=1300, published_s_ago=700)
+
+
+def test_a_checkpoint_that_a_queued_job_reads_keeps_its_job(sessions, job_id):
+    """Deleting a finished job deletes its checkpoint: the route refuses while another job reads it."""
+    with sessions.begin() as session:
+        jobs.claim(session, job_id, "w1", far_past(), max_attempts=3)
+        checkpoint = Checkpoint(id=new_id("ckpt"), owner="alice", job_id=job_id, sha256="1" * 64, size_bytes=1,
+                                format="safetensors", contents={})
+        assert jobs.succeed(session, job_id, "w1", {"checkpoint_id": checkpoint.id}, None, checkpoint)
+    with sessions.begin() as session:
+        assert jobs.checkpoints_in_use(session, job_id) == []
+        job = session.get(Job, job_id)
+        reader = jobs.enqueue(session, Job(id=new_id("job"), owner="alice", kind=JobKind.MERGE.value,
+                                           method="task_arithmetic", base_model_id=job.base_model_id,
+                                           task_vector_ids=[], params={}, seed=0, request_hash="h2",
+                                           start_checkpoint_id=checkpoint.id))
+    with sessions() as session:
+        assert jobs.checkpoints_in_use(session, job_id) == [reader.id]

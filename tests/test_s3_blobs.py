@@ -58,15 +58,15 @@ def test_two_machines_share_blobs_through_the_bucket(s3_endpoint, tmp_path):
 
     pending = api.pending()
     pending.write(b"a task vector")
-    assert api.commit(pending) is True
+    assert api.commit(pending).created is True
     sha = pending.sha256
     assert worker.exists(sha) and not worker.local_path(sha).exists()
     assert worker.path(sha).read_bytes() == b"a task vector"  # fetched into the worker's cache
 
     path, checkpoint_sha = _file(worker.tmp_dir, "out", b"a merged checkpoint")
-    assert worker.commit_file(path, checkpoint_sha)[2] is True
+    assert worker.commit_file(path, checkpoint_sha).created is True
     again, _ = _file(api.tmp_dir, "again", b"a merged checkpoint")
-    assert api.commit_file(again)[2] is False  # already stored by the other machine
+    assert api.commit_file(again).created is False  # already stored by the other machine
     assert api.path(checkpoint_sha).read_bytes() == b"a merged checkpoint"
     assert list(api.tmp_dir.iterdir()) == [] and list(worker.tmp_dir.iterdir()) == []
 
@@ -134,3 +134,35 @@ def test_the_cache_drops_least_recently_used_copies_past_its_budget(s3_endpoint,
     assert store.path(digests[0]).read_bytes() == bytes([0]) * 100  # still in the bucket: fetched again
     # That fetch went past the budget again; the copies used in the last CACHE_MIN_AGE_S are never dropped.
     assert not store.local_path(digests[1]).exists() and store.local_path(digests[0]).exists()
+
+
+def test_a_refused_upload_keeps_an_object_another_machine_committed_after_it(s3_endpoint, tmp_path):
+    """As the local store's rule (tests/test_blob_store.py), across machines: each commit stamps the object."""
+    api = S3BlobStore(tmp_path / "api", "s3://stamps/blobs", s3_endpoint)
+    other = S3BlobStore(tmp_path / "other", "s3://stamps/blobs", s3_endpoint)
+    path, sha = _file(api.tmp_dir, "first", b"the same public checkpoint")
+    first = api.commit_file(path, sha)
+    path, _ = _file(other.tmp_dir, "second", b"the same public checkpoint")
+    second = other.commit_file(path, sha)
+    assert first.created and not second.created
+    assert api.discard(first) is False and api.exists(sha)
+    path, alone_sha = _file(api.tmp_dir, "alone", b"bytes only one upload has")
+    alone = api.commit_file(path, alone_sha)
+    assert api.discard(alone) is True and not api.exists(alone_sha) and not api.local_path(alone_sha).exists()
+
+
+def test_a_running_jobs_inputs_stay_cached(s3_endpoint, tmp_path):
+    """The worker's heartbeat marks its job's inputs as used (keep_fresh): its evaluation reopens them long after
+    the job looked their paths up, so the cache must not have pruned them meanwhile."""
+    store = S3BlobStore(tmp_path / "machine", "s3://fresh/blobs", s3_endpoint, cache_max_bytes=150)
+    paths = []
+    for index in range(2):
+        path, sha = _file(store.tmp_dir, f"f{index}", bytes([index]) * 100)
+        store.commit_file(path, sha)
+        paths.append(store.local_path(sha))
+    old = time.time() - store.CACHE_MIN_AGE_S - 60
+    for path in paths:
+        os.utime(path, (old, old))
+    store.keep_fresh(paths[:1])  # the job reads the first
+    assert store.prune_cache() == 1
+    assert paths[0].exists() and not paths[1].exists()

@@ -21,7 +21,7 @@ def reap_once(settings: Settings) -> dict[str, list[str]]:
     queued jobs the broker never took, or took longer ago than republish_after_s without a worker claiming
     them, are published again."""
     stale = jobs.stale_before(settings.heartbeat_timeout_s)
-    requeued, failed = [], []
+    requeued, failed, cancelled = [], [], []
     with session_scope() as session:
         for job in jobs.lost_jobs(session, stale):
             outcome = jobs.requeue_lost(session, job, stale, settings.max_attempts)
@@ -29,16 +29,20 @@ def reap_once(settings: Settings) -> dict[str, list[str]]:
                 requeued.append(job.id)
             elif outcome is JobStatus.FAILED:
                 failed.append(job.id)
+            elif outcome is JobStatus.CANCELLED:
+                cancelled.append(job.id)
         unpublished = jobs.unpublished_jobs(session, created_before=jobs.stale_before(UNPUBLISHED_GRACE_S))
-        unpublished += jobs.unclaimed_jobs(session, published_before=jobs.stale_before(settings.republish_after_s))
+        unpublished += jobs.unclaimed_jobs(session, settings.republish_after_s)
     for job_id in requeued:
         log.warning("job %s lost its worker; re-queued", job_id)
     for job_id in failed:
         log.error("job %s lost its worker too often; failed", job_id)
+    for job_id in cancelled:
+        log.warning("job %s lost its worker after a cancel request; cancelled", job_id)
     republished = [job_id for job_id in unpublished if job_id not in requeued]
     for job_id in requeued + republished:
         publish(job_id)
-    return {"requeued": requeued, "failed": failed, "republished": republished}
+    return {"requeued": requeued, "failed": failed, "cancelled": cancelled, "republished": republished}
 
 
 def collect_garbage(settings: Settings) -> list[str]:

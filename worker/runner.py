@@ -7,9 +7,11 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -53,29 +55,43 @@ def claim(job_id: str, worker_id: str, settings: Settings) -> bool:
 
 
 class Heartbeat(threading.Thread):
-    """Touches the row while the job runs, and watches for a cancel request and for losing the job."""
+    """Touches the row while the job runs, and watches for a cancel request and for losing the job.
 
-    def __init__(self, job_id: str, worker_id: str, interval_s: float):
+    The job counts as lost when a beat finds it held by no one or by another worker, and also when no beat has
+    reached the database for timeout_s less one interval: by then the reaper may hand the job to another worker,
+    so this one stops rather than run beside it (its late writes would be refused anyway)."""
+
+    def __init__(self, job_id: str, worker_id: str, interval_s: float, timeout_s: float,
+                 keep_fresh: Callable[[], None] | None = None):
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
         self.job_id, self.worker_id, self.interval_s = job_id, worker_id, interval_s
+        self.give_up_after_s = max(interval_s, timeout_s - interval_s)
+        self.keep_fresh = keep_fresh
         self.cancel_requested = threading.Event()
         self.lost = threading.Event()
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         poll_s = min(1.0, self.interval_s)
-        last_beat = time.monotonic()
+        last_beat = last_success = time.monotonic()  # the claim itself was the first beat
         while not self._stop_event.wait(poll_s):
             try:
                 with session_scope() as session:
                     if time.monotonic() - last_beat >= self.interval_s:
+                        last_beat = time.monotonic()
                         if not jobs.heartbeat(session, self.job_id, self.worker_id):
                             self.lost.set()
-                        last_beat = time.monotonic()
+                        last_success = time.monotonic()
+                        if self.keep_fresh is not None:
+                            self.keep_fresh()
                     if jobs.cancel_requested(session, self.job_id):
                         self.cancel_requested.set()
             except Exception:  # a database hiccup must not kill the job; the next beat retries
                 log.warning("heartbeat for %s failed", self.job_id, exc_info=True)
+            if time.monotonic() - last_success >= self.give_up_after_s:
+                log.error("job %s: no heartbeat reached the database for %.0f s; stopping, the reaper will "
+                          "requeue it", self.job_id, time.monotonic() - last_success)
+                self.lost.set()
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -101,6 +117,8 @@ class ProgressWriter:
         try:
             with session_scope() as session:
                 jobs.write_progress(session, self.job_id, self.worker_id, value)
+        except SoftTimeLimitExceeded:  # raised on this thread by Celery: it must reach run_job, not the log
+            raise
         except Exception:  # progress is advisory: a database outage must not fail the job (the next write retries)
             log.warning("job %s: progress not written", self.job_id, exc_info=True)
             self._last_stage = None
@@ -193,6 +211,13 @@ def _evaluate(loaded: _LoadedJob, ctx: JobContext) -> dict:
     return evaluate(loaded.inputs, paths.get(loaded.params.get("checkpoint_id")), items, ctx)
 
 
+def input_paths(loaded: _LoadedJob) -> list[Path]:
+    """Every blob the job reads: a remote store's cache must not prune them while it runs."""
+    inputs = loaded.inputs
+    return [inputs.base_path, *(tv.path for tv in inputs.task_vectors), *(d.path for d in inputs.datasets.values()),
+            *([inputs.start_path] if inputs.start_path else []), *loaded.checkpoint_paths.values()]
+
+
 def job_vector_ids(loaded: _LoadedJob) -> list[str]:
     return [tv.id for tv in loaded.inputs.task_vectors]
 
@@ -248,12 +273,20 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
         log.info("job %s not claimed by %s", job_id, worker_id)
         return None
     blobs = get_blob_store()
-    heartbeat = Heartbeat(job_id, worker_id, settings.heartbeat_interval_s)
+    retry_for_s = through_outages(settings)
+    loaded: _LoadedJob | None = None
+
+    def keep_inputs_cached() -> None:
+        if loaded is not None:
+            blobs.keep_fresh(input_paths(loaded))
+
+    heartbeat = Heartbeat(job_id, worker_id, settings.heartbeat_interval_s, settings.heartbeat_timeout_s,
+                          keep_fresh=keep_inputs_cached)
     heartbeat.start()
     log.info("job claimed by %s", worker_id)
-    workdir = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-", dir=blobs.tmp_dir))
-    retry_for_s = through_outages(settings)
+    workdir: Path | None = None
     try:
+        workdir = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-", dir=blobs.tmp_dir))
         loaded = transact(lambda session: _load(session, job_id), retry_for_s)
         ctx = JobContext(
             workdir=workdir, cache_dir=settings.head_cache_dir,
@@ -274,8 +307,9 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
         result = run_method(spec, loaded.inputs, params, ctx)
         ctx.check_cancel()
         header = read_header(result.checkpoint_path)
-        sha, size, _ = blobs.commit_file(result.checkpoint_path, result.checkpoint_sha256)
-        checkpoint = Checkpoint(id=new_id("ckpt"), owner=loaded.owner, job_id=job_id, sha256=sha, size_bytes=size,
+        committed = blobs.commit_file(result.checkpoint_path, result.checkpoint_sha256)
+        checkpoint = Checkpoint(id=new_id("ckpt"), owner=loaded.owner, job_id=job_id, sha256=committed.sha256,
+                                size_bytes=committed.size,
                                 format="safetensors", contents={
                                     "kind": "merged_state_dict", "base_model_id": loaded.base_model_id,
                                     "method": loaded.method, "task_vectors": job_vector_ids(loaded),
@@ -288,7 +322,7 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
         if not ok:
             log.warning("job %s: checkpoint %s not recorded, the job is no longer this worker's", job_id, checkpoint.id)
             return None
-        log.info("job succeeded: checkpoint %s (%d bytes)", checkpoint.id, size)
+        log.info("job succeeded: checkpoint %s (%d bytes)", checkpoint.id, committed.size)
         return JobStatus.SUCCEEDED
     except Cancelled:
         if heartbeat.lost.is_set():
@@ -297,8 +331,6 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
         transact(lambda session: jobs.acknowledge_cancel(session, job_id, worker_id), retry_for_s)
         return JobStatus.CANCELLED
     except Exception as exc:
-        from celery.exceptions import SoftTimeLimitExceeded
-
         if is_transient(exc):
             # The database stayed out past through_outages: the job is not at fault, and a failure written once
             # it is back would replace work that may be done. The reaper re-queues the job.
@@ -315,4 +347,5 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
         return JobStatus.FAILED
     finally:
         heartbeat.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)

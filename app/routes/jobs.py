@@ -169,6 +169,9 @@ async def get_job(job_id: str, credentials: CredentialsDep, settings: SettingsDe
 def delete_job(job_id: str, owner: OwnerDep, session: SessionDep):
     """A finished job goes with its checkpoint (the file is removed by the blob collector once unreferenced)."""
     owned_or_404(session, Job, job_id, owner)
+    if readers := jobs.checkpoints_in_use(session, job_id):
+        raise Problem(409, f"Queued or running jobs read this job's checkpoint: {', '.join(sorted(set(readers)))}.",
+                      slug="in-use")
     if not jobs.delete_finished(session, job_id):
         raise Problem(409, "The job is still queued or running; cancel it first.", slug="job-active")
     session.commit()
