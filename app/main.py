@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 
 from app import metrics
+from app.limits import BodySizeLimitMiddleware
 from app.problems import Problem, install_problem_handlers, problem_response
 from app.routes import (
     base_models,
@@ -94,6 +95,7 @@ def create_app() -> FastAPI:
         app.include_router(module.router)
     app.mount("/ui/static", ui.static_files, name="ui-static")
     app.include_router(metrics.router)
+    app.add_middleware(BodySizeLimitMiddleware)
     app.add_middleware(metrics.LatencyMiddleware)
     app.add_middleware(RequestIdMiddleware)
 

@@ -56,10 +56,12 @@ def problem_response(problem: Problem, request: Request | None = None) -> JSONRe
 UNION_TAG_ERRORS = ("union_tag_invalid", "union_tag_not_found")
 
 
-def _job_error(err: dict) -> dict[str, Any]:
-    """A job body's error: pydantic puts the method (the union's tag) in the path, which is not a field; an
-    unknown field's message names the valid ones."""
+def _error(err: dict, job_body: bool) -> dict[str, Any]:
+    """A validation error as the problem lists it. In a job's body pydantic puts the method (the union's tag) in
+    the path, which is not a field, and an unknown field's message names the valid ones."""
     loc, msg = [str(part) for part in err["loc"]], err.get("msg", "")
+    if not job_body:
+        return {"loc": loc, "msg": msg, "type": err.get("type", "")}
     method = loc.pop(1) if len(loc) > 1 and loc[0] == "body" and loc[1] in METHODS else None
     if err.get("type") in UNION_TAG_ERRORS:
         loc.append("method")
@@ -70,8 +72,9 @@ def _job_error(err: dict) -> dict[str, Any]:
     return {"loc": loc, "msg": msg, "type": err.get("type", "")}
 
 
-def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
-    return [_job_error(err) for err in exc.errors()]
+def _validation_errors(exc: RequestValidationError, request: Request) -> list[dict[str, Any]]:
+    job_body = request.method == "POST" and request.url.path.rstrip("/") == "/v1/jobs"
+    return [_error(err, job_body) for err in exc.errors()]
 
 
 def install_problem_handlers(app: FastAPI) -> None:
@@ -82,12 +85,13 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).description
-        return problem_response(Problem(exc.status_code, detail, headers=exc.headers), request)
+        slug = "too-large" if exc.status_code == 413 else None  # app.limits: the same type as an upload's 413
+        return problem_response(Problem(exc.status_code, detail, slug=slug, headers=exc.headers), request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         problem = Problem(422, "The request is not valid; see errors.", slug="validation",
-                          errors=_validation_errors(exc))
+                          errors=_validation_errors(exc, request))
         return problem_response(problem, request)
 
     @app.exception_handler(SqlPoolTimeout)

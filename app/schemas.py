@@ -16,6 +16,9 @@ T = TypeVar("T")
 Sha256Query = Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="Only rows of the file with this "
                                                                                "sha256 (lowercase hex).")]
 
+BaseModelIdQuery = Annotated[str | None, Query(pattern="^bm_[0-9a-f]{32}$",
+                                               description="Only task vectors of this base model.")]
+
 
 class Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -58,6 +61,8 @@ class TaskVectorOut(Out):
     name: str
     source_kind: Literal["task_vector", "finetuned"]
     sha256: str
+    source_sha256: str | None = Field(description="sha256 of the file uploaded: the fine-tuned checkpoint for "
+                                                  "kind finetuned (null for those uploaded before it was kept).")
     size_bytes: int
     tensor_count: int = Field(description="Tensors stored in the file (a LoRA factor counts as one).")
     parameter_count: int = Field(description="Values stored in the file (LoRA factors' entries, not their product's).")

@@ -11,9 +11,10 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import (
-    MultipartParseError,
     MultipartParser,
+    MultipartState,
     parse_options_header,
 )
 from starlette.requests import ClientDisconnect
@@ -29,6 +30,9 @@ T = TypeVar("T")
 MAX_FIELD_BYTES = 1024 * 1024
 MAX_FIELDS = 16  # every form this API takes has fewer
 MAX_FIELDS_TOTAL_BYTES = 2 * MAX_FIELD_BYTES
+# Boundaries and part headers (python-multipart takes at most 8 headers of 4 KiB a part) and what trails the closing
+# boundary: the body may exceed the file and the fields by this.
+FRAMING_BYTES = (MAX_FIELDS + 1) * 64 * 1024
 
 
 # Pending files of the uploads this process is receiving or ingesting. uvicorn cancels the requests still
@@ -69,8 +73,9 @@ async def receive_upload(request: Request, blobs: BlobStore, max_bytes: int) -> 
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
         raise Problem(415, "Send multipart/form-data with a `file` part.", slug="unsupported-media-type")
+    max_body_bytes = max_bytes + MAX_FIELDS_TOTAL_BYTES + FRAMING_BYTES
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes + MAX_FIELD_BYTES:
+    if declared and declared.isdigit() and int(declared) > max_body_bytes:
         raise _too_large(max_bytes)
 
     upload = Upload()
@@ -129,21 +134,28 @@ async def receive_upload(request: Request, blobs: BlobStore, max_bytes: int) -> 
             except UnicodeDecodeError:
                 raise Problem(422, f"Form field {part['name']!r} is not UTF-8 text.", slug="validation") from None
 
-    parser = MultipartParser(boundary, {
+    callbacks = {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
         "on_part_data": on_part_data, "on_part_end": on_part_end,
-    })
+    }
+    received = 0
     try:
+        parser = MultipartParser(boundary, callbacks)
         async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_body_bytes:  # past the file, the fields and their framing (a chunked body has no length)
+                raise TooLarge
             parser.write(chunk)
         parser.finalize()
+        if parser.state != MultipartState.END:
+            raise FormParserError("the body ends before the closing boundary")
         if upload.file is not None:
             upload.file.finish()
     except TooLarge:
         upload.discard()
         raise _too_large(max_bytes) from None
-    except MultipartParseError as exc:
+    except FormParserError as exc:  # MultipartParseError and a boundary the parser refuses (over 256 bytes)
         upload.discard()
         raise Problem(400, f"Malformed multipart body: {exc}", slug="malformed-body") from None
     except ClientDisconnect:

@@ -36,12 +36,14 @@ class TowerShape:
     def from_config(cls, config: dict, parameters: int, visual_parameters: int) -> "TowerShape":
         """From an open_clip model config (its vision_cfg)."""
         vision = config.get("vision_cfg", {})
-        image_size = vision.get("image_size", 224)
-        image_size = image_size[0] if isinstance(image_size, list | tuple) else image_size
-        if vision.get("timm_model_name") or not isinstance(vision.get("layers"), int) or "patch_size" not in vision:
+        height, width_px = _sides(vision.get("image_size", 224))
+        image_size = max(height, width_px)  # a rectangle is costed as its larger square: an upper bound
+        if vision.get("timm_model_name") or not isinstance(vision.get("layers"), int) or not vision.get("patch_size"):
             return cls(parameters, visual_parameters, image_size)
+        patch_height, patch_width = _sides(vision["patch_size"])
         width = vision.get("width", 768)
-        return cls(parameters, visual_parameters, image_size, tokens=(image_size // vision["patch_size"]) ** 2 + 1,
+        return cls(parameters, visual_parameters, image_size,
+                   tokens=(height // patch_height) * (width_px // patch_width) + 1,
                    width=width, heads=max(1, width // vision.get("head_width", 64)), layers=vision["layers"])
 
     def activation_bytes(self, batch: int) -> int:
@@ -53,6 +55,11 @@ class TowerShape:
 
     def image_bytes(self, images: int) -> int:
         return images * 3 * self.image_size**2 * FLOAT32
+
+
+def _sides(size) -> tuple[int, int]:
+    """open_clip's image and patch sizes: one integer, or [height, width] (engine.weights.check_config)."""
+    return (size[0], size[1]) if isinstance(size, list | tuple) else (size, size)
 
 
 @dataclass(frozen=True)

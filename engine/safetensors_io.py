@@ -68,8 +68,11 @@ def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def read_header(path: Path) -> Header:
-    """Parse and validate a safetensors header against the file's real size."""
+def read_header(path: Path, max_tensors: int | None = None, max_header_bytes: int = MAX_HEADER_BYTES) -> Header:
+    """Parse and validate a safetensors header against the file's real size.
+
+    max_tensors, max_header_bytes: for files from outside (uploads), bounds checked before the JSON is parsed,
+    whose objects take tens of times the header's bytes."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -82,6 +85,8 @@ def read_header(path: Path) -> Header:
         if header_len == 0 or header_len > MAX_HEADER_BYTES:
             raise NotSafetensors("not a safetensors file (pickle or zip container)" if foreign
                                  else "not a safetensors file (implausible header length)")
+        if header_len > max_header_bytes:
+            raise SafetensorsError(f"the header is {header_len} bytes; at most {max_header_bytes} are taken")
         raw = f.read(header_len)
     if len(raw) < header_len:
         if foreign and not raw.lstrip().startswith(b"{"):
@@ -90,6 +95,9 @@ def read_header(path: Path) -> Header:
     if not raw.lstrip().startswith(b"{"):
         raise NotSafetensors("not a safetensors file (pickle or zip container)" if foreign
                              else "not a safetensors file (header is not JSON)")
+    # Every tensor entry names its data_offsets: an upper bound on the entries, counted without parsing.
+    if max_tensors is not None and (entries := raw.count(b'"data_offsets"')) > max_tensors:
+        raise SafetensorsError(f"the header lists {entries} tensors; at most {max_tensors} are expected")
     try:
         parsed = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and integers of over 4300 digits

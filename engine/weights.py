@@ -1,13 +1,15 @@
 """Building open_clip models and loading weights: the base model, task vectors, merged checkpoints."""
 import contextlib
+import dataclasses
 import hashlib
+import inspect
 import json
 import math
-import tempfile
 import threading
 from pathlib import Path
 
 import open_clip
+import open_clip.factory
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -33,9 +35,19 @@ CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
     "vocab_size": (1, 1_000_000), "mlp_ratio": (1, 16),
 }
 MAX_PATCHES = 65536
+MAX_CONFIG_BYTES = 16 * 1024  # ViT-bigG's config is under 1 KiB
+# Towers built by timm or Hugging Face load code and files from elsewhere (and would read a path given as a model
+# name): a custom config builds open_clip's own towers only.
+FOREIGN_TOWER_KEYS = {"timm_model_name", "timm_model_pretrained", "hf_model_name", "hf_model_pretrained",
+                      "hf_tokenizer_name"}
+CONFIG_KEYS = {
+    "": (set(inspect.signature(open_clip.model.CLIP.__init__).parameters) - {"self", "cast_dtype", "output_dict"})
+        | {"custom_text"},
+    "vision_cfg.": {field.name for field in dataclasses.fields(open_clip.model.CLIPVisionCfg)} - FOREIGN_TOWER_KEYS,
+    "text_cfg.": {field.name for field in dataclasses.fields(open_clip.model.CLIPTextCfg)} - FOREIGN_TOWER_KEYS,
+}
 
 _registry_lock = threading.Lock()
-_config_dir: Path | None = None
 
 
 def config_model_name(config: dict) -> str:
@@ -48,7 +60,13 @@ def check_config(config: dict) -> None:
     """Refuse a config whose sizes are out of CONFIG_BOUNDS, before anything is built (ValueError)."""
     if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("vision_cfg", "text_cfg")):
         raise ValueError("model config needs embed_dim, vision_cfg and text_cfg")
+    if len(json.dumps(config)) > MAX_CONFIG_BYTES:
+        raise ValueError(f"model config is over {MAX_CONFIG_BYTES} bytes as JSON")
     for where, values in (("", config), ("vision_cfg.", config["vision_cfg"]), ("text_cfg.", config["text_cfg"])):
+        if unknown := sorted(set(values) - CONFIG_KEYS[where] - {"vision_cfg", "text_cfg"}):
+            raise ValueError(f"model config has keys open_clip's CLIP does not take: "
+                             f"{', '.join(where + key for key in unknown)} (timm and Hugging Face towers are not "
+                             f"supported)")
         for key, (low, high) in CONFIG_BOUNDS.items():
             value = values.get(key)
             for number in (value if isinstance(value, list | tuple) else [value]):
@@ -57,26 +75,32 @@ def check_config(config: dict) -> None:
                 if not isinstance(number, int | float) or isinstance(number, bool) or not low <= number <= high:
                     raise ValueError(f"{where}{key} must be a number in [{low}, {high}], got {number!r}")
     vision = config["vision_cfg"]
-    size, patch = vision.get("image_size", 224), vision.get("patch_size", 16)
-    sides = size if isinstance(size, list | tuple) else [size, size]
-    if isinstance(patch, int | float) and math.prod(max(1, int(side // patch)) for side in sides) > MAX_PATCHES:
+    image = _pair(vision.get("image_size", 224), "image_size")
+    if vision.get("patch_size", 16) is None:  # a ResNet tower: no patches
+        return
+    patch = _pair(vision.get("patch_size", 16), "patch_size")
+    if math.prod(max(1, side // step) for side, step in zip(image, patch, strict=True)) > MAX_PATCHES:
         raise ValueError(f"vision_cfg asks for more than {MAX_PATCHES} patches per image")
 
 
+def _pair(value, key: str) -> tuple[int, int]:
+    """An image or patch size: one integer, or [height, width] (open_clip takes both)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if (isinstance(value, list | tuple) and len(value) == 2
+            and all(isinstance(side, int) and not isinstance(side, bool) for side in value)):
+        return value[0], value[1]
+    raise ValueError(f"vision_cfg.{key} must be an integer or two integers [height, width], got {value!r}")
+
+
 def _register_config(config: dict) -> str:
-    """open_clip registers configs from files, rescanning all of them on each registration: the files live in
-    one directory for the process's lifetime, and a lock keeps concurrent registrations apart."""
-    global _config_dir
+    """Into open_clip's registry, under a lock (concurrent registrations). Directly into its dict: open_clip's
+    add_model_config takes a file and re-reads every file registered before it, so each registration cost more
+    than the last and every config refused after it stayed on disk for the process's life."""
     name = config_model_name(config)
     with _registry_lock:
         if name not in open_clip.list_models():
-            if _config_dir is None:
-                _config_dir = Path(tempfile.mkdtemp(prefix="tvforge-configs-"))
-            path = _config_dir / f"{name}.json"
-            path.write_text(json.dumps(config))
-            open_clip.add_model_config(path)
-        if name not in open_clip.list_models():
-            raise ValueError("model config needs embed_dim, vision_cfg and text_cfg")
+            open_clip.factory._MODEL_CONFIGS[name] = json.loads(json.dumps(config))
     return name
 
 

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import string
+import struct
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 MAX_TEMPLATES = 100
 MAX_TEMPLATE_LENGTH = 300
+MAX_CLASS_NAME_LENGTH = 300
 
 
 class DatasetError(RejectedInput):
@@ -87,8 +89,9 @@ class DatasetLimits:
     resize_to: int = 224
 
 
-def _check_decoded(count: int, height: int, width: int, limits: DatasetLimits) -> None:
-    decoded = count * height * width * 3
+def _check_decoded(count: int, height: int, width: int, limits: DatasetLimits, channels: int = 3) -> None:
+    """channels: an npz split is loaded as stored (RGBA: 4) before it is written as RGB."""
+    decoded = count * height * width * max(3, channels)
     if decoded > limits.max_decoded_bytes:
         raise _too_large(f"{count} images of {height}x{width} decode to {decoded} bytes; the limit is "
                          f"{limits.max_decoded_bytes}.")
@@ -112,12 +115,15 @@ def check_templates(templates: list, source: str) -> None:
         if not isinstance(template, str) or len(template) > MAX_TEMPLATE_LENGTH or "\x00" in template:
             raise _invalid(f"{source}: each template is a string of at most {MAX_TEMPLATE_LENGTH} characters.")
         try:
-            fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+            fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(template)
+                      if field is not None]
         except ValueError as exc:
             raise _invalid(f"{source}: {template!r} is not a valid template ({exc}).") from None
-        if fields != ["c"]:
+        # A format spec or conversion ({c:>99999999}) would make each prompt as long as it asks, or fail at
+        # evaluation time: only the bare field.
+        if fields != [("c", "", None)]:
             raise _invalid(f"{source}: {template!r} must contain {{c}} (the class name) exactly once and no "
-                           f"other {{...}} field.")
+                           f"other {{...}} field, format spec or conversion.")
 
 
 def ingest_dataset(source: Path, filename: str, out_path: Path, limits: DatasetLimits,
@@ -154,6 +160,13 @@ def load_canonical(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _ingest(source: Path, filename: str, out: BinaryIO, limits: DatasetLimits,
             class_names: list[str] | None, templates: list[str] | None) -> DatasetSummary:
     _require_zip_container(source, filename)
+    # zipfile builds an object per entry (about 0.8 KiB with ours) before anything can be counted: the
+    # archive's own count comes first. Room for one folder entry per class and split, and for a macOS
+    # archive's __MACOSX twin of every image.
+    most_entries = 2 * limits.max_images + 4 * limits.max_classes + 64
+    if (entries := _zip_entry_count(source, most_entries)) is not None and entries > most_entries:
+        raise _too_large(f"the archive holds more than {most_entries} entries ({limits.max_images} images are "
+                         "taken).")
     try:
         archive = zipfile.ZipFile(source)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -166,6 +179,52 @@ def _ingest(source: Path, filename: str, out: BinaryIO, limits: DatasetLimits,
         if files and all(info.filename.endswith(".npy") for info in files):
             return _ingest_npz(source, archive, files, writer, limits, class_names, templates)
         return _ingest_image_zip(archive, files, writer, limits, class_names, templates)
+
+
+END_OF_CENTRAL_DIRECTORY = struct.Struct("<4s4H2LH")  # signature, disks, entries here, entries, size, offset, ...
+ZIP64_LOCATOR = struct.Struct("<4sLQL")  # signature, disk, offset of the zip64 record, disks
+ZIP64_END = struct.Struct("<4sQ2H2L4Q")  # signature, its size, versions, disks, entries here, entries, size, ...
+CENTRAL_ENTRY = struct.Struct("<4s4B4HL2L5H2L")  # fixed part of a central directory entry (46 bytes)
+
+
+def _zip_entry_count(source: Path, most: int) -> int | None:
+    """How many entries the archive's central directory holds, counted by walking it (its declared count may
+    lie: zipfile reads entries until the directory's bytes run out), stopping past `most`; None where the
+    directory cannot be found (zipfile then names the problem)."""
+    with open(source, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        tail_start = max(0, size - (END_OF_CENTRAL_DIRECTORY.size + 0xFFFF))  # the record and its comment
+        f.seek(tail_start)
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < END_OF_CENTRAL_DIRECTORY.size:
+            return None
+        directory_end, directory_size = tail_start + at, END_OF_CENTRAL_DIRECTORY.unpack_from(tail, at)[5]
+        locator_at = at - ZIP64_LOCATOR.size
+        if locator_at >= 0 and tail[locator_at:locator_at + 4] == b"PK\x06\x07":  # zip64
+            directory_end = tail_start + locator_at - ZIP64_END.size  # as zipfile finds it: just before the locator
+            if directory_end < 0:
+                return None
+            f.seek(directory_end)
+            raw = f.read(ZIP64_END.size)
+            if len(raw) < ZIP64_END.size or raw[:4] != b"PK\x06\x06":
+                return None
+            directory_size = ZIP64_END.unpack(raw)[8]
+        # As zipfile does: the directory ends where the end record starts (data may precede the archive).
+        position = directory_end - directory_size
+        if position < 0:
+            return None
+        f.seek(position)
+        count = 0
+        while position < directory_end and count <= most:
+            fixed = f.read(CENTRAL_ENTRY.size)
+            if len(fixed) < CENTRAL_ENTRY.size or fixed[:4] != b"PK\x01\x02":
+                return None
+            entry = CENTRAL_ENTRY.unpack(fixed)
+            variable = entry[12] + entry[13] + entry[14]  # name, extra field, comment
+            position = f.seek(variable, os.SEEK_CUR)
+            count += 1
+        return count
 
 
 def _require_zip_container(source: Path, filename: str) -> None:
@@ -225,6 +284,8 @@ def _check_class_names(names: list[str], source: str, max_classes: int) -> None:
         raise _invalid(f"{source} has {len(names)} names; at most {max_classes} classes are taken.")
     if not names or any(not isinstance(name, str) or not name or "\x00" in name for name in names):
         raise _invalid(f"{source} must be a non-empty list of non-empty strings.")
+    if any(len(name) > MAX_CLASS_NAME_LENGTH for name in names):
+        raise _invalid(f"{source}: each name is at most {MAX_CLASS_NAME_LENGTH} characters.")
     if len(set(names)) != len(names):
         raise _invalid(f"{source} has duplicates.")
 
@@ -461,16 +522,25 @@ def _check_npz_headers(headers: dict[str, tuple[tuple[int, ...], np.dtype]], lay
         raise _invalid(f"splits have different image sizes {sorted(image_sizes)}.")
     if len({labels_key in headers for _, labels_key in layout.values()}) > 1:
         raise _invalid("some splits have labels and some do not.")
-    for key in ("class_names", "templates"):
+    for key, most, longest in (("class_names", limits.max_classes, MAX_CLASS_NAME_LENGTH),
+                               ("templates", MAX_TEMPLATES, MAX_TEMPLATE_LENGTH)):
         if key in headers:
             shape, dtype = headers[key]
             if dtype.kind not in "US" or len(shape) != 1:
                 raise _invalid(f"{key} must be a 1-D string array, got {dtype} of shape {list(shape)}.")
+            # Checked here, before the array is loaded and turned into Python strings (a small, well-compressed
+            # member can hold millions of them). Unicode arrays take 4 bytes a character, UTF-8 up to 4.
+            if shape[0] > most:
+                raise _invalid(f"{key} has {shape[0]} entries; at most {most} are taken.")
+            if dtype.itemsize > 4 * longest:
+                raise _invalid(f"{key} are stored as strings of {dtype.itemsize} bytes; each is at most "
+                               f"{longest} characters.")
     count = sum(headers[images_key][0][0] for images_key, _ in layout.values())
     if count > limits.max_images:
         raise _too_large(f"the npz holds {count} images; the limit is {limits.max_images}.")
     height, width = image_sizes.pop()
-    _check_decoded(count, height, width, limits)
+    channels = max(shape[3] if len(shape) == 4 else 1 for shape in (headers[key][0] for key, _ in layout.values()))
+    _check_decoded(count, height, width, limits, channels)
     return height, width
 
 

@@ -113,6 +113,8 @@ class TaskVector(Base):
     name: Mapped[str] = mapped_column(String(200))
     source_kind: Mapped[str] = mapped_column(String(20))
     sha256: Mapped[str] = mapped_column(String(64))
+    # the uploaded file's (a fine-tuned checkpoint's, for kind finetuned); None: finetuned, before migration 0010
+    source_sha256: Mapped[str | None] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(Integer)
     tensor_count: Mapped[int] = mapped_column(Integer)
     parameter_count: Mapped[int] = mapped_column(Integer)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from engine.context import ModelSpec
 from engine.safetensors_io import (
+    DTYPES,
     Header,
     NotSafetensors,
     SafetensorsError,
@@ -29,6 +30,9 @@ from store.errors import RejectedInput
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 MAX_NAMES_IN_DETAIL = 5
+# An open_clip model's header is tens to hundreds of KiB (ViT-bigG: about 0.2 MiB); its parsed objects take tens
+# of times that, so an upload's is bounded well below safetensors' own 100 MiB.
+MAX_UPLOAD_HEADER_BYTES = 16 * 1024 * 1024
 
 
 class WeightsError(RejectedInput):
@@ -49,12 +53,13 @@ def _names(names) -> str:
     return ", ".join(names[:MAX_NAMES_IN_DETAIL]) + more
 
 
-def read_weights_header(path: Path, filename: str) -> Header:
-    """Header of an uploaded safetensors file; 415 for pickle or other formats, 422 for a broken one."""
+def read_weights_header(path: Path, filename: str, max_tensors: int) -> Header:
+    """Header of an uploaded safetensors file; 415 for pickle or other formats, 422 for a broken one or one
+    listing more than max_tensors tensors (what the model it belongs to can hold)."""
     if filename.lower().endswith(PICKLE_SUFFIXES):
         raise WeightsError(415, f"{filename!r} looks like a pickle checkpoint; only safetensors is accepted.")
     try:
-        return read_header(path)
+        return read_header(path, max_tensors, MAX_UPLOAD_HEADER_BYTES)
     except NotSafetensors as exc:
         raise WeightsError(415, f"Only safetensors files are accepted: {exc}.") from None
     except SafetensorsError as exc:
@@ -96,6 +101,13 @@ def validate_base(path: Path, header: Header, expected: dict[str, tuple[str, tup
         n = wrong[0]
         raise WeightsError(422, f"Shapes differ from the architecture for {_names(wrong)} "
                                 f"(e.g. {n}: {list(header.tensors[n].shape)} vs {list(expected[n][1])}).")
+    # Any float width is taken (bf16 and fp16 checkpoints are common); an integer weight is not a model's.
+    kind_differs = [n for n, info in header.tensors.items() if info.is_float != DTYPES[expected[n][0]][1]]
+    if kind_differs:
+        n = kind_differs[0]
+        raise WeightsError(422, f"Tensors are not of the architecture's kind (floating point or integer) for "
+                                f"{_names(kind_differs)} (e.g. {n}: {header.tensors[n].dtype}, the architecture "
+                                f"has {expected[n][0]}).")
     _require_finite(path, header)
     return counts(header)
 
@@ -177,6 +189,10 @@ def finetuned_to_task_vector(path: Path, header: Header, base_path: Path, base: 
     if not header.tensors:
         raise WeightsError(422, "The file holds no tensors.")
     _check_against_base(header.tensors, base)
+    kind_differs = [n for n, info in header.tensors.items() if info.is_float != base.tensors[n].is_float]
+    if kind_differs:
+        raise WeightsError(422, f"Tensors of the fine-tuned checkpoint are not of the base model's kind (floating "
+                                f"point or integer): {_names(kind_differs)}.")
     _require_finite(path, header)
     changed: list[tuple[str, str, tuple[int, ...]]] = []
     with safe_open(str(path), framework="pt") as ft, safe_open(str(base_path), framework="pt") as b0:

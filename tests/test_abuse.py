@@ -50,6 +50,9 @@ HUGE_CONFIGS = {
     "a billion patches": TINY_CLIP_CONFIG | {"vision_cfg": TINY_CLIP_CONFIG["vision_cfg"] | {"image_size": 4096,
                                                                                           "patch_size": 1}},
     "a vocabulary of 2**40": TINY_CLIP_CONFIG | {"text_cfg": TINY_CLIP_CONFIG["text_cfg"] | {"vocab_size": 2**40}},
+    # open_clip takes [height, width] too; the patch count was checked for plain integers only.
+    "a billion patches as [height, width]": TINY_CLIP_CONFIG | {"vision_cfg": TINY_CLIP_CONFIG["vision_cfg"]
+                                                                | {"image_size": 4096, "patch_size": [1, 1]}},
 }
 
 
@@ -138,6 +141,12 @@ def test_a_malformed_safetensors_header_is_422(stack, http, base_id, case):
     assert body["type"] == "/problems/invalid-weights"
 
 
+@pytest.mark.parametrize("value", ["\x00", "bm_\x00", "not-an-id"])
+def test_a_list_filter_that_is_not_an_id_is_422(stack, http, value):
+    """PostgreSQL refuses a NUL in a text parameter (a 500 there); every filter is checked as an id first."""
+    assert_problem(http.get("/v1/task-vectors", params={"base_model_id": value}), 422, ["query", "base_model_id"])
+
+
 def test_a_nul_in_a_name_is_422(stack, http, demo_assets):
     with leaves_nothing(stack):
         assert_problem(post_base(http, {"name": "nul\x00name", "config": json.dumps(demo_assets.config)},
@@ -223,7 +232,7 @@ def test_the_blob_collector_keeps_referenced_and_recent_blobs(tmp_path):
     for content in (b"kept: a row points here", b"recent: committed inside the grace", b"old and unreferenced"):
         path = blobs.pending_path()
         path.write_bytes(content)
-        digests.append(blobs.commit_file(path)[0])
+        digests.append(blobs.commit_file(path).sha256)
     kept, recent, stale = digests
     for digest in (kept, stale):
         os.utime(blobs.path(digest), (time.time() - 7200, time.time() - 7200))
@@ -233,7 +242,7 @@ def test_the_blob_collector_keeps_referenced_and_recent_blobs(tmp_path):
     os.utime(blobs.path(recent), (time.time() - 7200, time.time() - 7200))
     again = blobs.pending_path()
     again.write_bytes(b"recent: committed inside the grace")
-    assert blobs.commit_file(again)[2] is False
+    assert blobs.commit_file(again).created is False
     assert blobs.collect_garbage(lambda: set(), grace_s=3600) == [kept]
 
 

@@ -347,7 +347,8 @@ def _tau_cases(base: dict, tau: dict) -> dict[str, dict[str, torch.Tensor]]:
                                   "finetuned identical to base", "finetuned with nan", "lora_A without its lora_B",
                                   "lora factors of the wrong shape", "lora rank over the matrix's",
                                   "lora factors and the dense tensor", "lora factor holding nan",
-                                  "lora product overflowing float32"])
+                                  "lora product overflowing float32", "finetuned with integer tensors",
+                                  "more tensors than a vector of the base can have"])
 def test_invalid_task_vector_is_422(stack, world, http, tensors, tmp_path, case):
     base, tau = tensors
     kind = "task_vector"
@@ -359,16 +360,23 @@ def test_invalid_task_vector_is_422(stack, world, http, tensors, tmp_path, case)
         name = sorted(tau)[0]
         content, kind = safetensors_bytes(base | {name: torch.full_like(base[name], float("nan"))}, tmp_path), \
             "finetuned"
+    elif case == "finetuned with integer tensors":
+        name = next(n for n in sorted(base) if base[n].is_floating_point())
+        content, kind = safetensors_bytes(base | {name: base[name].to(torch.int32)}, tmp_path), "finetuned"
+    elif case == "more tensors than a vector of the base can have":
+        content = safetensors_bytes({f"visual.x{i}": torch.zeros(1) for i in range(2 * len(base) + 1)}, tmp_path)
     else:
         content = safetensors_bytes(_tau_cases(base, tau)[case], tmp_path)
     fields = {"base_model_id": world["own_base"], "name": "bad", "kind": kind}
     with leaves_nothing(stack):
         body = assert_problem(post_file(http, "/v1/task-vectors", fields, "tau.safetensors", content), 422)
     assert body["type"] == "/problems/invalid-weights"
+    if case == "finetuned with integer tensors":
+        assert "kind" in body["detail"], body  # not "the fine-tuned weights equal the base model"
 
 
 @pytest.mark.parametrize("case", ["truncated data", "truncated header", "unknown key", "missing key",
-                                  "shape mismatch", "nan"])
+                                  "shape mismatch", "nan", "integer weights", "more tensors than the model has"])
 def test_invalid_base_model_weights_are_422(stack, world, http, tensors, tmp_path, case):
     base, _ = tensors
     name = next(n for n in sorted(base) if base[n].is_floating_point() and base[n].dim() >= 1)
@@ -378,7 +386,12 @@ def test_invalid_base_model_weights_are_422(stack, world, http, tensors, tmp_pat
         state = {"unknown key": base | {"bogus.weight": torch.zeros(2)},
                  "missing key": {k: v for k, v in base.items() if k != name},
                  "shape mismatch": base | {name: torch.zeros(base[name].shape[0] + 1, *base[name].shape[1:])},
-                 "nan": base | {name: torch.full_like(base[name], float("nan"))}}[case]
+                 "nan": base | {name: torch.full_like(base[name], float("nan"))},
+                 # An integer tensor where the model has a float one: the base's, not a later upload's, fault.
+                 "integer weights": base | {name: base[name].to(torch.int8)},
+                 # Refused from a count of the header's bytes, before its JSON is parsed.
+                 "more tensors than the model has": base | {f"extra.{i}": torch.zeros(1)
+                                                            for i in range(len(base) + 1)}}[case]
         content = safetensors_bytes(state, tmp_path)
     fields = {"name": "bad-base", "config": json.dumps(TINY_CLIP_CONFIG)}
     with leaves_nothing(stack):
@@ -407,14 +420,25 @@ def test_base_model_form_errors_are_422_with_errors(stack, http, demo_assets, fi
     assert body["type"] == "/problems/validation"
 
 
-@pytest.mark.parametrize("fields", [
-    {"name": "unknown-arch", "architecture": "NoSuchNet-42"},
-    {"name": "unbuildable-config", "config": json.dumps({"embed_dim": "sixty-four", "vision_cfg": 7})},
+@pytest.mark.parametrize(("fields", "detail"), [
+    ({"name": "unknown-arch", "architecture": "NoSuchNet-42"}, "NoSuchNet-42"),
+    ({"name": "unbuildable-config", "config": json.dumps({"embed_dim": "sixty-four", "vision_cfg": 7})}, "config"),
+    # Unknown keys were passed on to open_clip (and a config padded with them stayed registered).
+    ({"name": "padded-config", "config": json.dumps(TINY_CLIP_CONFIG | {"pad": "x" * 1000})}, "pad"),
+    ({"name": "timm-tower", "config": json.dumps(TINY_CLIP_CONFIG | {"vision_cfg": TINY_CLIP_CONFIG["vision_cfg"]
+                                                                     | {"timm_model_name": "resnet50"}})},
+     "vision_cfg.timm_model_name"),
+    ({"name": "oversized-config", "config": json.dumps(TINY_CLIP_CONFIG | {"text_cfg": TINY_CLIP_CONFIG["text_cfg"]
+                                                                           | {"tokenizer_kwargs": {"x" * 20000: 1}}})},
+     "bytes"),
+    ({"name": "patch-size-text", "config": json.dumps(TINY_CLIP_CONFIG | {"vision_cfg": TINY_CLIP_CONFIG["vision_cfg"]
+                                                                          | {"patch_size": "8"}})}, "patch_size"),
 ])
-def test_a_model_open_clip_cannot_build_is_422(stack, http, demo_assets, fields):
+def test_a_model_open_clip_cannot_build_is_422(stack, http, demo_assets, fields, detail):
     with leaves_nothing(stack):
-        assert_problem(post_file(http, "/v1/base-models", fields, "base.safetensors",
-                                 demo_assets.base_path.read_bytes()), 422)
+        body = assert_problem(post_file(http, "/v1/base-models", fields, "base.safetensors",
+                                        demo_assets.base_path.read_bytes()), 422)
+    assert detail in body["detail"], body
 
 
 def test_weights_of_another_architecture_are_422(stack, http, demo_assets):
@@ -478,6 +502,52 @@ def test_a_malformed_multipart_body_is_4xx_problem(stack, http):
                              headers={"Content-Type": "multipart/form-data; boundary=zz"})
         assert response.status_code in (400, 422), response.text
         assert_problem(response, response.status_code)
+
+
+def _form(boundary: str, fields: dict[str, str], ending: str) -> bytes:
+    parts = "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+                    for name, value in fields.items())
+    return (parts + ending).encode()
+
+
+@pytest.mark.parametrize(("case", "status"), [("boundary over 256 bytes", 400), ("no closing boundary", 400),
+                                              ("a part's header over 4 KiB", 400),
+                                              ("a gigabyte after the closing boundary", 413)])
+def test_multipart_framing_is_bounded_and_must_be_complete(stack, world, http, case, status):
+    boundary = "x" * 300 if case.startswith("boundary") else "frame"
+    fields = {"name": "framed", "base_model_id": world["own_base"]}
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if case == "no closing boundary":
+        content = _form(boundary, fields, "")
+    elif case.startswith("a part's header"):
+        content = _form(boundary, fields, f"--{boundary}\r\nX-Padding: {'p' * 20000}\r\n\r\nv\r\n--{boundary}--")
+    elif case.startswith("a gigabyte"):
+        def endless_epilogue():  # chunked: no Content-Length to refuse up front
+            yield _form(boundary, fields, f"--{boundary}--\r\n")
+            for _ in range(1024):
+                yield bytes(MiB)
+        content = endless_epilogue()
+    else:
+        content = _form(boundary, fields, f"--{boundary}--\r\n")
+    with leaves_nothing(stack):
+        assert_problem(http.post("/v1/datasets", content=content, headers=headers), status)
+
+
+def test_a_json_body_is_bounded_before_the_key_is_checked(stack, http):
+    """Job and evaluation bodies are read whole before the route runs: over 1 MiB is refused, announced or not,
+    whoever sends it."""
+    oversized = b'{"method": "ties"' + b" " * (2 * MiB) + b"}"
+    with leaves_nothing(stack):
+        body = assert_problem(httpx.post(f"{stack.url}/v1/jobs", content=oversized,
+                                         headers={"Content-Type": "application/json"}), 413)
+        assert "multipart" in body["detail"] and body["type"] == "/problems/too-large"
+
+        def chunked():
+            for start in range(0, len(oversized), 64 * 1024):
+                yield oversized[start:start + 64 * 1024]
+
+        assert_problem(http.post("/v1/evaluations", content=chunked(), headers={"Content-Type": "application/json"}),
+                       413)
 
 
 # ---------------------------------------------------------------- size limits
@@ -740,6 +810,9 @@ EVALUATION_CASES = {
                              404, None),
     "an unknown dataset": (lambda w: {"base_model_id": w["own_base"], "datasets": [{"dataset_id": "ds_x"}]},
                            404, None),
+    # A key named like a method is a job's union tag only in a job's body.
+    "an extra field named like a method": (lambda w: {"base_model_id": w["own_base"], "ties": 1,
+                                                      "datasets": [{"dataset_id": "ds_x"}]}, 422, ["body", "ties"]),
 }
 
 

@@ -415,7 +415,64 @@ def test_templates_travel_from_the_npz_or_the_form_into_the_canonical_file(tmp_p
         assert list(data["templates"]) == summary.templates
     given = ingest_dataset(source, "d.npz", tmp_path / "out2.npz", limits, templates=["the {c}."])
     assert given.templates == ["the {c}."]  # the form's templates take precedence
-    for bad in (["no class name"], ["{c} and {other}"], ["{c}", "{c}"], ["{c} {c}"]):
+    # A format spec or a conversion would make each prompt as long as it asks ({c:>99999999}: 100M characters), or
+    # fail only when a job formats it.
+    for bad in (["no class name"], ["{c} and {other}"], ["{c}", "{c}"], ["{c} {c}"], ["{c:>99999999}"],
+                ["{c:{}}"], ["{c!r}"]):
         with pytest.raises(DatasetError):
             ingest_dataset(source, "d.npz", tmp_path / "bad.npz", limits, templates=bad)
         assert not (tmp_path / "bad.npz").exists()
+
+
+def traced_peak(call) -> int:
+    """Peak bytes Python allocated while call ran (numpy's buffers included)."""
+    tracemalloc.start()
+    try:
+        call()
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("key", ["class_names", "templates"])
+def test_npz_names_are_counted_before_they_are_loaded(tmp_path, key):
+    """A million short names compress to under a megabyte (and ten million to a few): refused from the array's
+    header, not after turning every one into a Python string (about 70 MiB for this one, 774 MiB for ten
+    million)."""
+    source = tmp_path / "names.npz"
+    letters = np.random.default_rng(0).choice(np.array(list("abcdefghijklmnopqrstuvwxyz")), (1_000_000, 2))
+    np.savez_compressed(source, images=np.zeros((2, 4, 4, 3), np.uint8), labels=np.array([0, 1]),
+                        **{key: np.char.add(letters[:, 0], letters[:, 1])})
+    limits = DatasetLimits(max_images=10, max_unpacked_bytes=10**9)
+    errors = []
+    peak = traced_peak(lambda: errors.append(refused(tmp_path, source, 422, limits)))
+    assert "1000000 entries" in errors[0].detail
+    assert peak < 8 * 1024 * 1024
+
+
+def test_npz_names_longer_than_a_name_are_refused_from_the_header(tmp_path):
+    source = tmp_path / "long.npz"
+    np.savez(source, images=np.zeros((2, 4, 4, 3), np.uint8), labels=np.array([0, 1]),
+             class_names=np.array(["cat", "d" * 10_000]))
+    assert "characters" in refused(tmp_path, source, 422, DatasetLimits(max_images=10,
+                                                                       max_unpacked_bytes=10**8)).detail
+
+
+def test_a_zip_of_more_entries_than_images_allowed_is_refused_before_zipfile_reads_them(tmp_path):
+    limits = DatasetLimits(max_images=10, max_unpacked_bytes=10**8, max_classes=10)
+    entries = 2 * 10 + 4 * 10 + 64 + 1  # one past what folders and macOS twins could account for
+    source = write_zip(tmp_path / "many.zip", {f"c/{i}.png": b"" for i in range(entries)}, zipfile.ZIP_STORED)
+    assert "more than" in refused(tmp_path, source, 413, limits).detail
+
+
+def test_a_zip_whose_end_record_understates_its_entries_is_counted_by_its_directory(tmp_path):
+    """zipfile reads entries until the directory's bytes run out, whatever count the end record declares."""
+    limits = DatasetLimits(max_images=10, max_unpacked_bytes=10**8, max_classes=10)
+    source = write_zip(tmp_path / "lying.zip", {f"c/{i}.png": b"" for i in range(500)}, zipfile.ZIP_STORED)
+    data = bytearray(source.read_bytes())
+    end = data.rfind(b"PK\x05\x06")
+    data[end + 8:end + 12] = struct.pack("<HH", 1, 1)  # entries on this disk, entries in all
+    source.write_bytes(bytes(data))
+    assert len(zipfile.ZipFile(source).infolist()) == 500
+    assert "more than" in refused(tmp_path, source, 413, limits).detail

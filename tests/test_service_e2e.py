@@ -73,6 +73,12 @@ def test_finetuned_upload_becomes_the_difference_from_the_base(stack, merged, de
     assert stored.keys() == tau.keys()
     for name, expected in tau.items():
         assert (stored[name] - expected).abs().max() <= 1e-6
+    # The uploaded checkpoint's digest finds the vector again (what a client checks before uploading it twice).
+    uploaded = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert vector["source_sha256"] == uploaded != vector["sha256"]
+    with stack.client() as client:
+        found = client.http.get("/v1/task-vectors", params={"source_sha256": uploaded}).json()["items"]
+    assert [item["id"] for item in found] == [vector["id"]]
 
 
 def load_file_from(client, url, tmp_path):

@@ -69,19 +69,19 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
     spec = ModelSpec(architecture=architecture, config=config)
     expected = weights.expected_state(spec, settings.max_model_parameters)
     if upload.file is not None:
-        header = weights.read_weights_header(upload.file.path, upload.filename)
+        header = weights.read_weights_header(upload.file.path, upload.filename, max_tensors=len(expected))
         counts = weights.validate_base(upload.file.path, header, expected)
-        created = blobs.commit(upload.file)
-        sha, size = upload.file.sha256, upload.file.size
+        committed = blobs.commit(upload.file)
     else:
         path = _export_pretrained(blobs, spec, pretrained)
         counts = weights.counts(read_header(path))
-        sha, size, created = blobs.commit_file(path)
+        committed = blobs.commit_file(path)
     row = BaseModel(id=new_id("bm"), owner=owner, name=name, architecture=architecture, config=config,
-                    pretrained=pretrained, sha256=sha, size_bytes=size, tensor_count=counts.tensor_count,
-                    parameter_count=counts.parameter_count, visual_parameter_count=counts.visual_parameter_count,
+                    pretrained=pretrained, sha256=committed.sha256, size_bytes=committed.size,
+                    tensor_count=counts.tensor_count, parameter_count=counts.parameter_count,
+                    visual_parameter_count=counts.visual_parameter_count,
                     text_parameter_count=counts.text_parameter_count)
-    add_with_blob(session, blobs, sha, created, row, admit)
+    add_with_blob(session, blobs, committed, row, admit)
     return row
 
 

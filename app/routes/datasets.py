@@ -48,14 +48,14 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
     canonical = blobs.pending_path(".npz")
     try:
         summary = ingest_dataset(upload.file.path, upload.filename, canonical, limits, class_names, templates)
-        sha, size, created = blobs.commit_file(canonical)
+        committed = blobs.commit_file(canonical)
     finally:
         canonical.unlink(missing_ok=True)
     row = Dataset(id=new_id("ds"), owner=owner, name=name, source_format=summary.source_format,
-                  source_sha256=upload.file.sha256, sha256=sha, size_bytes=size, labeled=summary.labeled,
-                  class_names=summary.class_names, templates=summary.templates, splits=summary.splits,
-                  image_shape=summary.image_shape)
-    add_with_blob(session, blobs, sha, created, row, admit)
+                  source_sha256=upload.file.sha256, sha256=committed.sha256, size_bytes=committed.size,
+                  labeled=summary.labeled, class_names=summary.class_names, templates=summary.templates,
+                  splits=summary.splits, image_shape=summary.image_shape)
+    add_with_blob(session, blobs, committed, row, admit)
     return row
 
 

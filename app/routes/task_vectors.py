@@ -10,7 +10,7 @@ from app.downloads import DOWNLOAD_RESPONSES, blob_response
 from app.forms import FormFields
 from app.problems import PROBLEM_RESPONSES, Problem
 from app.quotas import check_storage
-from app.schemas import Page, Sha256Query, TaskVectorOut
+from app.schemas import BaseModelIdQuery, Page, Sha256Query, TaskVectorOut
 from app.uploads import FILE_PROPERTY, Upload, ingest_upload, multipart_body
 from engine.safetensors_io import read_header
 from store import weights
@@ -44,27 +44,28 @@ def _register(session, blobs: BlobStore, owner: str, upload: Upload, admit: Call
     base = owned_or_404(session, BaseModel, base_model_id, owner)
     base_path = blobs.path(base.sha256)
     base_header = read_header(base_path)
-    header = weights.read_weights_header(upload.file.path, upload.filename)
+    # LoRA factors give a weight two tensors: no task vector or checkpoint of this base lists more than twice its.
+    header = weights.read_weights_header(upload.file.path, upload.filename, max_tensors=2 * len(base_header.tensors))
     if kind == "finetuned":
         tau_path = blobs.pending_path(".safetensors")
         try:
             weights.finetuned_to_task_vector(upload.file.path, header, base_path, base_header, tau_path)
             tau_header = read_header(tau_path)
             stats = weights.validate_task_vector(tau_path, tau_header, base_header)
-            sha, size, created = blobs.commit_file(tau_path)
+            committed = blobs.commit_file(tau_path)
         finally:
             tau_path.unlink(missing_ok=True)
     else:
         stats = weights.validate_task_vector(upload.file.path, header, base_header)
         tau_header = header
-        created = blobs.commit(upload.file)
-        sha, size = upload.file.sha256, upload.file.size
+        committed = blobs.commit(upload.file)
     row = TaskVector(id=new_id("tv"), owner=owner, base_model_id=base.id, name=name, source_kind=kind,
-                     sha256=sha, size_bytes=size, tensor_count=len(tau_header.tensors),
-                     parameter_count=tau_header.parameter_count, l2_norm=stats.l2_norm,
+                     sha256=committed.sha256, source_sha256=upload.file.sha256, size_bytes=committed.size,
+                     tensor_count=len(tau_header.tensors), parameter_count=tau_header.parameter_count,
+                     l2_norm=stats.l2_norm,
                      magnitude_cuts=stats.magnitude_cuts, magnitude_means=stats.magnitude_means,
                      lora_rank=stats.lora_rank, class_names=class_names)
-    add_with_blob(session, blobs, sha, created, row, admit)
+    add_with_blob(session, blobs, committed, row, admit)
     return row
 
 
@@ -78,9 +79,11 @@ async def create_task_vector(request: Request, owner: OwnerDep, session: Session
 
 @router.get("", response_model=Page[TaskVectorOut])
 def list_task_vectors(owner: OwnerDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                      cursor: str | None = None, base_model_id: str | None = None, sha256: Sha256Query = None):
+                      cursor: str | None = None, base_model_id: BaseModelIdQuery = None, sha256: Sha256Query = None,
+                      source_sha256: Sha256Query = None):
     where = ((TaskVector.base_model_id == base_model_id,) if base_model_id else ()) + (
-        (TaskVector.sha256 == sha256,) if sha256 else ())
+        (TaskVector.sha256 == sha256,) if sha256 else ()) + (
+        (TaskVector.source_sha256 == source_sha256,) if source_sha256 else ())
     items, next_cursor = page(session, TaskVector, owner, limit, cursor, where)
     return {"items": items, "next_cursor": next_cursor}
 
