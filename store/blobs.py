@@ -94,6 +94,11 @@ class BlobStore:
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return self.root / "sha256" / sha256[:2] / sha256[2:]
 
+    @staticmethod
+    def digest_at(path: Path) -> str:
+        """The digest whose local_path this is."""
+        return path.parent.name + path.name
+
     def path(self, sha256: str) -> Path:
         """A local file with the blob's bytes, to read or memory-map."""
         return self.local_path(sha256)
@@ -188,7 +193,7 @@ class BlobStore:
         keep = referenced()
         removed = []
         for path in (self.root / "sha256").glob("*/*"):
-            sha = path.parent.name + path.name
+            sha = self.digest_at(path)
             if sha in keep:
                 continue
             with self._exclusive():
@@ -381,7 +386,7 @@ class S3BlobStore(BlobStore):
                         self.delete(sha)
                         removed.append(sha)
         for path in (self.root / "sha256").glob("*/*"):  # copies cached here of objects removed elsewhere
-            sha = path.parent.name + path.name
+            sha = self.digest_at(path)
             if sha not in keep and path.stat().st_mtime < cutoff and not self.exists(sha):
                 path.unlink(missing_ok=True)
         return removed

@@ -138,6 +138,8 @@ class _LoadedJob:
 
 
 def _load(session: Session, job_id: str) -> _LoadedJob:
+    """The job's rows as engine inputs. Paths only: a remote store's blobs are fetched after the transaction
+    (fetch_inputs), which must not stay open for a download."""
     blobs = get_blob_store()
     job = session.get(Job, job_id)
     base = session.get(BaseModel, job.base_model_id)
@@ -146,13 +148,13 @@ def _load(session: Session, job_id: str) -> _LoadedJob:
     dataset_ids = [i.dataset_id for i in job.inputs if i.dataset_id]
     datasets = session.scalars(select(Dataset).where(Dataset.id.in_(dataset_ids))).all()
     inputs = MergeInputs(
-        base_path=blobs.path(base.sha256),
+        base_path=blobs.local_path(base.sha256),
         base_spec=ModelSpec(architecture=base.architecture, config=base.config),
-        task_vectors=[TaskVectorInput(tv_id, vectors[tv_id].name, blobs.path(vectors[tv_id].sha256),
+        task_vectors=[TaskVectorInput(tv_id, vectors[tv_id].name, blobs.local_path(vectors[tv_id].sha256),
                                       vectors[tv_id].class_names, vectors[tv_id].magnitude_cuts,
                                       vectors[tv_id].magnitude_means)
                       for tv_id in job.task_vector_ids],
-        datasets={d.id: DatasetInput(d.id, d.name, blobs.path(d.sha256), d.class_names, d.templates)
+        datasets={d.id: DatasetInput(d.id, d.name, blobs.local_path(d.sha256), d.class_names, d.templates)
                   for d in datasets},
     )
     start = None
@@ -160,13 +162,13 @@ def _load(session: Session, job_id: str) -> _LoadedJob:
         start = session.get(Checkpoint, job.start_checkpoint_id)
         if start is None:
             raise ValueError(f"checkpoint {job.start_checkpoint_id} was deleted after this job was queued")
-        inputs = replace(inputs, start_path=blobs.path(start.sha256))
+        inputs = replace(inputs, start_path=blobs.local_path(start.sha256))
     checkpoint_paths = {}
     if job.kind == JobKind.EVALUATION:
         named = [job.params.get("checkpoint_id")]
         named += [item.get("reference_checkpoint_id") for item in job.params["datasets"]]
         rows = session.scalars(select(Checkpoint).where(Checkpoint.id.in_([i for i in named if i])))
-        checkpoint_paths = {row.id: blobs.path(row.sha256) for row in rows}
+        checkpoint_paths = {row.id: blobs.local_path(row.sha256) for row in rows}
         missing = sorted({i for i in named if i} - set(checkpoint_paths))
         if missing:
             raise ValueError(f"checkpoints {missing} were deleted after this evaluation was queued")
@@ -209,6 +211,12 @@ def _evaluate(loaded: _LoadedJob, ctx: JobContext) -> dict:
                             item.get("reference_task_vector_id"), item.get("split"))
              for item in loaded.params["datasets"]]
     return evaluate(loaded.inputs, paths.get(loaded.params.get("checkpoint_id")), items, ctx)
+
+
+def fetch_inputs(loaded: _LoadedJob, blobs) -> None:
+    """Every blob the job reads, present on this machine (a remote store's cache fetches what it lacks)."""
+    for path in input_paths(loaded):
+        blobs.path(blobs.digest_at(path))
 
 
 def input_paths(loaded: _LoadedJob) -> list[Path]:
@@ -288,6 +296,7 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
     try:
         workdir = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-", dir=blobs.tmp_dir))
         loaded = transact(lambda session: _load(session, job_id), retry_for_s)
+        fetch_inputs(loaded, blobs)
         ctx = JobContext(
             workdir=workdir, cache_dir=settings.head_cache_dir,
             device=resolve_device(settings.device), seed=loaded.seed, report=ProgressWriter(job_id, worker_id),
