@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 from sqlalchemy import func, select
 
 from broker.publish import queue_depth
@@ -37,7 +38,8 @@ class ServiceCollector:
             durations = [(f - s).total_seconds() for s, f in session.execute(
                 select(Job.started_at, Job.finished_at).where(Job.status == JobStatus.SUCCEEDED,
                                                               Job.started_at.is_not(None)))]
-            buckets = [(str(b), sum(1 for d in durations if d <= b)) for b in JOB_SECONDS_BUCKETS]
+            # Bounds as Prometheus writes them ("+Inf", "1.0"); str() gave "inf", which scrapers reject.
+            buckets = [(floatToGoString(b), sum(1 for d in durations if d <= b)) for b in JOB_SECONDS_BUCKETS]
             histogram = HistogramMetricFamily("tvforge_job_duration_seconds", "Run time of succeeded jobs.")
             histogram.add_metric([], buckets, sum(durations))
             yield histogram

@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from engine.methods.catalogue import METHODS
+from engine.safetensors_io import save_tensors
 from tests.conftest import REPO
 from tests.flaky_proxy import FlakyProxy
 from tvforge.client import TvforgeClient
@@ -206,6 +207,22 @@ def test_an_upload_whose_answer_is_lost_is_found_not_repeated(stack, demo_assets
         named = [v for v in direct.iterate("/v1/task-vectors", base_model_id=base["id"]) if v["name"] == "lost-answer"]
     assert proxy.cuts == 1
     assert [v["id"] for v in named] == [row["id"]]
+    proxy.close()
+
+
+def test_a_finetuned_upload_whose_answer_is_lost_is_found_by_its_file_not_repeated(stack, demo_assets, tmp_path):
+    """The server stores tau, not the fine-tuned file, but records the file's sha256 (source_sha256)."""
+    base_state, tau = load_file(str(demo_assets.base_path)), load_file(str(demo_assets.vector_paths[2]))
+    finetuned = tmp_path / "finetuned.safetensors"
+    save_tensors(finetuned, {name: t + tau[name] if name in tau else t for name, t in base_state.items()})
+    client, proxy = _flaky_client(stack, _lose_first(b"POST /v1/task-vectors"))
+    with client, stack.client() as direct:
+        base = direct.register_base_model("flaky-finetuned-base", demo_assets.base_path, config=demo_assets.config)
+        row = client.upload_task_vector(base["id"], "lost-finetuned", finetuned, kind="finetuned")
+        named = [v for v in direct.iterate("/v1/task-vectors", base_model_id=base["id"])
+                 if v["name"] == "lost-finetuned"]
+    assert proxy.cuts == 1
+    assert [v["id"] for v in named] == [row["id"]] and row["source_kind"] == "finetuned"
     proxy.close()
 
 

@@ -3,6 +3,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from tests.conftest import register_long_job_inputs
@@ -94,3 +95,17 @@ def test_an_atlas_card_carries_its_coefficients_table(stack, atlas_job):
     table = markdown.split("## Learned coefficients (block)")[1].split("## Software")[0]
     rows = [line for line in table.splitlines() if line.startswith("| tv_")]
     assert len(rows) == 3 and all(len(r.split("|")) == len(atlas_job["coefficients"]["blocks"]) + 3 for r in rows)
+
+
+def test_datasets_page_shows_each_split_with_its_image_count(stack, tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "two-splits.npz"
+    np.savez(path, train_images=rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), train_labels=np.arange(6) % 2,
+             test_images=rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), test_labels=np.arange(4) % 2,
+             class_names=np.array(["a", "b"]))
+    with stack.client() as client:
+        dataset = client.upload_dataset("two-splits", path)
+    assert {name: split["count"] for name, split in dataset["splits"].items()} == {"train": 6, "test": 4}
+    dom = render(f"{stack.url}/ui/#/datasets?key={stack.owner_key}")
+    row = re.search(rf'<tr data-id="{dataset["id"]}">(.*?)</tr>', dom, re.S).group(1)
+    assert "<td>train 6, test 4</td>" in row

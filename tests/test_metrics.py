@@ -4,6 +4,7 @@ import re
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
 from tvforge.demo import run_demo
 
@@ -41,3 +42,12 @@ def test_metrics_show_requests_jobs_durations_queue_and_store(stack, tmp_path):
     assert samples[("tvforge_queue_depth", (("queue", "model"),))] >= 0
     assert samples[("tvforge_queue_depth", (("queue", "tensors"),))] >= 0
     assert samples[("tvforge_blob_store_bytes", ())] >= sum(blobs.values())
+
+
+def test_histogram_bucket_bounds_are_written_as_prometheus_writes_them(stack):
+    """le="+Inf", never Python's "inf", which Prometheus's own parser refuses (the client's parser accepts it)."""
+    text = httpx.get(f"{stack.url}/metrics", timeout=10).text
+    bounds = re.findall(r'^(tvforge_\w+)_bucket\{.*?le="([^"]+)"', text, re.M)
+    assert {name for name, _ in bounds} >= {"tvforge_job_duration_seconds", "tvforge_http_request_duration_seconds"}
+    assert all(bound == floatToGoString(float(bound)) for _, bound in bounds), sorted(set(bounds))
+    assert 'tvforge_job_duration_seconds_bucket{le="+Inf"}' in text

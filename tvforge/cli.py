@@ -2,15 +2,20 @@
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+import httpx
 import typer
 
+from tvforge.user_commands import KeyOption, UrlOption, api_errors, open_client
 from tvforge.user_commands import register as register_user_commands
+
+HEALTHY_WITHIN_S = 60.0  # how long `tvforge up` waits for the API's /healthz
 
 cli = typer.Typer(help="tvforge: compose task vectors of open_clip models.", no_args_is_help=True)
 keys = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -101,16 +106,13 @@ def worker(concurrency: int = typer.Option(1, help="Jobs run at once (one per GP
 
 
 @cli.command()
-def demo(url: str = typer.Option("http://127.0.0.1:8000", help="The running API."),
-         key: str = typer.Option(None, envvar="TVFORGE_API_KEY", help="API key; default: <data_dir>/admin.key."),
+def demo(url: str = UrlOption, key: str = KeyOption,
          workdir: Path = typer.Option(Path("var/demo"), help="Where the demo's files go.")) -> None:
-    """Through HTTP only: register a tiny base and 3 task vectors, merge them, download and verify."""
-    from tvforge.client import TvforgeClient
+    """Through HTTP only: register a tiny base and 3 task vectors, merge them, download and verify (the server
+    and key found as the user commands find them)."""
     from tvforge.demo import run_demo
-    from tvforge.settings import get_settings
 
-    api_key = key or (get_settings().data_dir / "admin.key").read_text().strip()
-    with TvforgeClient(url, api_key) as client:
+    with api_errors(), open_client(url, key) as client:
         summary = run_demo(client, workdir, log=typer.echo)
     typer.echo(f"demo passed: job {summary['job']['id']} matches theta_0 + lambda * sum(tau)")
 
@@ -168,6 +170,12 @@ def up() -> None:
     from tvforge.settings import get_settings
 
     settings = get_settings()
+    url = f"http://{settings.api_host}:{settings.api_port}"
+    if _listening(settings.api_host, settings.api_port):
+        # Another server's /healthz would answer for an API that cannot bind the port.
+        typer.echo(f"something already listens on {settings.api_host}:{settings.api_port} (another `tvforge up`?); "
+                   "set TVFORGE_API_PORT to serve on another port", err=True)
+        raise typer.Exit(1)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate()
     key_file = settings.data_dir / "admin.key"
@@ -182,12 +190,10 @@ def up() -> None:
     children.append(api_process)
     # SIGTERM (docker stop, systemd, kill) shuts the children down as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    typer.echo(f"tvforge is up on http://{settings.api_host}:{settings.api_port} "
-               f"(API key for owner 'admin' in {key_file})")
     try:
-        api_process.wait()
+        status = _serve(api_process, url, key_file)
     except (KeyboardInterrupt, SystemExit):
-        pass
+        status = 0
     finally:
         for child in reversed(children):
             if child.poll() is None:
@@ -197,6 +203,44 @@ def up() -> None:
                 child.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 child.kill()
+    if status:
+        # An API killed by a signal exits as a shell reports it: 128 + the signal's number.
+        raise typer.Exit(status if status > 0 else 128 - status)
+
+
+def _serve(api_process: subprocess.Popen, url: str, key_file: Path) -> int:
+    """Says the service is up once the API answers /healthz, then waits for the API to end; the exit status
+    `tvforge up` should have (the API's, or 1 when it never answered)."""
+    deadline = time.monotonic() + HEALTHY_WITHIN_S
+    while not _healthy(url):
+        if api_process.poll() is not None:
+            typer.echo(f"the API exited with status {api_process.returncode} before serving {url} (its error is "
+                       "above); nothing is up", err=True)
+            return api_process.returncode or 1
+        if time.monotonic() > deadline:
+            typer.echo(f"the API did not answer {url}/healthz within {HEALTHY_WITHIN_S:.0f} s; stopping", err=True)
+            return 1
+        time.sleep(0.2)
+    typer.echo(f"tvforge is up on {url} (API key for owner 'admin' in {key_file})")
+    status = api_process.wait()
+    if status:
+        typer.echo(f"the API exited with status {status}", err=True)
+    return status
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class TaskVectorInfo(TypedDict):
     name: str
     source_kind: Literal["task_vector", "finetuned"]
     sha256: str
+    source_sha256: str | None  # the uploaded file's (the fine-tuned weights for kind finetuned)
     size_bytes: int
     tensor_count: int
     parameter_count: int
@@ -140,7 +141,8 @@ class ClientConfig:
 
 def load_config(url: str | None = None, api_key: str | None = None, path: Path | None = None) -> ClientConfig:
     """Server and key: the arguments, else TVFORGE_URL / TVFORGE_API_KEY, else the config file
-    (TVFORGE_CONFIG, default ~/.config/tvforge/config.toml: `url = "..."`, `api_key = "..."`)."""
+    (TVFORGE_CONFIG, default ~/.config/tvforge/config.toml: `url = "..."`, `api_key = "..."`); with no URL
+    anywhere, the embedded service's (TVFORGE_API_HOST / TVFORGE_API_PORT)."""
     url = url or os.environ.get("TVFORGE_URL")
     api_key = api_key or os.environ.get("TVFORGE_API_KEY")
     if url is None or api_key is None:
@@ -150,7 +152,15 @@ def load_config(url: str | None = None, api_key: str | None = None, path: Path |
             url, api_key = url or stored.get("url"), api_key or stored.get("api_key")
     if api_key is None:
         raise ValueError("no API key: pass one, set TVFORGE_API_KEY, or write api_key in the config file")
-    return ClientConfig(url or "http://127.0.0.1:8000", api_key)
+    return ClientConfig(url or embedded_url(), api_key)
+
+
+def embedded_url() -> str:
+    """The API the embedded service (`tvforge up`) serves: its configured host and port."""
+    from tvforge.settings import get_settings
+
+    settings = get_settings()
+    return f"http://{settings.api_host}:{settings.api_port}"
 
 
 def file_sha256(path: Path) -> str:
@@ -290,9 +300,13 @@ class TvforgeClient:
         return next((m for m in self.iterate("/v1/base-models", sha256=sha256)
                      if name is None or m["name"] == name), None)
 
-    def find_task_vector(self, base_model_id: str, sha256: str, name: str | None = None) -> TaskVectorInfo | None:
-        return next((v for v in self.iterate("/v1/task-vectors", base_model_id=base_model_id, sha256=sha256)
-                     if name is None or v["name"] == name), None)
+    def find_task_vector(self, base_model_id: str, source_sha256: str, name: str | None = None,
+                         kind: str | None = None) -> TaskVectorInfo | None:
+        """The caller's task vector of this base uploaded from a file with this sha256 (a task vector's, or the
+        fine-tuned weights it was made from), and name and kind, if any."""
+        return next((v for v in self.iterate("/v1/task-vectors", base_model_id=base_model_id,
+                                             source_sha256=source_sha256)
+                     if (name is None or v["name"] == name) and (kind is None or v["source_kind"] == kind)), None)
 
     def find_dataset(self, source_sha256: str, name: str | None = None) -> DatasetInfo | None:
         return next((d for d in self.iterate("/v1/datasets", source_sha256=source_sha256)
@@ -306,12 +320,12 @@ class TvforgeClient:
 
     def upload_task_vector(self, base_model_id: str, name: str, file: Path, kind: str = "task_vector",
                            class_names: list[str] | None = None, progress: Progress | None = None) -> TaskVectorInfo:
-        # A fine-tuned upload is stored as tau, under another sha256: a lost attempt cannot be looked up, so
-        # its retries cannot tell whether it landed (a rare duplicate row is the price).
-        sha = file_sha256(file) if kind == "task_vector" else None
+        # The server records the uploaded file's sha256 (a fine-tuned checkpoint's too): a retry after a lost
+        # answer asks whether the attempt landed.
+        sha = file_sha256(file)
         return self._upload("/v1/task-vectors", file, {"base_model_id": base_model_id, "name": name,
                                                        "kind": kind, "class_names": class_names},
-                            (lambda: self.find_task_vector(base_model_id, sha, name)) if sha else None, progress)
+                            lambda: self.find_task_vector(base_model_id, sha, name, kind), progress)
 
     def upload_dataset(self, name: str, file: Path, class_names: list[str] | None = None,
                        templates: list[str] | None = None, progress: Progress | None = None) -> DatasetInfo:
@@ -390,17 +404,20 @@ class TvforgeClient:
         return self.get(f"/v1/checkpoints/{checkpoint_id}/card")
 
     def download_checkpoint(self, checkpoint_id: str, dest: Path, progress: Progress | None = None) -> Path:
-        """The checkpoint's file at dest, resuming dest.part if an earlier download was cut off."""
+        """The checkpoint's file at dest (a directory: <checkpoint id>.safetensors in it), resuming dest.part
+        if an earlier download was cut off; missing parent directories are created. Returns the file's path."""
         meta = self.get_checkpoint(checkpoint_id)
         return self._download(f"/v1/checkpoints/{checkpoint_id}/download", meta["sha256"], meta["size_bytes"],
-                              Path(dest), progress)
+                              _file_in(Path(dest), checkpoint_id), progress)
 
     def download_task_vector(self, task_vector_id: str, dest: Path, progress: Progress | None = None) -> Path:
+        """As download_checkpoint, for a stored task vector."""
         meta = self.get(f"/v1/task-vectors/{task_vector_id}")
         return self._download(f"/v1/task-vectors/{task_vector_id}/download", meta["sha256"], meta["size_bytes"],
-                              Path(dest), progress)
+                              _file_in(Path(dest), task_vector_id), progress)
 
     def _download(self, path: str, sha256: str, size: int, dest: Path, progress: Progress | None) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
         for attempt in Retrying(stop=stop_after_attempt(self.retries), wait=self._wait, reraise=True,
                                 retry=retry_if_exception_type((httpx.TransportError, _RetriedStatus))):
@@ -436,6 +453,11 @@ class TvforgeClient:
                     done += len(chunk)
                     if progress:
                         progress(done, size)
+
+
+def _file_in(dest: Path, resource_id: str) -> Path:
+    """dest, or <resource id>.safetensors inside it when it is a directory."""
+    return dest / f"{resource_id}.safetensors" if dest.is_dir() else dest
 
 
 class _RetriedStatus(Exception):

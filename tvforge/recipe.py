@@ -13,7 +13,7 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError, create_model, model_validator
 
 from engine.methods.catalogue import METHODS
-from engine.methods.spec import MethodSpec, StrictModel
+from engine.methods.spec import MethodParams, MethodSpec, StrictModel
 from tvforge.client import TvforgeClient, file_sha256
 
 MAX_RECIPE_BYTES = 1024 * 1024
@@ -122,7 +122,8 @@ def _check_references(recipe: RecipeFields) -> list[str]:
 
 
 def load_recipe(path: Path) -> RecipeFields:
-    """Parse and validate a recipe file; RecipeError lists every problem with where it is."""
+    """Parse and validate a recipe file; RecipeError lists every problem with where it is, schema errors and
+    missing files together."""
     path = Path(path)
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise RecipeError(f"{path}: larger than {MAX_RECIPE_BYTES} bytes")
@@ -130,19 +131,53 @@ def load_recipe(path: Path) -> RecipeFields:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    try:
-        recipe = RECIPE.validate_python(document)
-    except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(recipe)'}: {e['msg']}" for e in exc.errors()]
-        raise RecipeError(f"{path}:\n" + "\n".join(lines)) from None
-    problems = _check_references(recipe)
+    recipe, problems = _validate(document)
+    if recipe is not None:
+        problems += _check_references(recipe)
     root = path.parent
-    files = [("base", recipe.base.path)] + [(f"vectors.{n}", r.path) for n, r in recipe.vector_refs().items()] \
-        + [(f"datasets.{n}", r.path) for n, r in recipe.dataset_refs().items()]
-    problems += [f"{where}: no file {root / file}" for where, file in files if file and not (root / file).is_file()]
+    problems += [f"{where}: no file {root / file}" for where, file in _file_paths(document)
+                 if not (root / file).is_file()]
     if problems:
         raise RecipeError(f"{path}:\n" + "\n".join(problems))
     return recipe
+
+
+def _validate(document: Any) -> tuple[RecipeFields | None, list[str]]:
+    """The recipe, else every schema problem with where it is. Without a known method there is no schema for
+    the params, so the other fields are checked alone."""
+    try:
+        return RECIPE.validate_python(document), []
+    except ValidationError as exc:
+        errors = exc.errors()
+    if errors[0]["type"] not in ("union_tag_not_found", "union_tag_invalid"):
+        return None, [_located(error) for error in errors]
+    method = document.get("method")
+    problems = [f"method: {'missing' if method is None else f'unknown method {method!r}'}; "
+                f"choose one of {', '.join(METHODS)}"]
+    try:
+        RecipeFields.model_validate({k: v for k, v in document.items() if k not in ("method", "params")})
+    except ValidationError as exc:
+        problems += [_located(error) for error in exc.errors()]
+    return None, problems
+
+
+def _located(error: Any) -> str:
+    return f"{'.'.join(str(p) for p in error['loc']) or '(recipe)'}: {error['msg']}"
+
+
+def _file_paths(document: Any) -> list[tuple[str, str]]:
+    """(where, path) of every local file the recipe names, read from the document itself so that they are
+    checked even when its schema is not valid."""
+    if not isinstance(document, dict):
+        return []
+    base = document.get("base")
+    refs = [("base", base.get("path") if isinstance(base, dict) else None)]
+    for section in ("vectors", "datasets"):
+        entries = document.get(section)
+        if isinstance(entries, dict):
+            refs += [(f"{section}.{name}", ref.get("path") if isinstance(ref, dict) else ref)
+                     for name, ref in entries.items()]
+    return [(where, file) for where, file in refs if isinstance(file, str)]
 
 
 @dataclass
@@ -172,10 +207,8 @@ class RecipeRun:
         base_id = self._resolve_base()
         vector_ids = {name: self._resolve_vector(base_id, name, ref) for name, ref in self.recipe.vector_refs().items()}
         dataset_ids = {name: self._resolve_dataset(name, ref) for name, ref in self.recipe.dataset_refs().items()}
-        ids = vector_ids | dataset_ids
-        params = self.recipe.params.model_dump(mode="json", exclude_unset=True)
         body = {"method": self.recipe.method, "base_model_id": base_id, "task_vectors": list(vector_ids.values()),
-                "params": _replace_names(params, ids), "seed": self.recipe.seed}
+                "params": params_with_ids(self.recipe.params, vector_ids, dataset_ids), "seed": self.recipe.seed}
         if self.recipe.start_checkpoint_id is not None:
             body["start_checkpoint_id"] = self.recipe.start_checkpoint_id
         return body
@@ -194,11 +227,11 @@ class RecipeRun:
         if ref.id:
             return self._known("task vector", f"/v1/task-vectors/{ref.id}")
         file = self.root / ref.path
-        # A fine-tuned file is stored as tau under another sha256, so only task vector files are matched.
-        find = (lambda: self.client.find_task_vector(base_id, file_sha256(file), name)) \
-            if ref.kind == "task_vector" else (lambda: None)
-        return self._upload_once("task vector", name, find, lambda progress: self.client.upload_task_vector(
-            base_id, name, file, kind=ref.kind, class_names=ref.class_names, progress=progress))
+        return self._upload_once("task vector", name,
+                                 lambda: self.client.find_task_vector(base_id, file_sha256(file), name, ref.kind),
+                                 lambda progress: self.client.upload_task_vector(
+                                     base_id, name, file, kind=ref.kind, class_names=ref.class_names,
+                                     progress=progress))
 
     def _resolve_dataset(self, name: str, ref: DatasetRef) -> str:
         if ref.id:
@@ -224,17 +257,54 @@ class RecipeRun:
         return row["id"]
 
 
-def _replace_names(value: Any, ids: dict[str, str]) -> Any:
-    """Recipe names -> server ids, in dict keys, lists and string values of the params."""
+def params_with_ids(params: MethodParams, vector_ids: dict[str, str], dataset_ids: dict[str, str]) -> dict[str, Any]:
+    """The params the recipe set, with recipe names replaced by server ids only where the method reads a task
+    vector or a dataset; every other string (a split, a merge rule, an operation) is kept, even when a vector or
+    dataset is named like it."""
+    return {field: _field_with_ids(params, field, value, vector_ids, dataset_ids)
+            for field, value in params.model_dump(mode="json", exclude_unset=True).items()}
+
+
+def _field_with_ids(params: MethodParams, field: str, value: Any, vector_ids: dict[str, str],
+                    dataset_ids: dict[str, str]) -> Any:
+    # The method specs say which strings are references only through task_vector_ids() and dataset_ids() (what
+    # the API checks): every string of this field is swapped for a marker of its own, and the markers those
+    # return are the field's references.
+    names: dict[str, str] = {}
+
+    def mark(name: str) -> str:
+        marker = f"\0{len(names)}"
+        names[marker] = name
+        return marker
+
+    marked = _map_strings(value, mark)
+    probe = params.model_copy(update={field: marked})
+    vector_refs, dataset_refs = set(probe.task_vector_ids()), set(probe.dataset_ids())
+
+    def resolve(marker: str) -> str:
+        name = names[marker]
+        if marker in vector_refs:
+            return vector_ids.get(name, name)
+        if marker in dataset_refs:
+            return dataset_ids.get(name, name)
+        return name
+
+    return _map_strings(marked, resolve)
+
+
+def _map_strings(value: Any, replace: Callable[[str], str]) -> Any:
+    """value (JSON) with replace() applied to every string in it, dict keys included."""
     if isinstance(value, dict):
-        return {ids.get(k, k): _replace_names(v, ids) for k, v in value.items()}
+        return {replace(k): _map_strings(v, replace) for k, v in value.items()}
     if isinstance(value, list):
-        return [_replace_names(v, ids) for v in value]
+        return [_map_strings(v, replace) for v in value]
     if isinstance(value, str):
-        return ids.get(value, value)
+        return replace(value)
     return value
 
 
-def idempotency_key(body: dict) -> str:
-    """The same resolved recipe gives the same key: running it again finds the job instead of repeating it."""
-    return "recipe-" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:48]
+def idempotency_key(body: dict, attempt: int = 0) -> str:
+    """The same resolved recipe and attempt give the same key, so running the recipe again finds its job instead
+    of repeating it; the next attempt's key submits it anew (after a job that failed, was cancelled or lost its
+    checkpoint)."""
+    return "recipe-" + hashlib.sha256(json.dumps([body, attempt], sort_keys=True).encode()).hexdigest()[:48]

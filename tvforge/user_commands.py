@@ -7,8 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -18,9 +20,9 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
-from tvforge.client import FINISHED, ApiError, TvforgeClient, load_config
+from tvforge.client import FINISHED, ApiError, JobInfo, TvforgeClient, embedded_url, load_config
 
 console = Console(stderr=True, soft_wrap=True)  # progress and reports; stdout carries only what a script would parse
 out = Console(soft_wrap=True)
@@ -42,20 +44,38 @@ def open_client(url: str | None, key: str | None) -> TvforgeClient:
             console.print("[red]no API key[/]: pass --key, set TVFORGE_API_KEY, or write api_key in "
                           "~/.config/tvforge/config.toml")
             raise typer.Exit(2) from None
-        return TvforgeClient(url or f"http://{settings.api_host}:{settings.api_port}", key_file.read_text().strip())
+        return TvforgeClient(url or embedded_url(), key_file.read_text().strip())
     return TvforgeClient(config.url, config.api_key)
 
 
 @contextmanager
 def api_errors() -> Iterator[None]:
-    """A problem from the server, printed as the user can act on it, and exit status 1."""
+    """A problem from the server, or a server that cannot be reached, printed as the user can act on it (one
+    line, no traceback), and exit status 1."""
     try:
         yield
     except ApiError as exc:
-        console.print(f"[red]{exc.status} {exc.problem.get('title', '')}[/]: {exc.problem.get('detail', '')}")
+        console.print(f"[red]{exc.status} {escape(str(exc.problem.get('title', '')))}[/]: "
+                      f"{escape(str(exc.problem.get('detail', '')))}")
         for error in exc.problem.get("errors") or []:
-            console.print(f"  {'.'.join(str(p) for p in error.get('loc', []))}: {error.get('msg')}")
+            where = ".".join(str(p) for p in error.get("loc", []))
+            console.print(f"  {escape(where)}: {escape(str(error.get('msg')))}")
         raise typer.Exit(1) from None
+    except httpx.TransportError as exc:
+        url = exc.request.url
+        console.print(f"[red]cannot reach {escape(f'{url.scheme}://{url.netloc.decode()}')}[/]: "
+                      f"{escape(_network_cause(exc))}")
+        raise typer.Exit(1) from None
+
+
+def _network_cause(exc: httpx.TransportError) -> str:
+    """The operating system's reason (connection refused, name or service not known), else httpx's."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror.lower()
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
 
 
 def byte_progress() -> Progress:
@@ -64,7 +84,7 @@ def byte_progress() -> Progress:
 
 
 def progress_callback(progress: Progress, label: str) -> Callable[[int, int], None]:
-    task = progress.add_task(label, total=None)
+    task = progress.add_task(escape(label), total=None)
     return lambda done, total: progress.update(task, completed=done, total=total)
 
 
@@ -75,12 +95,12 @@ def watch_job(client: TvforgeClient, job_id: str) -> dict:
         return job
     with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                   TextColumn("{task.fields[info]}"), console=console) as progress:
-        task = progress.add_task(f"job {job_id}", total=1.0, info=job["status"])
+        task = progress.add_task(f"job {escape(job_id)}", total=1.0, info=escape(job["status"]))
         for _event, job in client.events(job_id):
             step = job["progress"]
             info = " ".join(filter(None, [job["status"], step.get("stage"),
                                           f"{step['step']}/{step['total']}" if step.get("total") else None]))
-            progress.update(task, completed=step.get("fraction") or 0.0, info=info)
+            progress.update(task, completed=step.get("fraction") or 0.0, info=escape(info))
     return client.get_job(job_id)
 
 
@@ -88,10 +108,18 @@ def print_rows(rows: list[dict], columns: list[str], as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*[_cell(row.get(c)) for c in columns])
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    table = Table(*(_id_column(column, [row[index] for row in cells]) if column == "id" or column.endswith("_id")
+                    else column for index, column in enumerate(columns)))
+    for row in cells:
+        table.add_row(*(escape(cell) for cell in row))
     out.print(table)
+
+
+def _id_column(header: str, ids: list[str]) -> Column:
+    """Ids are copied into other commands: always whole, however narrow the terminal or the pipe; the other
+    columns wrap or shrink instead."""
+    return Column(header, no_wrap=True, min_width=max(len(text) for text in [header, *ids]))
 
 
 def _cell(value: Any) -> str:
@@ -122,7 +150,7 @@ def resource_app(name: str, path: str, columns: list[str], help_text: str) -> ty
         """Delete one (refused while a queued or running job uses it)."""
         with api_errors(), open_client(url, key) as client:
             client.delete(f"{path}/{resource_id}")
-        console.print(f"deleted {name} {resource_id}")
+        console.print(f"deleted {name} {escape(resource_id)}")
 
     return app
 
@@ -197,7 +225,7 @@ def jobs_cancel(job_id: str, url: str = UrlOption, key: str = KeyOption) -> None
     """Ask a queued or running job to stop."""
     with api_errors(), open_client(url, key) as client:
         job = client.cancel_job(job_id)
-    console.print(f"job {job_id}: {job['status']}, cancel requested")
+    console.print(f"job {escape(job_id)}: {escape(job['status'])}, cancel requested")
 
 
 @checkpoints.command("show")
@@ -224,7 +252,7 @@ def checkpoints_rm(checkpoint_id: str, url: str = UrlOption, key: str = KeyOptio
     """Delete a checkpoint."""
     with api_errors(), open_client(url, key) as client:
         client.delete(f"/v1/checkpoints/{checkpoint_id}")
-    console.print(f"deleted checkpoint {checkpoint_id}")
+    console.print(f"deleted checkpoint {escape(checkpoint_id)}")
 
 
 @checkpoints.command("download")
@@ -238,20 +266,56 @@ def checkpoints_download(checkpoint_id: str, dest: Path = typer.Argument(None), 
 
 
 def report_job(job: dict) -> None:
-    """What a finished job chose and measured, in a few lines."""
-    console.print(f"job {job['id']}: [bold]{job['status']}[/]")
+    """What a finished job chose and measured, in a few lines (the server's text escaped, never read as markup)."""
+    console.print(f"job {escape(job['id'])}: [bold]{escape(job['status'])}[/]")
     if job.get("error"):
-        console.print(f"[red]{job['error'].get('title', 'error')}[/]: {job['error'].get('detail', '')}")
+        console.print(f"[red]{escape(str(job['error'].get('title', 'error')))}[/]: "
+                      f"{escape(str(job['error'].get('detail', '')))}")
     metrics = (job.get("result") or {}).get("metrics") or {}
     for name, chosen in (metrics.get("chosen") or {}).items():
-        console.print(f"  {name} = {chosen.get('value')} ({chosen.get('source')})")
+        console.print(escape(f"  {name} = {chosen.get('value')} ({chosen.get('source')})"))
     evaluation = metrics.get("evaluation")
     if evaluation:
-        table = Table("dataset", "split", "accuracy", "normalised", title="evaluation")
-        for dataset_id, row in evaluation.get("datasets", {}).items():
-            table.add_row(dataset_id, row.get("split"), _cell(row.get("accuracy")),
-                          _cell(row.get("normalised_accuracy")))
+        datasets = evaluation.get("datasets", {})
+        table = Table(_id_column("dataset", list(datasets)), "split", "accuracy", "normalised", title="evaluation")
+        for dataset_id, row in datasets.items():
+            table.add_row(*(escape(_cell(v)) for v in (dataset_id, row.get("split"), row.get("accuracy"),
+                                                       row.get("normalised_accuracy"))))
         console.print(table)
+
+
+def submit_recipe_job(client: TvforgeClient, body: dict) -> JobInfo:
+    """The recipe's job under an Idempotency-Key derived from its body and an attempt number: the job an
+    attempt's key finds while it is queued, running, or succeeded with its checkpoint still stored; after one
+    that failed, was cancelled or lost its checkpoint, the next attempt's key submits it again."""
+    from tvforge.recipe import idempotency_key
+
+    attempt = 0
+    while True:
+        job = client.create_job(body["method"], body["base_model_id"], body["task_vectors"], body["params"],
+                                body["seed"], idempotency_key=idempotency_key(body, attempt),
+                                start_checkpoint_id=body.get("start_checkpoint_id"))
+        unusable = _unusable(client, job)
+        if unusable is None:
+            return job
+        # Every later run passes this job too, and its next key finds the job submitted now.
+        console.print(f"previous job {escape(job['id'])} {unusable}: submitting the recipe again under a new "
+                      "Idempotency-Key")
+        attempt += 1
+
+
+def _unusable(client: TvforgeClient, job: JobInfo) -> str | None:
+    """Why a job found by its Idempotency-Key cannot give the recipe's checkpoint; None if it can."""
+    if job["status"] in ("failed", "cancelled"):
+        return f"was {job['status']}"
+    if job["status"] == "succeeded":
+        try:
+            client.get_checkpoint(job["result"]["checkpoint_id"])
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            return "succeeded but its checkpoint was deleted"
+    return None
 
 
 def merge(recipe_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A recipe (YAML)."),
@@ -260,36 +324,35 @@ def merge(recipe_file: Path = typer.Argument(..., exists=True, dir_okay=False, h
           url: str = UrlOption, key: str = KeyOption) -> None:
     """Run a merge recipe: upload what it names (skipping files the server holds), submit the job, follow
     its progress, download the checkpoint."""
-    from tvforge.recipe import RecipeError, RecipeRun, idempotency_key, load_recipe
+    from tvforge.recipe import RecipeError, RecipeRun, load_recipe
 
     try:
         recipe = load_recipe(recipe_file)
     except RecipeError as exc:
-        console.print(f"[red]invalid recipe[/] {exc}")
+        console.print(f"[red]invalid recipe[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     root = recipe_file.resolve().parent
     with api_errors(), open_client(url, key) as client:
         with byte_progress() as progress:
             run = RecipeRun(client, recipe, root,
-                            report=lambda u: console.print(f"{u.what} {u.name}: {u.id}"
-                                                           f"{' (already on the server)' if u.reused else ''}"),
+                            report=lambda u: console.print(escape(f"{u.what} {u.name}: {u.id}") +
+                                                           (" (already on the server)" if u.reused else "")),
                             upload_progress=lambda label: progress_callback(progress, f"upload {label}"))
             body = run.resolve()
-        job = client.create_job(body["method"], body["base_model_id"], body["task_vectors"], body["params"],
-                                body["seed"], idempotency_key=idempotency_key(body),
-                                start_checkpoint_id=body.get("start_checkpoint_id"))
-        console.print(f"job {job['id']} ({job['method']}): {job['status']}")
+        job = submit_recipe_job(client, body)
+        console.print(escape(f"job {job['id']} ({job['method']}): {job['status']}"))
         job = watch_job(client, job["id"])
         report_job(job)
         if job["status"] != "succeeded":
             raise typer.Exit(1)
-        dest = output or (root / recipe.output if recipe.output else Path(f"{job['id']}.safetensors"))
+        checkpoint_id = job["result"]["checkpoint_id"]
         with byte_progress() as progress:
-            client.download_checkpoint(job["result"]["checkpoint_id"], dest,
-                                       progress=progress_callback(progress, f"download {dest.name}"))
+            dest = client.download_checkpoint(
+                checkpoint_id, output or (root / recipe.output if recipe.output else Path(f"{job['id']}.safetensors")),
+                progress=progress_callback(progress, f"download {checkpoint_id}"))
         card = dest.with_name(dest.name.removesuffix(".safetensors") + ".card.md")
-        card.write_text(client.checkpoint_card(job["result"]["checkpoint_id"], markdown=True))
-        console.print(f"model card: {card}")
+        card.write_text(client.checkpoint_card(checkpoint_id, markdown=True))
+        console.print(f"model card: {escape(str(card))}")
     typer.echo(str(dest))
 
 
@@ -312,9 +375,9 @@ def recipe_check(recipe_file: Path = typer.Argument(..., exists=True, dir_okay=F
     try:
         parsed = load_recipe(recipe_file)
     except RecipeError as exc:
-        console.print(f"[red]invalid recipe[/] {exc}")
+        console.print(f"[red]invalid recipe[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
-    console.print(f"{recipe_file}: a valid {parsed.method} recipe with {len(parsed.vectors)} vector(s)")
+    console.print(escape(f"{recipe_file}: a valid {parsed.method} recipe with {len(parsed.vectors)} vector(s)"))
 
 
 def register(cli: typer.Typer) -> None:

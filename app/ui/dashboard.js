@@ -244,7 +244,7 @@ const PAGES = {
     ["created_at", when]]),
   datasets: () => listPage("Datasets", "/v1/datasets", [["id"], ["name"], ["labeled"],
     ["class_names", (v) => (v ? `${v.length} classes` : "–")], ["splits", (v) => Object.entries(v || {})
-      .map(([name, s]) => `${name} ${s.images ?? s}`).join(", ")], ["created_at", when]]),
+      .map(([name, split]) => `${name} ${split.count}`).join(", ")], ["created_at", when]]),
 };
 
 function login(message) {
