@@ -1,25 +1,23 @@
 # tvforge Celery worker on a CUDA GPU. Build from the repository root:
 #   docker build -f docker/worker.Dockerfile -t tvforge-worker .
-FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+# PyTorch's CUDA wheels carry their own CUDA runtime and cuDNN (nvidia-* packages): the image needs no CUDA base,
+# only the host's driver, which the NVIDIA container toolkit mounts for a container given a GPU.
+FROM python:3.11-slim
 
-ENV DEBIAN_FRONTEND=noninteractive \
-    PYTHONDONTWRITEBYTECODE=1 \
+ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \
     TVFORGE_DATA_DIR=/var/lib/tvforge \
     TVFORGE_BLOB_DIR=/var/lib/tvforge/blobs \
-    NUMBA_CACHE_DIR=/var/lib/tvforge/numba-cache \
-    PATH=/opt/venv/bin:$PATH
+    NUMBA_CACHE_DIR=/var/lib/tvforge/numba-cache
 
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3.11 -m venv /opt/venv
-
-# PyPI's torch is the CUDA build. Installed alone first so this layer survives source changes.
-RUN pip install torch torchvision
+# The CUDA 12.6 build, which CUDA's minor-version compatibility runs on any 12.x driver (525 and later). PyPI's
+# default torch is now a CUDA 13 build, which needs driver 580 or later: on an older host torch would find no GPU
+# and a worker left on `auto` would run everything on the CPU. Installed alone first so this layer survives source
+# changes.
+RUN pip install --index-url https://download.pytorch.org/whl/cu126 torch torchvision
 
 WORKDIR /opt/tvforge
 # .dockerignore keeps the context to what `pip install .` needs.

@@ -94,3 +94,36 @@ def test_images_run_tvforge_as_non_root(dockerfile, command):
     text = (ROOT / "docker" / dockerfile).read_text()
     assert "\nUSER tvforge\n" in text
     assert f'CMD ["tvforge", "{command}"]' in text
+
+
+def test_each_worker_runs_where_it_is_meant_to(compose):
+    """The GPU worker fails its jobs when it finds no GPU instead of running them on the CPU (auto would); the CPU
+    worker never takes a GPU, even where the NVIDIA runtime is Docker's default."""
+    services = compose["services"]
+    assert services["worker"]["environment"]["TVFORGE_DEVICE"] == "cuda"
+    assert services["worker-cpu"]["environment"]["TVFORGE_DEVICE"] == "cpu"
+    assert services["worker-cpu"]["environment"]["NVIDIA_VISIBLE_DEVICES"] == "void"
+    # PyPI's default torch is a CUDA 13 build (driver 580 or later): the image names the CUDA 12 index.
+    assert "--index-url https://download.pytorch.org/whl/cu12" in (ROOT / "docker" / "worker.Dockerfile").read_text()
+
+
+def test_the_api_gets_its_graceful_shutdown_before_docker_kills_it(compose):
+    from tvforge.settings import Settings
+
+    grace = compose["services"]["api"]["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) > Settings.model_fields["graceful_shutdown_s"].default
+
+
+def test_postgres_counts_as_healthy_only_once_it_takes_tcp_connections(compose):
+    assert "-h 127.0.0.1" in " ".join(compose["services"]["postgres"]["healthcheck"]["test"])
+
+
+def test_the_build_context_is_the_installable_sources_only():
+    """An allowlist: a working checkout's virtual environments and benchmark assets (hundreds of MB) stay out."""
+    import tomllib
+
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    included = {line[1:] for line in lines if line.startswith("!")}
+    assert lines[lines.index("*")] == "*"
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert {pattern.rstrip("*") for pattern in packages["include"]} | {"pyproject.toml", "README.md"} == included
