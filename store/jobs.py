@@ -3,6 +3,7 @@
     queued --claim--> running --finish--> succeeded | failed | cancelled
     queued --cancel--> cancelled          running --cancel--> (cancel_requested, the worker stops)
     running --requeue (heartbeat stale)--> queued, or failed after max_attempts
+    running --release (its worker is shutting down)--> queued, the attempt given back
 
 The SQL row is the truth; the broker only carries ids, so a job may be delivered twice.
 Each transition is guarded by the state it leaves (and, for a running job, by the worker
@@ -113,6 +114,14 @@ def succeed(session: Session, job_id: str, worker_id: str, result: dict, artifac
 def fail(session: Session, job_id: str, worker_id: str, error: dict) -> bool:
     """running -> failed with an RFC 9457 error, only if this worker still holds the job."""
     return _finish(session, _held_by(job_id, worker_id), JobStatus.FAILED, error=error)
+
+
+def release(session: Session, job_id: str, worker_id: str) -> bool:
+    """running -> queued, by a worker that is shutting down (a redeploy) and stopped the job between steps: the
+    attempt it spent is given back, since the job did not fail it; the caller publishes the job again."""
+    return _changed(session, update(Job).where(*_held_by(job_id, worker_id)).values(
+        status=JobStatus.QUEUED, worker_id=None, published_at=None, attempts=Job.attempts - 1,
+        progress={"fraction": 0.0, "stage": "released by a stopping worker", "step": 0, "total": 0, "metrics": {}}))
 
 
 def acknowledge_cancel(session: Session, job_id: str, worker_id: str) -> bool:

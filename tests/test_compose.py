@@ -107,11 +107,14 @@ def test_each_worker_runs_where_it_is_meant_to(compose):
     assert "--index-url https://download.pytorch.org/whl/cu12" in (ROOT / "docker" / "worker.Dockerfile").read_text()
 
 
-def test_the_api_gets_its_graceful_shutdown_before_docker_kills_it(compose):
+def test_the_api_and_workers_get_time_to_stop_before_docker_kills_them(compose):
     from tvforge.settings import Settings
 
     grace = compose["services"]["api"]["stop_grace_period"]
     assert grace.endswith("s") and float(grace[:-1]) > Settings.model_fields["graceful_shutdown_s"].default
+    # Workers hand their running job back between steps on SIGTERM (tests/test_job_lifecycle.py): given time to.
+    for name in ("worker", "worker-cpu"):
+        assert compose["services"][name]["stop_grace_period"] == "60s"
 
 
 def test_postgres_counts_as_healthy_only_once_it_takes_tcp_connections(compose):

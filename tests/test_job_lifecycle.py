@@ -1,4 +1,5 @@
-"""Job lifecycle against real processes: cancel, a worker SIGKILLed mid-job, attempts running out."""
+"""Job lifecycle against real processes: cancel, a worker SIGKILLed or stopped mid-job, attempts running out."""
+import signal
 import time
 
 import pytest
@@ -69,6 +70,26 @@ def test_a_job_whose_worker_is_killed_is_requeued_and_finishes(stack, long_job):
     assert final["status"] == "succeeded", final["error"]
     assert final["attempts"] == 2
     assert final["result"]["checkpoint_id"]
+
+
+def test_a_worker_stopped_mid_job_hands_it_back_and_another_finishes_it(stack, long_job):
+    """SIGTERM to the worker's main process, as docker stop sends it: the job stops between steps and goes back
+    to the queue with its attempt given back, the worker exits without waiting for it to end, and the next worker
+    runs it to the end. (Killed instead, the job would wait for the reaper and lose an attempt.)"""
+    with stack.client() as client:
+        job = long_job(client, epochs=500)
+        wait_until(lambda: running_with_progress(client, job["id"]), 120)
+        worker = stack.workers[-1]
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+        released = client.get_job(job["id"])
+        assert (released["status"], released["attempts"]) == ("queued", 0), released
+        assert released["progress"]["stage"] == "released by a stopping worker"
+        stack.start_worker()
+        wait_until(lambda: running_with_progress(client, job["id"]), 120)
+        client.cancel_job(job["id"])  # 500 epochs: the point is that another worker took it up
+        final = client.wait_for_job(job["id"], timeout_s=60)
+    assert final["status"] == "cancelled" and final["attempts"] == 1
 
 
 def test_a_job_that_keeps_losing_its_worker_fails_with_a_reason(stack, long_job):

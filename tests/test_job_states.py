@@ -261,3 +261,14 @@ def test_a_checkpoint_that_a_queued_job_reads_keeps_its_job(sessions, job_id):
                                            start_checkpoint_id=checkpoint.id))
     with sessions() as session:
         assert jobs.checkpoints_in_use(session, job_id) == [reader.id]
+
+
+def test_a_job_released_by_its_stopping_worker_is_queued_with_its_attempt_given_back(sessions, job_id):
+    with sessions.begin() as session:
+        jobs.claim(session, job_id, "w1", far_past(), max_attempts=3)
+    with sessions.begin() as session:
+        assert not jobs.release(session, job_id, "w2")  # only the worker that holds it
+        assert jobs.release(session, job_id, "w1")
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.attempts, job.worker_id, job.published_at) == (JobStatus.QUEUED, 0, None, None)

@@ -44,3 +44,13 @@ def test_a_refused_key_is_not_counted_against_anyone(limited_stack):
         assert _get(limited_stack, "not-a-key").status_code == 401
     time.sleep(2.2)
     assert _get(limited_stack, limited_stack.other_key).status_code == 200
+
+
+def test_the_sdk_waits_out_a_429_as_retry_after_says(limited_stack):
+    """The SDK retries a 429 (nothing was done) after its Retry-After, as it does a 503."""
+    from tvforge.client import TvforgeClient
+
+    time.sleep(2.2)  # a fresh window
+    with TvforgeClient(limited_stack.url, limited_stack.owner_key) as client:
+        statuses = [client.request("GET", "/v1/jobs").status_code for _ in range(8)]
+    assert statuses == [200] * 8  # the calls past the limit waited for the window instead of failing

@@ -24,7 +24,8 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, retry_if
 from tenacity.wait import wait_exponential_jitter
 
 FINISHED = ("succeeded", "failed", "cancelled")
-RETRIED_STATUSES = frozenset({500, 502, 503, 504})
+# 429 (a rate limit, the active-jobs quota) changed nothing and says when to come back (Retry-After).
+RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 CHUNK_BYTES = 1024 * 1024
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
@@ -237,7 +238,7 @@ class TvforgeClient:
 
     def _send(self, send: Callable[[], httpx.Response],
               landed: Callable[[], httpx.Response | None] | None = None) -> httpx.Response:
-        """send(), retried on connection errors and 5xx. Before a retry, landed() may answer instead: for a
+        """send(), retried on connection errors, 429 and 5xx. Before a retry, landed() may answer instead: for a
         request that is not idempotent, it asks the server whether the failed attempt took effect."""
         for attempt in self._retrying():
             with attempt:

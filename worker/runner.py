@@ -15,6 +15,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from broker.publish import publish
 from engine.context import (
     Cancelled,
     DatasetInput,
@@ -62,14 +63,20 @@ class Heartbeat(threading.Thread):
     so this one stops rather than run beside it (its late writes would be refused anyway)."""
 
     def __init__(self, job_id: str, worker_id: str, interval_s: float, timeout_s: float,
-                 keep_fresh: Callable[[], None] | None = None):
+                 keep_fresh: Callable[[], None] | None = None, worker_stopping: Callable[[], bool] | None = None):
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
         self.job_id, self.worker_id, self.interval_s = job_id, worker_id, interval_s
         self.give_up_after_s = max(interval_s, timeout_s - interval_s)
         self.keep_fresh = keep_fresh
+        self.worker_stopping = worker_stopping
         self.cancel_requested = threading.Event()
         self.lost = threading.Event()
+        self.released = threading.Event()  # the worker is shutting down: stop, and hand the job back
         self._stop_event = threading.Event()
+
+    def stop_requested(self) -> bool:
+        """What the engine's cancel checks ask: stop between steps."""
+        return self.cancel_requested.is_set() or self.lost.is_set() or self.released.is_set()
 
     def run(self) -> None:
         poll_s = min(1.0, self.interval_s)
@@ -88,6 +95,8 @@ class Heartbeat(threading.Thread):
                         self.cancel_requested.set()
             except Exception:  # a database hiccup must not kill the job; the next beat retries
                 log.warning("heartbeat for %s failed", self.job_id, exc_info=True)
+            if self.worker_stopping is not None and self.worker_stopping():
+                self.released.set()
             if time.monotonic() - last_success >= self.give_up_after_s:
                 log.error("job %s: no heartbeat reached the database for %.0f s; stopping, the reaper will "
                           "requeue it", self.job_id, time.monotonic() - last_success)
@@ -274,8 +283,11 @@ def resolve_device(setting: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_job(job_id: str, worker_id: str) -> JobStatus | None:
-    """Run a job end to end; returns its final status, or None if this worker did not claim it."""
+def run_job(job_id: str, worker_id: str, worker_stopping: Callable[[], bool] | None = None) -> JobStatus | None:
+    """Run a job end to end; returns its final status, or None if this worker did not claim it or gave it up.
+
+    worker_stopping: true once the worker process is shutting down (worker.tasks): the job stops between steps
+    and goes back to the queue for another worker, its attempt not counted."""
     settings = get_settings()
     if not claim(job_id, worker_id, settings):
         log.info("job %s not claimed by %s", job_id, worker_id)
@@ -289,7 +301,7 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
             blobs.keep_fresh(input_paths(loaded))
 
     heartbeat = Heartbeat(job_id, worker_id, settings.heartbeat_interval_s, settings.heartbeat_timeout_s,
-                          keep_fresh=keep_inputs_cached)
+                          keep_fresh=keep_inputs_cached, worker_stopping=worker_stopping)
     heartbeat.start()
     log.info("job claimed by %s", worker_id)
     workdir: Path | None = None
@@ -300,7 +312,7 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
         ctx = JobContext(
             workdir=workdir, cache_dir=settings.head_cache_dir,
             device=resolve_device(settings.device), seed=loaded.seed, report=ProgressWriter(job_id, worker_id),
-            is_cancelled=lambda: heartbeat.cancel_requested.is_set() or heartbeat.lost.is_set(),
+            is_cancelled=heartbeat.stop_requested,
             # No job id here: the same spec and seed must give the same bytes.
             metadata={"format": "pt", "tvforge.method": str(loaded.method), **loaded.provenance},
         )
@@ -336,6 +348,11 @@ def run_job(job_id: str, worker_id: str) -> JobStatus | None:
     except Cancelled:
         if heartbeat.lost.is_set():
             log.warning("job %s was taken from worker %s; stopping", job_id, worker_id)
+            return None
+        if heartbeat.released.is_set() and not heartbeat.cancel_requested.is_set():
+            if transact(lambda session: jobs.release(session, job_id, worker_id), retry_for_s):
+                log.info("job %s handed back to the queue: this worker is shutting down", job_id)
+                publish(job_id)
             return None
         transact(lambda session: jobs.acknowledge_cancel(session, job_id, worker_id), retry_for_s)
         return JobStatus.CANCELLED

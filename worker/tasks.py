@@ -1,9 +1,10 @@
 """Celery tasks and worker signals."""
+import multiprocessing
 import os
 import secrets
 import socket
 
-from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from broker.celery_app import RUN_JOB, celery_app
 from store.db import get_engine
@@ -14,6 +15,10 @@ from worker.reaper import Reaper
 from worker.runner import run_job
 
 _reaper: Reaper | None = None
+# Set in the main process when it starts a warm shutdown (SIGTERM: docker stop, a redeploy); the pool's processes,
+# forked from it, inherit the event and hand their running jobs back to the queue between steps, instead of
+# running on until the container's grace period ends and the kill costs the job an attempt.
+_stopping = multiprocessing.get_context("fork").Event()
 
 
 @setup_logging.connect
@@ -27,7 +32,8 @@ def run_job_task(job_id: str) -> str | None:
     try:
         # A token per delivery: a retried claim knows its own row, and a restarted process that reuses the pid
         # (a container's first pids repeat) is not taken for the one that died.
-        return run_job(job_id, worker_id=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}")
+        return run_job(job_id, worker_id=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}",
+                       worker_stopping=_stopping.is_set)
     finally:
         logs.job_id.reset(token)
 
@@ -51,6 +57,11 @@ def _start_reaper(**_) -> None:
     global _reaper
     _reaper = Reaper()
     _reaper.start()
+
+
+@worker_shutting_down.connect
+def _hand_back_running_jobs(**_) -> None:
+    _stopping.set()
 
 
 @worker_shutdown.connect
