@@ -176,3 +176,34 @@ def test_a_recipe_with_a_finetuned_vector_uploads_it_once(stack, assets, tmp_pat
     assert len(tuned) == 1 and tuned[0]["source_kind"] == "finetuned"
     assert len(jobs) == 1 and jobs[0]["status"] == "succeeded"
     assert "tuned" in again.stderr and again.stderr.count("(already on the server)") == 3  # base, a, tuned
+
+
+def test_an_event_stream_that_goes_silent_is_given_up_not_waited_on_forever(monkeypatch):
+    """A server that answers the stream's headers and then writes nothing (a half-open connection): the SDK
+    raises once it has heard nothing for EVENTS_SILENCE_S (the real server writes a keep-alive every 15 s)."""
+    import socket
+    import threading
+
+    import httpx
+
+    from tvforge import client as sdk
+
+    monkeypatch.setattr(sdk, "EVENTS_SILENCE_S", 1.0)
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def answer_headers_then_nothing():
+        connection, _ = server.accept()
+        accepted.append(connection)
+        connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+    threading.Thread(target=answer_headers_then_nothing, daemon=True).start()
+    try:
+        with sdk.TvforgeClient(f"http://127.0.0.1:{server.getsockname()[1]}", "key", retries=1) as client, \
+                pytest.raises(httpx.ReadTimeout):
+            list(client.events("job_0"))
+    finally:
+        for connection in accepted:
+            connection.close()
+        server.close()

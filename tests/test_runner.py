@@ -89,3 +89,14 @@ def test_the_soft_time_limit_is_not_swallowed_by_a_progress_write(job_id, monkey
     monkeypatch.setattr(runner.jobs, "write_progress", raising(SoftTimeLimitExceeded()))
     with pytest.raises(SoftTimeLimitExceeded):
         writer(Progress("evaluating", 2, 4))
+
+
+def test_a_pool_process_makes_its_own_blob_store_and_database_connections(job_id):
+    """Celery forks pool processes from the main one, whose reaper already made an S3 client and database
+    connections: a forked process must not share their sockets."""
+    from store.blobs import get_blob_store
+    from worker.tasks import _init_pool_process
+
+    inherited = get_blob_store()
+    _init_pool_process()
+    assert get_blob_store() is not inherited

@@ -27,6 +27,7 @@ FINISHED = ("succeeded", "failed", "cancelled")
 # 429 (a rate limit, the active-jobs quota) changed nothing and says when to come back (Retry-After).
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 CHUNK_BYTES = 1024 * 1024
+EVENTS_SILENCE_S = 60.0  # four of the server's keep-alive intervals (app.routes.jobs.SSE_KEEPALIVE_S)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
@@ -378,8 +379,11 @@ class TvforgeClient:
             time.sleep(poll_s)
 
     def events(self, job_id: str) -> Iterator[tuple[str, JobInfo]]:
-        """Server-Sent Events of a job, as (event, job) pairs, until it ends."""
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as response:
+        """Server-Sent Events of a job, as (event, job) pairs, until it ends. The server writes at least every
+        15 s (a keep-alive comment): a stream silent for EVENTS_SILENCE_S is taken as lost (httpx.ReadTimeout),
+        not waited on forever."""
+        timeout = httpx.Timeout(self.http.timeout.connect, read=EVENTS_SILENCE_S)
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout) as response:
             if response.status_code >= 400:
                 response.read()
                 self._json(response)

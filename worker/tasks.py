@@ -7,6 +7,7 @@ import socket
 from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from broker.celery_app import RUN_JOB, celery_app
+from store.blobs import blob_store_at
 from store.db import get_engine
 from tvforge import logs
 from tvforge.logs import configure_logging
@@ -40,8 +41,10 @@ def run_job_task(job_id: str) -> str | None:
 
 @worker_process_init.connect
 def _init_pool_process(**_) -> None:
-    # Pooled connections inherited from the parent must not be shared with it.
+    # Pooled connections inherited from the parent must not be shared with it: the database's, and an S3
+    # store's client (its reaper made one before this process was forked; boto3's are not fork-safe).
     get_engine().dispose(close=False)
+    blob_store_at.cache_clear()
     threads = get_settings().torch_threads
     if threads:
         import torch
