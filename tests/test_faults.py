@@ -103,8 +103,7 @@ def job_on_own_postgres(monkeypatch, tmp_path):
     from migrations import upgrade
     from store import jobs
     from store.db import get_engine, session_scope
-    from store.ids import new_id
-    from store.models import BaseModel, Job, JobKind
+    from tests.job_rows import add_queued_job
     from tests.services import start_postgres_cluster
     from tvforge.settings import get_settings
 
@@ -115,17 +114,10 @@ def job_on_own_postgres(monkeypatch, tmp_path):
     try:
         upgrade(cluster.url)
         with session_scope() as session:
-            base = BaseModel(id=new_id("bm"), owner="alice", name="b", architecture="ViT-B-32", config=None,
-                             pretrained=None, sha256="0" * 64, size_bytes=1, tensor_count=1, parameter_count=1,
-                             visual_parameter_count=1, text_parameter_count=0)
-            session.add(base)
-            session.flush()
-            job = jobs.enqueue(session, Job(id=new_id("job"), owner="alice", kind=JobKind.MERGE.value,
-                                            method="ties", base_model_id=base.id, task_vector_ids=[], params={},
-                                            seed=0, request_hash="h"))
+            job_id = add_queued_job(session)
         with session_scope() as session:
-            assert jobs.claim(session, job.id, "w", jobs.stale_before(60), max_attempts=3)
-        yield cluster, job.id
+            assert jobs.claim(session, job_id, "w", jobs.stale_before(60), max_attempts=3)
+        yield cluster, job_id
     finally:
         get_engine().dispose()
         get_settings.cache_clear()

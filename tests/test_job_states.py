@@ -15,7 +15,8 @@ from migrations import upgrade
 from store import jobs
 from store.ids import new_id
 from store.jobs import JobStatus
-from store.models import BaseModel, Checkpoint, Job, JobKind, utcnow
+from store.models import Checkpoint, Job, JobKind, utcnow
+from tests.job_rows import add_queued_job
 
 RACERS = 8
 
@@ -41,15 +42,7 @@ def sessions(request, tmp_path) -> Iterator[sessionmaker[Session]]:
 @pytest.fixture
 def job_id(sessions) -> str:
     with sessions.begin() as session:
-        base = BaseModel(id=new_id("bm"), owner="alice", name="b", architecture="ViT-B-32", config=None,
-                         pretrained=None, sha256="0" * 64, size_bytes=1, tensor_count=1, parameter_count=1,
-                         visual_parameter_count=1, text_parameter_count=0)
-        session.add(base)
-        session.flush()
-        job = jobs.enqueue(session, Job(id=new_id("job"), owner="alice", kind=JobKind.MERGE.value, method="ties",
-                                        base_model_id=base.id, task_vector_ids=[], params={}, seed=0,
-                                        request_hash="h"))
-        return job.id
+        return add_queued_job(session)
 
 
 def status(sessions, job_id: str) -> JobStatus:

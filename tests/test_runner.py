@@ -9,11 +9,10 @@ from sqlalchemy.exc import OperationalError
 
 from engine.context import Progress
 from migrations import upgrade
-from store import jobs
 from store.db import get_engine, session_scope
-from store.ids import new_id
 from store.jobs import JobStatus
-from store.models import BaseModel, Job, JobKind
+from store.models import Job
+from tests.job_rows import add_queued_job
 from tvforge.settings import get_settings
 from worker import runner
 
@@ -24,15 +23,7 @@ def job_id(tmp_path, monkeypatch) -> str:
     get_settings.cache_clear()
     upgrade(get_settings().resolved_database_url)
     with session_scope() as session:
-        base = BaseModel(id=new_id("bm"), owner="alice", name="b", architecture="ViT-B-32", config=None,
-                         pretrained=None, sha256="0" * 64, size_bytes=1, tensor_count=1, parameter_count=1,
-                         visual_parameter_count=1, text_parameter_count=0)
-        session.add(base)
-        session.flush()
-        job = jobs.enqueue(session, Job(id=new_id("job"), owner="alice", kind=JobKind.MERGE.value,
-                                        method="task_arithmetic", base_model_id=base.id, task_vector_ids=[],
-                                        params={}, seed=0, request_hash="h"))
-        job_id = job.id
+        job_id = add_queued_job(session, method="task_arithmetic")
     yield job_id
     get_engine().dispose()
     get_settings.cache_clear()
