@@ -14,21 +14,24 @@ class BodyTooLarge(HTTPException):
                               "multipart/form-data.", headers={"Connection": "close"})
 
 
+# The routes that stream a multipart upload to disk (app.uploads), under the settings' max_upload_bytes.
+UPLOAD_ROUTES = frozenset({("POST", "/v1/base-models"), ("POST", "/v1/task-vectors"), ("POST", "/v1/datasets")})
+
+
 class BodySizeLimitMiddleware:
-    """Bounds every request body but multipart uploads: a declared Content-Length over MAX_JSON_BODY_BYTES is
-    refused at the first read, a chunked body as soon as it passes the limit. Not FastAPI's max_body_size: for an
-    announced oversize body whose route answers before reading it (a missing key), Starlette replaces that answer
-    with a plain-text 413, not a problem."""
+    """Bounds every request body but the uploads': a declared Content-Length over MAX_JSON_BODY_BYTES is refused
+    at the first read, a chunked body as soon as it passes the limit. The uploads are known by their route, not by
+    a Content-Type the client chooses. Not FastAPI's max_body_size: for an announced oversize body whose route
+    answers before reading it (a missing key), Starlette replaces that answer with a plain-text 413, not a
+    problem."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope["method"], scope["path"].rstrip("/")) in UPLOAD_ROUTES:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data"):
-            return await self.app(scope, receive, send)
         declared = headers.get(b"content-length", b"")
         received = int(declared) if declared.isdigit() else 0
 

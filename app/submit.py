@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from app.problems import Problem
 from app.quotas import check_active_jobs
 from broker.publish import publish
+from engine.cost import JobEstimate
 from store import jobs
 from store.models import Job
 from tvforge.settings import Settings
@@ -59,3 +60,15 @@ def submit(session: Session, response: Response, owner: str, body: BaseModel, id
             publish(job.id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
+
+
+def within_bounds(estimate: JobEstimate, settings: Settings) -> None:
+    """A job over the service's bounds (engine.cost's estimate) is refused with the numbers."""
+    if estimate.images > settings.max_job_images:
+        raise Problem(422, f"This job would push about {estimate.images:,} images through the model; this service "
+                           f"takes at most {settings.max_job_images:,} per job (TVFORGE_MAX_JOB_IMAGES): fewer "
+                           f"epochs, a smaller batch or smaller datasets.", slug="job-too-large")
+    if estimate.peak_bytes > settings.worker_memory_bytes:
+        raise Problem(422, f"This job would need about {estimate.peak_bytes / 2**30:.1f} GiB on a worker, which has "
+                           f"{settings.worker_memory_bytes / 2**30:.1f} GiB (TVFORGE_WORKER_MEMORY_BYTES): a smaller "
+                           f"batch_size or fewer task vectors.", slug="job-too-large")

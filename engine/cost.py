@@ -80,6 +80,17 @@ def first_split(sizes: dict[str, int], order: tuple[str, ...]) -> int:
     return next((sizes[s] for s in order if sizes.get(s)), 0)
 
 
+def target_images(targets: list[tuple[str, str | None]], split_sizes: dict[str, dict[str, int]],
+                  order: tuple[str, ...], references: bool = False) -> int:
+    """Images of one evaluation of every (dataset, task vector) target on its split: each target is its own
+    pass, though several name one dataset; references: also each task vector's fine-tuned reference pass."""
+    return sum(first_split(split_sizes.get(dataset_id, {}), order) * (1 + (references and tv is not None))
+               for dataset_id, tv in targets)
+
+
+SELECTION_SPLITS, REPORT_SPLITS = ("val", "train"), ("test", "val", "train")
+
+
 def stacked_entries(shape: TowerShape, vector_parameters: list[int], vectors_per_block: int | None) -> int:
     """At most how many task-vector values aTLAS stacks: each vector's image-tower share, which is no more than
     the tower or than the values its file stores (LoRA factors, not their products); a memory budget of b
@@ -91,7 +102,7 @@ def stacked_entries(shape: TowerShape, vector_parameters: list[int], vectors_per
 
 
 def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], split_sizes: dict[str, dict[str, int]],
-                   dataset_side: int, runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
+                   dataset_side: int, class_counts: dict[str, int], runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
     """aTLAS: epochs x steps x batch training images (forward and backward), every epoch's selection
     evaluation, and memory for theta_0, the stacked vectors, the composed tower, a batch's activations and
     the datasets."""
@@ -99,23 +110,29 @@ def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], spli
     epochs = params.epochs or recipe.epochs
     order = (params.train_split,) if params.train_split else recipe.train_splits
     mode = params.mode
+    batch = params.batch_size
+    target_classes = class_counts.get(params.target_dataset_id, 0) if params.target_dataset_id else 0
     if mode == "addition":
-        per_task = max(1, params.batch_size // max(1, len(params.task_datasets)))
+        tasks = max(1, len(params.task_datasets))
+        per_task = max(1, batch // tasks)
+        batch = max(batch, per_task * tasks)  # every task gives at least one image a step
         train = [first_split(split_sizes.get(ds, {}), order) for ds in params.task_datasets.values()]
         steps = min((math.ceil(n / per_task) for n in train if n), default=0)
     elif mode == "few_shot":
         size = first_split(split_sizes.get(params.target_dataset_id, {}), order)
-        shots = min(size, params.shots * 1000) if params.shots else size  # at most 1000 classes of k shots
-        steps = max(10, math.ceil(shots / params.batch_size))
+        shots = min(size, params.shots * max(1, target_classes)) if params.shots else size
+        steps = max(10, math.ceil(shots / batch))
     else:
         size = first_split(split_sizes.get(params.target_dataset_id, {}), order)
-        steps = math.ceil(size / max(1, params.batch_size // (2 if mode == "negation" else 1)))
-    selection = sum(first_split(sizes, ("val", "train")) for sizes in split_sizes.values())
-    reports = sum(first_split(sizes, ("test", "val", "train")) for sizes in split_sizes.values())
+        steps = math.ceil(size / max(1, batch // (2 if mode == "negation" else 1)))
+    targets = params.evaluation_targets()
+    selection = target_images(targets, split_sizes, SELECTION_SPLITS)
+    references = target_images(targets, split_sizes, SELECTION_SPLITS, references=True) - selection
+    reports = target_images(targets, split_sizes, REPORT_SPLITS, references=True)
     # ufm also passes every step's images unaugmented (its targets) and labels the whole split once first
     views = 2 if mode == "ufm" else 1
     labelling = first_split(split_sizes.get(params.target_dataset_id, {}), order) if mode == "ufm" else 0
-    images = views * epochs * steps * params.batch_size + labelling + (epochs + 1) * selection + reports
+    images = views * epochs * steps * batch + labelling + (epochs + 1) * selection + references + reports
     # the device is not known here: auto counts float32, the CPU's (CUDA's fp16 stacks take half)
     vector_bytes = 2 if params.vector_dtype in ("bfloat16", "float16") else FLOAT32
     # aTLAS x K: a uint8 partition per image-tower entry, and K candidates of the block being composed (bounded
@@ -125,34 +142,53 @@ def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], spli
         partition_bytes = shape.visual_parameters + params.partitions * FLOAT32 * shape.visual_parameters // max(
             1, shape.layers or 1)
     stacked = stacked_entries(shape, vector_parameters, params.vectors_per_block)
+    # Training and evaluation batches do not overlap: the larger of the two (an evaluation keeps no activations
+    # for backward, about a quarter of a training batch's per image).
+    batches = max(shape.activation_bytes(batch) + shape.image_bytes(batch),
+                  shape.activation_bytes(params.eval_batch_size) // 4 + shape.image_bytes(params.eval_batch_size))
     peak = (runtime_bytes + shape.parameters * FLOAT32 + stacked * vector_bytes
-            + 2 * shape.visual_parameters * FLOAT32 + partition_bytes
-            + shape.activation_bytes(params.batch_size) + shape.image_bytes(params.batch_size)
+            + 2 * shape.visual_parameters * FLOAT32 + partition_bytes + batches
             + dataset_bytes(split_sizes, dataset_side))
     return JobEstimate(images, peak)
 
 
 def search_estimate(params, shape: TowerShape, split_sizes: dict[str, dict[str, int]], grid: int,
                     dataset_side: int, runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
-    """A training-free merge: one model and one merged vector in memory; a lambda search evaluates every
-    grid point on each dataset's val split, then the report splits once."""
-    validation = sum(first_split(sizes, ("val", "train")) for sizes in split_sizes.values())
-    reports = sum(first_split(sizes, ("test", "val", "train")) for sizes in split_sizes.values())
+    """A training-free merge: one model and one merged vector in memory; a lambda search evaluates every grid
+    point on each target's val split (after each fine-tuned reference once), then the report splits once."""
+    targets = params.evaluation_targets()
+    searched = target_images(targets, split_sizes, SELECTION_SPLITS) if grid else 0
+    references = target_images(targets, split_sizes, SELECTION_SPLITS, references=True) - searched if grid else 0
+    reports = target_images(targets, split_sizes, REPORT_SPLITS, references=True)
     eval_batch = 256
     peak = (runtime_bytes + 2 * shape.parameters * FLOAT32 + shape.visual_parameters * FLOAT32
             + shape.activation_bytes(eval_batch) // 4 + dataset_bytes(split_sizes, dataset_side))
-    return JobEstimate(grid * validation + reports, peak)
+    return JobEstimate(grid * searched + references + reports, peak)
+
+
+def evaluation_estimate(items: list[tuple[str, str | None, bool]], shape: TowerShape,
+                        split_sizes: dict[str, dict[str, int]], dataset_side: int,
+                        runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
+    """An evaluation job: each (dataset, split or None for the report order, has a reference) passes its split
+    once, and once more through its reference model; memory as a merge's evaluation (one model at a time)."""
+    images = sum(first_split(split_sizes.get(dataset_id, {}), (split,) if split else REPORT_SPLITS)
+                 * (1 + has_reference) for dataset_id, split, has_reference in items)
+    eval_batch = 256
+    peak = (runtime_bytes + 2 * shape.parameters * FLOAT32 + shape.visual_parameters * FLOAT32
+            + shape.activation_bytes(eval_batch) // 4 + dataset_bytes(split_sizes, dataset_side))
+    return JobEstimate(images, peak)
 
 
 def estimate_job(method: str, params, shape: TowerShape, vector_parameters: list[int],
-                 split_sizes: dict[str, dict[str, int]], dataset_side: int,
+                 split_sizes: dict[str, dict[str, int]], dataset_side: int, class_counts: dict[str, int],
                  runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
     """The estimate of a `method` job with these params over task vectors storing these numbers of values (their
-    files' parameter counts) and datasets of these split sizes (dataset id -> {split: images}) whose images are
-    dataset_side pixels square; runtime_bytes: the process before any tensor (a worker knows its own; the
-    default is this machine's)."""
+    files' parameter counts) and datasets of these split sizes (dataset id -> {split: images}) and numbers of
+    classes, whose images are dataset_side pixels square; runtime_bytes: the process before any tensor (a worker
+    knows its own; the default is this machine's)."""
     if method == "atlas":
-        return atlas_estimate(params, shape, vector_parameters, split_sizes, dataset_side, runtime_bytes)
+        return atlas_estimate(params, shape, vector_parameters, split_sizes, dataset_side, class_counts,
+                              runtime_bytes)
     grid = SEARCH_POINTS if getattr(params, "validation_datasets", None) else 0
     estimate = search_estimate(params, shape, split_sizes, grid, dataset_side, runtime_bytes)
     calibrated = len(getattr(params, "calibration_datasets", {}) or {})

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.context import JobContext, MergeInputs, MethodResult, Progress
-from engine.cost import RUNTIME_BYTES, JobEstimate, TowerShape, estimate_job
+from engine.cost import RUNTIME_BYTES, JobEstimate, TowerShape, estimate_job, evaluation_estimate
 from engine.data import REPORT_SPLITS, image_side, split_sizes
 from engine.evaluator import EvalTarget, Evaluator
 from engine.methods.spec import MethodParams, MethodSpec
@@ -87,19 +87,35 @@ def evaluate(inputs: MergeInputs, weights: Path | None, items: list[EvaluationIt
     return evaluator.report(targets, REPORT_SPLITS, references)
 
 
-def estimate_inputs(spec: MethodSpec, inputs: MergeInputs, params: MethodParams,
-                    runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
-    """engine.cost's estimate of a job from its files' headers (no tensor or image is read)."""
+def _shape_and_sizes(inputs: MergeInputs) -> tuple[TowerShape, dict[str, dict[str, int]], int]:
+    """The model's shape and the datasets' split sizes and image side, from the files' headers."""
     import open_clip
 
     header = read_header(inputs.base_path)
     parameters = sum(info.numel for info in header.tensors.values())
     visual = sum(info.numel for name, info in header.tensors.items() if name.startswith("visual."))
     config = inputs.base_spec.config or open_clip.get_model_config(inputs.base_spec.architecture) or {}
-    shape = TowerShape.from_config(config, parameters, visual)
     sizes, side = {}, 0
     for dataset_id, dataset in inputs.datasets.items():
         sizes[dataset_id] = split_sizes(dataset.path)
         side = max(side, image_side(dataset.path))
+    return TowerShape.from_config(config, parameters, visual), sizes, side
+
+
+def estimate_inputs(spec: MethodSpec, inputs: MergeInputs, params: MethodParams,
+                    runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
+    """engine.cost's estimate of a job from its files' headers (no tensor or image is read)."""
+    shape, sizes, side = _shape_and_sizes(inputs)
     stored = [read_header(tv.path).parameter_count for tv in inputs.task_vectors]
-    return estimate_job(spec.name, params, shape, stored, sizes, side, runtime_bytes)
+    classes = {dataset_id: len(dataset.class_names or []) for dataset_id, dataset in inputs.datasets.items()}
+    return estimate_job(spec.name, params, shape, stored, sizes, side, classes, runtime_bytes)
+
+
+def estimate_evaluation(inputs: MergeInputs, items: list[EvaluationItem],
+                        runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
+    """engine.cost's estimate of an evaluation job from its files' headers."""
+    shape, sizes, side = _shape_and_sizes(inputs)
+    described = [(item.dataset_id, item.split,
+                  item.reference_checkpoint is not None or item.reference_task_vector_id is not None)
+                 for item in items]
+    return evaluation_estimate(described, shape, sizes, side, runtime_bytes)

@@ -95,7 +95,8 @@ def read_header(path: Path, max_tensors: int | None = None, max_header_bytes: in
     if not raw.lstrip().startswith(b"{"):
         raise NotSafetensors("not a safetensors file (pickle or zip container)" if foreign
                              else "not a safetensors file (header is not JSON)")
-    # Every tensor entry names its data_offsets: an upper bound on the entries, counted without parsing.
+    # Every tensor entry names its data_offsets: the entries, counted before parsing (an escaped name is counted
+    # after it, below; the header's size bounds what that parse can cost).
     if max_tensors is not None and (entries := raw.count(b'"data_offsets"')) > max_tensors:
         raise SafetensorsError(f"the header lists {entries} tensors; at most {max_tensors} are expected")
     try:
@@ -109,6 +110,8 @@ def read_header(path: Path, max_tensors: int | None = None, max_header_bytes: in
     metadata = parsed.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise SafetensorsError("__metadata__ must map strings to strings")
+    if max_tensors is not None and len(parsed) > max_tensors:  # the count above misses escaped key names
+        raise SafetensorsError(f"the header lists {len(parsed)} tensors; at most {max_tensors} are expected")
 
     tensors: dict[str, TensorInfo] = {}
     for name, entry in parsed.items():

@@ -222,9 +222,14 @@ def iso_cts_merge(slices: Sequence[torch.Tensor], common_space_fraction: float) 
     first = slices[0]
     rank = min(first.shape)
     common = int(rank * common_space_fraction)
-    # the reference rounds the task-specific total to a multiple of the task count (Python's round)
-    common = rank - round((rank - common) / tasks) * tasks
-    per_task = int((rank - common) / tasks)
+    # the reference rounds the task-specific total to a multiple of the task count (Python's round). Deviation:
+    # where that rounds past the rank (a small matrix, many tasks, a small common fraction), the reference's
+    # common space goes negative and its slicing silently drops columns; the total is rounded down instead.
+    specific_total = round((rank - common) / tasks) * tasks
+    if specific_total > rank:
+        specific_total = (rank - common) // tasks * tasks
+    common = rank - specific_total
+    per_task = specific_total // tasks
 
     total = first.clone()
     for i in range(1, tasks):

@@ -36,8 +36,9 @@ CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
 }
 MAX_PATCHES = 65536
 MAX_CONFIG_BYTES = 16 * 1024  # ViT-bigG's config is under 1 KiB
-# Towers built by timm or Hugging Face load code and files from elsewhere (and would read a path given as a model
-# name): a custom config builds open_clip's own towers only.
+# Towers built by timm or Hugging Face, and Hugging Face tokenizers, load code and files from elsewhere (and would
+# read a path given as a model name; the service runs offline): a custom config uses open_clip's own towers and
+# tokenizer only. That leaves out open_clip's CLIPA and "worldwide" configs, whose tokenizers come from the Hub.
 FOREIGN_TOWER_KEYS = {"timm_model_name", "timm_model_pretrained", "hf_model_name", "hf_model_pretrained",
                       "hf_tokenizer_name"}
 CONFIG_KEYS = {
@@ -63,10 +64,16 @@ def check_config(config: dict) -> None:
     if len(json.dumps(config)) > MAX_CONFIG_BYTES:
         raise ValueError(f"model config is over {MAX_CONFIG_BYTES} bytes as JSON")
     for where, values in (("", config), ("vision_cfg.", config["vision_cfg"]), ("text_cfg.", config["text_cfg"])):
-        if unknown := sorted(set(values) - CONFIG_KEYS[where] - {"vision_cfg", "text_cfg"}):
+        unknown = sorted(set(values) - CONFIG_KEYS[where] - {"vision_cfg", "text_cfg"})
+        if foreign := [key for key in unknown if key in FOREIGN_TOWER_KEYS]:
+            raise ValueError(f"model config names towers or a tokenizer from timm or the Hugging Face Hub "
+                             f"({', '.join(where + key for key in foreign)}); this service builds open_clip's own "
+                             f"and does not load code or files from elsewhere")
+        if "multimodal_cfg" in unknown:
+            raise ValueError("model config is a CoCa model's (multimodal_cfg); only CLIP models are supported")
+        if unknown:
             raise ValueError(f"model config has keys open_clip's CLIP does not take: "
-                             f"{', '.join(where + key for key in unknown)} (timm and Hugging Face towers are not "
-                             f"supported)")
+                             f"{', '.join(where + key for key in unknown)}")
         for key, (low, high) in CONFIG_BOUNDS.items():
             value = values.get(key)
             for number in (value if isinstance(value, list | tuple) else [value]):

@@ -4,10 +4,11 @@ shared by many machines (S3BlobStore), each of which keeps a local cache in the 
 Blobs are shared by identical uploads, so a row's delete never removes its blob directly (an upload
 of the same bytes may be about to point a new row at it): collect_garbage removes blobs no row
 references that nobody has committed for a grace period; a commit of existing bytes refreshes the
-blob's time. Each commit leaves a stamp (the local file's inode, a remote object's commit token): a refused
-upload removes the blob it created only while the stamp is its own, so a concurrent upload of the same bytes,
-which committed after it and is about to add its row, keeps the blob. On one machine the check and the
-removal hold a lock that commits take too (flock on <root>/.lock).
+blob's time. Each local commit leaves a stamp (the file's inode: a commit of existing bytes replaces the file):
+a refused upload removes the blob it created only while the stamp is its own, so a concurrent upload of the same
+bytes, which committed after it and is about to add its row, keeps the blob. The check and the removal hold a
+lock that commits take too (flock on <root>/.lock), as do the collector's last look at a blob and its removal.
+A refused upload to S3 leaves its object to the collector (S3BlobStore.discard).
 
 Files are written under tmp/ while they stream in (hashed on the way), then
 fsynced and renamed to sha256/<aa>/<rest>: a reader never sees a half file.
@@ -17,7 +18,6 @@ import hashlib
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -134,7 +134,7 @@ class BlobStore:
                 os.fsync(f.fileno())
             known_sha256 = digest.hexdigest()
         sha, size = known_sha256, path.stat().st_size
-        remote = self._store(sha, path)
+        created_remotely = self._store(sha, path)
         target = self.local_path(sha)
         target.parent.mkdir(parents=True, exist_ok=True)
         with self._exclusive():
@@ -143,12 +143,12 @@ class BlobStore:
             os.utime(target)  # rename keeps the writer's time: the collector's grace period starts at the commit
             inode = target.stat().st_ino
         _fsync_dir(target.parent)
-        created, stamp = remote if remote is not None else (not existed, str(inode))
-        return Committed(sha, size, created, stamp)
+        created = created_remotely if created_remotely is not None else not existed
+        return Committed(sha, size, created, str(inode))
 
-    def _store(self, sha256: str, path: Path) -> tuple[bool, str] | None:
-        """Make the blob durable where every machine finds it, returning (created, stamp); None for the local
-        store, where the file moved into place is that."""
+    def _store(self, sha256: str, path: Path) -> bool | None:
+        """Make the blob durable where every machine finds it, returning whether it was not stored before; None
+        for the local store, where the file moved into place is that."""
         return None
 
     @contextmanager
@@ -330,9 +330,10 @@ class S3BlobStore(BlobStore):
             if total <= self.cache_max_bytes or mtime >= protected_after:
                 break
             with self._exclusive():
-                if _older_than(path, protected_after):  # not committed or used since it was listed
-                    path.unlink()  # a process that has it open or mapped keeps reading it
-                    removed += 1
+                if not _older_than(path, protected_after):  # committed or used since it was listed
+                    continue
+                path.unlink()  # a process that has it open or mapped keeps reading it
+            removed += 1
             total -= size
         return removed
 
@@ -345,20 +346,23 @@ class S3BlobStore(BlobStore):
             except FileNotFoundError:
                 pass
 
-    def _store(self, sha256: str, path: Path) -> tuple[bool, str]:
-        """Every commit writes a fresh token into the object's metadata: its stamp."""
-        stamp, key = uuid.uuid4().hex, self.key(sha256)
-        if self._head(sha256) is not None:
-            # In use again: rewriting its metadata restarts the collector's grace period (LastModified).
-            self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
-                                    Metadata={"commit": stamp}, MetadataDirective="REPLACE")
-            return False, stamp
-        self.client.upload_file(str(path), self.bucket, key, ExtraArgs={"Metadata": {"commit": stamp}})
-        return True, stamp
+    def _store(self, sha256: str, path: Path) -> bool:
+        key = self.key(sha256)
+        with self._exclusive():  # this machine's collector cannot remove it between the question and the touch
+            if self._head(sha256) is not None:
+                # In use again: rewriting its metadata restarts the collector's grace period (LastModified).
+                self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
+                                        Metadata={"touched": str(time.time())}, MetadataDirective="REPLACE")
+                return False
+        self.client.upload_file(str(path), self.bucket, key)
+        return True
 
-    def _stamp(self, sha256: str) -> str | None:
-        head = self._head(sha256)
-        return None if head is None else head.get("Metadata", {}).get("commit")
+    def discard(self, committed: Committed) -> bool:
+        """Leaves the object to the collector, which removes it once no row references it past the grace period.
+        S3 cannot write an object only where none exists for uploads of every size (multipart ones), so two
+        uploads of the same bytes may both find none and both take themselves for its creator: neither can tell
+        whether the other's row is about to point at it."""
+        return False
 
     def delete(self, sha256: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.key(sha256))
@@ -367,8 +371,9 @@ class S3BlobStore(BlobStore):
     def collect_garbage(self, referenced: Callable[[], set[str]], grace_s: float) -> list[str]:
         """As the local store's, over the bucket's objects (LastModified is the last commit); cached copies
         of removed objects go too. A listed candidate is asked for its time again just before it is removed, as
-        a listing page may be minutes old by then; S3 has no conditional delete, so a commit from another
-        machine in the moment between that question and the delete can still lose its blob."""
+        a listing page may be minutes old by then. This machine's commits wait for that question and the delete
+        (the lock); S3 has no conditional delete, so a commit from another machine in the moment between them can
+        still lose its blob."""
         cutoff = time.time() - grace_s
         keep = referenced()
         removed = []

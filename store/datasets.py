@@ -181,37 +181,26 @@ def _ingest(source: Path, filename: str, out: BinaryIO, limits: DatasetLimits,
         return _ingest_image_zip(archive, files, writer, limits, class_names, templates)
 
 
-END_OF_CENTRAL_DIRECTORY = struct.Struct("<4s4H2LH")  # signature, disks, entries here, entries, size, offset, ...
-ZIP64_LOCATOR = struct.Struct("<4sLQL")  # signature, disk, offset of the zip64 record, disks
-ZIP64_END = struct.Struct("<4sQ2H2L4Q")  # signature, its size, versions, disks, entries here, entries, size, ...
 CENTRAL_ENTRY = struct.Struct("<4s4B4HL2L5H2L")  # fixed part of a central directory entry (46 bytes)
 
 
 def _zip_entry_count(source: Path, most: int) -> int | None:
     """How many entries the archive's central directory holds, counted by walking it (its declared count may
-    lie: zipfile reads entries until the directory's bytes run out), stopping past `most`; None where the
-    directory cannot be found (zipfile then names the problem)."""
+    lie: zipfile reads entries until the directory's bytes run out), stopping past `most`; None where zipfile
+    would find no directory (it then names the problem)."""
     with open(source, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        tail_start = max(0, size - (END_OF_CENTRAL_DIRECTORY.size + 0xFFFF))  # the record and its comment
-        f.seek(tail_start)
-        tail = f.read()
-        at = tail.rfind(b"PK\x05\x06")
-        if at < 0 or len(tail) - at < END_OF_CENTRAL_DIRECTORY.size:
+        # The directory is found exactly as zipfile finds it (its own functions: the end record, a zip64 record
+        # or not, data before the archive), so that what is counted here is what zipfile would read.
+        try:
+            record = zipfile._EndRecData(f)
+        except OSError:
             return None
-        directory_end, directory_size = tail_start + at, END_OF_CENTRAL_DIRECTORY.unpack_from(tail, at)[5]
-        locator_at = at - ZIP64_LOCATOR.size
-        if locator_at >= 0 and tail[locator_at:locator_at + 4] == b"PK\x06\x07":  # zip64
-            directory_end = tail_start + locator_at - ZIP64_END.size  # as zipfile finds it: just before the locator
-            if directory_end < 0:
-                return None
-            f.seek(directory_end)
-            raw = f.read(ZIP64_END.size)
-            if len(raw) < ZIP64_END.size or raw[:4] != b"PK\x06\x06":
-                return None
-            directory_size = ZIP64_END.unpack(raw)[8]
-        # As zipfile does: the directory ends where the end record starts (data may precede the archive).
-        position = directory_end - directory_size
+        if not record:
+            return None
+        directory_end = record[zipfile._ECD_LOCATION]
+        if record[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+            directory_end -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+        position = directory_end - record[zipfile._ECD_SIZE]
         if position < 0:
             return None
         f.seek(position)
@@ -219,7 +208,7 @@ def _zip_entry_count(source: Path, most: int) -> int | None:
         while position < directory_end and count <= most:
             fixed = f.read(CENTRAL_ENTRY.size)
             if len(fixed) < CENTRAL_ENTRY.size or fixed[:4] != b"PK\x01\x02":
-                return None
+                return count  # zipfile stops here too, refusing the archive after as many entries
             entry = CENTRAL_ENTRY.unpack(fixed)
             variable = entry[12] + entry[13] + entry[14]  # name, extra field, comment
             position = f.seek(variable, os.SEEK_CUR)

@@ -37,7 +37,7 @@ def _changed(session: Session, statement) -> bool:
 
 def enqueue(session: Session, job: Job) -> Job:
     """Add a new job row, queued, with no progress yet (the caller commits, then publishes its id)."""
-    job.status, job.progress, job.attempts = JobStatus.QUEUED, {}, 0
+    job.status, job.progress, job.attempts, job.queued_at = JobStatus.QUEUED, {}, 0, utcnow()
     session.add(job)
     return job
 
@@ -120,7 +120,7 @@ def release(session: Session, job_id: str, worker_id: str) -> bool:
     """running -> queued, by a worker that is shutting down (a redeploy) and stopped the job between steps: the
     attempt it spent is given back, since the job did not fail it; the caller publishes the job again."""
     return _changed(session, update(Job).where(*_held_by(job_id, worker_id)).values(
-        status=JobStatus.QUEUED, worker_id=None, published_at=None, attempts=Job.attempts - 1,
+        status=JobStatus.QUEUED, worker_id=None, published_at=None, queued_at=utcnow(), attempts=Job.attempts - 1,
         progress={"fraction": 0.0, "stage": "released by a stopping worker", "step": 0, "total": 0, "metrics": {}}))
 
 
@@ -151,7 +151,7 @@ def requeue_lost(session: Session, job: Job, stale_before: datetime, max_attempt
         values, status = {"status": JobStatus.FAILED, "finished_at": utcnow(), "error": worker_lost(job.attempts)}, \
             JobStatus.FAILED
     else:
-        values = {"status": JobStatus.QUEUED, "worker_id": None, "published_at": None,
+        values = {"status": JobStatus.QUEUED, "worker_id": None, "published_at": None, "queued_at": utcnow(),
                   "progress": dict(job.progress or {}, stage="requeued after a lost worker")}
         status = JobStatus.QUEUED
     stale = (Job.id == job.id, Job.status == JobStatus.RUNNING, Job.heartbeat_at < stale_before)
@@ -171,13 +171,15 @@ def unclaimed_jobs(session: Session, republish_after_s: float) -> list[str]:
     """Queued jobs published at least republish_after_s ago and still not claimed: the broker may have lost their
     message (a restarted Redis without persistence). Publishing them again is harmless (claims are conditional),
     but a job that merely waits behind busy workers would gain a message every interval, so each wait is at least
-    as long as the job had waited when it was last published: messages grow with the log of the wait."""
+    as long as the job had been queued when it was last published (since it last became queued: a job re-queued
+    after running for hours is not made to wait hours): messages grow with the log of the wait."""
     now = utcnow()
-    rows = session.execute(select(Job.id, Job.created_at, Job.published_at).where(
+    rows = session.execute(select(Job.id, Job.queued_at, Job.created_at, Job.published_at).where(
         Job.status == JobStatus.QUEUED, Job.published_at.is_not(None),
         Job.published_at < now - timedelta(seconds=republish_after_s)))
-    return [job_id for job_id, created_at, published_at in rows
-            if now - published_at >= max(timedelta(seconds=republish_after_s), published_at - created_at)]
+    return [job_id for job_id, queued_at, created_at, published_at in rows
+            if now - published_at >= max(timedelta(seconds=republish_after_s),
+                                         published_at - (queued_at or created_at))]
 
 
 def stale_before(timeout_s: float) -> datetime:

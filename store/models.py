@@ -172,6 +172,8 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # when the broker took the job's id
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # when it last became queued (created, re-queued, released); None for jobs queued before migration 0011
+    queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

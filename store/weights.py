@@ -31,8 +31,9 @@ from store.errors import RejectedInput
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 MAX_NAMES_IN_DETAIL = 5
 # An open_clip model's header is tens to hundreds of KiB (ViT-bigG: about 0.2 MiB); its parsed objects take tens
-# of times that, so an upload's is bounded well below safetensors' own 100 MiB.
-MAX_UPLOAD_HEADER_BYTES = 16 * 1024 * 1024
+# of times that (a 14 MiB header of 250k tiny entries: 192 MiB), so an upload's is bounded well below
+# safetensors' own 100 MiB.
+MAX_UPLOAD_HEADER_BYTES = 4 * 1024 * 1024
 
 
 class WeightsError(RejectedInput):

@@ -476,3 +476,16 @@ def test_a_zip_whose_end_record_understates_its_entries_is_counted_by_its_direct
     source.write_bytes(bytes(data))
     assert len(zipfile.ZipFile(source).infolist()) == 500
     assert "more than" in refused(tmp_path, source, 413, limits).detail
+
+
+def test_a_zip_whose_end_record_hides_its_own_signature_is_still_counted(tmp_path):
+    """The end record's entry counts set to the bytes of its signature: a search from the end (rfind) lands inside
+    the record and finds no directory, while zipfile reads the record where it is and builds every entry."""
+    limits = DatasetLimits(max_images=10, max_unpacked_bytes=10**8, max_classes=10)
+    source = write_zip(tmp_path / "hidden.zip", {f"c/{i}.png": b"" for i in range(500)}, zipfile.ZIP_STORED)
+    data = bytearray(source.read_bytes())
+    end = len(data) - 22
+    data[end + 8:end + 12] = b"PK\x05\x06"  # entries on this disk, entries in all: never used by zipfile
+    source.write_bytes(bytes(data))
+    assert len(zipfile.ZipFile(source).infolist()) == 500
+    assert "more than" in refused(tmp_path, source, 413, limits).detail

@@ -193,7 +193,7 @@ def test_ufm_trusts_per_class_the_most_confident_of_the_images_assigned_to_it(co
     logits = rng.normal(size=(count, classes)) * 3
     logits[:, 0] += 1.0  # class 0 predicted more often than others: it is capped at k
     probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    pseudo = trusted_pseudo_labels(probabilities, per_class)
+    pseudo = trusted_pseudo_labels(probabilities.argmax(1), probabilities.max(1), classes, per_class)
     assert pseudo.per_class == k
     assert set(np.flatnonzero(pseudo.trusted)) == independent_trusted_set(probabilities, k)
     assert (pseudo.labels == probabilities.argmax(1)).all()

@@ -363,3 +363,15 @@ def test_polar_of_a_rank_deficient_matrix_is_the_svds(svd_calls):
     u, s, vh = spectral_svd(matrix)
     assert torch.equal(factor, u @ vh) and torch.equal(mean, s.mean())
 
+
+
+def test_iso_cts_on_a_small_matrix_with_many_tasks_keeps_a_common_space():
+    """rank 17, 6 tasks, common fraction 0.1: the reference's rounding gives the tasks 18 of the 17 directions (a
+    common space of -1, which its slicing silently takes as "all but the last column"); here the task share is
+    rounded down (2 each), the common space keeps the other 5, and every direction is used once."""
+    generator = torch.Generator().manual_seed(11)
+    slices = [torch.randn(17, 64, generator=generator) for _ in range(6)]
+    merged = iso_cts_merge(slices, 0.1)
+    assert merged.shape == (17, 64) and torch.isfinite(merged).all()
+    singular = torch.linalg.svdvals(merged.double())
+    torch.testing.assert_close(singular, torch.full_like(singular, singular.mean()), rtol=1e-5, atol=0)  # isotropic

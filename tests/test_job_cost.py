@@ -9,6 +9,8 @@ from tests.conftest import REPO, register_long_job_inputs
 from tvforge.client import ApiError
 
 pytestmark = pytest.mark.integration
+# Low enough that an evaluation of a few small datasets passes it (the other jobs here are far below or far above).
+STACK_SETTINGS = {"max_job_images": 1000}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,27 @@ def test_a_job_beyond_the_image_bound_is_refused_and_nothing_is_queued(stack, in
         assert refused.value.status == 422
         assert "TVFORGE_MAX_JOB_IMAGES" in refused.value.problem["detail"]
         assert len(list(client.iterate("/v1/jobs"))) == before
+
+
+def test_an_evaluation_beyond_the_image_bound_is_refused_and_nothing_is_queued(stack, inputs, tmp_path):
+    """Each listed dataset's split passes once, and once more through its reference: 3 x 200 x 2 > 1000."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    with stack.client() as client:
+        datasets = []
+        for index in range(3):
+            path = tmp_path / f"eval{index}.npz"
+            np.savez(path, test_images=rng.integers(0, 256, (200, 8, 8, 3), dtype=np.uint8),
+                     test_labels=rng.integers(0, 3, 200))
+            datasets.append(client.upload_dataset(f"eval-{index}", path)["id"])
+        before = len(list(client.iterate("/v1/jobs")))
+        items = [{"dataset_id": ds, "reference_task_vector_id": inputs["vectors"][0]} for ds in datasets]
+        refused = client.http.post("/v1/evaluations", json={"base_model_id": inputs["base"], "datasets": items})
+        assert refused.status_code == 422 and "1,200 images" in refused.json()["detail"], refused.text
+        assert len(list(client.iterate("/v1/jobs"))) == before
+        taken = client.http.post("/v1/evaluations", json={"base_model_id": inputs["base"], "datasets": items[:2]})
+        assert taken.status_code == 202, taken.text
 
 
 def test_a_worker_refuses_a_job_its_memory_cannot_hold(tmp_path_factory, demo_assets):
@@ -144,7 +167,7 @@ def test_the_memory_estimate_bounds_a_measured_atlas_run_within_a_factor_of_two(
     params = AtlasParams(objective="entropy", target_dataset_id="ds", epochs=1, batch_size=batch)
     # The runtime differs between installs (0.74 to 1.6 GiB seen): the estimate is given this process's.
     stored = [read_header(path).parameter_count for path in vectors]
-    estimate = estimate_job("atlas", params, shape, stored, {"ds": {"train": 256}}, side,
+    estimate = estimate_job("atlas", params, shape, stored, {"ds": {"train": 256}}, side, {"ds": 3},
                             runtime_bytes=report["baseline"])
     print(f"{'wide' if wide else 'tiny'} batch {batch}: runtime {report['baseline'] / 2**20:.0f} MiB, measured "
           f"{measured / 2**20:.0f} MiB, estimated {estimate.peak_bytes / 2**20:.0f} MiB")
@@ -160,3 +183,53 @@ def test_stacked_vectors_are_counted_as_their_files_store_them():
     assert stacked_entries(shape, [1000, 600, 50], None) == 600 + 600 + 50
     assert stacked_entries(shape, [1000, 600, 50], 1) == 600
     assert stacked_entries(shape, [50, 40], 2) == 90
+
+
+IMAGE_COUNT_CASES = {
+    # task arithmetic searching lambda with several vectors on one dataset: each (vector, dataset) pair is its
+    # own pass at every grid point, after its fine-tuned reference
+    "search over vectors sharing a dataset": (
+        "task_arithmetic", 4, {"val": 40, "test": 10}, 3,
+        lambda vectors: {"validation_datasets": {tv: "ds" for tv in vectors}}),
+    # aTLAS addition whose batch is smaller than the number of tasks: every task still gives an image a step
+    "atlas addition, batch below the tasks": (
+        "atlas", 6, {"val": 20}, 3,
+        lambda vectors: {"task_datasets": {tv: "ds" for tv in vectors}, "epochs": 1, "batch_size": 2}),
+    # few-shot over more classes than the estimate once assumed a dataset has (1000)
+    "few-shot over many classes": (
+        "atlas", 2, {"train": 1200 * 2, "val": 10}, 1200,
+        lambda vectors: {"target_dataset_id": "ds", "shots": 2, "epochs": 1, "batch_size": 256}),
+}
+
+
+@pytest.mark.parametrize("case", list(IMAGE_COUNT_CASES))
+def test_the_image_estimate_covers_every_image_the_engine_pushes(tmp_path, monkeypatch, case):
+    """engine.cost's image count against the images that reach the image tower, counted at its forward."""
+    import open_clip
+
+    from engine.context import DatasetInput, JobContext, MergeInputs, ModelSpec, TaskVectorInput
+    from engine.methods.catalogue import get_method
+    from engine.running import estimate_inputs, run_method
+    from tests.engine_jobs import TINY_CONFIG, tiny_state, write_dataset, write_task_vector
+
+    method, vectors, splits, classes, make_params = IMAGE_COUNT_CASES[case]
+    base_state = tiny_state()
+    base = tmp_path / "base.safetensors"
+    from engine.safetensors_io import save_tensors
+    save_tensors(base, base_state)
+    names = [f"class {i}" for i in range(classes)]
+    inputs = MergeInputs(base, ModelSpec(config=TINY_CONFIG),
+                         [TaskVectorInput(f"tv{i}", f"tv{i}", write_task_vector(tmp_path / f"tv{i}.safetensors",
+                                                                                base_state, seed=i), names)
+                          for i in range(vectors)],
+                         {"ds": DatasetInput("ds", "ds", write_dataset(tmp_path / "ds.npz", classes, 0, splits),
+                                             names)})
+    spec = get_method(method)
+    params = spec.params.model_validate(make_params([tv.id for tv in inputs.task_vectors]))
+    counted = []
+    forward = open_clip.transformer.VisionTransformer.forward
+    monkeypatch.setattr(open_clip.transformer.VisionTransformer, "forward",
+                        lambda self, x, *a, **k: counted.append(len(x)) or forward(self, x, *a, **k))
+    run_method(spec, inputs, params, JobContext(workdir=tmp_path, seed=0))
+    estimate = estimate_inputs(spec, inputs, params)
+    assert sum(counted) <= estimate.images <= 2 * sum(counted), (sum(counted), estimate.images)

@@ -223,19 +223,22 @@ def test_a_success_repeated_after_its_answer_was_lost_is_still_a_success(session
 
 def test_a_queued_job_is_published_again_at_growing_intervals(sessions, job_id):
     """A job waiting behind busy workers is not given a new broker message every interval: each wait is at least
-    as long as the job had waited when last published."""
-    def republished(created_s_ago: float, published_s_ago: float) -> bool:
+    as long as the job had been queued when last published, counted from when it last became queued."""
+    def republished(queued_s_ago: float, published_s_ago: float, created_s_ago: float | None = None) -> bool:
         with sessions.begin() as session:
             job = session.get(Job, job_id)
-            job.created_at = utcnow() - timedelta(seconds=created_s_ago)
+            job.queued_at = utcnow() - timedelta(seconds=queued_s_ago)
+            job.created_at = utcnow() - timedelta(seconds=created_s_ago or queued_s_ago)
             job.published_at = utcnow() - timedelta(seconds=published_s_ago)
         with sessions() as session:
             return jobs.unclaimed_jobs(session, republish_after_s=300) == [job_id]
 
-    assert not republished(created_s_ago=200, published_s_ago=200)  # published at once, 200 s ago
-    assert republished(created_s_ago=310, published_s_ago=310)
-    assert not republished(created_s_ago=1000, published_s_ago=400)  # had waited 600 s when last published
-    assert republished(created_s_ago=1300, published_s_ago=700)
+    assert not republished(queued_s_ago=200, published_s_ago=200)  # published at once, 200 s ago
+    assert republished(queued_s_ago=310, published_s_ago=310)
+    assert not republished(queued_s_ago=1000, published_s_ago=400)  # had waited 600 s when last published
+    assert republished(queued_s_ago=1300, published_s_ago=700)
+    # Re-queued after running ten hours and published then: its lost message is not waited on for ten hours.
+    assert republished(queued_s_ago=310, published_s_ago=310, created_s_ago=36_000)
 
 
 def test_a_checkpoint_that_a_queued_job_reads_keeps_its_job(sessions, job_id):
@@ -265,3 +268,4 @@ def test_a_job_released_by_its_stopping_worker_is_queued_with_its_attempt_given_
     with sessions() as session:
         job = session.get(Job, job_id)
         assert (job.status, job.attempts, job.worker_id, job.published_at) == (JobStatus.QUEUED, 0, None, None)
+        assert job.queued_at > job.created_at

@@ -25,8 +25,9 @@ from engine.context import (
     Progress,
     TaskVectorInput,
 )
+from engine.cost import JobEstimate
 from engine.methods.catalogue import get_method
-from engine.running import EvaluationItem, estimate_inputs, evaluate, run_method
+from engine.running import EvaluationItem, estimate_evaluation, estimate_inputs, evaluate, run_method
 from engine.safetensors_io import read_header
 from store import jobs
 from store.blobs import get_blob_store
@@ -82,17 +83,19 @@ class Heartbeat(threading.Thread):
         poll_s = min(1.0, self.interval_s)
         last_beat = last_success = time.monotonic()  # the claim itself was the first beat
         while not self._stop_event.wait(poll_s):
+            beat = time.monotonic() - last_beat >= self.interval_s
             try:
                 with session_scope() as session:
-                    if time.monotonic() - last_beat >= self.interval_s:
+                    if beat:
                         last_beat = time.monotonic()
                         if not jobs.heartbeat(session, self.job_id, self.worker_id):
                             self.lost.set()
-                        last_success = time.monotonic()
-                        if self.keep_fresh is not None:
-                            self.keep_fresh()
                     if jobs.cancel_requested(session, self.job_id):
                         self.cancel_requested.set()
+                if beat:  # committed
+                    last_success = time.monotonic()
+                    if self.keep_fresh is not None:
+                        self.keep_fresh()
             except Exception:  # a database hiccup must not kill the job; the next beat retries
                 log.warning("heartbeat for %s failed", self.job_id, exc_info=True)
             if self.worker_stopping is not None and self.worker_stopping():
@@ -213,12 +216,13 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def _evaluate(loaded: _LoadedJob, ctx: JobContext) -> dict:
+def _evaluate(loaded: _LoadedJob, ctx: JobContext, memory_bytes: int) -> dict:
     """An evaluation job's spec (app.schemas.EvaluationCreate, as stored) turned into engine inputs."""
     paths = loaded.checkpoint_paths
     items = [EvaluationItem(item["dataset_id"], paths.get(item.get("reference_checkpoint_id")),
                             item.get("reference_task_vector_id"), item.get("split"))
              for item in loaded.params["datasets"]]
+    refuse_if_too_large(estimate_evaluation(loaded.inputs, items, resident_bytes()), ctx.device, memory_bytes)
     return evaluate(loaded.inputs, paths.get(loaded.params.get("checkpoint_id")), items, ctx)
 
 
@@ -262,12 +266,10 @@ def resident_bytes() -> int:
     return 0
 
 
-def refuse_if_too_large(spec, inputs, params, device: str, memory_bytes: int) -> None:
+def refuse_if_too_large(estimate: JobEstimate, device: str, memory_bytes: int) -> None:
     """A job the engine estimates (engine.cost) to need more memory than the device has free (or than
     TVFORGE_WORKER_MEMORY_BYTES gives this worker) is refused with the numbers, instead of being killed
-    half-way by the kernel or CUDA."""
-    # The worker's own resident size now stands for the runtime part of the estimate.
-    estimate = estimate_inputs(spec, inputs, params, resident_bytes())
+    half-way by the kernel or CUDA. The estimate is given the worker's own resident size for the runtime."""
     free = min(free_memory_bytes(device), memory_bytes)
     if estimate.peak_bytes > free:
         raise TooLargeForWorker(f"this job needs about {estimate.peak_bytes / 2**30:.1f} GiB and the worker's "
@@ -317,14 +319,15 @@ def run_job(job_id: str, worker_id: str, worker_stopping: Callable[[], bool] | N
             metadata={"format": "pt", "tvforge.method": str(loaded.method), **loaded.provenance},
         )
         if loaded.kind == JobKind.EVALUATION:
-            report = _evaluate(loaded, ctx)
+            report = _evaluate(loaded, ctx, settings.worker_memory_bytes)
             ctx.check_cancel()
             ok = transact(lambda session: jobs.succeed(session, job_id, worker_id,
                                                        result={"metrics": {"evaluation": report}}), retry_for_s)
             return JobStatus.SUCCEEDED if ok else None
         spec = get_method(loaded.method)
         params = spec.params.model_validate(loaded.params)
-        refuse_if_too_large(spec, loaded.inputs, params, ctx.device, settings.worker_memory_bytes)
+        refuse_if_too_large(estimate_inputs(spec, loaded.inputs, params, resident_bytes()), ctx.device,
+                            settings.worker_memory_bytes)
         result = run_method(spec, loaded.inputs, params, ctx)
         ctx.check_cancel()
         header = read_header(result.checkpoint_path)

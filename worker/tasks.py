@@ -1,4 +1,5 @@
 """Celery tasks and worker signals."""
+import ctypes
 import multiprocessing
 import os
 import secrets
@@ -17,9 +18,10 @@ from worker.runner import run_job
 
 _reaper: Reaper | None = None
 # Set in the main process when it starts a warm shutdown (SIGTERM: docker stop, a redeploy); the pool's processes,
-# forked from it, inherit the event and hand their running jobs back to the queue between steps, instead of
-# running on until the container's grace period ends and the kill costs the job an attempt.
-_stopping = multiprocessing.get_context("fork").Event()
+# forked from it, inherit this shared byte and hand their running jobs back to the queue between steps, instead of
+# running on until the container's grace period ends and the kill costs the job an attempt. A raw byte, not an
+# Event: an Event's lock, held by a pool process killed at the wrong moment, would hang the shutdown.
+_stopping = multiprocessing.get_context("fork").RawValue(ctypes.c_bool, False)
 
 
 @setup_logging.connect
@@ -34,7 +36,7 @@ def run_job_task(job_id: str) -> str | None:
         # A token per delivery: a retried claim knows its own row, and a restarted process that reuses the pid
         # (a container's first pids repeat) is not taken for the one that died.
         return run_job(job_id, worker_id=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}",
-                       worker_stopping=_stopping.is_set)
+                       worker_stopping=lambda: _stopping.value)
     finally:
         logs.job_id.reset(token)
 
@@ -64,7 +66,7 @@ def _start_reaper(**_) -> None:
 
 @worker_shutting_down.connect
 def _hand_back_running_jobs(**_) -> None:
-    _stopping.set()
+    _stopping.value = True
 
 
 @worker_shutdown.connect

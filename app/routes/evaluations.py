@@ -6,7 +6,8 @@ from fastapi import APIRouter, Header, Response
 from app.deps import OwnerDep, ReleasingRoute, SessionDep, SettingsDep, base_model_of, owned_or_404
 from app.problems import PROBLEM_RESPONSES
 from app.schemas import EvaluationCreate, JobOut
-from app.submit import invalid, submit
+from app.submit import invalid, submit, within_bounds
+from engine.cost import JobEstimate, TowerShape, evaluation_estimate
 from store.ids import new_id
 from store.models import BaseModel, Checkpoint, Dataset, Job, JobInput, JobKind, TaskVector
 
@@ -38,6 +39,22 @@ def _check(session, owner: str, body: EvaluationCreate) -> tuple[str, list[str]]
     return base_model_id, list(dict.fromkeys(vectors))
 
 
+def _estimate(session, base_model_id: str, body: EvaluationCreate) -> JobEstimate:
+    """What the evaluation will cost a worker (engine.cost), from the rows' sizes alone."""
+    import open_clip
+
+    base = session.get(BaseModel, base_model_id)
+    config = base.config or open_clip.get_model_config(base.architecture) or {}
+    shape = TowerShape.from_config(config, base.parameter_count, base.visual_parameter_count)
+    datasets = [session.get(Dataset, item.dataset_id) for item in body.datasets]
+    sizes = {d.id: {split: info["count"] for split, info in d.splits.items()} for d in datasets}
+    side = max(max(d.image_shape[:2]) for d in datasets)
+    items = [(item.dataset_id, item.split,
+              item.reference_checkpoint_id is not None or item.reference_task_vector_id is not None)
+             for item in body.datasets]
+    return evaluation_estimate(items, shape, sizes, side)
+
+
 @router.post("", status_code=202, response_model=JobOut, summary="Evaluate a checkpoint or base model")
 def create_evaluation(body: EvaluationCreate, response: Response, owner: OwnerDep, session: SessionDep,
                       settings: SettingsDep, idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
@@ -45,6 +62,7 @@ def create_evaluation(body: EvaluationCreate, response: Response, owner: OwnerDe
     holds each dataset's accuracy with its split, and the normalised accuracy where a reference is given."""
     def build(digest: str) -> Job:
         base_model_id, vectors = _check(session, owner, body)
+        within_bounds(_estimate(session, base_model_id, body), settings)
         return Job(id=new_id("job"), owner=owner, kind=JobKind.EVALUATION.value, method=None,
                    base_model_id=base_model_id,
                    task_vector_ids=vectors, params=body.model_dump(mode="json", exclude_unset=True), seed=body.seed,

@@ -24,7 +24,7 @@ from app.problems import PROBLEM_RESPONSES, Problem, not_found
 from app.quotas import check_storage
 from app.rate_limits import rate_limits
 from app.schemas import CoefficientsOut, DryRunOut, JobCreate, JobFields, JobOut, LearningCurveOut, Page
-from app.submit import invalid, submit
+from app.submit import invalid, submit, within_bounds
 from engine.cost import JobEstimate, TowerShape, estimate_job
 from store import jobs
 from store.db import get_engine, no_wait_engine, session_scope
@@ -82,18 +82,8 @@ def _estimate(body: JobFields, rows: JobRows) -> JobEstimate:
     sizes = {d.id: {split: info["count"] for split, info in d.splits.items()} for d in rows.datasets}
     side = max((max(d.image_shape[:2]) for d in rows.datasets), default=0)
     stored = [tv.parameter_count for tv in rows.vectors]
-    return estimate_job(body.method, body.params, shape, stored, sizes, side)
-
-
-def _within_bounds(estimate: JobEstimate, settings) -> None:
-    if estimate.images > settings.max_job_images:
-        raise Problem(422, f"This job would push about {estimate.images:,} images through the model; this service "
-                           f"takes at most {settings.max_job_images:,} per job (TVFORGE_MAX_JOB_IMAGES): fewer "
-                           f"epochs, a smaller batch or smaller datasets.", slug="job-too-large")
-    if estimate.peak_bytes > settings.worker_memory_bytes:
-        raise Problem(422, f"This job would need about {estimate.peak_bytes / 2**30:.1f} GiB on a worker, which has "
-                           f"{settings.worker_memory_bytes / 2**30:.1f} GiB (TVFORGE_WORKER_MEMORY_BYTES): a smaller "
-                           f"batch_size or fewer task vectors.", slug="job-too-large")
+    classes = {d.id: len(d.class_names or []) for d in rows.datasets}
+    return estimate_job(body.method, body.params, shape, stored, sizes, side, classes)
 
 
 @router.post("", status_code=202, response_model=JobOut, responses={
@@ -105,14 +95,14 @@ def create_job(body: JobCreate, response: Response, owner: OwnerDep, session: Se
                                                           "nothing.")] = False):
     if dry_run:
         estimate = _estimate(body, _check_inputs(session, owner, body))
-        _within_bounds(estimate, settings)
+        within_bounds(estimate, settings)
         return JSONResponse(DryRunOut(method=body.method, estimate=estimate.as_dict(), limits={
             "max_job_images": settings.max_job_images,
             "worker_memory_bytes": settings.worker_memory_bytes}).model_dump(), status_code=200)
 
     def build(digest: str) -> Job:
         rows = _check_inputs(session, owner, body)
-        _within_bounds(_estimate(body, rows), settings)
+        within_bounds(_estimate(body, rows), settings)
         # the merged checkpoint is a full state dict: about the base model's size
         check_storage(session, settings, owner, rows.base.size_bytes)
         # The params echoed back are the ones the request set; defaults and chosen values go to result.metrics.

@@ -404,16 +404,16 @@ class PseudoLabels:
         return {"per_class": self.per_class, "images": int(self.trusted.sum()), "by_class": by_class.tolist()}
 
 
-def trusted_pseudo_labels(probabilities: np.ndarray, per_class: int | None) -> PseudoLabels:
-    """From the zero-shot class probabilities [N, C]: each image's most probable class, and per class the
-    per_class (None: min(N / C, 100)) images assigned to it with the highest probability, trusted."""
-    count, classes = probabilities.shape
+def trusted_pseudo_labels(labels: np.ndarray, confidence: np.ndarray, classes: int,
+                          per_class: int | None) -> PseudoLabels:
+    """From each image's most probable class under the zero-shot model and that class's probability: per class
+    the per_class (None: min(N / C, 100)) images assigned to it with the highest probability, trusted."""
+    count = len(labels)
     k = per_class if per_class is not None else min(count // classes, UFM_MAX_TRUSTED)
-    labels = probabilities.argmax(axis=1)
     trusted = np.zeros(count, dtype=bool)
     for c in range(classes):
         members = np.flatnonzero(labels == c)
-        trusted[members[np.argsort(-probabilities[members, c], kind="stable")[:k]]] = True
+        trusted[members[np.argsort(-confidence[members], kind="stable")[:k]]] = True
     return PseudoLabels(labels.astype(np.int64), trusted, k)
 
 
@@ -485,16 +485,20 @@ def part_loss(part: BatchPart, features: torch.Tensor, index: np.ndarray,
 
 
 @torch.no_grad()
-def class_probabilities(tower: "ComposedTower", coefficients: torch.Tensor, task: Task, images: np.ndarray,
-                        batch_size: int, device: str) -> np.ndarray:
-    """The composed model's class probabilities [N, C] on unaugmented images."""
+def most_probable_classes(tower: "ComposedTower", coefficients: torch.Tensor, task: Task, images: np.ndarray,
+                          batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """The composed model's most probable class of each unaugmented image, and its probability: all the
+    pseudo-labelling reads of the [N, C] probabilities, which are never held whole (N x C x 4 bytes: 8 GB for
+    200k images of 10k classes)."""
     composed = tower.composition.compose(coefficients)
-    chunks = []
+    labels, confidence = np.empty(len(images), dtype=np.int64), np.empty(len(images), dtype=np.float32)
     for start in range(0, len(images), batch_size):
         pixels = preprocess_images(images[start:start + batch_size], tower.model).to(device)
         logits = tower.features(coefficients, pixels, composed) @ task.head.T
-        chunks.append(logits.float().softmax(dim=-1).cpu().numpy())
-    return np.concatenate(chunks)
+        best = logits.float().softmax(dim=-1).max(dim=-1)
+        labels[start:start + len(pixels)] = best.indices.cpu().numpy()
+        confidence[start:start + len(pixels)] = best.values.cpu().numpy()
+    return labels, confidence
 
 
 def load_tasks(inputs: MergeInputs, params: AtlasParams, heads: HeadFactory) -> list[Task]:
@@ -597,10 +601,10 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
     pseudo = None
     if mode == "ufm":  # the zero-shot model's labels for the images it trains on
         target = tasks[0]
-        probabilities = class_probabilities(tower, coefficients, target,
-                                            target.splits[train_split(params, target)][0], params.eval_batch_size,
-                                            device)
-        pseudo = trusted_pseudo_labels(probabilities, params.trusted_per_class)
+        labels, confidence = most_probable_classes(tower, coefficients, target,
+                                                   target.splits[train_split(params, target)][0],
+                                                   params.eval_batch_size, device)
+        pseudo = trusted_pseudo_labels(labels, confidence, target.head.shape[0], params.trusted_per_class)
     parts = batch_parts(params, tasks, rng, pseudo)
     per_epoch = steps_per_epoch(mode, parts)
     total_steps = epochs * per_epoch
