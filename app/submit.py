@@ -65,9 +65,10 @@ def submit(session: Session, response: Response, owner: str, body: BaseModel, id
 def within_bounds(estimate: JobEstimate, settings: Settings) -> None:
     """A job over the service's bounds (engine.cost's estimate) is refused with the numbers."""
     if estimate.images > settings.max_job_images:
-        raise Problem(422, f"This job would push about {estimate.images:,} images through the model; this service "
-                           f"takes at most {settings.max_job_images:,} per job (TVFORGE_MAX_JOB_IMAGES): fewer "
-                           f"epochs, a smaller batch or smaller datasets.", slug="job-too-large")
+        raise Problem(422, f"This job would push about {estimate.images:,} images through the model (and its "
+                           f"zero-shot heads' prompts); this service takes at most {settings.max_job_images:,} per "
+                           f"job (TVFORGE_MAX_JOB_IMAGES): fewer epochs, a smaller batch, smaller datasets or fewer "
+                           f"classes and templates.", slug="job-too-large")
     if estimate.peak_bytes > settings.worker_memory_bytes:
         raise Problem(422, f"This job would need about {estimate.peak_bytes / 2**30:.1f} GiB on a worker, which has "
                            f"{settings.worker_memory_bytes / 2**30:.1f} GiB (TVFORGE_WORKER_MEMORY_BYTES): a smaller "

@@ -4,6 +4,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The zero-shot prompts of a dataset that brings none (engine.heads); "{c}" is replaced by the class name.
+DEFAULT_TEMPLATES: list[str] = [
+    "a photo of a {c}.",
+    "a photo of the {c}.",
+    "an image of a {c}.",
+    "a picture of a {c}.",
+    "a close-up photo of a {c}.",
+]
+
 
 class Cancelled(Exception):
     """Raised by JobContext.check_cancel when the job's owner asked to cancel."""
@@ -30,7 +39,7 @@ class TaskVectorInput:
 @dataclass(frozen=True)
 class DatasetInput:
     """A dataset in its canonical form (engine.data): an .npz with <split>_images and <split>_labels, and
-    its class names and prompt templates (None: engine.heads.DEFAULT_TEMPLATES)."""
+    its class names and prompt templates (None: DEFAULT_TEMPLATES)."""
 
     id: str
     name: str

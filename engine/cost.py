@@ -9,6 +9,8 @@ activations for the backward pass (s tokens, b batch, h width, a heads); in floa
 import math
 from dataclasses import asdict, dataclass
 
+from engine.context import DEFAULT_TEMPLATES
+
 FLOAT32 = 4
 # The formula counts a fused fp16 layer; open_clip's eager float32 layers keep more (a 4-layer, width-256 tower at
 # batch 128 kept 850 MiB where the formula, doubled for float32, gives 665): a factor of 1.5 covers it.
@@ -64,7 +66,9 @@ def _sides(size) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class JobEstimate:
-    images: int  # through the image tower, training steps and evaluations together
+    # through the model: images through the image tower (training steps and evaluations together), and the
+    # prompts of every zero-shot head through the text tower (class names x templates, once per dataset)
+    images: int
     peak_bytes: int
 
     def as_dict(self) -> dict:
@@ -74,6 +78,12 @@ class JobEstimate:
 def dataset_bytes(split_sizes: dict[str, dict[str, int]], image_side: int) -> int:
     """The job's datasets held in memory as uint8 images (every split of every dataset)."""
     return sum(count for sizes in split_sizes.values() for count in sizes.values()) * 3 * image_side**2
+
+
+def head_prompts(label_sets: dict[str, tuple[int, int | None]]) -> int:
+    """Prompts through the text tower for the datasets' zero-shot heads: dataset id -> (classes, templates, None
+    for the default ones); a head cached from an earlier job costs nothing, but the estimate cannot know."""
+    return sum(classes * (templates or len(DEFAULT_TEMPLATES)) for classes, templates in label_sets.values())
 
 
 def first_split(sizes: dict[str, int], order: tuple[str, ...]) -> int:
@@ -102,7 +112,8 @@ def stacked_entries(shape: TowerShape, vector_parameters: list[int], vectors_per
 
 
 def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], split_sizes: dict[str, dict[str, int]],
-                   dataset_side: int, class_counts: dict[str, int], runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
+                   dataset_side: int, label_sets: dict[str, tuple[int, int | None]],
+                   runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
     """aTLAS: epochs x steps x batch training images (forward and backward), every epoch's selection
     evaluation, and memory for theta_0, the stacked vectors, the composed tower, a batch's activations and
     the datasets."""
@@ -111,7 +122,7 @@ def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], spli
     order = (params.train_split,) if params.train_split else recipe.train_splits
     mode = params.mode
     batch = params.batch_size
-    target_classes = class_counts.get(params.target_dataset_id, 0) if params.target_dataset_id else 0
+    target_classes = label_sets.get(params.target_dataset_id, (0, None))[0] if params.target_dataset_id else 0
     if mode == "addition":
         tasks = max(1, len(params.task_datasets))
         per_task = max(1, batch // tasks)
@@ -132,7 +143,8 @@ def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], spli
     # ufm also passes every step's images unaugmented (its targets) and labels the whole split once first
     views = 2 if mode == "ufm" else 1
     labelling = first_split(split_sizes.get(params.target_dataset_id, {}), order) if mode == "ufm" else 0
-    images = views * epochs * steps * batch + labelling + (epochs + 1) * selection + references + reports
+    images = (views * epochs * steps * batch + labelling + (epochs + 1) * selection + references + reports
+              + head_prompts(label_sets))
     # the device is not known here: auto counts float32, the CPU's (CUDA's fp16 stacks take half)
     vector_bytes = 2 if params.vector_dtype in ("bfloat16", "float16") else FLOAT32
     # aTLAS x K: a uint8 partition per image-tower entry, and K candidates of the block being composed (bounded
@@ -168,11 +180,12 @@ def search_estimate(params, shape: TowerShape, split_sizes: dict[str, dict[str, 
 
 def evaluation_estimate(items: list[tuple[str, str | None, bool]], shape: TowerShape,
                         split_sizes: dict[str, dict[str, int]], dataset_side: int,
+                        label_sets: dict[str, tuple[int, int | None]],
                         runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
     """An evaluation job: each (dataset, split or None for the report order, has a reference) passes its split
     once, and once more through its reference model; memory as a merge's evaluation (one model at a time)."""
     images = sum(first_split(split_sizes.get(dataset_id, {}), (split,) if split else REPORT_SPLITS)
-                 * (1 + has_reference) for dataset_id, split, has_reference in items)
+                 * (1 + has_reference) for dataset_id, split, has_reference in items) + head_prompts(label_sets)
     eval_batch = 256
     peak = (runtime_bytes + 2 * shape.parameters * FLOAT32 + shape.visual_parameters * FLOAT32
             + shape.activation_bytes(eval_batch) // 4 + dataset_bytes(split_sizes, dataset_side))
@@ -180,17 +193,18 @@ def evaluation_estimate(items: list[tuple[str, str | None, bool]], shape: TowerS
 
 
 def estimate_job(method: str, params, shape: TowerShape, vector_parameters: list[int],
-                 split_sizes: dict[str, dict[str, int]], dataset_side: int, class_counts: dict[str, int],
-                 runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
+                 split_sizes: dict[str, dict[str, int]], dataset_side: int,
+                 label_sets: dict[str, tuple[int, int | None]], runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
     """The estimate of a `method` job with these params over task vectors storing these numbers of values (their
-    files' parameter counts) and datasets of these split sizes (dataset id -> {split: images}) and numbers of
-    classes, whose images are dataset_side pixels square; runtime_bytes: the process before any tensor (a worker
-    knows its own; the default is this machine's)."""
+    files' parameter counts) and datasets of these split sizes (dataset id -> {split: images}) and label sets
+    (dataset id -> (classes, templates or None)), whose images are dataset_side pixels square; runtime_bytes:
+    the process before any tensor (a worker knows its own; the default is this machine's)."""
     if method == "atlas":
-        return atlas_estimate(params, shape, vector_parameters, split_sizes, dataset_side, class_counts,
+        return atlas_estimate(params, shape, vector_parameters, split_sizes, dataset_side, label_sets,
                               runtime_bytes)
     grid = SEARCH_POINTS if getattr(params, "validation_datasets", None) else 0
     estimate = search_estimate(params, shape, split_sizes, grid, dataset_side, runtime_bytes)
+    estimate = JobEstimate(estimate.images + head_prompts(label_sets), estimate.peak_bytes)
     calibrated = len(getattr(params, "calibration_datasets", {}) or {})
     if calibrated:  # STA: forward and backward over the calibration samples of each calibrated vector
         micro = params.micro_batch_size

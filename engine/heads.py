@@ -18,18 +18,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from engine.context import JobContext, MergeInputs
+from engine.context import DEFAULT_TEMPLATES, JobContext, MergeInputs
 from engine.safetensors_io import save_tensors
 from engine.weights import file_sha256
-
-# "{c}" is replaced by the class name.
-DEFAULT_TEMPLATES: list[str] = [
-    "a photo of a {c}.",
-    "a photo of the {c}.",
-    "an image of a {c}.",
-    "a picture of a {c}.",
-    "a close-up photo of a {c}.",
-]
 
 
 def get_tokenizer(model: torch.nn.Module):

@@ -107,8 +107,7 @@ def estimate_inputs(spec: MethodSpec, inputs: MergeInputs, params: MethodParams,
     """engine.cost's estimate of a job from its files' headers (no tensor or image is read)."""
     shape, sizes, side = _shape_and_sizes(inputs)
     stored = [read_header(tv.path).parameter_count for tv in inputs.task_vectors]
-    classes = {dataset_id: len(dataset.class_names or []) for dataset_id, dataset in inputs.datasets.items()}
-    return estimate_job(spec.name, params, shape, stored, sizes, side, classes, runtime_bytes)
+    return estimate_job(spec.name, params, shape, stored, sizes, side, _label_sets(inputs), runtime_bytes)
 
 
 def estimate_evaluation(inputs: MergeInputs, items: list[EvaluationItem],
@@ -118,4 +117,9 @@ def estimate_evaluation(inputs: MergeInputs, items: list[EvaluationItem],
     described = [(item.dataset_id, item.split,
                   item.reference_checkpoint is not None or item.reference_task_vector_id is not None)
                  for item in items]
-    return evaluation_estimate(described, shape, sizes, side, runtime_bytes)
+    return evaluation_estimate(described, shape, sizes, side, _label_sets(inputs), runtime_bytes)
+
+
+def _label_sets(inputs: MergeInputs) -> dict[str, tuple[int, int | None]]:
+    return {dataset_id: (len(dataset.class_names or []), len(dataset.templates) if dataset.templates else None)
+            for dataset_id, dataset in inputs.datasets.items()}

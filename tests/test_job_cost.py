@@ -31,8 +31,9 @@ def test_a_dry_run_validates_and_estimates_without_queueing(stack, inputs):
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["valid"] and body["method"] == "atlas"
-        # 48 target images: 3 epochs x 3 steps x 16, 4 selection passes over them, 1 report pass.
-        assert body["estimate"]["images"] == 3 * 3 * 16 + 4 * 48 + 48
+        # 48 target images: 3 epochs x 3 steps x 16, 4 selection passes over them, 1 report pass; and the zero-shot
+        # head's prompts, 3 classes x 5 default templates.
+        assert body["estimate"]["images"] == 3 * 3 * 16 + 4 * 48 + 48 + 3 * 5
         assert 0 < body["estimate"]["peak_bytes"] < body["limits"]["worker_memory_bytes"]
         assert len(list(client.iterate("/v1/jobs"))) == before
         bad = client.http.post("/v1/jobs?dry_run=true", json=_atlas(inputs, target_dataset_id="ds_missing"))
@@ -51,7 +52,8 @@ def test_a_job_beyond_the_image_bound_is_refused_and_nothing_is_queued(stack, in
 
 
 def test_an_evaluation_beyond_the_image_bound_is_refused_and_nothing_is_queued(stack, inputs, tmp_path):
-    """Each listed dataset's split passes once, and once more through its reference: 3 x 200 x 2 > 1000."""
+    """Each listed dataset's split passes once, and once more through its reference, and each head's prompts (3
+    classes x 5 templates): 3 x 200 x 2 + 3 x 15 > 1000."""
     import numpy as np
 
     rng = np.random.default_rng(1)
@@ -65,7 +67,7 @@ def test_an_evaluation_beyond_the_image_bound_is_refused_and_nothing_is_queued(s
         before = len(list(client.iterate("/v1/jobs")))
         items = [{"dataset_id": ds, "reference_task_vector_id": inputs["vectors"][0]} for ds in datasets]
         refused = client.http.post("/v1/evaluations", json={"base_model_id": inputs["base"], "datasets": items})
-        assert refused.status_code == 422 and "1,200 images" in refused.json()["detail"], refused.text
+        assert refused.status_code == 422 and "1,245 images" in refused.json()["detail"], refused.text
         assert len(list(client.iterate("/v1/jobs"))) == before
         taken = client.http.post("/v1/evaluations", json={"base_model_id": inputs["base"], "datasets": items[:2]})
         assert taken.status_code == 202, taken.text
@@ -167,7 +169,7 @@ def test_the_memory_estimate_bounds_a_measured_atlas_run_within_a_factor_of_two(
     params = AtlasParams(objective="entropy", target_dataset_id="ds", epochs=1, batch_size=batch)
     # The runtime differs between installs (0.74 to 1.6 GiB seen): the estimate is given this process's.
     stored = [read_header(path).parameter_count for path in vectors]
-    estimate = estimate_job("atlas", params, shape, stored, {"ds": {"train": 256}}, side, {"ds": 3},
+    estimate = estimate_job("atlas", params, shape, stored, {"ds": {"train": 256}}, side, {"ds": (3, None)},
                             runtime_bytes=report["baseline"])
     print(f"{'wide' if wide else 'tiny'} batch {batch}: runtime {report['baseline'] / 2**20:.0f} MiB, measured "
           f"{measured / 2**20:.0f} MiB, estimated {estimate.peak_bytes / 2**20:.0f} MiB")
@@ -204,7 +206,8 @@ IMAGE_COUNT_CASES = {
 
 @pytest.mark.parametrize("case", list(IMAGE_COUNT_CASES))
 def test_the_image_estimate_covers_every_image_the_engine_pushes(tmp_path, monkeypatch, case):
-    """engine.cost's image count against the images that reach the image tower, counted at its forward."""
+    """engine.cost's count against the images that reach the image tower and the prompts that reach the text
+    tower, counted where they enter."""
     import open_clip
 
     from engine.context import DatasetInput, JobContext, MergeInputs, ModelSpec, TaskVectorInput
@@ -226,10 +229,13 @@ def test_the_image_estimate_covers_every_image_the_engine_pushes(tmp_path, monke
                                              names)})
     spec = get_method(method)
     params = spec.params.model_validate(make_params([tv.id for tv in inputs.task_vectors]))
-    counted = []
-    forward = open_clip.transformer.VisionTransformer.forward
+    counted = []  # images through the image tower, prompts through the text tower
+    forward, encode_text = open_clip.transformer.VisionTransformer.forward, open_clip.model.CLIP.encode_text
     monkeypatch.setattr(open_clip.transformer.VisionTransformer, "forward",
                         lambda self, x, *a, **k: counted.append(len(x)) or forward(self, x, *a, **k))
-    run_method(spec, inputs, params, JobContext(workdir=tmp_path, seed=0))
+    monkeypatch.setattr(open_clip.model.CLIP, "encode_text",
+                        lambda self, text, *a, **k: counted.append(len(text)) or encode_text(self, text, *a, **k))
+    # with a head cache, as a worker runs it: each dataset's head is built once, then loaded
+    run_method(spec, inputs, params, JobContext(workdir=tmp_path, cache_dir=tmp_path / "heads", seed=0))
     estimate = estimate_inputs(spec, inputs, params)
     assert sum(counted) <= estimate.images <= 2 * sum(counted), (sum(counted), estimate.images)

@@ -52,7 +52,8 @@ def _estimate(session, base_model_id: str, body: EvaluationCreate) -> JobEstimat
     items = [(item.dataset_id, item.split,
               item.reference_checkpoint_id is not None or item.reference_task_vector_id is not None)
              for item in body.datasets]
-    return evaluation_estimate(items, shape, sizes, side)
+    label_sets = {d.id: (len(d.class_names or []), len(d.templates) if d.templates else None) for d in datasets}
+    return evaluation_estimate(items, shape, sizes, side, label_sets)
 
 
 @router.post("", status_code=202, response_model=JobOut, summary="Evaluate a checkpoint or base model")

@@ -82,8 +82,8 @@ def _estimate(body: JobFields, rows: JobRows) -> JobEstimate:
     sizes = {d.id: {split: info["count"] for split, info in d.splits.items()} for d in rows.datasets}
     side = max((max(d.image_shape[:2]) for d in rows.datasets), default=0)
     stored = [tv.parameter_count for tv in rows.vectors]
-    classes = {d.id: len(d.class_names or []) for d in rows.datasets}
-    return estimate_job(body.method, body.params, shape, stored, sizes, side, classes)
+    label_sets = {d.id: (len(d.class_names or []), len(d.templates) if d.templates else None) for d in rows.datasets}
+    return estimate_job(body.method, body.params, shape, stored, sizes, side, label_sets)
 
 
 @router.post("", status_code=202, response_model=JobOut, responses={
