@@ -844,6 +844,17 @@ def test_a_malformed_evaluation_is_refused_and_leaves_nothing(stack, world, http
         assert_problem(http.post("/v1/evaluations", json=make(world)), status, loc)
 
 
+def test_an_evaluation_split_the_dataset_lacks_is_422_at_submission(stack, world, http, tmp_path):
+    """Refused when posted, naming the splits there are, rather than failing on the worker."""
+    npz = tmp_path / "train-only.npz"
+    np.savez(npz, images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.array([0, 1, 0, 1]))
+    dataset = http.post("/v1/datasets", data={"name": "train-only"}, files={"file": ("d.npz", npz.read_bytes())})
+    body = {"base_model_id": world["own_base"], "datasets": [{"dataset_id": dataset.json()["id"], "split": "test"}]}
+    with leaves_nothing(stack):
+        problem = assert_problem(http.post("/v1/evaluations", json=body), 422, ["body", "datasets", 0, "split"])
+    assert "has train" in problem["errors"][0]["msg"]
+
+
 def test_an_evaluation_reference_of_another_base_is_422(stack, world, http, tmp_path):
     npz = tmp_path / "d.npz"
     np.savez(npz, images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.array([0, 1, 0, 1]))

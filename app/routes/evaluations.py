@@ -24,7 +24,10 @@ def _check(session, owner: str, body: EvaluationCreate) -> tuple[str, list[str]]
         base_model_id = owned_or_404(session, BaseModel, body.base_model_id, owner).id
     vectors = []
     for index, item in enumerate(body.datasets):
-        owned_or_404(session, Dataset, item.dataset_id, owner)
+        dataset = owned_or_404(session, Dataset, item.dataset_id, owner)
+        if item.split is not None and item.split not in dataset.splits:
+            raise invalid(["datasets", index, "split"], f"The dataset has no {item.split} split; it has "
+                                                        f"{', '.join(dataset.splits)}")
         if item.reference_checkpoint_id is not None:
             reference = owned_or_404(session, Checkpoint, item.reference_checkpoint_id, owner)
             if base_model_of(session, reference) != base_model_id:
