@@ -2,6 +2,7 @@
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from fastapi import Response
 from pydantic import BaseModel
@@ -12,9 +13,10 @@ from sqlalchemy.orm import Session
 from app.problems import Problem
 from app.quotas import check_active_jobs
 from broker.publish import publish
-from engine.cost import JobEstimate
+from engine.cost import JobEstimate, TowerShape
 from store import jobs
-from store.models import Job
+from store.models import BaseModel as BaseModelRow
+from store.models import Dataset, Job
 from tvforge.settings import Settings
 
 
@@ -73,3 +75,25 @@ def within_bounds(estimate: JobEstimate, settings: Settings) -> None:
         raise Problem(422, f"This job would need about {estimate.peak_bytes / 2**30:.1f} GiB on a worker, which has "
                            f"{settings.worker_memory_bytes / 2**30:.1f} GiB (TVFORGE_WORKER_MEMORY_BYTES): a smaller "
                            f"batch_size or fewer task vectors.", slug="job-too-large")
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """What engine.cost needs of a job's rows: the model's shape, and the datasets' split sizes, image side and
+    label sets (classes, templates or None for the defaults)."""
+
+    shape: TowerShape
+    split_sizes: dict[str, dict[str, int]]
+    side: int
+    label_sets: dict[str, tuple[int, int | None]]
+
+
+def sizing(base: BaseModelRow, datasets: list[Dataset]) -> Sizing:
+    """From the rows alone: no file is read."""
+    import open_clip
+
+    config = base.config or open_clip.get_model_config(base.architecture) or {}
+    return Sizing(TowerShape.from_config(config, base.parameter_count, base.visual_parameter_count),
+                  {d.id: {split: info["count"] for split, info in d.splits.items()} for d in datasets},
+                  max((max(d.image_shape[:2]) for d in datasets), default=0),
+                  {d.id: (len(d.class_names or []), len(d.templates) if d.templates else None) for d in datasets})

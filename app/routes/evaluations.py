@@ -6,8 +6,8 @@ from fastapi import APIRouter, Header, Response
 from app.deps import OwnerDep, ReleasingRoute, SessionDep, SettingsDep, base_model_of, owned_or_404
 from app.problems import PROBLEM_RESPONSES
 from app.schemas import EvaluationCreate, JobOut
-from app.submit import invalid, submit, within_bounds
-from engine.cost import JobEstimate, TowerShape, evaluation_estimate
+from app.submit import invalid, sizing, submit, within_bounds
+from engine.cost import JobEstimate, evaluation_estimate
 from store.ids import new_id
 from store.models import BaseModel, Checkpoint, Dataset, Job, JobInput, JobKind, TaskVector
 
@@ -44,19 +44,12 @@ def _check(session, owner: str, body: EvaluationCreate) -> tuple[str, list[str]]
 
 def _estimate(session, base_model_id: str, body: EvaluationCreate) -> JobEstimate:
     """What the evaluation will cost a worker (engine.cost), from the rows' sizes alone."""
-    import open_clip
-
-    base = session.get(BaseModel, base_model_id)
-    config = base.config or open_clip.get_model_config(base.architecture) or {}
-    shape = TowerShape.from_config(config, base.parameter_count, base.visual_parameter_count)
-    datasets = [session.get(Dataset, item.dataset_id) for item in body.datasets]
-    sizes = {d.id: {split: info["count"] for split, info in d.splits.items()} for d in datasets}
-    side = max(max(d.image_shape[:2]) for d in datasets)
+    sized = sizing(session.get(BaseModel, base_model_id), [session.get(Dataset, item.dataset_id)
+                                                            for item in body.datasets])
     items = [(item.dataset_id, item.split,
               item.reference_checkpoint_id is not None or item.reference_task_vector_id is not None)
              for item in body.datasets]
-    label_sets = {d.id: (len(d.class_names or []), len(d.templates) if d.templates else None) for d in datasets}
-    return evaluation_estimate(items, shape, sizes, side, label_sets)
+    return evaluation_estimate(items, sized.shape, sized.split_sizes, sized.side, sized.label_sets)
 
 
 @router.post("", status_code=202, response_model=JobOut, summary="Evaluate a checkpoint or base model")

@@ -24,8 +24,8 @@ from app.problems import PROBLEM_RESPONSES, Problem, not_found
 from app.quotas import check_storage
 from app.rate_limits import rate_limits
 from app.schemas import CoefficientsOut, DryRunOut, JobCreate, JobFields, JobOut, LearningCurveOut, Page
-from app.submit import invalid, submit, within_bounds
-from engine.cost import JobEstimate, TowerShape, estimate_job
+from app.submit import invalid, sizing, submit, within_bounds
+from engine.cost import JobEstimate, estimate_job
 from store import jobs
 from store.db import get_engine, no_wait_engine, session_scope
 from store.ids import new_id
@@ -74,16 +74,10 @@ def _check_inputs(session, owner: str, body: JobFields) -> JobRows:
 
 def _estimate(body: JobFields, rows: JobRows) -> JobEstimate:
     """What the job will cost a worker (engine.cost), from the rows' sizes alone."""
-    import open_clip
-
-    base = rows.base
-    config = base.config or open_clip.get_model_config(base.architecture) or {}
-    shape = TowerShape.from_config(config, base.parameter_count, base.visual_parameter_count)
-    sizes = {d.id: {split: info["count"] for split, info in d.splits.items()} for d in rows.datasets}
-    side = max((max(d.image_shape[:2]) for d in rows.datasets), default=0)
+    sized = sizing(rows.base, rows.datasets)
     stored = [tv.parameter_count for tv in rows.vectors]
-    label_sets = {d.id: (len(d.class_names or []), len(d.templates) if d.templates else None) for d in rows.datasets}
-    return estimate_job(body.method, body.params, shape, stored, sizes, side, label_sets)
+    return estimate_job(body.method, body.params, sized.shape, stored, sized.split_sizes, sized.side,
+                        sized.label_sets)
 
 
 @router.post("", status_code=202, response_model=JobOut, responses={
