@@ -153,6 +153,36 @@ def test_tsv_m_keeps_each_tasks_top_singular_values():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_tsv_m_with_more_tasks_than_a_matrixs_rank_keeps_nothing_of_it_as_the_reference():
+    """int(rank / T) = 0 triplets per task: the reference's merge of that matrix is zero, and so is this one."""
+    vectors = random_vectors(17)  # visual.proj is 16 x 10: rank 10; visual.mlp.weight rank 16
+    for name in ("visual.proj", "visual.mlp.weight"):
+        reference = reference_tsv_m([{name: v[name]} for v in vectors])[name]
+        merged = tsv_merge([v[name] for v in vectors])
+        assert not reference.any() and not merged.any()
+
+
+def test_a_spectral_job_reports_the_matrices_it_merged_to_zero(tmp_path):
+    """A matrix no task changed stays theta_0 and is named, so a user sees it (with TSV-M, so is one whose rank
+    is under the task count)."""
+    from dataclasses import replace
+
+    from engine.safetensors_io import save_tensors
+
+    job = make_job(tmp_path / "job", n_vectors=2, with_datasets=False)
+    untouched = "visual.transformer.resblocks.0.attn.out_proj.weight"
+    vectors = []
+    for tv in job.inputs.task_vectors:
+        tensors = dict(job.taus[tv.id])
+        tensors[untouched] = torch.zeros_like(tensors[untouched])
+        save_tensors(tmp_path / f"{tv.id}-zeroed.safetensors", tensors)
+        vectors.append(replace(tv, path=tmp_path / f"{tv.id}-zeroed.safetensors"))
+    inputs = replace(job.inputs, task_vectors=vectors)
+    result = get_method("tsv_m").runner()(inputs, TsvMParams(), Recorder().context(tmp_path / "w"))
+    assert result.metrics["zero_matrices"] == [untouched]
+    assert torch.equal(load_file(str(result.checkpoint_path))[untouched], job.state[untouched])
+
+
 def test_tsv_m_of_tasks_in_orthogonal_subspaces_is_their_sum():
     """Tasks of rank 1/T of the matrix acting on disjoint rows and columns do not interfere: their singular
     vectors are orthogonal already, TSV-M leaves them as they are, and the merge is their plain sum."""

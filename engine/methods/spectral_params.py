@@ -10,6 +10,9 @@ SPECTRAL_PATIENCE = 3
 
 SPECTRAL_RESULT_KEYS = {
     "matrix_tensors": "Tensors merged in singular-value space (2-D weights); the others are the vectors' mean.",
+    "zero_matrices": "Weight matrices whose merge is zero, so they stay theta_0: no task changed them, or (TSV-M) "
+                     "the job has more task vectors than the matrix's rank, so each keeps int(rank / T) = 0 "
+                     "singular triplets, as the reference computes it.",
     **SEARCH_RESULT_KEYS,
 }
 
