@@ -217,6 +217,9 @@ class LearningCurveOut(BaseModel):
 class DryRunOut(BaseModel):
     valid: bool = True
     method: str
-    estimate: dict[str, Any] = Field(description="images: through the image tower (training and evaluation); "
-                                                 "peak_bytes / peak_gib: the worker's memory (engine/cost.py).")
+    estimate: dict[str, Any] = Field(description="images: through the image tower (training and evaluation), the "
+                                                 "zero-shot heads' prompts through the text tower, and aTLAS's "
+                                                 "per-step composition of the task vectors counted as images "
+                                                 "(composition_images, their share); peak_bytes / peak_gib: the "
+                                                 "worker's memory (engine/cost.py).")
     limits: dict[str, Any] = Field(description="The service's bounds the estimate was checked against.")

@@ -14,6 +14,7 @@ from app.problems import Problem
 from app.quotas import check_active_jobs
 from broker.publish import publish
 from engine.cost import JobEstimate, TowerShape
+from engine.methods.spec import DatasetNeed
 from store import jobs
 from store.models import BaseModel as BaseModelRow
 from store.models import Dataset, Job
@@ -23,6 +24,17 @@ from tvforge.settings import Settings
 def invalid(loc: list, msg: str) -> Problem:
     return Problem(422, "The job spec is not valid; see errors.", slug="validation",
                    errors=[{"loc": ["body", *loc], "msg": msg, "type": "value_error"}])
+
+
+def check_dataset_needs(needs: list[DatasetNeed], datasets: list[Dataset], loc: list) -> None:
+    """Each need met by its dataset's row (split sizes, labelled), else a 422 at loc + the need's own loc: what
+    would fail on the worker is refused when posted."""
+    rows = {dataset.id: dataset for dataset in datasets}
+    for need in needs:
+        dataset = rows[need.dataset_id]
+        unmet = need.unmet({split: info["count"] for split, info in dataset.splits.items()}, dataset.labeled)
+        if unmet is not None:
+            raise invalid([*loc, *need.loc], unmet)
 
 
 def request_hash(body: BaseModel) -> str:
@@ -67,8 +79,9 @@ def submit(session: Session, response: Response, owner: str, body: BaseModel, id
 def within_bounds(estimate: JobEstimate, settings: Settings) -> None:
     """A job over the service's bounds (engine.cost's estimate) is refused with the numbers."""
     if estimate.images > settings.max_job_images:
-        raise Problem(422, f"This job would push about {estimate.images:,} images through the model (and its "
-                           f"zero-shot heads' prompts); this service takes at most {settings.max_job_images:,} per "
+        raise Problem(422, f"This job would push about {estimate.images:,} images through the model (with its "
+                           f"zero-shot heads' prompts, and aTLAS's composition of the vectors each step counted "
+                           f"as images); this service takes at most {settings.max_job_images:,} per "
                            f"job (TVFORGE_MAX_JOB_IMAGES): fewer epochs, a smaller batch, smaller datasets or fewer "
                            f"classes and templates.", slug="job-too-large")
     if estimate.peak_bytes > settings.worker_memory_bytes:

@@ -1,7 +1,7 @@
 """aTLAS's training step against a plain fine-tuning step of the same model on the same batch.
 
     python -m bench.atlas_step [--model ViT-B-32] [--vectors 8] [--batch 16] [--steps 8] [--threads 2]
-                               [--device cuda] [--amp]
+                               [--device cuda] [--amp] [--partitions 64]
 
 On a randomly initialised open_clip image tower with random task vectors, times (median of --steps rounds,
 the variants interleaved, after one warm-up step each) and measures the memory of:
@@ -12,7 +12,9 @@ the variants interleaved, after one warm-up step each) and measures the memory o
 - per-vector composition: the same step with each block composed by a Python loop over the task vectors
   (sum of coefficient x vector tensor, vectors kept as separate tensors), the way fredzzhang/atlas's
   weighted image encoder composes; a re-implementation of that strategy for a side-by-side time, not
-  the official code itself.
+  the official code itself;
+- with --partitions K: aTLAS x K, each block's entries in K seeded partitions with a coefficient each, composed as
+  the engine composes them (PartitionedStack: one batched matmul per block, whatever K).
 With --amp every variant's forward pass runs under engine.metrics.autocast, as the engine trains aTLAS
 (float16 on CUDA; on the CPU it changes nothing). On CUDA one more variant holds the vectors in float16, the
 engine's default there (AtlasParams.vector_dtype auto), and each variant's peak CUDA memory is measured. The
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from engine.methods.atlas.method import TOWER, Composition
+from engine.methods.atlas.method import TOWER, Composition, PartitionedStack, partition_assignment
 from engine.metrics import autocast
 
 
@@ -83,6 +85,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="forward passes under the engine's autocast")
+    parser.add_argument("--partitions", type=int, default=1, help="also time aTLAS x K with this many partitions")
     parser.add_argument("--out", type=Path, default=Path("bench/results/atlas_step.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -151,6 +154,21 @@ def main() -> None:
     steps = {"finetune": finetune_step, "atlas": lambda: run(composition.compose(coefficients)),
              "bfloat16": lambda: run(half.compose(coefficients)), "loop": lambda: run(loop_compose())}
     on_cuda = args.device.startswith("cuda")
+    if args.partitions > 1:  # 2d. aTLAS x K, the stacks regrouped by partition (the original ones stay for 2.)
+        partitioned = {name: PartitionedStack.of(stacks[name], partition_assignment(
+            name, tower[name].shape, args.partitions, 0).to(args.device), args.partitions) for name in blocks}
+        by_partition = Composition(blocks, composition.base, {}, "block", args.vectors, args.partitions,
+                                   partitioned=partitioned)
+        partition_coefficients = torch.zeros(by_partition.coefficient_shape, device=args.device, requires_grad=True)
+
+        def partitioned_step() -> None:
+            partition_coefficients.grad = None
+            weights = {name[len(TOWER):]: t for name, t in by_partition.compose(partition_coefficients).items()}
+            with precision():
+                features = functional_call(model.visual, weights, (pixels,))
+            loss_of(features).backward()
+
+        steps["partitioned"] = partitioned_step
     if on_cuda:  # 2c. float16, the engine's default on CUDA
         fp16 = Composition(blocks, composition.base, {name: s.to(torch.float16) for name, s in stacks.items()},
                            "block", args.vectors)
@@ -169,6 +187,9 @@ def main() -> None:
         "atlas_over_finetune": round(atlas_s / finetune_s, 2), "loop_over_finetune": round(loop_s / finetune_s, 2),
         "process_anonymous_mib_with_model": anon_model, "stacked_vectors_mib": stacks_mib, "amp": args.amp,
     }
+    if args.partitions > 1:
+        result |= {"partitions": args.partitions, "atlas_partitioned_step_s": round(timed["partitioned"], 3),
+                   "atlas_partitioned_over_finetune": round(timed["partitioned"] / finetune_s, 2)}
     if on_cuda:
         result |= {"atlas_float16_step_s": round(timed["float16"], 3),
                    "atlas_float16_over_finetune": round(timed["float16"] / finetune_s, 2),
@@ -181,6 +202,8 @@ def main() -> None:
           f"| aTLAS (engine: tensordot per block) | {atlas_s:.3f} | {atlas_s / finetune_s:.2f} |\n"
           f"| aTLAS, vectors held in bfloat16 | {half_s:.3f} | {half_s / finetune_s:.2f} |\n"
           f"| aTLAS, per-vector loop composition | {loop_s:.3f} | {loop_s / finetune_s:.2f} |"
+          + (f"\n| aTLAS x {args.partitions} partitions per block | {timed['partitioned']:.3f} | "
+             f"{timed['partitioned'] / finetune_s:.2f} |" if args.partitions > 1 else "")
           + (f"\n| aTLAS, vectors held in float16 | {timed['float16']:.3f} | {timed['float16'] / finetune_s:.2f} |"
              if on_cuda else "")
           + f"\n\nAutocast: {'float16 on CUDA' if args.amp and on_cuda else 'none'}. "

@@ -4,6 +4,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# A canonical dataset's splits, and which serves what unless a method's params name one (engine.data).
+SPLITS = ("train", "val", "test")
+SELECTION_SPLITS = ("val", "train")  # a searched lambda, aTLAS's best epoch
+REPORT_SPLITS = ("test", "val", "train")  # reported accuracy
+
 # The zero-shot prompts of a dataset that brings none (engine.heads); "{c}" is replaced by the class name.
 DEFAULT_TEMPLATES: list[str] = [
     "a photo of a {c}.",

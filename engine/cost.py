@@ -9,7 +9,7 @@ activations for the backward pass (s tokens, b batch, h width, a heads); in floa
 import math
 from dataclasses import asdict, dataclass
 
-from engine.context import DEFAULT_TEMPLATES
+from engine.context import DEFAULT_TEMPLATES, REPORT_SPLITS, SELECTION_SPLITS
 
 FLOAT32 = 4
 # The formula counts a fused fp16 layer; open_clip's eager float32 layers keep more (a 4-layer, width-256 tower at
@@ -20,6 +20,16 @@ SEARCH_POINTS = 30  # the largest lambda grid of the training-free methods (TSV-
 # the development machine (torch 2.14, CPU), and twice that on another install of the same versions; the
 # default leaves some slack over the first. Workers pass their own (refuse_if_too_large).
 RUNTIME_BYTES = 900 * 2**20
+# aTLAS composes every stacked task-vector entry each step (forward, and the backward to the coefficients). Counted
+# as images: an image costs about one token's pass per image-tower parameter, and a composed entry the cost of 16
+# of those, 46 with K > 1 partitions (engine.methods.atlas.method.PartitionedStack), the most measured on this
+# machine's CPU: ViT-B/32, 8 vectors, batch 16 (bench/results/atlas_step.json), the composition took 2.6 images'
+# time at K = 1 and 7.3 at K = 64; the test suite's tiny tower (17 tokens), 64 vectors, batch 2: 19 and 55 images'
+# time (factors 5 and 12). It is memory-bound, so far above its share of the arithmetic.
+COMPOSED_ENTRY_COST, PARTITIONED_ENTRY_COST = 16, 46
+# ViT image-tower blocks: 12 tensors per residual layer, 8 around them (patch embedding, class and positional
+# embeddings, the two layer norms, the projection).
+BLOCKS_PER_LAYER, OTHER_BLOCKS = 12, 8
 
 
 @dataclass(frozen=True)
@@ -66,10 +76,12 @@ def _sides(size) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class JobEstimate:
-    # through the model: images through the image tower (training steps and evaluations together), and the
-    # prompts of every zero-shot head through the text tower (class names x templates, once per dataset)
+    # through the model: images through the image tower (training steps and evaluations together), the prompts
+    # of every zero-shot head through the text tower (class names x templates, once per dataset), and aTLAS's
+    # composition of the task vectors each step, as the images that would take its time (composition_images)
     images: int
     peak_bytes: int
+    composition_images: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self) | {"peak_gib": round(self.peak_bytes / 2**30, 2)}
@@ -98,9 +110,6 @@ def target_images(targets: list[tuple[str, str | None]], split_sizes: dict[str, 
                for dataset_id, tv in targets)
 
 
-SELECTION_SPLITS, REPORT_SPLITS = ("val", "train"), ("test", "val", "train")
-
-
 def stacked_entries(shape: TowerShape, vector_parameters: list[int], vectors_per_block: int | None) -> int:
     """At most how many task-vector values aTLAS stacks: each vector's image-tower share, which is no more than
     the tower or than the values its file stores (LoRA factors, not their products); a memory budget of b
@@ -111,6 +120,20 @@ def stacked_entries(shape: TowerShape, vector_parameters: list[int], vectors_per
     return entries
 
 
+def partition_padding(shape: TowerShape, partitions: int) -> int:
+    """aTLAS x K: at most how many zeros PartitionedStack pads one vector's image tower with (each block's
+    partitions padded to its largest). A partition of a block of n entries holds about n / K, rarely over
+    n / K + 4 sqrt(n / K) + 4; summed over B blocks that is at most 4 sqrt(B n K) + 4 B K (Cauchy-Schwarz).
+    Measured: 1.5% of ViT-B/32's tower at K = 64 (this bound: 4.2%), 22% of the tiny tower's (bound: 60%). A
+    tower that is not a ViT is bounded by its own size."""
+    if partitions == 1:
+        return 0
+    if shape.layers is None:
+        return shape.visual_parameters
+    blocks = BLOCKS_PER_LAYER * shape.layers + OTHER_BLOCKS
+    return int(4 * math.sqrt(blocks * shape.visual_parameters * partitions) + 4 * blocks * partitions)
+
+
 def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], split_sizes: dict[str, dict[str, int]],
                    dataset_side: int, label_sets: dict[str, tuple[int, int | None]],
                    runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
@@ -119,7 +142,7 @@ def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], spli
     the datasets."""
     recipe = params.recipe
     epochs = params.epochs or recipe.epochs
-    order = (params.train_split,) if params.train_split else recipe.train_splits
+    order = params.train_order
     mode = params.mode
     batch = params.batch_size
     target_classes = label_sets.get(params.target_dataset_id, (0, None))[0] if params.target_dataset_id else 0
@@ -143,17 +166,24 @@ def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], spli
     # ufm also passes every step's images unaugmented (its targets) and labels the whole split once first
     views = 2 if mode == "ufm" else 1
     labelling = first_split(split_sizes.get(params.target_dataset_id, {}), order) if mode == "ufm" else 0
-    images = (views * epochs * steps * batch + labelling + (epochs + 1) * selection + references + reports
-              + head_prompts(label_sets))
+    stacked = stacked_entries(shape, vector_parameters, params.vectors_per_block)
+    padding = math.ceil(stacked / shape.visual_parameters) * partition_padding(shape, params.partitions)
+    entry_cost = PARTITIONED_ENTRY_COST if params.partitions > 1 else COMPOSED_ENTRY_COST
+    composition = math.ceil(entry_cost * (stacked + padding) / (shape.visual_parameters * (shape.tokens or 1)))
+    images = (epochs * steps * (views * batch + composition) + labelling + (epochs + 1) * selection + references
+              + reports + head_prompts(label_sets))
     # the device is not known here: auto counts float32, the CPU's (CUDA's fp16 stacks take half)
     vector_bytes = 2 if params.vector_dtype in ("bfloat16", "float16") else FLOAT32
-    # aTLAS x K: a uint8 partition per image-tower entry, and K candidates of the block being composed (bounded
-    # here by one layer's share of the tower)
+    # aTLAS x K: the stacks' padding, an int32 position per image-tower entry (the backward keeps the same
+    # tensor), and while the stacks are regrouped one block's copy (bounded here by one layer's share of them);
+    # a LoRA vector's block composes K candidates instead, and a vector that stores fewer values than the tower
+    # may be one.
     partition_bytes = 0
     if params.partitions > 1:
-        partition_bytes = shape.visual_parameters + params.partitions * FLOAT32 * shape.visual_parameters // max(
-            1, shape.layers or 1)
-    stacked = stacked_entries(shape, vector_parameters, params.vectors_per_block)
+        layer_share = max(1, shape.layers or 1)
+        partition_bytes = padding * vector_bytes + 4 * shape.visual_parameters + stacked * vector_bytes // layer_share
+        if any(stored < shape.visual_parameters for stored in vector_parameters):
+            partition_bytes += params.partitions * FLOAT32 * shape.visual_parameters // layer_share
     # Training and evaluation batches do not overlap: the larger of the two (an evaluation keeps no activations
     # for backward, about a quarter of a training batch's per image).
     batches = max(shape.activation_bytes(batch) + shape.image_bytes(batch),
@@ -161,7 +191,7 @@ def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], spli
     peak = (runtime_bytes + shape.parameters * FLOAT32 + stacked * vector_bytes
             + 2 * shape.visual_parameters * FLOAT32 + partition_bytes + batches
             + dataset_bytes(split_sizes, dataset_side))
-    return JobEstimate(images, peak)
+    return JobEstimate(images, peak, epochs * steps * composition)
 
 
 def search_estimate(params, shape: TowerShape, split_sizes: dict[str, dict[str, int]], grid: int,

@@ -6,8 +6,8 @@ present among train/val/test, `<split>_images` (uint8 [N,H,W,3] or [N,H,W]) and
 templates travel beside it (DatasetInput).
 
 Which split serves what, unless a method's params name one:
-- selection (a searched lambda, aTLAS's best epoch): val, else train (SELECTION_SPLITS);
-- reported accuracy: test, else val, else train (REPORT_SPLITS).
+- selection (a searched lambda, aTLAS's best epoch): val, else train (engine.context.SELECTION_SPLITS);
+- reported accuracy: test, else val, else train (engine.context.REPORT_SPLITS).
 Every reported accuracy names the split it was measured on.
 """
 import struct
@@ -21,11 +21,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from engine.context import DatasetInput, MergeInputs, TaskVectorInput
-
-SPLITS = ("train", "val", "test")
-SELECTION_SPLITS = ("val", "train")
-REPORT_SPLITS = ("test", "val", "train")
+from engine.context import SPLITS, DatasetInput, MergeInputs, TaskVectorInput
 
 Split = tuple[np.ndarray, np.ndarray]  # uint8 images [N,H,W,C], int64 labels [N]
 

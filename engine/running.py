@@ -7,9 +7,9 @@ the same code.
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.context import JobContext, MergeInputs, MethodResult, Progress
+from engine.context import REPORT_SPLITS, JobContext, MergeInputs, MethodResult, Progress
 from engine.cost import RUNTIME_BYTES, JobEstimate, TowerShape, estimate_job, evaluation_estimate
-from engine.data import REPORT_SPLITS, image_side, split_sizes
+from engine.data import image_side, split_sizes
 from engine.evaluator import EvalTarget, Evaluator
 from engine.methods.spec import MethodParams, MethodSpec
 from engine.safetensors_io import check_finite, read_header

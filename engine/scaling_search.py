@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from engine.context import JobContext, MergeInputs, Progress
-from engine.data import SELECTION_SPLITS
+from engine.context import SELECTION_SPLITS, JobContext, MergeInputs, Progress
 from engine.evaluator import EvalTarget, Evaluator
 from engine.metrics import best_negation, chosen
 from engine.streaming import DeltaMerge, collect_deltas, merge_streaming

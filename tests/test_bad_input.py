@@ -844,15 +844,97 @@ def test_a_malformed_evaluation_is_refused_and_leaves_nothing(stack, world, http
         assert_problem(http.post("/v1/evaluations", json=make(world)), status, loc)
 
 
-def test_an_evaluation_split_the_dataset_lacks_is_422_at_submission(stack, world, http, tmp_path):
+def _dataset(http, tmp_path, name: str, **arrays) -> str:
+    npz = tmp_path / f"{name}.npz"
+    np.savez(npz, **arrays)
+    response = http.post("/v1/datasets", data={"name": name, "class_names": '["a", "b"]'},
+                         files={"file": ("d.npz", npz.read_bytes())})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+@pytest.fixture
+def odd_datasets(http, tmp_path):
+    """A labelled dataset with a train split only, a labelled one with a test split only, an unlabelled one, and
+    a labelled one with every split."""
+    images, labels = np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 0, 1])
+    every_split = {f"{split}_{key}": array for split in ("train", "val", "test")
+                   for key, array in (("images", images), ("labels", labels))}
+    return {"full": _dataset(http, tmp_path, "full", **every_split),
+            "train_only": _dataset(http, tmp_path, "train-only", images=images, labels=labels),
+            "test_only": _dataset(http, tmp_path, "test-only", test_images=images, test_labels=labels),
+            "unlabelled": _dataset(http, tmp_path, "unlabelled", images=images)}
+
+
+def test_an_evaluation_split_the_dataset_lacks_is_422_at_submission(stack, world, http, odd_datasets):
     """Refused when posted, naming the splits there are, rather than failing on the worker."""
-    npz = tmp_path / "train-only.npz"
-    np.savez(npz, images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.array([0, 1, 0, 1]))
-    dataset = http.post("/v1/datasets", data={"name": "train-only"}, files={"file": ("d.npz", npz.read_bytes())})
-    body = {"base_model_id": world["own_base"], "datasets": [{"dataset_id": dataset.json()["id"], "split": "test"}]}
+    body = {"base_model_id": world["own_base"], "datasets": [{"dataset_id": odd_datasets["train_only"],
+                                                              "split": "test"}]}
     with leaves_nothing(stack):
         problem = assert_problem(http.post("/v1/evaluations", json=body), 422, ["body", "datasets", 0, "split"])
     assert "has train" in problem["errors"][0]["msg"]
+    body = {"base_model_id": world["own_base"], "datasets": [{"dataset_id": odd_datasets["unlabelled"]}]}
+    with leaves_nothing(stack):
+        problem = assert_problem(http.post("/v1/evaluations", json=body), 422,
+                                 ["body", "datasets", 0, "dataset_id"])
+    assert "unlabelled" in problem["errors"][0]["msg"]
+
+
+# (params, the dataset they name, where the 422 points inside params, what its message says); "tv" is the job's
+# task vector. Each fails on the worker otherwise, after the job has waited in the queue.
+DATASET_NEED_CASES = {
+    "aTLAS few-shot without a train split": (
+        {"method": "atlas", "params": {"target_dataset_id": "{ds}", "epochs": 1}}, "test_only",
+        ["target_dataset_id"], "no train split to train aTLAS on (few_shot)"),
+    "aTLAS addition on unlabelled data": (
+        {"method": "atlas", "params": {"task_datasets": {"tv": "{ds}"}, "train_split": "train", "epochs": 1}},
+        "unlabelled", ["task_datasets", "tv"], "needs labels to train aTLAS on (addition)"),
+    "aTLAS negation's control without a val split": (
+        {"method": "atlas", "params": {"objective": "negation", "target_dataset_id": "{other}",
+                                       "control_dataset_id": "{ds}", "epochs": 1}},
+        "train_only", ["control_dataset_id"], "no val split"),
+    "STA calibration on unlabelled data": (
+        {"method": "sta", "params": {"calibration_datasets": {"tv": "{ds}"}}}, "unlabelled",
+        ["calibration_datasets", "tv"], "needs labels to score importance on"),
+    "STA calibration without a train or val split": (
+        {"method": "sta", "params": {"calibration_datasets": {"tv": "{ds}"}}}, "test_only",
+        ["calibration_datasets", "tv"], "no train or val split to score importance on; it has test"),
+    "a lambda search without a val or train split": (
+        {"method": "ties", "params": {"validation_datasets": {"tv": "{ds}"}}}, "test_only",
+        ["validation_datasets", "tv"], "no val or train split to search lambda on"),
+    "a negation search's unlabelled control": (
+        {"method": "task_arithmetic", "params": {"operation": "negate", "validation_datasets": {"tv": "{other}"},
+                                                 "control_dataset_id": "{ds}"}},
+        "unlabelled", ["control_dataset_id"], "needs labels to check the control's accuracy on"),
+}
+
+
+def _named(value, names: dict[str, str]):
+    """value with every "{key}" string, and every dict key "tv", replaced from names."""
+    if isinstance(value, dict):
+        return {names["tv"] if k == "tv" else k: _named(v, names) for k, v in value.items()}
+    return value.format(**names) if isinstance(value, str) else value
+
+
+@pytest.mark.parametrize("case", list(DATASET_NEED_CASES))
+def test_a_dataset_the_method_cannot_use_is_422_at_submission(stack, world, http, odd_datasets, case):
+    spec, dataset, loc, message = DATASET_NEED_CASES[case]
+    names = {"tv": world["own_tv"], "ds": odd_datasets[dataset], "other": odd_datasets["full"]}
+    body = _job(world, method=spec["method"], params=_named(spec["params"], names))
+    loc = [names["tv"] if part == "tv" else part for part in loc]
+    with leaves_nothing(stack):
+        problem = assert_problem(http.post("/v1/jobs", json=body), 422, ["body", "params", *loc])
+    assert message in problem["errors"][0]["msg"], problem
+
+
+def test_a_dataset_that_meets_the_method_s_needs_is_accepted(world, http, odd_datasets):
+    """The checks above refuse only what the worker would: unlabelled test images serve entropy adaptation,
+    a train split serves few-shot (checked with a dry run: nothing is queued)."""
+    for params in ({"objective": "entropy", "target_dataset_id": odd_datasets["unlabelled"], "epochs": 1},
+                   {"target_dataset_id": odd_datasets["train_only"], "epochs": 1}):
+        response = http.post("/v1/jobs", params={"dry_run": "true"},
+                             json=_job(world, method="atlas", params=params))
+        assert response.status_code == 200, response.text
 
 
 def test_an_evaluation_reference_of_another_base_is_422(stack, world, http, tmp_path):

@@ -378,21 +378,30 @@ def test_partitions_are_seeded_and_uniform():
 
 
 def test_partitioned_composition_is_each_entrys_own_coefficient(job, model, tmp_path):
-    """aTLAS x K: entry by entry, theta_0 + sum_t lambda[t, b, partition of the entry] * tau_t."""
+    """aTLAS x K: entry by entry, theta_0 + sum_t lambda[t, b, partition of the entry] * tau_t, and the gradient
+    of the coefficients is that formula's (taken in float64, entry by entry)."""
     composition, _ = build_composition(model, job.inputs.task_vectors, "block", "cpu", partitions=3,
                                        partition_seed=5)
     generator = torch.Generator().manual_seed(0)
-    coefficients = torch.randn(composition.coefficient_shape, generator=generator)
+    coefficients = torch.randn(composition.coefficient_shape, generator=generator, requires_grad=True)
     assert composition.coefficient_shape == (3, len(composition.blocks), 3)
     composed = composition.compose(coefficients)
+    reference = coefficients.detach().double().requires_grad_()
     taus = list(job.taus.values())
+    weights = {name: torch.randn(composed[name].shape, generator=generator) for name in composition.blocks}
+    loss, expected_loss = 0.0, 0.0
     for j, name in enumerate(composition.blocks):
         index = partition_assignment(name, job.state[name].shape, 3, 5).long()
         expected = job.state[name].double().clone()
         for t, tau in enumerate(taus):
             if name in tau:
-                expected += coefficients[t, j].double()[index] * tau[name].double()
-        torch.testing.assert_close(composed[name].double(), expected, rtol=1e-5, atol=1e-6)
+                expected = expected + reference[t, j][index] * tau[name].double()
+        torch.testing.assert_close(composed[name].double(), expected.detach(), rtol=1e-5, atol=1e-6)
+        loss = loss + (composed[name] * weights[name]).sum()
+        expected_loss = expected_loss + (expected * weights[name].double()).sum()
+    loss.backward()
+    expected_loss.backward()
+    torch.testing.assert_close(coefficients.grad.double(), reference.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_partitioned_checkpoint_is_rebuilt_from_the_coefficients_alone(job, tmp_path):

@@ -31,9 +31,11 @@ def test_a_dry_run_validates_and_estimates_without_queueing(stack, inputs):
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["valid"] and body["method"] == "atlas"
-        # 48 target images: 3 epochs x 3 steps x 16, 4 selection passes over them, 1 report pass; and the zero-shot
-        # head's prompts, 3 classes x 5 default templates.
-        assert body["estimate"]["images"] == 3 * 3 * 16 + 4 * 48 + 48 + 3 * 5
+        # 48 target images: 3 epochs x 3 steps x 16, 4 selection passes over them, 1 report pass; the zero-shot
+        # head's prompts, 3 classes x 5 default templates; and the composition of each of the 9 steps.
+        composition = body["estimate"]["composition_images"]
+        assert composition > 0 and composition % 9 == 0
+        assert body["estimate"]["images"] == 3 * 3 * 16 + 4 * 48 + 48 + 3 * 5 + composition
         assert 0 < body["estimate"]["peak_bytes"] < body["limits"]["worker_memory_bytes"]
         assert len(list(client.iterate("/v1/jobs"))) == before
         bad = client.http.post("/v1/jobs?dry_run=true", json=_atlas(inputs, target_dataset_id="ds_missing"))
@@ -238,4 +240,25 @@ def test_the_image_estimate_covers_every_image_the_engine_pushes(tmp_path, monke
     # with a head cache, as a worker runs it: each dataset's head is built once, then loaded
     run_method(spec, inputs, params, JobContext(workdir=tmp_path, cache_dir=tmp_path / "heads", seed=0))
     estimate = estimate_inputs(spec, inputs, params)
-    assert sum(counted) <= estimate.images <= 2 * sum(counted), (sum(counted), estimate.images)
+    through_towers = estimate.images - estimate.composition_images  # the composition passes no image
+    assert sum(counted) <= through_towers <= 2 * sum(counted), (sum(counted), through_towers)
+
+
+def test_atlas_composition_is_counted_each_step_by_the_vectors_not_by_the_partitions():
+    """aTLAS composes every stacked entry each step (engine.methods.atlas.method.PartitionedStack: whatever K):
+    at ViT-B/32 shapes 64 vectors cost 16 x 64 / 50 tokens = 21 images a step, 8 vectors 3; with K = 64 partitions
+    the regrouped stacks compose at a higher cost per entry and carry the partitions' padding (at most 4.2% here),
+    whatever K."""
+    from engine.cost import TowerShape, estimate_job
+    from engine.methods.atlas.params import AtlasParams
+
+    shape = TowerShape(151_277_313, 87_849_216, 224, tokens=50, width=768, heads=12, layers=12)
+    sizes = {"ds": {"train": 64}}
+
+    def composition(vectors: int, **params) -> int:
+        atlas = AtlasParams(target_dataset_id="ds", epochs=1, batch_size=64, **params)
+        estimate = estimate_job("atlas", atlas, shape, [shape.visual_parameters] * vectors, sizes, 32, {"ds": (2, 1)})
+        return estimate.composition_images // 10  # 10 steps: few-shot repeats its shots to 10 batches
+
+    assert composition(8) == 3 and composition(64) == 21
+    assert composition(64, partitions=64) == 62 and composition(64, partitions=2) == 60

@@ -6,8 +6,10 @@ from fastapi import APIRouter, Header, Response
 from app.deps import OwnerDep, ReleasingRoute, SessionDep, SettingsDep, base_model_of, owned_or_404
 from app.problems import PROBLEM_RESPONSES
 from app.schemas import EvaluationCreate, JobOut
-from app.submit import invalid, sizing, submit, within_bounds
+from app.submit import check_dataset_needs, invalid, sizing, submit, within_bounds
+from engine.context import REPORT_SPLITS
 from engine.cost import JobEstimate, evaluation_estimate
+from engine.methods.spec import DatasetNeed
 from store.ids import new_id
 from store.models import BaseModel, Checkpoint, Dataset, Job, JobInput, JobKind, TaskVector
 
@@ -25,9 +27,9 @@ def _check(session, owner: str, body: EvaluationCreate) -> tuple[str, list[str]]
     vectors = []
     for index, item in enumerate(body.datasets):
         dataset = owned_or_404(session, Dataset, item.dataset_id, owner)
-        if item.split is not None and item.split not in dataset.splits:
-            raise invalid(["datasets", index, "split"], f"The dataset has no {item.split} split; it has "
-                                                        f"{', '.join(dataset.splits)}")
+        need = DatasetNeed(("split",), dataset.id, (item.split,), True, "to evaluate on") if item.split else \
+            DatasetNeed(("dataset_id",), dataset.id, REPORT_SPLITS, True, "to evaluate on")
+        check_dataset_needs([need], [dataset], ["datasets", index])
         if item.reference_checkpoint_id is not None:
             reference = owned_or_404(session, Checkpoint, item.reference_checkpoint_id, owner)
             if base_model_of(session, reference) != base_model_id:

@@ -24,7 +24,7 @@ from app.problems import PROBLEM_RESPONSES, Problem, not_found
 from app.quotas import check_storage
 from app.rate_limits import rate_limits
 from app.schemas import CoefficientsOut, DryRunOut, JobCreate, JobFields, JobOut, LearningCurveOut, Page
-from app.submit import invalid, sizing, submit, within_bounds
+from app.submit import check_dataset_needs, invalid, sizing, submit, within_bounds
 from engine.cost import JobEstimate, estimate_job
 from store import jobs
 from store.db import get_engine, no_wait_engine, session_scope
@@ -69,6 +69,7 @@ def _check_inputs(session, owner: str, body: JobFields) -> JobRows:
         raise invalid(["params"], f"Parameters name task vectors that are not in the job: {', '.join(strays)}")
     datasets = [owned_or_404(session, Dataset, dataset_id, owner)
                 for dataset_id in dict.fromkeys(body.params.dataset_ids())]
+    check_dataset_needs(body.params.dataset_needs(), datasets, ["params"])
     return JobRows(base, vectors, datasets)
 
 

@@ -50,8 +50,7 @@ import torch  # noqa: E402
 from bench.quality.assets import Assets, TaskAssets  # noqa: E402
 from bench.quality.build_assets import build_assets  # noqa: E402
 from bench.quality.tables import render_markdown  # noqa: E402
-from engine.context import DatasetInput, JobContext, MergeInputs, TaskVectorInput  # noqa: E402
-from engine.data import REPORT_SPLITS  # noqa: E402
+from engine.context import REPORT_SPLITS, DatasetInput, JobContext, MergeInputs, TaskVectorInput  # noqa: E402
 from engine.evaluator import EvalTarget, Evaluator  # noqa: E402
 from engine.methods.catalogue import get_method  # noqa: E402
 from engine.metrics import CONTROL_KEPT, mean_normalised_accuracy, normalised  # noqa: E402

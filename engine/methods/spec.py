@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict
 
+from engine.context import SELECTION_SPLITS
+
 TaskDatasets = dict[str, str]  # task vector id -> dataset id
 
 # Result keys every method may report, beside its own.
@@ -42,9 +44,37 @@ def valid_fields_at(model: type[BaseModel], path: Sequence[str]) -> list[str] | 
     return list(model.model_fields)
 
 
+@dataclass(frozen=True)
+class DatasetNeed:
+    """A dataset a method reads at `loc` of its params, to train, calibrate or select on: the method uses the
+    first of `splits` the dataset has, which must hold images, and labelled ones where `labelled`."""
+
+    loc: tuple[str, ...]
+    dataset_id: str
+    splits: tuple[str, ...]
+    labelled: bool
+    purpose: str  # what it is read for, as the end of a sentence: "to train aTLAS on (few_shot)"
+
+    def unmet(self, split_sizes: dict[str, int], dataset_labelled: bool) -> str | None:
+        """Why a dataset with these split sizes cannot serve, or None (the engine's pick_split and is_labelled,
+        answered from the dataset's row)."""
+        split = next((s for s in self.splits if split_sizes.get(s)), None)
+        if split is None:
+            has = ", ".join(s for s, count in split_sizes.items() if count) or "no images"
+            return f"The dataset has no {' or '.join(self.splits)} split {self.purpose}; it has {has}"
+        if self.labelled and not dataset_labelled:
+            return f"The dataset is unlabelled; its {split} split needs labels {self.purpose}"
+        return None
+
+
 class MethodParams(StrictModel):
     def dataset_ids(self) -> list[str]:
         """Ids of the registered datasets this job reads (the API checks they exist and are the owner's)."""
+        return []
+
+    def dataset_needs(self) -> list[DatasetNeed]:
+        """What the method needs of the datasets it trains, calibrates or selects on (the API checks each at
+        submission; the report's datasets need nothing: an unlabelled one is reported as such)."""
         return []
 
     def task_vector_ids(self) -> list[str]:
@@ -74,6 +104,9 @@ class SearchedMergeParams(MethodParams):
     def dataset_ids(self) -> list[str]:
         return unique(list(self.validation_datasets.values()))
 
+    def dataset_needs(self) -> list[DatasetNeed]:
+        return search_needs(self.validation_datasets)
+
     def task_vector_ids(self) -> list[str]:
         return list(self.validation_datasets)
 
@@ -97,6 +130,16 @@ class MethodSpec:
         """run(inputs, params, ctx) from method.py beside the params module (imported on first use)."""
         package = self.params.__module__.rpartition(".")[0]
         return importlib.import_module(f"{package}.method").run
+
+
+def search_needs(validation_datasets: TaskDatasets, control_dataset_id: str | None = None) -> list[DatasetNeed]:
+    """A lambda search reads each validation dataset's and the control's selection split (scaling_search)."""
+    needs = [DatasetNeed(("validation_datasets", tv), ds, SELECTION_SPLITS, True, "to search lambda on")
+             for tv, ds in validation_datasets.items()]
+    if control_dataset_id is not None:
+        needs.append(DatasetNeed(("control_dataset_id",), control_dataset_id, SELECTION_SPLITS, True,
+                                 "to check the control's accuracy on"))
+    return needs
 
 
 def unique(ids: list[str | None]) -> list[str]:

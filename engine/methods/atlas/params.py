@@ -3,7 +3,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from engine.methods.spec import MethodParams, MethodSpec, TaskDatasets, unique
+from engine.methods.spec import DatasetNeed, MethodParams, MethodSpec, TaskDatasets, unique
 
 Split = Literal["train", "val", "test"]
 
@@ -157,9 +157,27 @@ class AtlasParams(MethodParams):
     def recipe(self) -> ModeRecipe:
         return RECIPES[self.mode]
 
+    @property
+    def train_order(self) -> tuple[str, ...]:
+        """The splits a task may train on, the first present used: train_split, else the mode's (RECIPES)."""
+        return (self.train_split,) if self.train_split else self.recipe.train_splits
+
     def dataset_ids(self) -> list[str]:
         ids = list(self.task_datasets.values()) + [self.target_dataset_id, self.control_dataset_id]
         return unique(ids)
+
+    def dataset_needs(self) -> list[DatasetNeed]:
+        """The datasets it trains on (method.train_split); supervised and negation losses need their labels."""
+        order = self.train_order
+        purpose = f"to train aTLAS on ({self.mode})" + ("" if self.train_split else "; train_split can name another")
+        labelled = self.mode in ("addition", "few_shot", "negation")
+        if self.mode == "addition":
+            return [DatasetNeed(("task_datasets", tv), ds, order, labelled, purpose)
+                    for tv, ds in self.task_datasets.items()]
+        needs = [DatasetNeed(("target_dataset_id",), self.target_dataset_id, order, labelled, purpose)]
+        if self.control_dataset_id is not None:
+            needs.append(DatasetNeed(("control_dataset_id",), self.control_dataset_id, order, labelled, purpose))
+        return needs
 
     def task_vector_ids(self) -> list[str]:
         return list(self.task_datasets)

@@ -35,7 +35,7 @@ from engine.data import is_labelled, load_task, pick_split, preprocess_images, s
 from engine.evaluator import EvalTarget, Evaluator
 from engine.heads import HeadFactory, image_logits
 from engine.kernels import masked_accumulate, threshold_accumulate, threshold_mask
-from engine.methods.sta.params import STA_SCALING_GRID, StaParams
+from engine.methods.sta.params import CALIBRATION_SPLITS, STA_SCALING_GRID, StaParams
 from engine.metrics import given_or_default
 from engine.safetensors_io import read_header, save_tensors
 from engine.scaling_search import SearchSpec, search_scaling, searched
@@ -44,7 +44,6 @@ from engine.streaming import CHUNK, collect_deltas, float32_readers, in_chunks, 
 from engine.task_vectors import TaskVectorFile
 from engine.weights import InPlaceWeights, load_base_model, load_float_deltas
 
-CALIBRATION_SPLITS = ("train", "val")
 FP16_MAX = 65504.0  # normalised scores above this (a tensor dominated by a handful of entries) are clipped on disk
 
 

@@ -2,7 +2,17 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from engine.methods.spec import SEARCH_RESULT_KEYS, MethodParams, MethodSpec, TaskDatasets, unique
+from engine.methods.spec import (
+    SEARCH_RESULT_KEYS,
+    DatasetNeed,
+    MethodParams,
+    MethodSpec,
+    TaskDatasets,
+    search_needs,
+    unique,
+)
+
+CALIBRATION_SPLITS = ("train", "val")
 
 # lambda searched over {0, 0.1, ..., 2}: twice task arithmetic's range, so the paper's data-free lambda 1
 # lies inside it (sparse masks drop most of each vector, so the best lambda may exceed 1).
@@ -90,6 +100,11 @@ class StaParams(MethodParams):
     def dataset_ids(self) -> list[str]:
         return unique([*self.calibration_datasets.values(), *self.validation_datasets.values(),
                        self.control_dataset_id])
+
+    def dataset_needs(self) -> list[DatasetNeed]:
+        calibration = [DatasetNeed(("calibration_datasets", tv), ds, CALIBRATION_SPLITS, True,
+                                   "to score importance on") for tv, ds in self.calibration_datasets.items()]
+        return calibration + search_needs(self.validation_datasets, self.control_dataset_id)
 
     def task_vector_ids(self) -> list[str]:
         return unique([*self.calibration_datasets, *self.forget, *self.validation_datasets])

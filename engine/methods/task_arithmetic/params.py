@@ -2,7 +2,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from engine.methods.spec import SEARCH_RESULT_KEYS, MethodParams, MethodSpec, TaskDatasets, unique
+from engine.methods.spec import (
+    SEARCH_RESULT_KEYS,
+    DatasetNeed,
+    MethodParams,
+    MethodSpec,
+    TaskDatasets,
+    search_needs,
+    unique,
+)
 
 
 class TaskArithmeticParams(MethodParams):
@@ -37,6 +45,9 @@ class TaskArithmeticParams(MethodParams):
 
     def dataset_ids(self) -> list[str]:
         return unique([*self.validation_datasets.values(), self.control_dataset_id])
+
+    def dataset_needs(self) -> list[DatasetNeed]:
+        return search_needs(self.validation_datasets, self.control_dataset_id)
 
     def task_vector_ids(self) -> list[str]:
         return list(self.validation_datasets)
