@@ -27,6 +27,7 @@ RUNTIME_BYTES = 900 * 2**20
 # time at K = 1 and 7.3 at K = 64; the test suite's tiny tower (17 tokens), 64 vectors, batch 2: 19 and 55 images'
 # time (factors 5 and 12). It is memory-bound, so far above its share of the arithmetic.
 COMPOSED_ENTRY_COST, PARTITIONED_ENTRY_COST = 16, 46
+FORWARD_COMPOSITION_SHARE = 0.4  # a composition without the backward, of one with it: 0.34-0.39 measured
 # ViT image-tower blocks: 12 tensors per residual layer, 8 around them (patch embedding, class and positional
 # embeddings, the two layer norms, the projection).
 BLOCKS_PER_LAYER, OTHER_BLOCKS = 12, 8
@@ -57,6 +58,15 @@ class TowerShape:
         return cls(parameters, visual_parameters, image_size,
                    tokens=(height // patch_height) * (width_px // patch_width) + 1,
                    width=width, heads=max(1, width // vision.get("head_width", 64)), layers=vision["layers"])
+
+    @property
+    def work_per_parameter(self) -> int:
+        """At least how many times an image uses each image-tower weight: a ViT's tokens; a convolutional tower
+        applies each weight at every position of its feature map, which shrinks to image / 32 on a side at the
+        last stage. A lower bound, so what is counted per parameter against images (aTLAS's composition) is not
+        undercounted: RN50 at 224 pixels gives 49, where its forward pass takes about 100 multiply-adds a
+        parameter."""
+        return self.tokens if self.tokens is not None else max(1, (self.image_size // 32) ** 2)
 
     def activation_bytes(self, batch: int) -> int:
         """float32 activations kept for backward by a batch through the tower."""
@@ -169,19 +179,26 @@ def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], spli
     stacked = stacked_entries(shape, vector_parameters, params.vectors_per_block)
     padding = math.ceil(stacked / shape.visual_parameters) * partition_padding(shape, params.partitions)
     entry_cost = PARTITIONED_ENTRY_COST if params.partitions > 1 else COMPOSED_ENTRY_COST
-    composition = math.ceil(entry_cost * (stacked + padding) / (shape.visual_parameters * (shape.tokens or 1)))
-    images = (epochs * steps * (views * batch + composition) + labelling + (epochs + 1) * selection + references
-              + reports + head_prompts(label_sets))
+    composition = math.ceil(entry_cost * (stacked + padding) / (shape.visual_parameters * shape.work_per_parameter))
+    # forward-only compositions (a third to two fifths of a step's, measured): each selection target's every
+    # epoch and the zero-shot's, addition's fine-tuned references, ufm's weak view each step and its labelling
+    forward_compositions = ((epochs + 1) * len(targets) + (len(params.task_datasets) if mode == "addition" else 0)
+                            + (epochs * steps + 1 if mode == "ufm" else 0))
+    composition_images = epochs * steps * composition + math.ceil(FORWARD_COMPOSITION_SHARE * composition
+                                                                  * forward_compositions)
+    images = (epochs * steps * views * batch + composition_images + labelling + (epochs + 1) * selection
+              + references + reports + head_prompts(label_sets))
     # the device is not known here: auto counts float32, the CPU's (CUDA's fp16 stacks take half)
     vector_bytes = 2 if params.vector_dtype in ("bfloat16", "float16") else FLOAT32
     # aTLAS x K: the stacks' padding, an int32 position per image-tower entry (the backward keeps the same
-    # tensor), and while the stacks are regrouped one block's copy (bounded here by one layer's share of them);
-    # a LoRA vector's block composes K candidates instead, and a vector that stores fewer values than the tower
-    # may be one.
+    # tensor), and while the stacks are regrouped one block's copy and its int64 indices, 5 an entry (bounded here
+    # by one layer's share); a LoRA vector's block composes K candidates instead, and a vector that stores fewer
+    # values than the tower may be one.
     partition_bytes = 0
     if params.partitions > 1:
         layer_share = max(1, shape.layers or 1)
-        partition_bytes = padding * vector_bytes + 4 * shape.visual_parameters + stacked * vector_bytes // layer_share
+        partition_bytes = (padding * vector_bytes + 4 * shape.visual_parameters
+                           + (stacked * vector_bytes + 5 * 8 * shape.visual_parameters) // layer_share)
         if any(stored < shape.visual_parameters for stored in vector_parameters):
             partition_bytes += params.partitions * FLOAT32 * shape.visual_parameters // layer_share
     # Training and evaluation batches do not overlap: the larger of the two (an evaluation keeps no activations
@@ -191,7 +208,7 @@ def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], spli
     peak = (runtime_bytes + shape.parameters * FLOAT32 + stacked * vector_bytes
             + 2 * shape.visual_parameters * FLOAT32 + partition_bytes + batches
             + dataset_bytes(split_sizes, dataset_side))
-    return JobEstimate(images, peak, epochs * steps * composition)
+    return JobEstimate(images, peak, composition_images)
 
 
 def search_estimate(params, shape: TowerShape, split_sizes: dict[str, dict[str, int]], grid: int,

@@ -129,7 +129,9 @@ class Evaluator:
                     entry["task_vector_id"] = target.task_vector_id
             datasets[target.dataset_id] = entry
             accuracies[target.dataset_id] = entry["accuracy"]
-        out = {"datasets": datasets, "mean_accuracy": float(np.mean(list(accuracies.values())))}
+        out = {"datasets": datasets}
+        if accuracies:  # none: every target unlabelled (evaluate_checkpoint), nothing to average
+            out["mean_accuracy"] = float(np.mean(list(accuracies.values())))
         if references:
             out["mean_normalised_accuracy"] = mean_normalised_accuracy(accuracies, references)
         return out

@@ -893,6 +893,10 @@ DATASET_NEED_CASES = {
         {"method": "atlas", "params": {"objective": "negation", "target_dataset_id": "{other}",
                                        "control_dataset_id": "{ds}", "epochs": 1}},
         "train_only", ["control_dataset_id"], "no val split"),
+    "aTLAS negation trained on test, with no split to select its best epoch on": (
+        {"method": "atlas", "params": {"objective": "negation", "target_dataset_id": "{other}",
+                                       "control_dataset_id": "{ds}", "train_split": "test", "epochs": 1}},
+        "test_only", ["control_dataset_id"], "no val or train split to select the best epoch on"),
     "STA calibration on unlabelled data": (
         {"method": "sta", "params": {"calibration_datasets": {"tv": "{ds}"}}}, "unlabelled",
         ["calibration_datasets", "tv"], "needs labels to score importance on"),

@@ -174,6 +174,25 @@ def test_entropy_on_unlabelled_data_keeps_the_last_epoch(job, tmp_path):
     assert np.abs(result.artifacts["coefficients"]["values"]).max() > 0.05
 
 
+def test_a_checkpoint_with_only_unlabelled_targets_reports_no_mean(job, tmp_path):
+    """The worker's path (run_method) evaluates the labelled targets only; with none there is no mean to report
+    (it was NaN, from a mean over nothing)."""
+    import json
+
+    from engine.methods.catalogue import get_method
+    from engine.running import run_method
+
+    images = np.load(job.inputs.datasets["ds1"].path)["train_images"]
+    np.savez(tmp_path / "unlabelled.npz", test_images=images, test_labels=np.full(len(images), -1))
+    dataset = job.inputs.datasets["ds1"].__class__("unl", "unlabelled", tmp_path / "unlabelled.npz", ["a", "b"])
+    inputs = job.inputs.__class__(job.inputs.base_path, job.inputs.base_spec, job.inputs.task_vectors,
+                                  {"unl": dataset})
+    params = AtlasParams(objective="entropy", target_dataset_id="unl", epochs=1, batch_size=12)
+    result = run_method(get_method("atlas"), inputs, params, Recorder().context(tmp_path / "w"))
+    assert result.metrics["evaluation"] == {"datasets": {}, "unlabelled": ["unl"]}
+    json.dumps(result.metrics, allow_nan=False)
+
+
 def independent_trusted_set(probabilities: np.ndarray, k: int) -> set[int]:
     """Per class, by plain sorting: the images whose most probable class it is, the k most probable."""
     chosen = set()

@@ -1,5 +1,6 @@
 """Job cost: dry runs, the service's bounds, and engine.cost's memory estimate against a measured aTLAS run."""
 import json
+import math
 import subprocess
 import sys
 
@@ -32,9 +33,10 @@ def test_a_dry_run_validates_and_estimates_without_queueing(stack, inputs):
         body = response.json()
         assert body["valid"] and body["method"] == "atlas"
         # 48 target images: 3 epochs x 3 steps x 16, 4 selection passes over them, 1 report pass; the zero-shot
-        # head's prompts, 3 classes x 5 default templates; and the composition of each of the 9 steps.
+        # head's prompts, 3 classes x 5 default templates; and the composition of each of the 9 steps, and 4
+        # forward-only ones (the target's selection before training and after each epoch) at 0.4 of one.
         composition = body["estimate"]["composition_images"]
-        assert composition > 0 and composition % 9 == 0
+        assert any(composition == 9 * c + math.ceil(0.4 * c * 4) for c in range(1, 100)), composition
         assert body["estimate"]["images"] == 3 * 3 * 16 + 4 * 48 + 48 + 3 * 5 + composition
         assert 0 < body["estimate"]["peak_bytes"] < body["limits"]["worker_memory_bytes"]
         assert len(list(client.iterate("/v1/jobs"))) == before
@@ -248,17 +250,23 @@ def test_atlas_composition_is_counted_each_step_by_the_vectors_not_by_the_partit
     """aTLAS composes every stacked entry each step (engine.methods.atlas.method.PartitionedStack: whatever K):
     at ViT-B/32 shapes 64 vectors cost 16 x 64 / 50 tokens = 21 images a step, 8 vectors 3; with K = 64 partitions
     the regrouped stacks compose at a higher cost per entry and carry the partitions' padding (at most 4.2% here),
-    whatever K."""
+    whatever K. A few-shot job of one epoch: 10 steps (its shots repeated to 10 batches), and two forward-only
+    compositions at 0.4 of one (the selection before training and after its epoch)."""
     from engine.cost import TowerShape, estimate_job
     from engine.methods.atlas.params import AtlasParams
 
-    shape = TowerShape(151_277_313, 87_849_216, 224, tokens=50, width=768, heads=12, layers=12)
+    vit = TowerShape(151_277_313, 87_849_216, 224, tokens=50, width=768, heads=12, layers=12)
+    resnet = TowerShape(102_007_137, 38_316_896, 224)  # RN50: each weight at 7 x 7 positions at least
     sizes = {"ds": {"train": 64}}
 
-    def composition(vectors: int, **params) -> int:
+    def composition(shape: TowerShape, vectors: int, **params) -> int:
         atlas = AtlasParams(target_dataset_id="ds", epochs=1, batch_size=64, **params)
         estimate = estimate_job("atlas", atlas, shape, [shape.visual_parameters] * vectors, sizes, 32, {"ds": (2, 1)})
-        return estimate.composition_images // 10  # 10 steps: few-shot repeats its shots to 10 batches
+        return estimate.composition_images
 
-    assert composition(8) == 3 and composition(64) == 21
-    assert composition(64, partitions=64) == 62 and composition(64, partitions=2) == 60
+    def expected(per_step: int) -> int:
+        return 10 * per_step + math.ceil(0.4 * per_step * 2)
+
+    assert composition(vit, 8) == expected(3) and composition(vit, 64) == expected(21)
+    assert composition(vit, 64, partitions=64) == expected(62) and composition(vit, 64, partitions=2) == expected(60)
+    assert composition(resnet, 8) == expected(3)

@@ -155,12 +155,10 @@ class PartitionedStack:
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(order)  # each entry's place among its partition's entries
         rank[order] = torch.arange(len(order), device=order.device) - starts[flat[order]]
-        position = flat * width + rank
         slots = stack.shape[0]
-        grouped = stack.new_zeros(slots, partitions * width)
-        grouped[:, position] = stack.reshape(slots, -1)
-        return cls(grouped.reshape(slots, partitions, width).transpose(0, 1).contiguous(), position.to(torch.int32),
-                   tuple(stack.shape[1:]))
+        grouped = stack.new_zeros(partitions, slots, width)
+        grouped[flat, :, rank] = stack.reshape(slots, -1).T  # each entry's vector values into its place
+        return cls(grouped, (flat * width + rank).to(torch.int32), tuple(stack.shape[1:]))
 
     @property
     def nbytes(self) -> int:
@@ -312,11 +310,13 @@ def build_composition(model: torch.nn.Module, task_vectors: list[TaskVectorInput
     base = {name: tower[name].detach() for name in blocks}  # the frozen model's own tensors, not copies
     assignments, partitioned = None, {}
     if partitions > 1:
-        assignments = {name: partition_assignment(name, base[name].shape, partitions, partition_seed)
-                       for name in blocks}
-        partitioned = {name: PartitionedStack.of(stacks.pop(name), assignments[name].to(device), partitions)
-                       for name in list(stacks)}  # one block's stack sorted at a time
-        assignments = {name: assignments[name].to(device) for name in low_rank}
+        def assignment(name: str) -> torch.Tensor:
+            return partition_assignment(name, base[name].shape, partitions, partition_seed).to(device)
+
+        # one block's stack regrouped at a time, its original freed as the next is
+        partitioned = {name: PartitionedStack.of(stacks.pop(name), assignment(name), partitions)
+                       for name in list(stacks)}
+        assignments = {name: assignment(name) for name in low_rank}
     slots = {name: selected[name] for name in blocks} if selected is not None else None
     return Composition(blocks, base, stacks, granularity, len(task_vectors), partitions, assignments, slots,
                        low_rank, partitioned), uncomposed

@@ -3,6 +3,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from engine.context import SELECTION_SPLITS
 from engine.methods.spec import DatasetNeed, MethodParams, MethodSpec, TaskDatasets, unique
 
 Split = Literal["train", "val", "test"]
@@ -175,8 +176,12 @@ class AtlasParams(MethodParams):
             return [DatasetNeed(("task_datasets", tv), ds, order, labelled, purpose)
                     for tv, ds in self.task_datasets.items()]
         needs = [DatasetNeed(("target_dataset_id",), self.target_dataset_id, order, labelled, purpose)]
-        if self.control_dataset_id is not None:
+        if self.mode == "negation":  # its best epoch compares the target's and the control's accuracies
             needs.append(DatasetNeed(("control_dataset_id",), self.control_dataset_id, order, labelled, purpose))
+            needs += [DatasetNeed((field,), dataset_id, SELECTION_SPLITS, True, "to select the best epoch on "
+                                  "(negation compares the target's and the control's accuracies)")
+                      for field, dataset_id in (("target_dataset_id", self.target_dataset_id),
+                                                ("control_dataset_id", self.control_dataset_id))]
         return needs
 
     def task_vector_ids(self) -> list[str]:
