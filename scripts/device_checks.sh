@@ -11,7 +11,8 @@
 # files at most):
 #   environment      the GPU and the software
 #   gpu_jobs         tests/test_gpu.py: aTLAS, STA and TSV-M jobs through a real API, Redis and Celery worker on CUDA
-#   atlas_step       bench.atlas_step at ViT-B/32: mixed precision at batch 16 and 128, float32 at batch 16
+#   atlas_step       bench.atlas_step at ViT-B/32: mixed precision at batch 16 and 128, float32 at batch 16; each with
+#                    aTLAS x 64 partitions beside the other variants
 #   spectral_device  bench.spectral_device: TSV-M's, Iso-C's and Iso-CTS's SVDs on the 16-core CPU and on CUDA
 #   merge_cost       bench.merge_cost at ViT-B/32 on that machine's CPUs and disk (the merges stream on the CPU)
 # Checking the script here, without a GPU: PYTHON=.venv/bin/python TVFORGE_DEVICE_CHECK_DEVICE=cpu
@@ -68,7 +69,7 @@ print(sys.version); print(torch.__version__, torch.cuda.is_available() and torch
       for run in "${ATLAS_RUNS[@]}"; do
         set -- $run  # precision, batch, flag
         step "atlas_step_$1_batch$2" 40 "$PYTHON" -m bench.atlas_step --device "$DEVICE" --batch "$2" \
-          $ATLAS_SIZES ${3:-} --out "$OUT/atlas_step_$1_batch$2.json"
+          --partitions 64 $ATLAS_SIZES ${3:-} --out "$OUT/atlas_step_$1_batch$2.json"
       done ;;
     spectral_device)
       step spectral_device 50 "$PYTHON" -m bench.spectral_device $SPECTRAL_SIZES --out "$OUT/spectral_device.json" ;;

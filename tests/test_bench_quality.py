@@ -203,7 +203,11 @@ def test_atlas_variants_trade_memory_for_coefficients(run):
     assert lora["metrics"]["stacked_vector_bytes"] < default["metrics"]["stacked_vector_bytes"] / 2
     assert lora["metrics"]["coefficients"] == default["metrics"]["coefficients"]
     held = {r["row"]: r["metrics"]["stacked_vector_bytes"] for r in table["rows"]}
-    assert held[budget["row"]] * len(table["tasks"]) == held[default["row"]] == held[partitioned["row"]]
+    assert held[budget["row"]] * len(table["tasks"]) == held[default["row"]]
+    # partitions regroup the same stacks, padded to each block's largest partition, with an int32 position per
+    # entry (as many bytes as one float32 vector)
+    positions = held[default["row"]] // len(table["tasks"])
+    assert held[default["row"]] + positions < held[partitioned["row"]] < 1.1 * (held[default["row"]] + positions)
     assert partitioned["metrics"]["coefficients"] == 2 * default["metrics"]["coefficients"]
     learned = budget["metrics"]["budget"]["learned_coefficients"]
     assert learned * len(table["tasks"]) == default["metrics"]["coefficients"]
