@@ -64,12 +64,13 @@ def submit(session: Session, response: Response, owner: str, body: BaseModel, id
             session.commit()
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won the race, or a task vector or dataset
-            # the job names was deleted since it was checked (job_inputs' foreign keys RESTRICT).
+            # the job names, or a checkpoint it reads, was deleted since it was checked (job_inputs' foreign keys
+            # RESTRICT).
             session.rollback()
             job = _replay(session, owner, idempotency_key, digest) if idempotency_key else None
             if job is None:
-                raise Problem(409, "A task vector or dataset this job names was deleted while the job was being "
-                                   "created; nothing was queued.", slug="input-deleted") from None
+                raise Problem(409, "A task vector, dataset or checkpoint this job names was deleted while the job "
+                                   "was being created; nothing was queued.", slug="input-deleted") from None
         else:
             publish(job.id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"

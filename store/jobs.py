@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from store.models import Checkpoint, Job, JobKind, JobStatus, utcnow  # JobStatus: the states, re-exported here
+from store.models import Checkpoint, Job, JobInput, JobStatus, utcnow  # JobStatus: the states, re-exported here
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
@@ -186,23 +186,32 @@ def stale_before(timeout_s: float) -> datetime:
     return utcnow() - timedelta(seconds=timeout_s)
 
 
+def drop_finished_inputs(session: Session, condition) -> None:
+    """Delete the job_inputs rows matching condition that belong to finished jobs: only a queued or running
+    job's inputs keep what they name from being deleted (their foreign keys RESTRICT)."""
+    session.execute(delete(JobInput).where(condition, JobInput.job_id.not_in(select(Job.id).where(
+        Job.status.in_(ACTIVE)))))
+
+
 def delete_finished(session: Session, job_id: str) -> bool:
     """Delete a finished job with its inputs and checkpoint rows (their blobs go to the collector); False if the
-    job is still queued or running. The caller first checks checkpoints_in_use."""
+    job is still queued or running. Raises IntegrityError when a queued or running job reads one of its
+    checkpoints: that job's input row RESTRICTs the cascade, so a job naming the checkpoint concurrently either
+    commits first (this fails) or finds the checkpoint gone (its insert fails)."""
+    drop_finished_inputs(session, JobInput.checkpoint_id.in_(select(Checkpoint.id).where(Checkpoint.job_id == job_id)))
     return _changed(session, delete(Job).where(Job.id == job_id, Job.status.in_(FINISHED)))
 
 
-def checkpoints_in_use(session: Session, job_id: str) -> list[str]:
-    """Queued or running jobs that read a checkpoint this job made (deleting the job would delete it)."""
-    made = session.scalars(select(Checkpoint.id).where(Checkpoint.job_id == job_id)).all()
-    return [reader for checkpoint_id in made for reader in active_jobs_reading(session, checkpoint_id)]
-
-
-def active_jobs_reading(session: Session, checkpoint_id: str) -> list[str]:
-    """Queued or running jobs that read this checkpoint: evaluations naming it in their params, merges starting
+def _active_readers(session: Session, checkpoints) -> list[str]:
+    """Queued or running jobs that read a checkpoint matching the condition: evaluations of it, merges starting
     from it."""
-    active = session.scalars(select(Job).where(Job.status.in_(ACTIVE)))
-    return [job.id for job in active
-            if job.start_checkpoint_id == checkpoint_id or job.kind == JobKind.EVALUATION.value and checkpoint_id in (
-                job.params.get("checkpoint_id"),
-                *(item.get("reference_checkpoint_id") for item in job.params["datasets"]))]
+    return sorted(set(session.scalars(select(JobInput.job_id).join(Job, Job.id == JobInput.job_id).join(
+        Checkpoint, Checkpoint.id == JobInput.checkpoint_id).where(checkpoints, Job.status.in_(ACTIVE)))))
+
+
+def readers_of_checkpoint(session: Session, checkpoint_id: str) -> list[str]:
+    return _active_readers(session, Checkpoint.id == checkpoint_id)
+
+
+def readers_of_checkpoints_made_by(session: Session, job_id: str) -> list[str]:
+    return _active_readers(session, Checkpoint.job_id == job_id)

@@ -155,7 +155,8 @@ class Job(Base):
     method: Mapped[str | None] = mapped_column(String(40))  # None for evaluations
     base_model_id: Mapped[str] = mapped_column(ForeignKey("base_models.id", ondelete="RESTRICT"), index=True)
     task_vector_ids: Mapped[list] = mapped_column(JSON)
-    # chaining: the checkpoint a merge is written onto instead of theta_0 (migration 0008 says why no foreign key)
+    # chaining: the checkpoint a merge is written onto instead of theta_0 (migration 0008 says why no foreign key;
+    # the job's input row keeps the checkpoint while the job is queued or running)
     start_checkpoint_id: Mapped[str | None] = mapped_column(String(40))
     params: Mapped[dict] = mapped_column(JSON)
     seed: Mapped[int] = mapped_column(Integer, default=0)
@@ -181,8 +182,9 @@ class Job(Base):
 
 
 class JobInput(Base):
-    """Which task vectors and datasets a job reads. RESTRICT: a vector or dataset named by a job cannot be
-    deleted under it; the delete routes first drop the inputs of finished jobs. (On PostgreSQL a job's
+    """Which task vectors, datasets and checkpoints a job reads (one per row). RESTRICT: a vector, dataset or
+    checkpoint named by a job cannot be deleted under it, nor can the job that made the checkpoint; the delete
+    routes first drop the inputs of finished jobs. (On PostgreSQL a job's
     uncommitted input row also holds a key-share lock on the vector, so a racing delete waits, then fails.)"""
 
     __tablename__ = "job_inputs"
@@ -190,6 +192,9 @@ class JobInput(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     task_vector_id: Mapped[str | None] = mapped_column(ForeignKey("task_vectors.id", ondelete="RESTRICT"), index=True)
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"), index=True)
+    # a merge's start checkpoint, an evaluation's evaluated and reference checkpoints (migration 0012)
+    checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("checkpoints.id", ondelete="RESTRICT"),
+                                                      index=True)
 
 
 class Checkpoint(Base):

@@ -4,14 +4,14 @@ import binascii
 import re
 from collections.abc import Callable
 
-from sqlalchemy import Connection, Row, Select, and_, bindparam, delete, exists, select
+from sqlalchemy import Connection, Row, Select, and_, bindparam, exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from store.blobs import BlobStore, Committed
-from store.jobs import ACTIVE
+from store.jobs import drop_finished_inputs
 from store.keys import LIVE_KEY, live_key_params
-from store.models import ApiKey, BaseModel, Checkpoint, Dataset, Job, JobInput, TaskVector
+from store.models import ApiKey, BaseModel, Checkpoint, Dataset, Job, TaskVector
 
 ID_PATTERN = re.compile(r"[a-z]+_[0-9a-f]{32}")
 
@@ -112,14 +112,13 @@ def referenced_blobs(session: Session) -> set[str]:
 
 
 def delete_unless_in_use(session: Session, row, job_input_column) -> bool:
-    """Delete a task vector or dataset unless a queued or running job reads it; False when one does.
+    """Delete a task vector, dataset or checkpoint unless a queued or running job reads it; False when one does.
 
     The inputs of finished jobs are dropped first; job_inputs' foreign key RESTRICTs the rest, so a job
     created concurrently either commits first (the delete fails) or finds the row gone (its insert fails).
     Its blob stays until the collector (BlobStore.collect_garbage) finds it unreferenced.
     """
-    active_jobs = select(Job.id).where(Job.status.in_(ACTIVE))
-    session.execute(delete(JobInput).where(job_input_column == row.id, JobInput.job_id.not_in(active_jobs)))
+    drop_finished_inputs(session, job_input_column == row.id)
     session.delete(row)
     try:
         session.commit()

@@ -356,10 +356,14 @@ def test_jobs_and_checkpoints_can_be_deleted_once_nothing_runs_on_them(stack, ht
                             files={"file": ("d.npz", content)}).json()
         evaluation = client.create_evaluation([{"dataset_id": dataset["id"]}], checkpoint_id=checkpoint_id)
         chained = client.create_job("task_arithmetic", base_id, [vector["id"]], start_checkpoint_id=checkpoint_id)
-    assert_problem(http.delete(f"/v1/checkpoints/{checkpoint_id}"), 409)  # a queued evaluation reads it
+    refused = assert_problem(http.delete(f"/v1/checkpoints/{checkpoint_id}"), 409)
+    assert evaluation["id"] in refused["detail"] and chained["id"] in refused["detail"]
+    refused = assert_problem(http.delete(f"/v1/jobs/{merged['id']}"), 409)  # it would take its checkpoint along
+    assert refused["type"] == "/problems/in-use" and chained["id"] in refused["detail"]
     http.post(f"/v1/jobs/{evaluation['id']}/cancel")
-    assert_problem(http.delete(f"/v1/checkpoints/{checkpoint_id}"), 409)  # a queued merge starts from it
-    assert_problem(http.delete(f"/v1/jobs/{blocker['id']}"), 409)  # running
+    refused = assert_problem(http.delete(f"/v1/checkpoints/{checkpoint_id}"), 409)  # the queued merge still reads it
+    assert evaluation["id"] not in refused["detail"] and chained["id"] in refused["detail"]
+    assert assert_problem(http.delete(f"/v1/jobs/{blocker['id']}"), 409)["type"] == "/problems/job-active"
     for job_id in (chained["id"], blocker["id"]):
         http.post(f"/v1/jobs/{job_id}/cancel")
     with stack.client() as client:

@@ -9,13 +9,15 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from migrations import upgrade
 from store import jobs
 from store.ids import new_id
 from store.jobs import JobStatus
-from store.models import Checkpoint, Job, JobKind, utcnow
+from store.models import Checkpoint, Job, JobInput, JobKind, utcnow
+from store.queries import delete_unless_in_use
 from tests.job_rows import add_queued_job
 
 RACERS = 8
@@ -31,6 +33,7 @@ def sessions(request, tmp_path) -> Iterator[sessionmaker[Session]]:
         def _pragmas(connection, _record):  # as store.db configures SQLite
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA busy_timeout=30000")
+            connection.execute("PRAGMA foreign_keys=ON")
     else:
         url = request.getfixturevalue("fresh_postgres_url")
         engine = create_engine(url, pool_size=RACERS + 2)
@@ -241,22 +244,75 @@ def test_a_queued_job_is_published_again_at_growing_intervals(sessions, job_id):
     assert republished(queued_s_ago=310, published_s_ago=310, created_s_ago=36_000)
 
 
-def test_a_checkpoint_that_a_queued_job_reads_keeps_its_job(sessions, job_id):
-    """Deleting a finished job deletes its checkpoint: the route refuses while another job reads it."""
+def succeeded_with_checkpoint(sessions, job_id: str) -> str:
+    """Run the job to success with a checkpoint row; returns the checkpoint's id."""
     with sessions.begin() as session:
         jobs.claim(session, job_id, "w1", far_past(), max_attempts=3)
         checkpoint = Checkpoint(id=new_id("ckpt"), owner="alice", job_id=job_id, sha256="1" * 64, size_bytes=1,
                                 format="safetensors", contents={})
         assert jobs.succeed(session, job_id, "w1", {"checkpoint_id": checkpoint.id}, None, checkpoint)
+        return checkpoint.id
+
+
+def enqueue_reader(session: Session, maker_id: str, checkpoint_id: str) -> Job:
+    """A merge starting from the checkpoint, with its input row, as the jobs route builds it."""
+    return jobs.enqueue(session, Job(id=new_id("job"), owner="alice", kind=JobKind.MERGE.value,
+                                     method="task_arithmetic", base_model_id=session.get(Job, maker_id).base_model_id,
+                                     task_vector_ids=[], params={}, seed=0, request_hash="h2",
+                                     start_checkpoint_id=checkpoint_id,
+                                     inputs=[JobInput(checkpoint_id=checkpoint_id)]))
+
+
+def test_a_checkpoint_that_a_queued_job_reads_keeps_itself_and_its_job(sessions, job_id):
+    """Deleting a finished job deletes its checkpoint: a queued or running reader's input row RESTRICTs both
+    deletes; a finished reader's does not."""
+    checkpoint_id = succeeded_with_checkpoint(sessions, job_id)
     with sessions.begin() as session:
-        assert jobs.checkpoints_in_use(session, job_id) == []
-        job = session.get(Job, job_id)
-        reader = jobs.enqueue(session, Job(id=new_id("job"), owner="alice", kind=JobKind.MERGE.value,
-                                           method="task_arithmetic", base_model_id=job.base_model_id,
-                                           task_vector_ids=[], params={}, seed=0, request_hash="h2",
-                                           start_checkpoint_id=checkpoint.id))
+        assert jobs.readers_of_checkpoints_made_by(session, job_id) == []
+        reader = enqueue_reader(session, job_id, checkpoint_id)
     with sessions() as session:
-        assert jobs.checkpoints_in_use(session, job_id) == [reader.id]
+        assert jobs.readers_of_checkpoints_made_by(session, job_id) == [reader.id]
+        assert jobs.readers_of_checkpoint(session, checkpoint_id) == [reader.id]
+        with pytest.raises(IntegrityError):
+            jobs.delete_finished(session, job_id)
+        session.rollback()
+        assert not delete_unless_in_use(session, session.get(Checkpoint, checkpoint_id), JobInput.checkpoint_id)
+    with sessions.begin() as session:
+        assert jobs.cancel(session, reader.id) is not None
+    with sessions.begin() as session:
+        assert jobs.delete_finished(session, job_id)
+    with sessions() as session:
+        assert session.get(Checkpoint, checkpoint_id) is None and session.get(Job, job_id) is None
+        assert session.get(Job, reader.id).start_checkpoint_id == checkpoint_id  # the finished reader keeps its name
+
+
+def test_deleting_a_job_races_jobs_that_start_from_its_checkpoint(sessions, job_id):
+    """One racer deletes the finished job (and with it its checkpoint) while the others queue merges starting
+    from the checkpoint: either the delete wins and every later reader is refused, or a reader commits first and
+    the delete is refused. No reader is ever left queued on a checkpoint that is gone."""
+    checkpoint_id = succeeded_with_checkpoint(sessions, job_id)
+
+    def transition(session: Session, index: int) -> str:
+        try:
+            if index == 0:
+                assert jobs.delete_finished(session, job_id)
+            else:
+                enqueue_reader(session, job_id, checkpoint_id)
+            session.commit()
+            return "committed"
+        except IntegrityError:
+            session.rollback()
+            return "refused"
+
+    outcomes = race(sessions, transition)
+    with sessions() as session:
+        readers = session.scalars(select(Job.id).where(Job.start_checkpoint_id == checkpoint_id)).all()
+        gone = session.get(Checkpoint, checkpoint_id) is None
+    assert len(readers) == outcomes[1:].count("committed")
+    if outcomes[0] == "committed":
+        assert gone and readers == []
+    else:
+        assert not gone and readers
 
 
 def test_a_job_released_by_its_stopping_worker_is_queued_with_its_attempt_given_back(sessions, job_id):

@@ -199,3 +199,40 @@ def test_job_for_key_reads_the_owner_and_their_job_in_one_statement(database_url
         for dead in (expired, revoked, "tvf_unknown"):
             assert job_for_key(connection, dead, job_id) == (None, None)
     engine.dispose()
+
+
+def test_0012_gives_queued_and_running_jobs_the_checkpoints_they_read_as_inputs(database_url):
+    """Before 0012 a job named its checkpoints only in start_checkpoint_id and an evaluation's params; the
+    upgrade gives each queued or running job an input row per checkpoint it reads that still exists, so the
+    foreign key keeps them from then on. Finished jobs get none."""
+    upgrade(database_url, "0011")
+    engine = create_engine(database_url)
+    try:
+        with Session(engine) as session:
+            maker = add_job(session, add_base_model(session), idempotency_key=None)
+            made = [Checkpoint(id=new_id("ckpt"), owner="alice", job_id=maker.id, sha256="6" * 64, size_bytes=1,
+                               contents={}) for _ in range(3)]
+            session.add_all(made)
+            session.flush()
+            chained = add_job(session, session.get(BaseModel, maker.base_model_id), idempotency_key=None)
+            chained.start_checkpoint_id = made[0].id
+            evaluation = add_job(session, session.get(BaseModel, maker.base_model_id), idempotency_key=None)
+            evaluation.kind, evaluation.method, evaluation.status = "evaluation", None, JobStatus.RUNNING
+            evaluation.params = {"checkpoint_id": made[1].id, "datasets": [
+                {"dataset_id": "ds_x", "reference_checkpoint_id": made[2].id},
+                {"dataset_id": "ds_y", "reference_checkpoint_id": "ckpt_" + "0" * 32},  # deleted before 0012
+                {"dataset_id": "ds_z"}]}
+            finished = add_job(session, session.get(BaseModel, maker.base_model_id), idempotency_key=None)
+            finished.start_checkpoint_id, finished.status = made[0].id, JobStatus.SUCCEEDED
+            ids = {"chained": chained.id, "evaluation": evaluation.id, "made": [c.id for c in made]}
+            session.commit()
+        upgrade(database_url)
+        check(database_url)
+        with Session(engine) as session:
+            rows = session.execute(select(JobInput.job_id, JobInput.checkpoint_id)).all()
+        assert sorted(rows) == sorted([(ids["chained"], ids["made"][0]), (ids["evaluation"], ids["made"][1]),
+                                       (ids["evaluation"], ids["made"][2])])
+        downgrade(database_url, "0011")
+        upgrade(database_url)
+    finally:
+        engine.dispose()

@@ -9,7 +9,8 @@ from app.downloads import DOWNLOAD_RESPONSES, blob_response
 from app.problems import PROBLEM_RESPONSES, Problem
 from app.schemas import CheckpointOut
 from store import jobs
-from store.models import Checkpoint, Job
+from store.models import Checkpoint, Job, JobInput
+from store.queries import delete_unless_in_use
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=PROBLEM_RESPONSES,
                    route_class=ReleasingRoute)
@@ -45,8 +46,7 @@ def delete_checkpoint(checkpoint_id: str, owner: OwnerDep, session: SessionDep):
     """The job stays, its result still naming the checkpoint (which then answers 404); the file is removed by the
     blob collector once nothing references it."""
     row = owned_or_404(session, Checkpoint, checkpoint_id, owner)
-    if jobs.active_jobs_reading(session, row.id):
-        raise Problem(409, "A queued or running job reads this checkpoint (an evaluation, or a merge starting from "
-                           "it).", slug="in-use")
-    session.delete(row)
-    session.commit()
+    if not delete_unless_in_use(session, row, JobInput.checkpoint_id):
+        readers = jobs.readers_of_checkpoint(session, checkpoint_id)
+        raise Problem(409, f"Queued or running jobs read this checkpoint (evaluations of it, or merges starting from "
+                           f"it): {', '.join(readers)}.", slug="in-use")

@@ -44,6 +44,12 @@ def _check(session, owner: str, body: EvaluationCreate) -> tuple[str, list[str]]
     return base_model_id, list(dict.fromkeys(vectors))
 
 
+def _checkpoints_named(body: EvaluationCreate) -> list[str]:
+    """The evaluated checkpoint and the reference checkpoints, once each."""
+    named = [body.checkpoint_id, *(item.reference_checkpoint_id for item in body.datasets)]
+    return list(dict.fromkeys(checkpoint_id for checkpoint_id in named if checkpoint_id is not None))
+
+
 def _estimate(session, base_model_id: str, body: EvaluationCreate) -> JobEstimate:
     """What the evaluation will cost a worker (engine.cost), from the rows' sizes alone."""
     sized = sizing(session.get(BaseModel, base_model_id), [session.get(Dataset, item.dataset_id)
@@ -66,6 +72,7 @@ def create_evaluation(body: EvaluationCreate, response: Response, owner: OwnerDe
                    base_model_id=base_model_id,
                    task_vector_ids=vectors, params=body.model_dump(mode="json", exclude_unset=True), seed=body.seed,
                    request_hash=digest, inputs=[JobInput(task_vector_id=tv) for tv in vectors]
-                   + [JobInput(dataset_id=item.dataset_id) for item in body.datasets])
+                   + [JobInput(dataset_id=item.dataset_id) for item in body.datasets]
+                   + [JobInput(checkpoint_id=checkpoint_id) for checkpoint_id in _checkpoints_named(body)])
 
     return submit(session, response, owner, body, idempotency_key, build, settings)

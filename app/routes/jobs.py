@@ -7,7 +7,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app.deps import (
     CredentialsDep,
@@ -106,7 +106,8 @@ def create_job(body: JobCreate, response: Response, owner: OwnerDep, session: Se
                    start_checkpoint_id=body.start_checkpoint_id,
                    params=body.params.model_dump(mode="json", exclude_unset=True), seed=body.seed,
                    request_hash=digest, inputs=[JobInput(task_vector_id=tv) for tv in body.task_vectors]
-                   + [JobInput(dataset_id=d.id) for d in rows.datasets])
+                   + [JobInput(dataset_id=d.id) for d in rows.datasets]
+                   + ([JobInput(checkpoint_id=body.start_checkpoint_id)] if body.start_checkpoint_id else []))
 
     return submit(session, response, owner, body, idempotency_key, build, settings)
 
@@ -154,12 +155,18 @@ async def get_job(job_id: str, credentials: CredentialsDep, settings: SettingsDe
 def delete_job(job_id: str, owner: OwnerDep, session: SessionDep):
     """A finished job goes with its checkpoint (the file is removed by the blob collector once unreferenced)."""
     owned_or_404(session, Job, job_id, owner)
-    if readers := jobs.checkpoints_in_use(session, job_id):
-        raise Problem(409, f"Queued or running jobs read this job's checkpoint: {', '.join(sorted(set(readers)))}.",
-                      slug="in-use")
-    if not jobs.delete_finished(session, job_id):
+    try:
+        deleted = jobs.delete_finished(session, job_id)
+        if deleted:
+            session.commit()
+    except IntegrityError:  # a queued or running job's input row holds one of its checkpoints
+        session.rollback()
+        readers = jobs.readers_of_checkpoints_made_by(session, job_id)
+        raise Problem(409, f"Queued or running jobs read this job's checkpoint: {', '.join(readers)}.",
+                      slug="in-use") from None
+    if not deleted:
+        session.rollback()
         raise Problem(409, "The job is still queued or running; cancel it first.", slug="job-active")
-    session.commit()
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
