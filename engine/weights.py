@@ -6,6 +6,8 @@ import inspect
 import json
 import math
 import threading
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
@@ -49,6 +51,7 @@ CONFIG_KEYS = {
 }
 
 _registry_lock = threading.Lock()
+_config_holds: Counter[str] = Counter()  # registrations in progress or kept, by name
 
 
 def config_model_name(config: dict) -> str:
@@ -100,15 +103,34 @@ def _pair(value, key: str) -> tuple[int, int]:
     raise ValueError(f"vision_cfg.{key} must be an integer or two integers [height, width], got {value!r}")
 
 
-def _register_config(config: dict) -> str:
-    """Into open_clip's registry, under a lock (concurrent registrations). Directly into its dict: open_clip's
-    add_model_config takes a file and re-reads every file registered before it, so each registration cost more
-    than the last and every config refused after it stayed on disk for the process's life."""
+@contextlib.contextmanager
+def _registered_config(config: dict, keep: bool) -> Iterator[str]:
+    """The config in open_clip's registry while the block runs, under its config_model_name; kept afterwards
+    only if keep and the block succeeded (a built model's tokenizer is looked up by that name). Registrations
+    are counted, so a concurrent build of the same config keeps it until the last one ends: otherwise every
+    config refused at upload (one that open_clip cannot build, or over the parameter cap) and every meta-device
+    validation would stay in the registry for the process's life.
+
+    Directly into open_clip's dict, under a lock: its add_model_config takes a file and re-reads every file
+    registered before it, so each registration cost more than the last."""
     name = config_model_name(config)
     with _registry_lock:
-        if name not in open_clip.list_models():
+        if _config_holds[name] == 0 and name not in open_clip.factory._MODEL_CONFIGS:
             open_clip.factory._MODEL_CONFIGS[name] = json.loads(json.dumps(config))
-    return name
+        _config_holds[name] += 1
+    released = not keep
+    try:
+        yield name
+    except BaseException:
+        released = True
+        raise
+    finally:
+        if released:
+            with _registry_lock:
+                _config_holds[name] -= 1
+                if _config_holds[name] == 0:
+                    del _config_holds[name]
+                    open_clip.factory._MODEL_CONFIGS.pop(name, None)
 
 
 def check_architecture(name: str) -> None:
@@ -127,11 +149,12 @@ def build_model(spec: ModelSpec, device: str = "cpu") -> torch.nn.Module:
         raise ValueError("give exactly one of architecture and config")
     if spec.architecture is not None:
         check_architecture(spec.architecture)
-        name = spec.architecture
+        registered = contextlib.nullcontext(spec.architecture)
     else:
         check_config(spec.config)
-        name = _register_config(spec.config)
-    with torch.device("meta") if device == "meta" else contextlib.nullcontext():
+        # a meta-device model only validates shapes: nothing will tokenize with it
+        registered = _registered_config(spec.config, keep=device != "meta")
+    with registered as name, torch.device("meta") if device == "meta" else contextlib.nullcontext():
         model = open_clip.create_model(name, pretrained=None, device=device)
     model.open_clip_name = name  # the tokenizer is looked up by this name
     return model.eval()

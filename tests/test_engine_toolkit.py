@@ -6,12 +6,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import open_clip
+import open_clip.factory
 import pytest
 import torch
 
 from engine.context import ModelSpec
 from engine.data import load_dataset, preprocess_images
-from engine.heads import DEFAULT_TEMPLATES, image_logits, zero_shot_head
+from engine.heads import DEFAULT_TEMPLATES, get_tokenizer, image_logits, zero_shot_head
 from engine.metrics import evaluate_accuracy
 from engine.safetensors_io import NotSafetensors, save_tensors, torch_dtype_name
 from engine.weights import build_model, load_state_dict_file
@@ -45,6 +46,26 @@ def test_build_needs_exactly_one_of_architecture_and_config():
         build_model(ModelSpec())
     with pytest.raises(ValueError):
         build_model(ModelSpec(architecture="ViT-B-32", config=TINY_CONFIG))
+
+
+def test_only_built_models_keep_their_config_registered():
+    """A config open_clip cannot build, and a meta-device validation, leave open_clip's registry as it was (the
+    API validates every uploaded config so: they used to stay for the process's life); a real build keeps its
+    config, whose tokenizer is looked up by name, and a concurrent validation of the same config does not take
+    it away."""
+    registry = open_clip.factory._MODEL_CONFIGS
+    unbuildable = TINY_CONFIG | {"text_cfg": TINY_CONFIG["text_cfg"] | {"heads": 3}}  # 64 wide, 3 heads
+    validated = TINY_CONFIG | {"init_logit_scale": 1.5}
+    before = set(registry)
+    with pytest.raises(AssertionError, match="divisible by num_heads"):
+        build_model(ModelSpec(config=unbuildable), device="meta")
+    assert build_model(ModelSpec(config=validated), device="meta").state_dict().keys()
+    assert set(registry) == before
+    built = build_model(ModelSpec(config=validated))
+    assert set(registry) == before | {built.open_clip_name}
+    build_model(ModelSpec(config=validated), device="meta")
+    assert built.open_clip_name in registry
+    assert get_tokenizer(built)(["a cat"]).shape == (1, 16)
 
 
 def test_head_matches_independent_computation(model):
