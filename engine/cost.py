@@ -201,9 +201,14 @@ def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], spli
                            + (stacked * vector_bytes + 5 * 8 * shape.visual_parameters) // layer_share)
         if any(stored < shape.visual_parameters for stored in vector_parameters):
             partition_bytes += params.partitions * FLOAT32 * shape.visual_parameters // layer_share
+    # ufm passes the weak view without gradient while the strong view's activations are kept: its images and at
+    # most one layer's intermediates at a time (measured: 90 MiB over entropy's peak where one layer of the
+    # 4-layer, width-256 tower at batch 128 counts 238).
+    weak_view = shape.image_bytes(batch) + shape.activation_bytes(batch) // max(1, shape.layers or 1) \
+        if mode == "ufm" else 0
     # Training and evaluation batches do not overlap: the larger of the two (an evaluation keeps no activations
     # for backward, about a quarter of a training batch's per image).
-    batches = max(shape.activation_bytes(batch) + shape.image_bytes(batch),
+    batches = max(shape.activation_bytes(batch) + shape.image_bytes(batch) + weak_view,
                   shape.activation_bytes(params.eval_batch_size) // 4 + shape.image_bytes(params.eval_batch_size))
     peak = (runtime_bytes + shape.parameters * FLOAT32 + stacked * vector_bytes
             + 2 * shape.visual_parameters * FLOAT32 + partition_bytes + batches

@@ -113,7 +113,7 @@ baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 inputs = MergeInputs(Path(args["base"]), ModelSpec(config=args["config"]),
                      [TaskVectorInput(f"tv{i}", f"tv{i}", Path(p)) for i, p in enumerate(args["vectors"])],
                      {"ds": DatasetInput("ds", "target", Path(args["dataset"]), ["red", "green", "blue"])})
-params = spec.params(objective="entropy", target_dataset_id="ds", epochs=1, batch_size=args["batch"])
+params = spec.params(objective=args["objective"], target_dataset_id="ds", epochs=1, batch_size=args["batch"])
 spec.runner()(inputs, params, JobContext(workdir=Path(tempfile.mkdtemp())))
 print(json.dumps({"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "baseline": baseline}))
 """
@@ -147,8 +147,10 @@ def _assets(folder, config, demo_assets):
     return folder / "base.safetensors", vectors, config["vision_cfg"]["image_size"]
 
 
-@pytest.mark.parametrize("wide, batch", [(False, 16), (False, 256), (True, 128)])
-def test_the_memory_estimate_bounds_a_measured_atlas_run_within_a_factor_of_two(demo_assets, tmp_path, wide, batch):
+@pytest.mark.parametrize("wide, batch, objective", [(False, 16, "entropy"), (False, 256, "entropy"),
+                                                    (True, 128, "entropy"), (False, 256, "ufm"), (True, 128, "ufm")])
+def test_the_memory_estimate_bounds_a_measured_atlas_run_within_a_factor_of_two(demo_assets, tmp_path, wide, batch,
+                                                                                  objective):
     import numpy as np
 
     from engine.cost import TowerShape, estimate_job
@@ -163,20 +165,20 @@ def test_the_memory_estimate_bounds_a_measured_atlas_run_within_a_factor_of_two(
     np.savez(dataset, train_images=rng.integers(0, 256, (256, side, side, 3), dtype=np.uint8),
              train_labels=rng.integers(0, 3, 256), class_names=np.array(["red", "green", "blue"]))
     args = {"base": str(base), "config": config, "batch": batch, "vectors": [str(p) for p in vectors],
-            "dataset": str(dataset)}
+            "dataset": str(dataset), "objective": objective}
     result = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(args)], cwd=REPO, check=True,
                             capture_output=True, text=True, timeout=300)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     measured = report["peak_bytes"]
     tensor_counts = counts(read_header(base))
     shape = TowerShape.from_config(config, tensor_counts.parameter_count, tensor_counts.visual_parameter_count)
-    params = AtlasParams(objective="entropy", target_dataset_id="ds", epochs=1, batch_size=batch)
+    params = AtlasParams(objective=objective, target_dataset_id="ds", epochs=1, batch_size=batch)
     # The runtime differs between installs (0.74 to 1.6 GiB seen): the estimate is given this process's.
     stored = [read_header(path).parameter_count for path in vectors]
     estimate = estimate_job("atlas", params, shape, stored, {"ds": {"train": 256}}, side, {"ds": (3, None)},
                             runtime_bytes=report["baseline"])
-    print(f"{'wide' if wide else 'tiny'} batch {batch}: runtime {report['baseline'] / 2**20:.0f} MiB, measured "
-          f"{measured / 2**20:.0f} MiB, estimated {estimate.peak_bytes / 2**20:.0f} MiB")
+    print(f"{'wide' if wide else 'tiny'} batch {batch} {objective}: runtime {report['baseline'] / 2**20:.0f} MiB, "
+          f"measured {measured / 2**20:.0f} MiB, estimated {estimate.peak_bytes / 2**20:.0f} MiB")
     assert measured <= estimate.peak_bytes <= 2 * measured
 
 
