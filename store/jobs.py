@@ -12,10 +12,18 @@ Functions take the caller's session and do not commit: the caller's scope does.
 """
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import case, delete, literal, or_, select, update
 from sqlalchemy.orm import Session
 
-from store.models import Checkpoint, Job, JobInput, JobStatus, utcnow  # JobStatus: the states, re-exported here
+from store.models import (  # JobStatus: the states, re-exported here
+    Checkpoint,
+    Job,
+    JobInput,
+    JobStatus,
+    JobStatusType,
+    UTCDateTime,
+    utcnow,
+)
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
@@ -131,14 +139,16 @@ def acknowledge_cancel(session: Session, job_id: str, worker_id: str) -> bool:
 
 def cancel(session: Session, job_id: str) -> JobStatus | None:
     """The owner's cancel: a queued job is cancelled at once (CANCELLED); a running one is asked to stop
-    between steps (RUNNING); None when the job had already finished."""
-    if _changed(session, update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(
-            status=JobStatus.CANCELLED, cancel_requested=True, finished_at=utcnow())):
-        return JobStatus.CANCELLED
-    if _changed(session, update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-                .values(cancel_requested=True)):
-        return JobStatus.RUNNING
-    return None
+    between steps (RUNNING); None when the job had already finished. One statement: as two (queued, then
+    running), a job re-queued between them by the reaper or a stopping worker was missed by both on
+    PostgreSQL, and ran on without its cancel."""
+    queued = Job.status == JobStatus.QUEUED
+    if not _changed(session, update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(
+            cancel_requested=True,
+            status=case((queued, literal(JobStatus.CANCELLED, JobStatusType)), else_=Job.status),
+            finished_at=case((queued, literal(utcnow(), UTCDateTime)), else_=Job.finished_at))):
+        return None
+    return session.scalar(select(Job.status).where(Job.id == job_id))  # this transaction holds the row now
 
 
 def requeue_lost(session: Session, job: Job, stale_before: datetime, max_attempts: int) -> JobStatus | None:

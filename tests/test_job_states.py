@@ -180,6 +180,27 @@ def test_cancel_of_a_queued_job_races_its_claim(sessions, job_id):
     assert status(sessions, job_id) is JobStatus.CANCELLED
 
 
+def test_a_cancel_racing_a_release_is_never_taken_for_a_finished_job(sessions, job_id):
+    """A stopping worker hands its running job back (running -> queued) while the owner cancels it: the job ends
+    cancelled, or queued carrying the request to its next claim (which cancels it). As two statements, queued then
+    running, a cancel on PostgreSQL could miss the job in both states, answer 'finished' and leave it to run."""
+    with sessions.begin() as session:
+        assert jobs.claim(session, job_id, "w1", far_past(), max_attempts=3)
+
+    def transition(session, i):
+        return jobs.release(session, job_id, "w1") if i == 0 else jobs.cancel(session, job_id)
+
+    results = race(sessions, transition)
+    released, cancels = results[0], results[1:]
+    with sessions() as session:
+        job = session.get(Job, job_id)
+    assert released and job.cancel_requested  # never queued again without the owner's request
+    if job.status is JobStatus.CANCELLED:  # cancelled once queued: the cancels after that found it finished
+        assert cancels.count(JobStatus.CANCELLED) == 1 and job.finished_at is not None
+    else:  # every cancel came before the release: each asked the running job to stop
+        assert job.status is JobStatus.QUEUED and cancels == [JobStatus.RUNNING] * len(cancels)
+
+
 def test_a_claim_of_a_job_with_a_cancel_request_cancels_it(sessions, job_id):
     with sessions.begin() as session:
         session.get(Job, job_id).cancel_requested = True

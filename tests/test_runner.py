@@ -2,6 +2,7 @@
 own machine fails it (no work folder, a database it cannot reach, Celery's soft time limit)."""
 import contextlib
 import threading
+import time
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
@@ -91,3 +92,55 @@ def test_a_pool_process_makes_its_own_blob_store_and_database_connections(job_id
     inherited = get_blob_store()
     _init_pool_process()
     assert get_blob_store() is not inherited
+
+
+def test_a_worker_told_to_stop_after_the_work_is_done_records_it(job_id, monkeypatch, tmp_path):
+    """A shutdown (a redeploy) that begins once the merge has returned does not hand the job back, which would
+    run it again from the start: the worker records the checkpoint it has. (A shutdown during the work stops it
+    between steps: tests/test_job_lifecycle.py.)"""
+    from engine.safetensors_io import save_tensors
+    from store.blobs import get_blob_store
+    from store.ids import new_id
+    from store.models import BaseModel, Checkpoint, TaskVector
+    from tests.engine_jobs import TINY_CONFIG, tiny_state, write_task_vector
+
+    state = tiny_state()
+    blobs = get_blob_store()
+    base_file, vector_file = tmp_path / "base.safetensors", tmp_path / "tau.safetensors"
+    save_tensors(base_file, state)
+    write_task_vector(vector_file, state, seed=1)
+    base_blob, vector_blob = blobs.commit_file(base_file), blobs.commit_file(vector_file)
+    with session_scope() as session:
+        base = BaseModel(id=new_id("bm"), owner="alice", name="tiny", architecture=None, config=TINY_CONFIG,
+                         pretrained=None, sha256=base_blob.sha256, size_bytes=base_blob.size, tensor_count=1,
+                         parameter_count=1, visual_parameter_count=1, text_parameter_count=0)
+        vector = TaskVector(id=new_id("tv"), owner="alice", base_model_id=base.id, name="tau", source_kind="upload",
+                            sha256=vector_blob.sha256, size_bytes=vector_blob.size, tensor_count=1,
+                            parameter_count=1, l2_norm=1.0)
+        session.add_all([base, vector])
+        session.flush()
+        job = session.get(Job, job_id)
+        job.base_model_id, job.task_vector_ids = base.id, [vector.id]
+
+    stopping, polls_after = threading.Event(), []
+    merged = runner.run_method
+
+    def merge_then_shut_down(*args, **kwargs):
+        result = merged(*args, **kwargs)
+        stopping.set()
+        deadline = time.monotonic() + 30
+        while len(polls_after) < 2 and time.monotonic() < deadline:  # the heartbeat has seen the shutdown
+            time.sleep(0.05)
+        return result
+
+    def worker_stopping() -> bool:
+        if stopping.is_set():
+            polls_after.append(True)
+        return stopping.is_set()
+
+    monkeypatch.setattr(runner, "run_method", merge_then_shut_down)
+    assert runner.run_job(job_id, "w1:token", worker_stopping) is JobStatus.SUCCEEDED
+    assert len(polls_after) >= 2
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job.status is JobStatus.SUCCEEDED and session.get(Checkpoint, job.result["checkpoint_id"])

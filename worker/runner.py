@@ -79,6 +79,12 @@ class Heartbeat(threading.Thread):
         """What the engine's cancel checks ask: stop between steps."""
         return self.cancel_requested.is_set() or self.lost.is_set() or self.released.is_set()
 
+    def check_before_recording(self) -> None:
+        """Once the work is done: raises Cancelled for a cancel request or a lost job, not for a worker that is
+        shutting down, which records what it finished (handing the job back would run it again from the start)."""
+        if self.cancel_requested.is_set() or self.lost.is_set():
+            raise Cancelled()
+
     def run(self) -> None:
         poll_s = min(1.0, self.interval_s)
         last_beat = last_success = time.monotonic()  # the claim itself was the first beat
@@ -320,7 +326,7 @@ def run_job(job_id: str, worker_id: str, worker_stopping: Callable[[], bool] | N
         )
         if loaded.kind == JobKind.EVALUATION:
             report = _evaluate(loaded, ctx, settings.worker_memory_bytes)
-            ctx.check_cancel()
+            heartbeat.check_before_recording()
             ok = transact(lambda session: jobs.succeed(session, job_id, worker_id,
                                                        result={"metrics": {"evaluation": report}}), retry_for_s)
             return JobStatus.SUCCEEDED if ok else None
@@ -329,7 +335,7 @@ def run_job(job_id: str, worker_id: str, worker_stopping: Callable[[], bool] | N
         refuse_if_too_large(estimate_inputs(spec, loaded.inputs, params, resident_bytes()), ctx.device,
                             settings.worker_memory_bytes)
         result = run_method(spec, loaded.inputs, params, ctx)
-        ctx.check_cancel()
+        heartbeat.check_before_recording()
         header = read_header(result.checkpoint_path)
         committed = blobs.commit_file(result.checkpoint_path, result.checkpoint_sha256)
         checkpoint = Checkpoint(id=new_id("ckpt"), owner=loaded.owner, job_id=job_id, sha256=committed.sha256,
