@@ -1,8 +1,9 @@
 """Per-owner quotas: bytes stored (403 past it) and jobs queued or running at once (429 with Retry-After).
 
 The storage check runs twice for an upload: before its body is read (an owner already at the quota
-is refused without streaming anything) and with the file's real size just before its row is
-committed. Two uploads racing past the second check can overshoot by at most one upload each.
+is refused without streaming anything; a plain read) and with the file's real size just before its row is
+committed. That one, and a job's checks, hold the owner's lock (store.usage.lock_owner) until the row is
+committed or the request ends: concurrent requests of one owner pass them one at a time, so none overshoots.
 """
 from sqlalchemy.orm import Session
 
@@ -19,11 +20,14 @@ def quota_of(settings: Settings, owner: str) -> OwnerQuota:
     return default.model_copy(update=override.model_dump(exclude_unset=True)) if override else default
 
 
-def check_storage(session: Session, settings: Settings, owner: str, adding: int) -> None:
-    """403 if the owner's stored bytes plus `adding` pass its storage quota."""
+def check_storage(session: Session, settings: Settings, owner: str, adding: int, lock: bool = True) -> None:
+    """403 if the owner's stored bytes plus `adding` pass its storage quota; lock=False for the early look that
+    admits nothing (an upload's, before its body is read)."""
     limit = quota_of(settings, owner).storage_bytes
     if limit is None:
         return
+    if lock:
+        usage.lock_owner(session, owner)
     used = usage.storage_bytes(session, owner)
     if used + adding > limit:
         raise Problem(403, f"This would store {used + adding:,} bytes for you; your quota is {limit:,} bytes "
@@ -34,6 +38,9 @@ def check_storage(session: Session, settings: Settings, owner: str, adding: int)
 def check_active_jobs(session: Session, settings: Settings, owner: str) -> None:
     """429 with Retry-After if the owner already has as many jobs queued or running as its quota allows."""
     limit = quota_of(settings, owner).active_jobs
-    if limit is not None and usage.active_jobs(session, owner) >= limit:
+    if limit is None:
+        return
+    usage.lock_owner(session, owner)
+    if usage.active_jobs(session, owner) >= limit:
         raise Problem(429, f"You have {limit} jobs queued or running, your quota; submit again when one ends.",
                       slug="quota-exceeded", headers={"Retry-After": str(ACTIVE_JOBS_RETRY_AFTER_S)})

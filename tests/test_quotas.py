@@ -4,6 +4,8 @@ No worker runs, so submitted jobs stay queued and count against the jobs quota.
 """
 import json
 import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -18,10 +20,13 @@ def quota_stack(tmp_path_factory, redis_url, demo_assets):
     base = demo_assets.base_path.stat().st_size
     vector = demo_assets.vector_paths[0].stat().st_size
     # alice: room for the base and two vectors, not a third nor a checkpoint; mallory: no storage quota;
-    # zoe: none at all.
+    # zoe: none at all; queuer: the base, a vector and one checkpoint (about the base's size); racer: one job.
     live = Stack(tmp_path_factory.mktemp("quotas"), f"{redis_url.rsplit('/', 1)[0]}/{next(_redis_db)}",
                  quota_storage_bytes=base + 2 * vector + 10, quota_active_jobs=2,
-                 quota_overrides=json.dumps({"mallory": {"storage_bytes": None}, "zoe": {"storage_bytes": 0}}))
+                 quota_overrides=json.dumps({"mallory": {"storage_bytes": None}, "zoe": {"storage_bytes": 0},
+                                             "queuer": {"storage_bytes": 2 * base + vector + 10,
+                                                        "active_jobs": None},
+                                             "racer": {"storage_bytes": None, "active_jobs": 1}}))
     live.start_api()
     yield live
     live.stop()
@@ -82,6 +87,44 @@ def test_jobs_quota_answers_429_with_retry_after_and_frees_up_when_a_job_ends(qu
         assert replay.json()["id"] == first.json()["id"]
         client.cancel_job(first.json()["id"])
         assert client.http.post("/v1/jobs", json=body).status_code == 202
+
+
+def _owner_with_a_vector(stack, owner: str, demo_assets) -> tuple[str, dict]:
+    key = stack.run_cli("keys", "create", "--owner", owner).strip()
+    with stack.client(key) as client:
+        base = client.register_base_model("base", demo_assets.base_path, config=demo_assets.config)
+        vector = client.upload_task_vector(base["id"], "one", demo_assets.vector_paths[0])
+    return key, {"method": "task_arithmetic", "base_model_id": base["id"], "task_vectors": [vector["id"]]}
+
+
+def test_the_checkpoints_of_queued_merges_count_against_the_storage_quota(quota_stack, demo_assets):
+    """Room for one checkpoint admits one merge at a time, not one per request until the first is written."""
+    key, body = _owner_with_a_vector(quota_stack, "queuer", demo_assets)
+    with quota_stack.client(key) as client:
+        first = client.http.post("/v1/jobs", json=body)
+        assert first.status_code == 202, first.text
+        second = client.http.post("/v1/jobs", json=body)
+        assert second.status_code == 403 and "quota" in second.json()["detail"], second.text
+        client.cancel_job(first.json()["id"])  # a finished job writes nothing more
+        assert client.http.post("/v1/jobs", json=body).status_code == 202
+
+
+def test_concurrent_submissions_cannot_pass_the_jobs_quota_together(quota_stack, demo_assets):
+    """Each submission counts the owner's jobs and inserts one while holding the owner's lock: of many sent at
+    once with room for one, one is queued and the rest get 429."""
+    key, body = _owner_with_a_vector(quota_stack, "racer", demo_assets)
+    barrier = threading.Barrier(8)
+
+    def submit(_index: int) -> int:
+        with quota_stack.client(key) as client:
+            barrier.wait()
+            return client.http.post("/v1/jobs", json=body).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = sorted(pool.map(submit, range(8)))
+    assert statuses == [202] + [429] * 7
+    with quota_stack.client(key) as client:
+        assert len(list(client.iterate("/v1/jobs"))) == 1
 
 
 def test_quota_overrides_are_validated_at_start(tmp_path):

@@ -64,7 +64,8 @@ async def create_dataset(request: Request, owner: OwnerDep, session: SessionDep,
                          settings: SettingsDep):
     admit = partial(check_storage, session, settings, owner)
     return await ingest_upload(request, blobs, settings.max_upload_bytes,
-                               lambda upload: _register(session, blobs, settings, owner, upload, admit), admit)
+                               lambda upload: _register(session, blobs, settings, owner, upload, admit),
+                               partial(admit, lock=False))
 
 
 @router.get("", response_model=Page[DatasetOut])

@@ -74,7 +74,8 @@ async def create_task_vector(request: Request, owner: OwnerDep, session: Session
                              settings: SettingsDep):
     admit = partial(check_storage, session, settings, owner)
     return await ingest_upload(request, blobs, settings.max_upload_bytes,
-                               lambda upload: _register(session, blobs, owner, upload, admit), admit)
+                               lambda upload: _register(session, blobs, owner, upload, admit),
+                               partial(admit, lock=False))
 
 
 @router.get("", response_model=Page[TaskVectorOut])
