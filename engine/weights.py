@@ -37,6 +37,19 @@ CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
     "vocab_size": (1, 1_000_000), "mlp_ratio": (1, 16),
 }
 MAX_PATCHES = 65536
+# A fixed sin-cos position embedding is computed in numpy on the CPU even for a meta-device build (patches x width
+# float64 values and their temporaries, about 21 bytes each: 0.7 GB at 65536 patches x 512); ViT-bigG at 448
+# pixels would need 1.7e6.
+MAX_SIN_COS_ENTRIES = 1 << 22
+# The config values that are dicts, passed to open_clip's layers and tokenizer as keyword arguments: only keys
+# that change arithmetic, never a path (SimpleTokenizer's bpe_path opens any file), a device or a dtype
+# (LayerNorm's).
+KWARGS_ALLOWED: dict[str, dict[str, tuple]] = {
+    "act_kwargs": {"approximate": ("none", "tanh")},
+    "norm_kwargs": {"eps": (int, float), "elementwise_affine": (bool,), "bias": (bool,)},
+    "tokenizer_kwargs": {"clean": ("lower", "whitespace", "canonicalize")},
+}
+POS_EMBED_TYPES = ("learnable", "sin_cos_2d")
 MAX_CONFIG_BYTES = 16 * 1024  # ViT-bigG's config is under 1 KiB
 # Towers built by timm or Hugging Face, and Hugging Face tokenizers, load code and files from elsewhere (and would
 # read a path given as a model name; the service runs offline): a custom config uses open_clip's own towers and
@@ -77,6 +90,7 @@ def check_config(config: dict) -> None:
         if unknown:
             raise ValueError(f"model config has keys open_clip's CLIP does not take: "
                              f"{', '.join(where + key for key in unknown)}")
+        _check_values(where, values)
         for key, (low, high) in CONFIG_BOUNDS.items():
             value = values.get(key)
             for number in (value if isinstance(value, list | tuple) else [value]):
@@ -89,8 +103,41 @@ def check_config(config: dict) -> None:
     if vision.get("patch_size", 16) is None:  # a ResNet tower: no patches
         return
     patch = _pair(vision.get("patch_size", 16), "patch_size")
-    if math.prod(max(1, side // step) for side, step in zip(image, patch, strict=True)) > MAX_PATCHES:
+    patches = math.prod(max(1, side // step) for side, step in zip(image, patch, strict=True))
+    if patches > MAX_PATCHES:
         raise ValueError(f"vision_cfg asks for more than {MAX_PATCHES} patches per image")
+    if vision.get("pos_embed_type", "learnable") not in POS_EMBED_TYPES:
+        raise ValueError(f"vision_cfg.pos_embed_type must be one of {', '.join(POS_EMBED_TYPES)}")
+    if vision.get("pos_embed_type") == "sin_cos_2d" and patches * vision.get("width", 768) > MAX_SIN_COS_ENTRIES:
+        raise ValueError(f"vision_cfg's sin-cos position embedding would hold {patches * vision.get('width', 768):,} "
+                         f"values (patches x width), over {MAX_SIN_COS_ENTRIES:,}: it is computed on the CPU")
+
+
+def _check_values(where: str, values: dict) -> None:
+    """Every value a plain number, string, boolean or null, or a short list of numbers (open_clip's [height,
+    width] and ResNet layer counts), except the keyword-argument dicts, whose keys and values are listed."""
+    for key, value in values.items():
+        if key in ("vision_cfg", "text_cfg") and not where:
+            continue
+        if key in KWARGS_ALLOWED and isinstance(value, dict):
+            allowed = KWARGS_ALLOWED[key]
+            for name, argument in value.items():
+                if name not in allowed:
+                    raise ValueError(f"{where}{key} may only set {', '.join(allowed)}, not {name!r}")
+                if not _admits(allowed[name], argument):
+                    kinds = ", ".join(k.__name__ if isinstance(k, type) else repr(k) for k in allowed[name])
+                    raise ValueError(f"{where}{key}.{name} must be one of {kinds}, got {argument!r}")
+            continue
+        scalars = value if isinstance(value, list) and len(value) <= 4 else [value]
+        if not all(item is None or isinstance(item, str | int | float | bool) for item in scalars):
+            raise ValueError(f"{where}{key} must be a number, string, boolean or a list of at most 4 numbers")
+
+
+def _admits(kinds: tuple, value) -> bool:
+    """A value of one of these types (a boolean is no number here), or one of these strings."""
+    if all(isinstance(kind, type) for kind in kinds):
+        return isinstance(value, kinds) and isinstance(value, bool) == (bool in kinds)
+    return isinstance(value, str) and value in kinds
 
 
 def _pair(value, key: str) -> tuple[int, int]:

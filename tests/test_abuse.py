@@ -53,6 +53,9 @@ HUGE_CONFIGS = {
     # open_clip takes [height, width] too; the patch count was checked for plain integers only.
     "a billion patches as [height, width]": TINY_CLIP_CONFIG | {"vision_cfg": TINY_CLIP_CONFIG["vision_cfg"]
                                                                 | {"image_size": 4096, "patch_size": [1, 1]}},
+    # computed in numpy on the CPU, meta device or not: 2.3 GB at width 2048, 18 GB at 16384
+    "a sin-cos position embedding of 65536 patches x 16384": TINY_CLIP_CONFIG | {"vision_cfg": TINY_CLIP_CONFIG[
+        "vision_cfg"] | {"image_size": 4096, "patch_size": 16, "width": 16384, "pos_embed_type": "sin_cos_2d"}},
 }
 
 
@@ -67,6 +70,26 @@ def test_an_architecture_config_is_validated_without_allocating(stack, http, cas
     assert time.monotonic() - started < 10
     assert peak_rss(stack) - before < 200 * MiB
     assert "parameters" in body["detail"] or "must be a number in" in body["detail"] or "patches" in body["detail"]
+
+
+HOSTILE_KWARGS = {
+    # SimpleTokenizer(bpe_path=...) opened any file of the worker's
+    "a tokenizer reading a server file": {"text_cfg": {"tokenizer_kwargs": {"bpe_path": "/etc/hostname"}}},
+    "a layer norm on another device": {"vision_cfg": {"norm_kwargs": {"device": "cuda:7"}}},
+    # passed the checks, was stored, then its response could not be serialised (500) nor the owner's list after it
+    "300 nested lists": {"text_cfg": {"tokenizer_kwargs": {"x": json.loads("[" * 300 + "]" * 300)}}},
+    "a dict where a name goes": {"vision_cfg": {"pool_type": {"tok": 1}}},
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_KWARGS))
+def test_a_config_cannot_pass_open_clip_arbitrary_arguments(stack, http, case):
+    config = {key: value | HOSTILE_KWARGS[case].get(key, {}) if isinstance(value, dict) else value
+              for key, value in TINY_CLIP_CONFIG.items()}
+    with leaves_nothing(stack):
+        body = assert_problem(post_base(http, {"name": case, "config": json.dumps(config)}), 422)
+    assert "may only set" in body["detail"] or "must be a number, string" in body["detail"], body["detail"]
+    assert http.get("/v1/base-models").status_code == 200
 
 
 def test_parallel_registrations_of_custom_configs_all_succeed(stack, http, demo_assets):
