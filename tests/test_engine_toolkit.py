@@ -1,6 +1,8 @@
 """The engine's shared toolkit: model building (weights), preprocessing (data), zero-shot heads and their cache
 (heads), accuracy (metrics)."""
+import json
 import os
+import struct
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -14,7 +16,7 @@ from engine.context import ModelSpec
 from engine.data import load_dataset, preprocess_images
 from engine.heads import DEFAULT_TEMPLATES, get_tokenizer, image_logits, zero_shot_head
 from engine.metrics import evaluate_accuracy
-from engine.safetensors_io import NotSafetensors, save_tensors, torch_dtype_name
+from engine.safetensors_io import NotSafetensors, SafetensorsError, read_header, save_tensors, torch_dtype_name
 from engine.weights import build_model, load_state_dict_file
 
 TINY_CONFIG = {
@@ -279,3 +281,14 @@ def test_a_failing_hasher_is_raised_not_recorded_as_a_digest(tmp_path):
         for name in writer.names:
             writer.write(name, tensors[name])
         writer.close()
+
+
+@pytest.mark.parametrize("shape", [[int("9" * 4299)] * 400, [1] * 65, [2**48 + 1]],
+                         ids=["400 dimensions of 4299 digits", "65 dimensions", "a dimension over 2^48"])
+def test_a_header_shape_is_bounded_before_its_product_is_taken(tmp_path, shape):
+    """The product of 400 integers of 4299 digits took 8.6 s; a 4 MiB header would hold 50 s of it."""
+    header = json.dumps({"t": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "shape.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    with pytest.raises(SafetensorsError, match="at most 64 dimensions"):
+        read_header(path)
