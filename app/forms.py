@@ -5,6 +5,7 @@ from typing import Any
 
 from app.problems import Problem
 from app.uploads import Upload
+from store.datasets import MAX_CLASS_NAME_LENGTH
 
 
 def _finite_float(text: str) -> float:
@@ -64,11 +65,15 @@ class FormFields:
             return None
         return value
 
-    def class_names(self, name: str = "class_names") -> list[str] | None:
+    def class_names(self, most: int, name: str = "class_names") -> list[str] | None:
+        """At most `most` distinct, non-empty names of at most MAX_CLASS_NAME_LENGTH characters."""
         value = self.json_value(name, list)
         if value is not None and (not value or not all(isinstance(c, str) and c.strip() for c in value)
                                   or len(set(value)) != len(value)):
             self._error(name, "Must be a JSON array of distinct, non-empty strings")
+            return None
+        if value is not None and (len(value) > most or any(len(c) > MAX_CLASS_NAME_LENGTH for c in value)):
+            self._error(name, f"At most {most} names of at most {MAX_CLASS_NAME_LENGTH} characters each")
             return None
         return value
 

@@ -86,7 +86,15 @@ class DatasetLimits:
     max_decoded_bytes: int = 4 * 1024**3  # the canonical images, N x H x W x 3, checked before decoding
     max_classes: int = 10_000  # labels lie in [0, max_classes)
     max_image_pixels: int = 50_000_000
+    # the pixels of a zip's images as stored, before resizing: the decoding work (a 6 KB 1-bit PNG of 7000x7000
+    # took 0.5 s to decode and resize, and thousands fit in a few megabytes)
+    max_source_pixels: int = 20_000_000_000
     resize_to: int = 224
+
+    @property
+    def max_image_file_bytes(self) -> int:
+        """An image file's bytes at most: the largest image uncompressed (RGB, 8 bits) and 1 MiB of headers."""
+        return 3 * self.max_image_pixels + 1024 * 1024
 
 
 def _check_decoded(count: int, height: int, width: int, limits: DatasetLimits, channels: int = 3) -> None:
@@ -169,7 +177,7 @@ def _ingest(source: Path, filename: str, out: BinaryIO, limits: DatasetLimits,
                          "taken).")
     try:
         archive = zipfile.ZipFile(source)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:  # the last: a zip version
         raise _invalid(f"{filename!r} is not a readable zip archive: {exc}") from None
     with archive, _CanonicalWriter(out) as writer:
         files = [info for info in archive.infolist() if not info.is_dir()]
@@ -193,7 +201,7 @@ def _zip_entry_count(source: Path, most: int) -> int | None:
         # or not, data before the archive), so that what is counted here is what zipfile would read.
         try:
             record = zipfile._EndRecData(f)
-        except OSError:
+        except (OSError, zipfile.BadZipFile, struct.error):  # zipfile then names the problem
             return None
         if not record:
             return None
@@ -256,14 +264,19 @@ class _UnpackBudget:
             raise _too_large(f"the archive unpacks to more than {self.limit} bytes.")
 
 
-def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _UnpackBudget) -> bytes:
+def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _UnpackBudget, most: int) -> bytes:
+    """The entry's bytes, at most `most` of them (zipfile never returns more than the declared file_size, which
+    is checked first)."""
+    if info.file_size > most:
+        raise DatasetError(422, "Image too large", f"zip entry {info.filename!r} holds {info.file_size} bytes; an "
+                                                   f"image file is at most {most}.")
     chunks = []
     try:
         with archive.open(info) as member:
             while chunk := member.read(READ_CHUNK):
                 budget.spend(len(chunk))
                 chunks.append(chunk)
-    except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, OSError) as exc:
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, OSError, ValueError) as exc:
         raise _invalid(f"zip entry {info.filename!r} could not be read: {exc}") from None
     return b"".join(chunks)
 
@@ -410,8 +423,7 @@ def _ingest_image_zip(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], wr
     labeled = entries[0].class_folder is not None
     if labeled:
         folders = sorted({entry.class_folder for entry in entries})
-        if len(folders) > limits.max_classes:
-            raise _invalid(f"the archive has {len(folders)} class folders; the limit is {limits.max_classes}.")
+        _check_class_names(folders, "the archive's class folders", limits.max_classes)
         if class_names is not None and set(class_names) != set(folders):
             raise _invalid(f"class_names {sorted(class_names)} do not match the class folders {folders}.")
         class_names = class_names or folders
@@ -425,7 +437,12 @@ def _ingest_image_zip(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], wr
 
     # First pass: headers only, so the output size is known before anything is decoded.
     budget = _UnpackBudget(limits.max_unpacked_bytes)
-    sizes = {_probe_image(_read_entry(archive, entry.info, budget), entry.path, limits) for entry in entries}
+    most = limits.max_image_file_bytes
+    probed = [_probe_image(_read_entry(archive, entry.info, budget, most), entry.path, limits) for entry in entries]
+    if (source_pixels := sum(w * h for w, h in probed)) > limits.max_source_pixels:
+        raise _too_large(f"the images hold {source_pixels} pixels before resizing; the limit is "
+                         f"{limits.max_source_pixels}.")
+    sizes = set(probed)
     width, height = sizes.pop() if len(sizes) == 1 else (limits.resize_to, limits.resize_to)
     _check_decoded(len(entries), height, width, limits)
 
@@ -437,7 +454,8 @@ def _ingest_image_zip(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], wr
             continue
         with writer.array(f"{split}_images", np.uint8, (len(in_split), height, width, 3)) as member:
             for entry in in_split:
-                member.write(_decode_image(_read_entry(archive, entry.info, budget), entry.path, (width, height)))
+                member.write(_decode_image(_read_entry(archive, entry.info, budget, most), entry.path,
+                                           (width, height)))
         labels = np.array([label(entry) for entry in in_split], dtype=np.int64)
         writer.write(f"{split}_labels", labels)
         splits[split] = _split_summary(labels, class_names, labeled)
@@ -462,6 +480,8 @@ def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[
     except (ValueError, SyntaxError, zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError,
             OSError) as exc:
         raise _invalid(f"npz member {info.filename!r} is not a readable .npy array: {exc}") from None
+    if any(side < 0 for side in shape):  # numpy's header reader takes them; they would offset other counts
+        raise _invalid(f"npz member {info.filename!r} declares a negative dimension: shape {list(shape)}.")
     if dtype.hasobject:
         raise _pickled(f"npz member {info.filename!r} is an object array, which only pickle can load; "
                        "pickled arrays are refused. Save plain numeric arrays.")

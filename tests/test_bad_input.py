@@ -681,17 +681,27 @@ def test_a_bad_dataset_is_refused(stack, http, case):
         assert body["type"] == "/problems/invalid-dataset"
 
 
-@pytest.mark.parametrize("class_names,loc", [
-    ("not json", ["body", "class_names"]),
-    ("[]", ["body", "class_names"]),
-    ('["a", "a"]', ["body", "class_names"]),
-    ('{"a": 1}', ["body", "class_names"]),
-])
-def test_bad_class_names_are_422(stack, http, class_names, loc):
+# the last two: a name of over 300 characters; more names than TVFORGE_MAX_DATASET_CLASSES
+BAD_CLASS_NAMES = ["not json", "[]", '["a", "a"]', '{"a": 1}', json.dumps(["a", "b" * 301]),
+                   json.dumps([str(i) for i in range(10_001)])]
+
+
+@pytest.mark.parametrize("class_names", BAD_CLASS_NAMES)
+def test_bad_class_names_are_422(stack, http, class_names):
     payload = zip_bytes({"a/x.png": png_bytes()})
     with leaves_nothing(stack):
         assert_problem(post_file(http, "/v1/datasets", {"name": "d", "class_names": class_names}, "d.zip", payload),
-                       422, loc)
+                       422, ["body", "class_names"])
+
+
+@pytest.mark.parametrize("class_names", BAD_CLASS_NAMES[-2:])
+def test_a_task_vectors_class_names_are_bounded_as_a_datasets(stack, world, http, tensors, tmp_path, class_names):
+    """They had no bound on a name's length or their count but the form field's 1 MiB."""
+    _, tau = tensors
+    with leaves_nothing(stack):
+        assert_problem(post_file(http, "/v1/task-vectors", {"base_model_id": world["own_base"], "name": "named",
+                                                            "class_names": class_names},
+                                 "tau.safetensors", safetensors_bytes(tau, tmp_path)), 422, ["body", "class_names"])
 
 
 # ---------------------------------------------------------------- ownership

@@ -489,3 +489,67 @@ def test_a_zip_whose_end_record_hides_its_own_signature_is_still_counted(tmp_pat
     source.write_bytes(bytes(data))
     assert len(zipfile.ZipFile(source).infolist()) == 500
     assert "more than" in refused(tmp_path, source, 413, limits).detail
+
+
+def _one_image_zip(tmp_path: Path, name: str = "cat/a.png") -> bytearray:
+    return bytearray(write_zip(tmp_path / "one.zip", {name: image_bytes()}).read_bytes())
+
+
+def test_zips_zipfile_cannot_open_are_invalid_not_errors(tmp_path):
+    """Each of these raised out of the ingest (a 500): a zip64 locator naming another disk, an entry needing
+    zip version 10.0, an entry whose local name is not the UTF-8 its flag says."""
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 1, 0, 2)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0, 0, 0, 0, 0)
+    multi_disk = tmp_path / "disks.zip"
+    multi_disk.write_bytes(b"PK\x03\x04" + bytes(26) + locator + end)
+    version = _one_image_zip(tmp_path)
+    version[version.rfind(b"PK\x01\x02") + 6] = 100  # version needed to extract: 10.0
+    local_name = _one_image_zip(tmp_path, "cat/\u00e9.png")
+    at = local_name.find("\u00e9".encode())  # the local header's copy of the name (the first)
+    local_name[at:at + 2] = b"\xff\xfe"
+    for name, data in (("version.zip", version), ("name.zip", local_name)):
+        (tmp_path / name).write_bytes(bytes(data))
+    for source in (multi_disk, tmp_path / "version.zip", tmp_path / "name.zip"):
+        refused(tmp_path, source, 422)
+
+
+def test_an_image_file_larger_than_the_largest_image_is_refused_before_it_is_read(tmp_path):
+    """The largest image allowed, stored uncompressed, and 1 MiB: a 512 MiB entry of a 3 MB upload was read
+    whole (and copied) before Pillow said it was no image."""
+    limits = DatasetLimits(max_images=10, max_unpacked_bytes=10**9, max_image_pixels=1000)
+    source = write_zip(tmp_path / "big.zip", {"cat/a.png": image_bytes(), "cat/b.bmp": bytes(3000 + 2**20 + 1)},
+                       zipfile.ZIP_STORED)
+    errors = []
+    assert traced_peak(lambda: errors.append(refused(tmp_path, source, 422, limits))) < 2**20
+    assert "an image file is at most" in errors[0].detail
+
+
+def test_the_pixels_decoded_before_resizing_are_bounded_from_the_headers(tmp_path):
+    """Images of mixed sizes are decoded whole, then resized: a 1-bit 7000 x 7000 PNG is 6 KB and took 0.5 s."""
+    big = image_bytes(size=(300, 200), mode="1", color=1)
+    source = write_zip(tmp_path / "wide.zip", {"cat/a.png": image_bytes(), "cat/b.png": big, "cat/c.png": big})
+    limits = DatasetLimits(max_images=10, max_unpacked_bytes=10**8, max_source_pixels=100_000, resize_to=16)
+    assert "pixels before resizing" in refused(tmp_path, source, 413, limits).detail
+    ingest(tmp_path, source, DatasetLimits(max_images=10, max_unpacked_bytes=10**8, max_source_pixels=120_048,
+                                           resize_to=16))
+
+
+def test_class_folder_names_follow_the_class_name_rules(tmp_path):
+    """Folder names skipped the 300-character rule: one of 60,000 made every stored name that wide."""
+    source = write_zip(tmp_path / "long.zip", {"cat/a.png": image_bytes(), f"{'d' * 301}/b.png": image_bytes()})
+    assert "300 characters" in refused(tmp_path, source, 422).detail
+
+
+def test_a_negative_npz_dimension_is_refused_from_its_header(tmp_path):
+    """A split of -19990 images offset another's 20000 in the image count and the decoded size."""
+    def npy(shape, payload: bytes) -> bytes:
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        return header.getvalue() + payload
+
+    source = write_zip(tmp_path / "negative.npz", {"train_images.npy": npy((20000, 8, 8), bytes(20000 * 64)),
+                                                   "val_images.npy": npy((-19990, 8, 8), b"")}, zipfile.ZIP_STORED)
+    limits = DatasetLimits(max_images=20, max_unpacked_bytes=10**8, max_decoded_bytes=10**5)
+    errors = []
+    assert traced_peak(lambda: errors.append(refused(tmp_path, source, 422, limits))) < 2**19  # not the 1.3 MB
+    assert "declares a negative dimension" in errors[0].detail

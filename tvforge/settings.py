@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     max_dataset_decoded_bytes: int = Field(4 * 1024**3, description="Most bytes a dataset's images may decode "
                                                                     "to (N x H x W x 3), checked before decoding.")
     max_dataset_classes: int = Field(10_000, description="Most classes a dataset may have (labels below it).")
+    max_dataset_source_pixels: int = Field(20_000_000_000, description="Most pixels a zip's images may hold as "
+                                                                       "stored, before resizing (the decoding work).")
     dataset_image_size: int = Field(224, description="Side to which zip images of mixed sizes are resized.")
     job_time_limit_s: int = Field(6 * 3600, description="Hard time limit of one job attempt.")
     heartbeat_interval_s: float = Field(5.0, description="How often a running job's worker touches its row.")

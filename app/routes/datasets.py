@@ -36,7 +36,7 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
               admit: Callable[[int], None]) -> Dataset:
     form = FormFields(upload)
     name = form.text("name", required=True)
-    class_names = form.class_names()
+    class_names = form.class_names(settings.max_dataset_classes)
     templates = form.string_list("templates")
     form.require_file(upload)
     form.raise_if_errors()
@@ -44,7 +44,9 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
     limits = DatasetLimits(max_images=settings.max_dataset_images,
                            max_unpacked_bytes=settings.max_dataset_unpacked_bytes,
                            max_decoded_bytes=settings.max_dataset_decoded_bytes,
-                           max_classes=settings.max_dataset_classes, resize_to=settings.dataset_image_size)
+                           max_classes=settings.max_dataset_classes,
+                           max_source_pixels=settings.max_dataset_source_pixels,
+                           resize_to=settings.dataset_image_size)
     canonical = blobs.pending_path(".npz")
     try:
         summary = ingest_dataset(upload.file.path, upload.filename, canonical, limits, class_names, templates)

@@ -18,6 +18,7 @@ from store.blobs import BlobStore
 from store.ids import new_id
 from store.models import BaseModel, JobInput, TaskVector
 from store.queries import add_with_blob, delete_unless_in_use, page
+from tvforge.settings import Settings
 
 router = APIRouter(prefix="/v1/task-vectors", tags=["task vectors"], responses=PROBLEM_RESPONSES,
                    route_class=ReleasingRoute)
@@ -32,12 +33,13 @@ CREATE_BODY = multipart_body({
 }, ["base_model_id", "name", "file"])
 
 
-def _register(session, blobs: BlobStore, owner: str, upload: Upload, admit: Callable[[int], None]) -> TaskVector:
+def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload: Upload,
+              admit: Callable[[int], None]) -> TaskVector:
     form = FormFields(upload)
     base_model_id = form.text("base_model_id", required=True)
     name = form.text("name", required=True)
     kind = form.text("kind", choices=("task_vector", "finetuned")) or "task_vector"
-    class_names = form.class_names()
+    class_names = form.class_names(settings.max_dataset_classes)
     form.require_file(upload)
     form.raise_if_errors()
 
@@ -74,7 +76,7 @@ async def create_task_vector(request: Request, owner: OwnerDep, session: Session
                              settings: SettingsDep):
     admit = partial(check_storage, session, settings, owner)
     return await ingest_upload(request, blobs, settings.max_upload_bytes,
-                               lambda upload: _register(session, blobs, owner, upload, admit),
+                               lambda upload: _register(session, blobs, settings, owner, upload, admit),
                                partial(admit, lock=False))
 
 
