@@ -151,12 +151,24 @@ def cancel(session: Session, job_id: str) -> JobStatus | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))  # this transaction holds the row now
 
 
-def requeue_lost(session: Session, job: Job, stale_before: datetime, max_attempts: int) -> JobStatus | None:
+def time_limit_passed(time_limit_s: float) -> dict:
+    return problem("Time limit", f"The job ran past {time_limit_s} s.", "time-limit")
+
+
+def requeue_lost(session: Session, job: Job, stale_before: datetime, max_attempts: int,
+                 time_limit_s: float | None = None) -> JobStatus | None:
     """A running job whose heartbeat is older than stale_before goes back to queued, or to failed after
-    max_attempts; one whose owner asked to cancel it is cancelled (no worker is left to do it). Conditional on
-    the stale heartbeat, so a worker that just came back keeps its job."""
+    max_attempts; one whose owner asked to cancel it is cancelled (no worker is left to do it). One whose attempt
+    started more than time_limit_s ago fails with the time limit: Celery's hard limit killed it (its soft limit was
+    not honoured in time), and running it again would end the same way. Conditional on the stale heartbeat, so a
+    worker that just came back keeps its job."""
+    timed_out = time_limit_s is not None and job.started_at is not None \
+        and job.started_at < utcnow() - timedelta(seconds=time_limit_s)
     if job.cancel_requested:
         values, status = {"status": JobStatus.CANCELLED, "finished_at": utcnow()}, JobStatus.CANCELLED
+    elif timed_out:
+        values, status = {"status": JobStatus.FAILED, "finished_at": utcnow(),
+                          "error": time_limit_passed(time_limit_s)}, JobStatus.FAILED
     elif job.attempts >= max_attempts:
         values, status = {"status": JobStatus.FAILED, "finished_at": utcnow(), "error": worker_lost(job.attempts)}, \
             JobStatus.FAILED

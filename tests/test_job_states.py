@@ -148,6 +148,24 @@ def test_a_stale_running_job_is_requeued_once_then_failed_after_its_attempts(ses
         assert job.status is JobStatus.FAILED and job.error["type"] == "/problems/worker-lost"
 
 
+def test_a_stale_job_past_its_time_limit_fails_with_it_instead_of_running_again(sessions, job_id):
+    """Celery's hard limit kills a job that did not honour its soft limit, and acknowledges its message: the row
+    stays running with no heartbeat. The reaper fails it with the time limit rather than retry it as a lost
+    worker's (each retry would be killed the same way, and end as 'Worker lost')."""
+    with sessions.begin() as session:
+        jobs.claim(session, job_id, "w1", far_past(), max_attempts=3)
+    stale = utcnow() + timedelta(seconds=1)
+    with sessions.begin() as session:
+        assert jobs.requeue_lost(session, session.get(Job, job_id), stale, 3, time_limit_s=3600) is JobStatus.QUEUED
+        assert jobs.claim(session, job_id, "w2", far_past(), max_attempts=3)
+        session.get(Job, job_id).started_at = utcnow() - timedelta(seconds=3700)
+    with sessions.begin() as session:
+        assert jobs.requeue_lost(session, session.get(Job, job_id), stale, 3, time_limit_s=3600) is JobStatus.FAILED
+    with sessions() as session:
+        job = session.get(Job, job_id)
+    assert job.error["type"] == "/problems/time-limit" and job.attempts == 2
+
+
 def test_claim_refuses_a_job_out_of_attempts_and_fails_it(sessions, job_id):
     with sessions.begin() as session:
         session.get(Job, job_id).attempts = 3
@@ -265,20 +283,20 @@ def test_a_queued_job_is_published_again_at_growing_intervals(sessions, job_id):
     assert republished(queued_s_ago=310, published_s_ago=310, created_s_ago=36_000)
 
 
-def succeeded_with_checkpoint(sessions, job_id: str) -> str:
-    """Run the job to success with a checkpoint row; returns the checkpoint's id."""
+def succeeded_with_checkpoint(sessions, job_id: str) -> tuple[str, str]:
+    """Run the job to success with a checkpoint row; returns the checkpoint's id and the job's base model's."""
     with sessions.begin() as session:
         jobs.claim(session, job_id, "w1", far_past(), max_attempts=3)
         checkpoint = Checkpoint(id=new_id("ckpt"), owner="alice", job_id=job_id, sha256="1" * 64, size_bytes=1,
                                 format="safetensors", contents={})
         assert jobs.succeed(session, job_id, "w1", {"checkpoint_id": checkpoint.id}, None, checkpoint)
-        return checkpoint.id
+        return checkpoint.id, session.get(Job, job_id).base_model_id
 
 
-def enqueue_reader(session: Session, maker_id: str, checkpoint_id: str) -> Job:
+def enqueue_reader(session: Session, base_model_id: str, checkpoint_id: str) -> Job:
     """A merge starting from the checkpoint, with its input row, as the jobs route builds it."""
     return jobs.enqueue(session, Job(id=new_id("job"), owner="alice", kind=JobKind.MERGE.value,
-                                     method="task_arithmetic", base_model_id=session.get(Job, maker_id).base_model_id,
+                                     method="task_arithmetic", base_model_id=base_model_id,
                                      task_vector_ids=[], params={}, seed=0, request_hash="h2",
                                      start_checkpoint_id=checkpoint_id,
                                      inputs=[JobInput(checkpoint_id=checkpoint_id)]))
@@ -287,10 +305,10 @@ def enqueue_reader(session: Session, maker_id: str, checkpoint_id: str) -> Job:
 def test_a_checkpoint_that_a_queued_job_reads_keeps_itself_and_its_job(sessions, job_id):
     """Deleting a finished job deletes its checkpoint: a queued or running reader's input row RESTRICTs both
     deletes; a finished reader's does not."""
-    checkpoint_id = succeeded_with_checkpoint(sessions, job_id)
+    checkpoint_id, base_model_id = succeeded_with_checkpoint(sessions, job_id)
     with sessions.begin() as session:
         assert jobs.readers_of_checkpoints_made_by(session, job_id) == []
-        reader = enqueue_reader(session, job_id, checkpoint_id)
+        reader = enqueue_reader(session, base_model_id, checkpoint_id)
     with sessions() as session:
         assert jobs.readers_of_checkpoints_made_by(session, job_id) == [reader.id]
         assert jobs.readers_of_checkpoint(session, checkpoint_id) == [reader.id]
@@ -311,14 +329,14 @@ def test_deleting_a_job_races_jobs_that_start_from_its_checkpoint(sessions, job_
     """One racer deletes the finished job (and with it its checkpoint) while the others queue merges starting
     from the checkpoint: either the delete wins and every later reader is refused, or a reader commits first and
     the delete is refused. No reader is ever left queued on a checkpoint that is gone."""
-    checkpoint_id = succeeded_with_checkpoint(sessions, job_id)
+    checkpoint_id, base_model_id = succeeded_with_checkpoint(sessions, job_id)
 
     def transition(session: Session, index: int) -> str:
         try:
             if index == 0:
                 assert jobs.delete_finished(session, job_id)
             else:
-                enqueue_reader(session, job_id, checkpoint_id)
+                enqueue_reader(session, base_model_id, checkpoint_id)
             session.commit()
             return "committed"
         except IntegrityError:

@@ -24,7 +24,7 @@ def reap_once(settings: Settings) -> dict[str, list[str]]:
     requeued, failed, cancelled = [], [], []
     with session_scope() as session:
         for job in jobs.lost_jobs(session, stale):
-            outcome = jobs.requeue_lost(session, job, stale, settings.max_attempts)
+            outcome = jobs.requeue_lost(session, job, stale, settings.max_attempts, settings.job_time_limit_s)
             if outcome is JobStatus.QUEUED:
                 requeued.append(job.id)
             elif outcome is JobStatus.FAILED:
@@ -36,7 +36,7 @@ def reap_once(settings: Settings) -> dict[str, list[str]]:
     for job_id in requeued:
         log.warning("job %s lost its worker; re-queued", job_id)
     for job_id in failed:
-        log.error("job %s lost its worker too often; failed", job_id)
+        log.error("job %s lost its worker too often, or past its time limit; failed", job_id)
     for job_id in cancelled:
         log.warning("job %s lost its worker after a cancel request; cancelled", job_id)
     republished = [job_id for job_id in unpublished if job_id not in requeued]

@@ -372,7 +372,7 @@ def run_job(job_id: str, worker_id: str, worker_stopping: Callable[[], bool] | N
             log.error("job %s: the database is unreachable; left to the reaper", job_id)
             raise
         if isinstance(exc, SoftTimeLimitExceeded):
-            error = jobs.problem("Time limit", f"The job ran past {settings.job_time_limit_s} s.", "time-limit")
+            error = jobs.time_limit_passed(settings.job_time_limit_s)
         elif isinstance(exc, TooLargeForWorker):
             error = jobs.problem("Too large for this worker", str(exc), "too-large-for-worker")
         else:
