@@ -15,6 +15,7 @@ fsynced and renamed to sha256/<aa>/<rest>: a reader never sees a half file.
 """
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -22,10 +23,14 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, TypeVar
 from urllib.parse import urlparse
 
+from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
 CHUNK = 1024 * 1024
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class TooLarge(Exception):
@@ -402,6 +407,35 @@ class S3BlobStore(BlobStore):
         except Exception:  # any client or connection error: not usable
             return False
         return super().writable()
+
+
+def storage_unavailable(error: BaseException) -> bool:
+    """A remote store that could not answer now (a connection refused, cut or timed out; a 5xx; throttling), after
+    boto3's own retries: the same call may succeed later. A 4xx (no such key, access denied) would fail again.
+    boto3's upload wraps the error it gave up on in S3UploadFailedError, which is why the chain is followed."""
+    try:
+        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+    except ImportError:  # no S3 support installed: nothing remote to wait for
+        return False
+    while error is not None:
+        if isinstance(error, ConnectionError | HTTPClientError):
+            return True
+        if isinstance(error, ClientError):
+            response = error.response
+            return (response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+                    or response.get("Error", {}).get("Code") in ("SlowDown", "Throttling", "RequestTimeout"))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def through_storage_outages(call: Callable[[], T], retry_for_s: float) -> T:
+    """call(), run again while the remote store is unavailable (storage_unavailable), for up to retry_for_s; then
+    the last error is raised. For a worker's reads and its checkpoint's commit, both safe to repeat (a commit
+    uploads before it moves the file into place): a job that has done its work is not failed for a blip."""
+    retrying = Retrying(retry=retry_if_exception(storage_unavailable), stop=stop_after_delay(retry_for_s),
+                        wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.5), reraise=True,
+                        before_sleep=before_sleep_log(log, logging.WARNING))
+    return retrying(call)
 
 
 @lru_cache

@@ -163,3 +163,33 @@ def test_a_running_jobs_inputs_stay_cached(s3_endpoint, tmp_path):
     store.keep_fresh(paths[:1])  # the job reads the first
     assert store.prune_cache() == 1
     assert paths[0].exists() and not paths[1].exists()
+
+
+def test_a_worker_waits_out_an_outage_of_the_store_instead_of_failing_its_job(s3_endpoint, tmp_path):
+    """The store's answers are cut for two seconds (the upload itself arrives): the worker's commit, run through
+    through_storage_outages, succeeds once they come back; a missing key is no outage and is not retried.
+    (boto3's own 5 retries are turned down to 1 here, so that the outage outlasts them.)"""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    from store.blobs import storage_unavailable, through_storage_outages
+    from tests.flaky_proxy import FlakyProxy
+
+    store = S3BlobStore(tmp_path / "worker", "s3://flaky/blobs", s3_endpoint)
+    back_at = time.monotonic() + 2.0
+    proxy = FlakyProxy(int(s3_endpoint.rsplit(":", 1)[1]), lambda head: 0 if time.monotonic() < back_at else None)
+    store.client = boto3.client("s3", endpoint_url=proxy.url, config=Config(retries={"max_attempts": 1}))
+    try:
+        path, sha = _file(store.tmp_dir, "out", b"a merged checkpoint")
+        with pytest.raises(Exception) as cut:
+            store.commit_file(path, sha)
+        assert storage_unavailable(cut.value) and path.exists()  # nothing moved: safe to run again
+        committed = through_storage_outages(lambda: store.commit_file(path, sha), retry_for_s=30)
+        assert committed.sha256 == sha and store.local_path(sha).read_bytes() == b"a merged checkpoint"
+        assert proxy.cuts >= 2 and time.monotonic() >= back_at
+        with pytest.raises(ClientError) as missing:
+            through_storage_outages(lambda: store.path("0" * 64), retry_for_s=30)
+        assert not storage_unavailable(missing.value)
+    finally:
+        proxy.close()

@@ -30,7 +30,7 @@ from engine.methods.catalogue import get_method
 from engine.running import EvaluationItem, estimate_evaluation, estimate_inputs, evaluate, run_method
 from engine.safetensors_io import read_header
 from store import jobs
-from store.blobs import get_blob_store
+from store.blobs import get_blob_store, through_storage_outages
 from store.db import is_transient, session_scope, transact
 from store.ids import new_id
 from store.jobs import JobStatus
@@ -316,7 +316,7 @@ def run_job(job_id: str, worker_id: str, worker_stopping: Callable[[], bool] | N
     try:
         workdir = Path(tempfile.mkdtemp(prefix=f"job-{job_id}-", dir=blobs.tmp_dir))
         loaded = transact(lambda session: _load(session, job_id), retry_for_s)
-        fetch_inputs(loaded, blobs)
+        through_storage_outages(lambda: fetch_inputs(loaded, blobs), retry_for_s)
         ctx = JobContext(
             workdir=workdir, cache_dir=settings.head_cache_dir,
             device=resolve_device(settings.device), seed=loaded.seed, report=ProgressWriter(job_id, worker_id),
@@ -337,7 +337,8 @@ def run_job(job_id: str, worker_id: str, worker_stopping: Callable[[], bool] | N
         result = run_method(spec, loaded.inputs, params, ctx)
         heartbeat.check_before_recording()
         header = read_header(result.checkpoint_path)
-        committed = blobs.commit_file(result.checkpoint_path, result.checkpoint_sha256)
+        committed = through_storage_outages(
+            lambda: blobs.commit_file(result.checkpoint_path, result.checkpoint_sha256), retry_for_s)
         checkpoint = Checkpoint(id=new_id("ckpt"), owner=loaded.owner, job_id=job_id, sha256=committed.sha256,
                                 size_bytes=committed.size,
                                 format="safetensors", contents={
