@@ -236,3 +236,34 @@ def test_0012_gives_queued_and_running_jobs_the_checkpoints_they_read_as_inputs(
         upgrade(database_url)
     finally:
         engine.dispose()
+
+
+def test_downgrades_drop_what_the_older_schema_cannot_hold_without_orphans(database_url):
+    """0003's downgrade deletes evaluation jobs (0002 needs a method) and, on SQLite, where migrations run without
+    foreign keys, their inputs too; 0005's deletes revoked and expiring keys, which would otherwise work forever."""
+    from datetime import timedelta
+
+    from store.keys import create_key, hash_key, revoke_key
+
+    upgrade(database_url)
+    engine = create_engine(database_url)
+    try:
+        with Session(engine) as session:
+            live, revoked = create_key(session, "alice"), create_key(session, "alice")
+            create_key(session, "alice", expires_in=timedelta(days=1))
+            session.flush()
+            revoke_key(session, session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(revoked))))
+            base_model = add_base_model(session)
+            evaluation = add_job(session, base_model, idempotency_key=None)
+            evaluation.kind, evaluation.method = "evaluation", None
+            session.add(JobInput(job_id=evaluation.id, task_vector_id=add_task_vector(session, base_model).id))
+            merge = add_job(session, base_model, idempotency_key=None)
+            session.add(JobInput(job_id=merge.id, task_vector_id=add_task_vector(session, base_model).id))
+            session.commit()
+            merge_id = merge.id
+        downgrade(database_url, "0002")
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT job_id FROM job_inputs")).scalars().all() == [merge_id]
+            assert connection.execute(text("SELECT key_hash FROM api_keys")).scalars().all() == [hash_key(live)]
+    finally:
+        engine.dispose()

@@ -22,7 +22,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DELETE FROM jobs WHERE kind = 'evaluation'")  # they have no method, which 0002 requires
+    # They have no method, which 0002 requires. Their inputs first: migrations run on SQLite without its foreign
+    # keys (a batch operation's table copy would cascade), so the jobs' delete would not cascade to them.
+    op.execute("DELETE FROM job_inputs WHERE job_id IN (SELECT id FROM jobs WHERE kind = 'evaluation')")
+    op.execute("DELETE FROM jobs WHERE kind = 'evaluation'")
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.alter_column('method', existing_type=sa.String(length=40), nullable=False)
         batch_op.drop_column('kind')

@@ -22,6 +22,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Without these columns a revoked key would work again and an expiring one never expire: they go.
+    op.execute("DELETE FROM api_keys WHERE revoked_at IS NOT NULL OR expires_at IS NOT NULL")
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
         batch_op.drop_column('revoked_at')
         batch_op.drop_column('expires_at')
