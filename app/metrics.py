@@ -2,30 +2,51 @@
 service's state read from the database and the broker at scrape time - jobs by status and method, job
 durations, the queue's depth, workers' heartbeats, the blob store's bytes. The workers write every job
 fact to the database, so one scrape of any API process shows the whole service."""
+import itertools
+import logging
 import time
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.utils import floatToGoString
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from broker.publish import queue_depth
 from store.db import session_scope
 from store.jobs import JobStatus
-from store.models import BaseModel, Checkpoint, Dataset, Job, TaskVector
+from store.models import BaseModel, Checkpoint, Dataset, Job, JobDurationBucket, TaskVector
 
+log = logging.getLogger(__name__)
 REGISTRY = CollectorRegistry()
 REQUEST_SECONDS = Histogram("tvforge_http_request_duration_seconds", "HTTP request latency, by route template.",
                             ["method", "route", "status"], registry=REGISTRY)
-JOB_SECONDS_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, float("inf"))
 
 
 class ServiceCollector:
-    """The service's state, read from the database and the broker when Prometheus scrapes."""
+    """The service's state, read from the database and the broker when Prometheus scrapes. A database that
+    cannot answer leaves its families out and sets tvforge_database_up to 0: the scrape still serves this
+    process's request latency and the queue, when they matter most."""
 
     def collect(self):
+        try:
+            families, up = list(self._from_database()), 1
+        except SQLAlchemyError:
+            log.warning("metrics: the database did not answer", exc_info=True)
+            families, up = [], 0
+        yield GaugeMetricFamily("tvforge_database_up", "1 if the database answered this scrape, else 0.", value=up)
+        yield from families
+        depth = queue_depth()
+        queue = GaugeMetricFamily("tvforge_queue_depth", "Job ids waiting in the broker, by queue (model: jobs "
+                                  "that run the model on images; tensors: streaming merges); absent if unreachable.",
+                                  labels=["queue"])
+        for name, count in (depth or {}).items():
+            queue.add_metric([name], count)
+        yield queue
+
+    @staticmethod
+    def _from_database():
         with session_scope() as session:
             by_status = GaugeMetricFamily("tvforge_jobs", "Jobs by status, kind and method.",
                                           labels=["status", "kind", "method"])
@@ -35,13 +56,13 @@ class ServiceCollector:
                                      count)
             yield by_status
 
-            durations = [(f - s).total_seconds() for s, f in session.execute(
-                select(Job.started_at, Job.finished_at).where(Job.status == JobStatus.SUCCEEDED,
-                                                              Job.started_at.is_not(None)))]
-            # Bounds as Prometheus writes them ("+Inf", "1.0"); str() gave "inf", which scrapers reject.
-            buckets = [(floatToGoString(b), sum(1 for d in durations if d <= b)) for b in JOB_SECONDS_BUCKETS]
+            # Kept as totals by the workers (store.models.JobDurationBucket), cumulated here.
+            rows = sorted(session.execute(select(JobDurationBucket.le, JobDurationBucket.jobs,
+                                                 JobDurationBucket.seconds)), key=lambda row: float(row.le))
+            cumulative = itertools.accumulate(row.jobs for row in rows)
             histogram = HistogramMetricFamily("tvforge_job_duration_seconds", "Run time of succeeded jobs.")
-            histogram.add_metric([], buckets, sum(durations))
+            histogram.add_metric([], [(row.le, count) for row, count in zip(rows, cumulative, strict=True)],
+                                 sum(row.seconds for row in rows))
             yield histogram
 
             newest = session.scalar(select(func.max(Job.heartbeat_at)).where(Job.status == JobStatus.RUNNING))
@@ -61,13 +82,6 @@ class ServiceCollector:
                 stored += session.scalar(select(func.coalesce(func.sum(rows.c[1]), 0))) or 0
             yield GaugeMetricFamily("tvforge_blob_store_bytes", "Bytes of the stored files rows point at.",
                                     value=stored)
-        depth = queue_depth()
-        queue = GaugeMetricFamily("tvforge_queue_depth", "Job ids waiting in the broker, by queue (model: jobs "
-                                  "that run the model on images; tensors: streaming merges); absent if unreachable.",
-                                  labels=["queue"])
-        for name, count in (depth or {}).items():
-            queue.add_metric([name], count)
-        yield queue
 
 
 REGISTRY.register(ServiceCollector())

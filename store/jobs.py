@@ -16,12 +16,15 @@ from sqlalchemy import case, delete, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from store.models import (  # JobStatus: the states, re-exported here
+    JOB_SECONDS_BUCKETS,
     Checkpoint,
     Job,
+    JobDurationBucket,
     JobInput,
     JobStatus,
     JobStatusType,
     UTCDateTime,
+    bucket_label,
     utcnow,
 )
 
@@ -102,7 +105,7 @@ def cancel_requested(session: Session, job_id: str) -> bool:
 
 
 def _finish(session: Session, where: tuple, status: JobStatus, **values) -> bool:
-    return _changed(session, update(Job).where(*where).values(status=status, finished_at=utcnow(), **values))
+    return _changed(session, update(Job).where(*where).values(status=status, **{"finished_at": utcnow(), **values}))
 
 
 def succeed(session: Session, job_id: str, worker_id: str, result: dict, artifacts: dict | None = None,
@@ -111,12 +114,24 @@ def succeed(session: Session, job_id: str, worker_id: str, result: dict, artifac
 
     True also when this worker already succeeded it: a commit that landed but whose answer was lost is retried
     (store.db.transact), and finds its own work done (the checkpoint row went in with that commit)."""
+    now = utcnow()
     done = _finish(session, _held_by(job_id, worker_id), JobStatus.SUCCEEDED, result=result, artifacts=artifacts,
-                   progress={"fraction": 1.0, "stage": "done", "step": 1, "total": 1, "metrics": {}})
+                   progress={"fraction": 1.0, "stage": "done", "step": 1, "total": 1, "metrics": {}},
+                   finished_at=now)
+    if done:
+        started = session.scalar(select(Job.started_at).where(Job.id == job_id))
+        _count_duration(session, (now - started).total_seconds())
     if done and checkpoint is not None:
         session.add(checkpoint)
     return done or session.scalar(select(Job.id).where(
         Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.SUCCEEDED)) is not None
+
+
+def _count_duration(session: Session, seconds: float) -> None:
+    """Adds a succeeded job's run time to its bucket of tvforge_job_duration_seconds (store.models)."""
+    upper = next(bound for bound in JOB_SECONDS_BUCKETS if seconds <= bound)
+    session.execute(update(JobDurationBucket).where(JobDurationBucket.le == bucket_label(upper)).values(
+        jobs=JobDurationBucket.jobs + 1, seconds=JobDurationBucket.seconds + seconds))
 
 
 def fail(session: Session, job_id: str, worker_id: str, error: dict) -> bool:

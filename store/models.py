@@ -1,9 +1,11 @@
 """SQLAlchemy models. The job row is the source of truth for a job's state (store.jobs changes it)."""
+import math
 from datetime import UTC, datetime
 from enum import StrEnum
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -207,3 +209,23 @@ class Checkpoint(Base):
     format: Mapped[str] = mapped_column(String(20), default="safetensors")
     contents: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+JOB_SECONDS_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, math.inf)  # migration 0013 made one row each
+
+
+def bucket_label(upper_s: float) -> str:
+    """An upper bound as Prometheus writes it in `le` ("1.0", "+Inf")."""
+    return "+Inf" if math.isinf(upper_s) else repr(float(upper_s))
+
+
+class JobDurationBucket(Base):
+    """Succeeded jobs' run times as a histogram's totals, one row per bucket (not cumulative): a job adds itself in
+    the transaction that records its success. Counted from the rows of succeeded jobs instead, the histogram went
+    down when a job was deleted (a counter reset to Prometheus) and each scrape read every job ever run."""
+
+    __tablename__ = "job_duration_buckets"
+    le: Mapped[str] = mapped_column(String(20), primary_key=True)  # bucket_label of its upper bound
+    jobs: Mapped[int] = mapped_column(BigInteger)
+    seconds: Mapped[float] = mapped_column(Float)
+

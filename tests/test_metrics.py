@@ -38,7 +38,9 @@ def test_metrics_show_requests_jobs_durations_queue_and_store(stack, tmp_path):
     succeeded = sum(v for (name, labels), v in samples.items()
                     if name == "tvforge_jobs" and ("status", "succeeded") in labels)
     assert succeeded == sum(1 for j in jobs if j["status"] == "succeeded") >= 1
-    assert samples[("tvforge_job_duration_seconds_count", ())] == succeeded
+    # totals kept as jobs succeed: this stack's earlier modules may have deleted some of theirs since
+    assert samples[("tvforge_job_duration_seconds_count", ())] >= succeeded
+    assert samples[("tvforge_database_up", ())] == 1
     assert samples[("tvforge_queue_depth", (("queue", "model"),))] >= 0
     assert samples[("tvforge_queue_depth", (("queue", "tensors"),))] >= 0
     assert samples[("tvforge_blob_store_bytes", ())] >= sum(blobs.values())
@@ -51,3 +53,36 @@ def test_histogram_bucket_bounds_are_written_as_prometheus_writes_them(stack):
     assert {name for name, _ in bounds} >= {"tvforge_job_duration_seconds", "tvforge_http_request_duration_seconds"}
     assert all(bound == floatToGoString(float(bound)) for _, bound in bounds), sorted(set(bounds))
     assert 'tvforge_job_duration_seconds_bucket{le="+Inf"}' in text
+
+
+def test_the_job_duration_histogram_never_goes_down(stack, tmp_path):
+    """Prometheus takes a falling counter for a restart: deleting a succeeded job must not take its run back."""
+    with stack.client() as client:
+        job = run_demo(client, tmp_path, log=lambda _: None)["job"]
+        before = _samples(stack)
+        client.delete(f"/v1/jobs/{job['id']}")
+    after = _samples(stack)
+    for name in ("tvforge_job_duration_seconds_count", "tvforge_job_duration_seconds_sum"):
+        assert after[(name, ())] == before[(name, ())] > 0
+
+
+def test_a_scrape_while_the_database_is_down_still_serves_latency_and_says_so(tmp_path, monkeypatch):
+    """A database that cannot be opened (its folder is gone): the scrape answers, without the families read
+    from it, with tvforge_database_up 0 and this process's request latency."""
+    from prometheus_client import generate_latest
+
+    from app.metrics import REGISTRY, REQUEST_SECONDS
+    from tvforge.settings import get_settings
+
+    monkeypatch.setenv("TVFORGE_DATABASE_URL", f"sqlite:///{tmp_path / 'gone' / 'tvforge.db'}")
+    monkeypatch.setenv("TVFORGE_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens: the queue is absent too
+    get_settings.cache_clear()
+    try:
+        REQUEST_SECONDS.labels("GET", "/v1/jobs", "200").observe(0.01)
+        families = {family.name: family for family in text_string_to_metric_families(
+            generate_latest(REGISTRY).decode())}
+    finally:
+        get_settings.cache_clear()
+    assert families["tvforge_database_up"].samples[0].value == 0
+    assert families["tvforge_http_request_duration_seconds"].samples
+    assert not {"tvforge_jobs", "tvforge_job_duration_seconds", "tvforge_blob_store_bytes"} & families.keys()

@@ -9,7 +9,20 @@ from sqlalchemy.orm import Session
 
 from migrations import check, downgrade, upgrade
 from store.ids import new_id
-from store.models import ApiKey, Base, BaseModel, Checkpoint, Dataset, Job, JobInput, JobStatus, TaskVector
+from store.models import (
+    JOB_SECONDS_BUCKETS,
+    ApiKey,
+    Base,
+    BaseModel,
+    Checkpoint,
+    Dataset,
+    Job,
+    JobDurationBucket,
+    JobInput,
+    JobStatus,
+    TaskVector,
+    bucket_label,
+)
 
 
 @pytest.fixture
@@ -100,7 +113,9 @@ def test_upgrade_matches_models_holds_rows_and_downgrades_to_nothing(database_ur
             add_one_row_per_table(session)
             counts = {table.name: session.scalar(select(func.count()).select_from(table))
                       for table in Base.metadata.sorted_tables}
-        assert counts == {table.name: 1 for table in Base.metadata.sorted_tables}
+        # the histogram's buckets are made by their migration, one row for each of the model's bounds
+        assert counts == {table.name: 1 for table in Base.metadata.sorted_tables} | {
+            "job_duration_buckets": len(JOB_SECONDS_BUCKETS)}
     finally:
         engine.dispose()
 
@@ -265,5 +280,36 @@ def test_downgrades_drop_what_the_older_schema_cannot_hold_without_orphans(datab
         with engine.connect() as connection:
             assert connection.execute(text("SELECT job_id FROM job_inputs")).scalars().all() == [merge_id]
             assert connection.execute(text("SELECT key_hash FROM api_keys")).scalars().all() == [hash_key(live)]
+    finally:
+        engine.dispose()
+
+
+def test_0013_counts_the_jobs_that_succeeded_before_it_in_the_models_buckets(database_url):
+    from datetime import timedelta
+
+    from store import jobs as job_states
+    from store.models import utcnow
+
+    upgrade(database_url, "0012")
+    engine = create_engine(database_url)
+    try:
+        with Session(engine) as session:
+            base_model = add_base_model(session)
+            for seconds in (30, 40, 7200):
+                job = add_job(session, base_model, idempotency_key=None)
+                job.status, job.started_at = JobStatus.SUCCEEDED, utcnow() - timedelta(seconds=seconds)
+                job.finished_at = job.started_at + timedelta(seconds=seconds)
+            add_job(session, base_model, idempotency_key=None).status = JobStatus.FAILED
+            running_id = add_job(session, base_model, idempotency_key=None).id
+            session.commit()
+        upgrade(database_url)
+        with Session(engine) as session:
+            assert job_states.claim(session, running_id, "w1", utcnow() - timedelta(hours=1), max_attempts=3)
+            assert job_states.succeed(session, running_id, "w1", {})
+            session.commit()
+            rows = {row.le: (row.jobs, round(row.seconds)) for row in session.scalars(select(JobDurationBucket))}
+        assert set(rows) == {bucket_label(upper) for upper in JOB_SECONDS_BUCKETS}
+        assert rows["1.0"] == (1, 0) and rows["60.0"] == (2, 70) and rows["14400.0"] == (1, 7200)
+        assert sum(count for count, _ in rows.values()) == 4
     finally:
         engine.dispose()
