@@ -86,6 +86,21 @@ def test_merge_again_reuses_every_upload_and_the_same_job(stack, example, merged
     assert result.stderr.count("(already on the server)") == 4
 
 
+def test_a_recipe_that_renames_its_files_reuses_them_too(stack, example, merged):
+    """The same base weights and vectors under other names: found by their bytes (and config, kind and class
+    names), not uploaded again; the job is the same job, as its body names the same ids."""
+    renamed = example.with_name("renamed.yaml")
+    renamed.write_text(example.read_text().replace("name: tiny-clip", "name: my-clip")
+                       .replace("task-a:", "first-task:"))
+    with stack.client() as client:
+        before = {path: len(list(client.iterate(path))) for path in ("/v1/base-models", "/v1/task-vectors")}
+        result = tvforge("merge", str(renamed), "--output", str(example.with_name("renamed.safetensors")),
+                         stack=stack)
+        after = {path: len(list(client.iterate(path))) for path in before}
+    assert after == before
+    assert result.stderr.count("(already on the server)") == 4
+
+
 def test_a_recipe_chains_onto_an_earlier_merge(stack, example, merged):
     """start_checkpoint_id in a recipe: task arithmetic written onto the example's TIES checkpoint."""
     _, first = merged

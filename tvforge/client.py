@@ -302,6 +302,14 @@ class TvforgeClient:
         return next((m for m in self.iterate("/v1/base-models", sha256=sha256)
                      if name is None or m["name"] == name), None)
 
+    def find_equivalent_base_model(self, sha256: str, architecture: str | None, config: dict | None,
+                                   name: str) -> BaseModelInfo | None:
+        """A base model of these bytes and this architecture or config, under any name (the one named so first):
+        registering the same weights again under another name would upload them again."""
+        same = [m for m in self.iterate("/v1/base-models", sha256=sha256)
+                if m["architecture"] == architecture and m["config"] == config]
+        return next((m for m in same if m["name"] == name), same[0] if same else None)
+
     def find_task_vector(self, base_model_id: str, source_sha256: str, name: str | None = None,
                          kind: str | None = None) -> TaskVectorInfo | None:
         """The caller's task vector of this base uploaded from a file with this sha256 (a task vector's, or the
@@ -309,6 +317,14 @@ class TvforgeClient:
         return next((v for v in self.iterate("/v1/task-vectors", base_model_id=base_model_id,
                                              source_sha256=source_sha256)
                      if (name is None or v["name"] == name) and (kind is None or v["source_kind"] == kind)), None)
+
+    def find_equivalent_task_vector(self, base_model_id: str, source_sha256: str, kind: str,
+                                    class_names: list[str] | None, name: str) -> TaskVectorInfo | None:
+        """A task vector of this base from a file with this sha256, of this kind and with these class names,
+        under any name (the one named so first)."""
+        same = [v for v in self.iterate("/v1/task-vectors", base_model_id=base_model_id, source_sha256=source_sha256)
+                if v["source_kind"] == kind and v["class_names"] == class_names]
+        return next((v for v in same if v["name"] == name), same[0] if same else None)
 
     def find_dataset(self, source_sha256: str, name: str | None = None) -> DatasetInfo | None:
         return next((d for d in self.iterate("/v1/datasets", source_sha256=source_sha256)

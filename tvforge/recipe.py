@@ -219,7 +219,9 @@ class RecipeRun:
             return self._known("base model", f"/v1/base-models/{ref.id}")
         file = self.root / ref.path
         name = ref.name or file.stem
-        return self._upload_once("base model", name, lambda: self.client.find_base_model(file_sha256(file), name),
+        return self._upload_once("base model", name,
+                                 lambda: self.client.find_equivalent_base_model(file_sha256(file), ref.architecture,
+                                                                                ref.config, name),
                                  lambda progress: self.client.register_base_model(
                                      name, file, architecture=ref.architecture, config=ref.config, progress=progress))
 
@@ -228,7 +230,8 @@ class RecipeRun:
             return self._known("task vector", f"/v1/task-vectors/{ref.id}")
         file = self.root / ref.path
         return self._upload_once("task vector", name,
-                                 lambda: self.client.find_task_vector(base_id, file_sha256(file), name, ref.kind),
+                                 lambda: self.client.find_equivalent_task_vector(
+                                     base_id, file_sha256(file), ref.kind, ref.class_names, name),
                                  lambda progress: self.client.upload_task_vector(
                                      base_id, name, file, kind=ref.kind, class_names=ref.class_names,
                                      progress=progress))
