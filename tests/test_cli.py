@@ -306,3 +306,41 @@ def test_merge_writes_a_model_card_whose_provenance_is_in_the_checkpoint_itself(
         assert card["recipe"] == recipe and card["inputs"] == inputs and card["software"] == software
         assert card["checkpoint"]["sha256"] == hashlib.sha256(output.read_bytes()).hexdigest()
         assert card["chosen"] == job["result"]["metrics"]["chosen"]
+
+
+def test_watching_a_job_outlives_a_cut_event_stream(stack, long_job):
+    """The first event stream is cut after its first bytes, as an API restart or a proxy's timeout does: the
+    watch asks for the job and follows a new stream to the end (it used to end with 'cannot reach', exit 1)."""
+    from tvforge.user_commands import watch_job
+
+    cut = []
+
+    def cut_the_first_stream(head: bytes) -> int | None:
+        if b"/events " in head.split(b"\r\n", 1)[0] and not cut:
+            cut.append(head)
+            return 300  # the answer's head and the start of its first event
+        return None
+
+    client, proxy = _flaky_client(stack, cut_the_first_stream)
+    with client:
+        finished = watch_job(client, long_job(client, epochs=3)["id"])
+    proxy.close()
+    assert finished["status"] == "succeeded" and proxy.cuts == 1
+
+
+def test_local_mistakes_are_one_line_and_exit_2(tmp_path):
+    """A config that is not JSON, a recipe that is not UTF-8, a key made before the database exists: a message,
+    no traceback, and no empty database file left behind."""
+    env = {"TVFORGE_DATA_DIR": str(tmp_path / "data"), "TVFORGE_DATABASE_URL": ""}
+    (tmp_path / "base.safetensors").write_bytes(b"x")
+    (tmp_path / "config.json").write_text("{embed_dim: 64")
+    (tmp_path / "recipe.yaml").write_bytes(b"base: \xff\xfe")
+    for args, message in ((["models", "add", str(tmp_path / "base.safetensors"), "--config",
+                            str(tmp_path / "config.json"), "--key", "k"], "is not a JSON config"),
+                          (["recipe", "check", str(tmp_path / "recipe.yaml")], "not UTF-8"),
+                          (["keys", "create", "--owner", "x"], "tvforge migrate")):
+        result = subprocess.run([sys.executable, "-m", "tvforge.cli", *args], env=os.environ | env, cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "tvforge.db").exists()

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -36,6 +37,29 @@ def migrate() -> None:
     typer.echo("database is at the newest schema")
 
 
+@contextmanager
+def admin_session():
+    """The database session of the key commands. A database that is not set up is one line and exit status 2,
+    not a traceback printing SQL; a SQLite file that does not exist is not created empty by asking."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from store.db import session_scope
+    from tvforge.settings import get_settings
+
+    url = get_settings().resolved_database_url
+    where = url.removeprefix("sqlite:///")
+    if url.startswith("sqlite:///") and where != ":memory:" and not Path(where).exists():
+        typer.echo(f"no database at {where}: run `tvforge migrate` first", err=True)
+        raise typer.Exit(2)
+    try:
+        with session_scope() as session:
+            yield session
+    except (OperationalError, ProgrammingError) as exc:  # no such table, unreachable server, ...
+        typer.echo(f"the database cannot be used ({str(exc.orig).strip()}); is it set up? `tvforge migrate` "
+                   f"creates its tables", err=True)
+        raise typer.Exit(2) from None
+
+
 @keys.command("create")
 def keys_create(owner: str = typer.Option(..., help="Who owns what this key creates."),
                 name: str = typer.Option("", help="A label for the key."),
@@ -43,10 +67,9 @@ def keys_create(owner: str = typer.Option(..., help="Who owns what this key crea
     """Make an API key and print it (only its hash is stored)."""
     from datetime import timedelta
 
-    from store.db import session_scope
     from store.keys import create_key
 
-    with session_scope() as session:
+    with admin_session() as session:
         key = create_key(session, owner, name,
                          timedelta(days=expires_in_days) if expires_in_days is not None else None)
     typer.echo(key)
@@ -55,10 +78,9 @@ def keys_create(owner: str = typer.Option(..., help="Who owns what this key crea
 @keys.command("list")
 def keys_list(owner: str = typer.Option(None, help="Only this owner's keys.")) -> None:
     """Every key's id, owner, name and dates (never the key itself)."""
-    from store.db import session_scope
     from store.keys import list_keys
 
-    with session_scope() as session:
+    with admin_session() as session:
         for key in list_keys(session, owner):
             state = "revoked" if key.revoked_at else "live"
             expires = key.expires_at.isoformat(timespec="seconds") if key.expires_at else "never"
@@ -69,10 +91,9 @@ def keys_list(owner: str = typer.Option(None, help="Only this owner's keys.")) -
 @keys.command("revoke")
 def keys_revoke(key_id: str = typer.Argument(..., help="The key's id, as `tvforge keys list` shows it.")) -> None:
     """Revoke a key: requests with it get 401 from now on."""
-    from store.db import session_scope
     from store.keys import revoke_key
 
-    with session_scope() as session:
+    with admin_session() as session:
         if not revoke_key(session, key_id):
             typer.echo(f"no live key with id {key_id!r}", err=True)
             raise typer.Exit(1)

@@ -128,9 +128,11 @@ def load_recipe(path: Path) -> RecipeFields:
     if path.stat().st_size > MAX_RECIPE_BYTES:
         raise RecipeError(f"{path}: larger than {MAX_RECIPE_BYTES} bytes")
     try:
-        document = yaml.safe_load(path.read_text())
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text: {exc}") from None
     recipe, problems = _validate(document)
     if recipe is not None:
         problems += _check_references(recipe)

@@ -2,6 +2,7 @@
 HTTP, with rich progress. The server and key come from --url/--key, TVFORGE_URL/TVFORGE_API_KEY, the config
 file (TVFORGE_CONFIG, default ~/.config/tvforge/config.toml), else the embedded service's own (`tvforge up`)."""
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,8 @@ from rich.progress import (
 from rich.table import Column, Table
 
 from tvforge.client import FINISHED, ApiError, JobInfo, TvforgeClient, embedded_url, load_config
+
+STREAM_RECONNECT_S = 1.0
 
 console = Console(stderr=True, soft_wrap=True)  # progress and reports; stdout carries only what a script would parse
 out = Console(soft_wrap=True)
@@ -96,12 +99,20 @@ def watch_job(client: TvforgeClient, job_id: str) -> dict:
     with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                   TextColumn("{task.fields[info]}"), console=console) as progress:
         task = progress.add_task(f"job {escape(job_id)}", total=1.0, info=escape(job["status"]))
-        for _event, job in client.events(job_id):
-            step = job["progress"]
-            info = " ".join(filter(None, [job["status"], step.get("stage"),
-                                          f"{step['step']}/{step['total']}" if step.get("total") else None]))
-            progress.update(task, completed=step.get("fraction") or 0.0, info=escape(info))
-    return client.get_job(job_id)
+        while job["status"] not in FINISHED:
+            try:
+                for _event, job in client.events(job_id):
+                    step = job["progress"]
+                    info = " ".join(filter(None, [job["status"], step.get("stage"),
+                                                  f"{step['step']}/{step['total']}" if step.get("total") else None]))
+                    progress.update(task, completed=step.get("fraction") or 0.0, info=escape(info))
+            except httpx.TransportError:
+                # The stream was cut (an API restart, a proxy's idle timeout, a silent stream): the job runs on.
+                # Asked again (get_job retries, then gives up with the connection error) and followed anew.
+                progress.update(task, info="event stream cut; reconnecting")
+                time.sleep(STREAM_RECONNECT_S)
+            job = client.get_job(job_id)
+    return job
 
 
 def print_rows(rows: list[dict], columns: list[str], as_json: bool) -> None:
@@ -171,9 +182,13 @@ def models_add(file: Path = typer.Argument(..., exists=True, dir_okay=False), na
                config: Path = typer.Option(None, exists=True, dir_okay=False, help="An open_clip config, JSON."),
                url: str = UrlOption, key: str = KeyOption) -> None:
     """Register a base model from a safetensors state dict."""
+    try:
+        config_value = json.loads(config.read_text(encoding="utf-8")) if config else None
+    except ValueError as exc:  # not JSON, or not UTF-8
+        console.print(f"[red]{escape(str(config))} is not a JSON config[/]: {escape(str(exc))}")
+        raise typer.Exit(2) from None
     with api_errors(), open_client(url, key) as client, byte_progress() as progress:
-        row = client.register_base_model(name or file.stem, file, architecture=architecture,
-                                         config=json.loads(config.read_text()) if config else None,
+        row = client.register_base_model(name or file.stem, file, architecture=architecture, config=config_value,
                                          progress=progress_callback(progress, f"upload {file.name}"))
     typer.echo(row["id"])
 
