@@ -109,3 +109,20 @@ def test_datasets_page_shows_each_split_with_its_image_count(stack, tmp_path):
     dom = render(f"{stack.url}/ui/#/datasets?key={stack.owner_key}")
     row = re.search(rf'<tr data-id="{dataset["id"]}">(.*?)</tr>', dom, re.S).group(1)
     assert "<td>train 6, test 4</td>" in row
+
+
+def test_a_job_whose_checkpoint_was_deleted_says_so_and_an_evaluation_shows_its_request(stack, atlas_job):
+    """The job keeps naming its deleted checkpoint: no download button that would 404 in silence. An evaluation's
+    recipe is the request that made it, not a merge's fields with method null."""
+    with stack.client() as client:
+        merged = client.wait_for_job(client.create_job("task_arithmetic", atlas_job["ids"]["base"],
+                                                       atlas_job["ids"]["vectors"][:1])["id"])
+        checkpoint_id = merged["result"]["checkpoint_id"]
+        evaluation = client.wait_for_job(client.create_evaluation(
+            [{"dataset_id": atlas_job["ids"]["dataset"]}], checkpoint_id=checkpoint_id)["id"])
+        client.delete(f"/v1/checkpoints/{checkpoint_id}")
+    dom = render(f"{stack.url}/ui/#/jobs/{merged['id']}?key={stack.owner_key}")
+    assert 'id="checkpoint-deleted"' in dom and 'id="download"' not in dom and 'id="page-error"' not in dom
+    dom = render(f"{stack.url}/ui/#/jobs/{evaluation['id']}?key={stack.owner_key}")
+    recipe = re.search(r'<pre id="recipe">(.*?)</pre>', dom, re.S).group(1)
+    assert f'"checkpoint_id": "{checkpoint_id}"' in recipe and '"method"' not in recipe

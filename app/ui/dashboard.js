@@ -183,8 +183,11 @@ async function jobPage(jobId) {
   const datasets = Object.fromEntries((await all("/v1/datasets")).map((d) => [d.id, d.name]));
   const vectorNames = vectors.map((v) => v.name);
   const metrics = (job.result && job.result.metrics) || {};
-  const recipe = { method: job.method, base_model_id: job.base_model_id, task_vectors: job.task_vectors,
-    params: job.params, seed: job.seed, ...(job.start_checkpoint_id ? { start_checkpoint_id: job.start_checkpoint_id } : {}) };
+  // An evaluation's request is its params (POST /v1/evaluations' body); a merge's is spread over the job.
+  const evaluation = job.kind === "evaluation";
+  const recipe = evaluation ? job.params : { method: job.method, base_model_id: job.base_model_id,
+    task_vectors: job.task_vectors, params: job.params, seed: job.seed,
+    ...(job.start_checkpoint_id ? { start_checkpoint_id: job.start_checkpoint_id } : {}) };
   const parts = [
     h("h1", {}, `Job ${job.id} `, status(job.status)),
     h("div", { class: "card grid", id: "job-summary" },
@@ -192,7 +195,8 @@ async function jobPage(jobId) {
       h("span", { class: "muted" }, "progress"), h("span", {}, bar(job.progress.fraction), " ",
         `${Math.round(100 * job.progress.fraction)}% ${job.progress.stage || ""}`,
         job.progress.total ? ` (${job.progress.step}/${job.progress.total})` : ""),
-      h("span", { class: "muted" }, "task vectors"), h("span", {}, vectorNames.join(", ")),
+      h("span", { class: "muted" }, evaluation ? "reference task vectors" : "task vectors"),
+      h("span", {}, vectorNames.join(", ") || "-"),
       ...(job.start_checkpoint_id ? [h("span", { class: "muted" }, "merged onto"),
         h("span", { id: "job-start" }, job.start_checkpoint_id)] : []),
       h("span", { class: "muted" }, "created / started / finished"),
@@ -202,9 +206,19 @@ async function jobPage(jobId) {
   if (job.error) parts.push(h("p", { class: "error", id: "job-error" }, `${job.error.title}: ${job.error.detail}`));
   if (job.result && job.result.checkpoint_id) {
     const checkpointId = job.result.checkpoint_id;
-    parts.push(h("p", {}, h("button", { class: "primary", id: "download",
-      onclick: () => download(`/v1/checkpoints/${checkpointId}/download`, `${job.id}.safetensors`) },
-    `Download checkpoint ${checkpointId}`)));
+    // The job keeps naming a checkpoint its owner deleted: say so instead of offering a download that 404s.
+    const checkpoint = await api(`/v1/checkpoints/${checkpointId}`).catch((error) => {
+      if (error.status === 404) return null;
+      throw error;
+    });
+    const note = h("span", { class: "error", id: "download-error" });
+    const fetchIt = () => download(`/v1/checkpoints/${checkpointId}/download`, `${job.id}.safetensors`)
+      .then(() => { note.textContent = ""; })
+      .catch((error) => { note.textContent = ` Download failed: ${error.message}`; });
+    parts.push(checkpoint
+      ? h("p", {}, h("button", { class: "primary", id: "download", onclick: fetchIt },
+        `Download checkpoint ${checkpointId}`), note)
+      : h("p", { class: "muted", id: "checkpoint-deleted" }, `Checkpoint ${checkpointId} was deleted.`));
   }
   // Results first (accuracy, coefficients, curves), then how they were chosen, then the request itself.
   if (metrics.evaluation) parts.push(h("h2", {}, "Accuracy per task"), evaluationTable(metrics.evaluation, datasets));
