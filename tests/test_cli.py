@@ -181,6 +181,24 @@ def test_resource_commands_list_show_and_remove(stack, example, merged, tmp_path
     assert missing.returncode == 1 and "404" in missing.stderr
     other = tvforge("vectors", "ls", "--json", stack=stack, key=stack.other_key)
     assert json.loads(other.stdout) == []
+    succeeded = json.loads(tvforge("jobs", "ls", "--json", "--where", "status=succeeded", stack=stack).stdout)
+    assert succeeded and {job["status"] for job in succeeded} == {"succeeded"}
+    assert tvforge("jobs", "ls", "--where", "status=bogus", stack=stack, check=False).returncode == 1  # the API's 422
+    table = tvforge("jobs", "ls", stack=stack).stdout  # 80 columns (a pipe): ids and statuses whole
+    assert all(job["id"] in table and job["status"] in table for job in succeeded)
+
+
+def test_the_sdk_estimates_lists_and_describes_without_queueing(stack, long_job):
+    """A dry run through the SDK, jobs filtered by status, an aTLAS job's learning curve, the method catalogue."""
+    with stack.client() as client:
+        job = client.wait_for_job(long_job(client, epochs=2)["id"])
+        queued_before = len(list(client.list_jobs(status="queued")))
+        estimate = client.estimate_job(job["method"], job["base_model_id"], job["task_vectors"], job["params"])
+        assert estimate["valid"] and estimate["estimate"]["images"] > 0
+        assert len(list(client.list_jobs(status="queued"))) == queued_before
+        assert job["id"] in {j["id"] for j in client.list_jobs(status="succeeded", kind="merge")}
+        assert [epoch["epoch"] for epoch in client.learning_curve(job["id"])["epochs"]] == [0, 1, 2]
+        assert "atlas" in {method["name"] for method in client.methods()}
 
 
 def _flaky_client(stack, decide) -> tuple[TvforgeClient, FlakyProxy]:
@@ -269,7 +287,8 @@ def test_sdk_typed_responses_match_the_live_openapi(stack):
         schemas = direct.get("/openapi.json")["components"]["schemas"]
     pairs = {"BaseModelInfo": "BaseModelOut", "TaskVectorInfo": "TaskVectorOut", "DatasetInfo": "DatasetOut",
              "JobInfo": "JobOut", "JobProgress": "ProgressOut", "CheckpointInfo": "CheckpointOut",
-             "CoefficientsInfo": "CoefficientsOut"}
+             "CoefficientsInfo": "CoefficientsOut", "LearningCurveInfo": "LearningCurveOut",
+             "DryRunInfo": "DryRunOut", "MethodInfo": "MethodOut"}
     for typed, schema in pairs.items():
         assert set(get_type_hints(getattr(sdk, typed))) == set(schemas[schema]["properties"]), typed
 

@@ -126,6 +126,26 @@ class CoefficientsInfo(TypedDict):
     extra: NotRequired[dict[str, Any]]
 
 
+class LearningCurveInfo(TypedDict):
+    job_id: str
+    epochs: list[dict[str, Any]]  # epoch 0 is before training: loss, accuracy per selection dataset, split
+
+
+class DryRunInfo(TypedDict):
+    valid: bool
+    method: str
+    estimate: dict[str, Any]  # images, composition_images, peak_bytes, peak_gib (engine/cost.py)
+    limits: dict[str, Any]  # the service's bounds it was checked against
+
+
+class MethodInfo(TypedDict):
+    name: str
+    summary: str
+    reference: str
+    params_schema: dict[str, Any]
+    result_keys: dict[str, str]
+
+
 class ApiError(Exception):
     """A 4xx or 5xx answer; `problem` is its RFC 9457 body."""
 
@@ -358,15 +378,37 @@ class TvforgeClient:
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         return self._json(self.request("POST", path, json=body, headers=headers))
 
-    def create_job(self, method: str, base_model_id: str, task_vectors: list[str], params: dict | None = None,
-                   seed: int = 0, idempotency_key: str | None = None,
-                   start_checkpoint_id: str | None = None) -> JobInfo:
-        """start_checkpoint_id: merge onto an earlier job's checkpoint instead of theta_0 (chaining)."""
+    @staticmethod
+    def _job_body(method: str, base_model_id: str, task_vectors: list[str], params: dict | None, seed: int,
+                  start_checkpoint_id: str | None) -> dict:
         body = {"method": method, "base_model_id": base_model_id, "task_vectors": task_vectors,
                 "params": params or {}, "seed": seed}
         if start_checkpoint_id is not None:
             body["start_checkpoint_id"] = start_checkpoint_id
-        return self._submit("/v1/jobs", body, idempotency_key)
+        return body
+
+    def create_job(self, method: str, base_model_id: str, task_vectors: list[str], params: dict | None = None,
+                   seed: int = 0, idempotency_key: str | None = None,
+                   start_checkpoint_id: str | None = None) -> JobInfo:
+        """start_checkpoint_id: merge onto an earlier job's checkpoint instead of theta_0 (chaining)."""
+        return self._submit("/v1/jobs", self._job_body(method, base_model_id, task_vectors, params, seed,
+                                                       start_checkpoint_id), idempotency_key)
+
+    def estimate_job(self, method: str, base_model_id: str, task_vectors: list[str], params: dict | None = None,
+                     seed: int = 0, start_checkpoint_id: str | None = None) -> DryRunInfo:
+        """The job validated and costed as create_job would submit it (?dry_run=true): nothing is queued; a job
+        that would be refused raises the same ApiError."""
+        body = self._job_body(method, base_model_id, task_vectors, params, seed, start_checkpoint_id)
+        return self._json(self.request("POST", "/v1/jobs", json=body, params={"dry_run": "true"}))
+
+    def list_jobs(self, status: str | None = None, kind: str | None = None) -> Iterator[JobInfo]:
+        """The caller's jobs, newest first, optionally of one status (queued, running, ...) or kind."""
+        filters = {name: value for name, value in (("status", status), ("kind", kind)) if value is not None}
+        return self.iterate("/v1/jobs", **filters)
+
+    def methods(self) -> list[MethodInfo]:
+        """The method catalogue: each method's params schema (with defaults) and the metrics it reports."""
+        return self.get("/v1/methods")
 
     def create_evaluation(self, datasets: list[dict], checkpoint_id: str | None = None,
                           base_model_id: str | None = None, idempotency_key: str | None = None) -> JobInfo:
@@ -383,6 +425,10 @@ class TvforgeClient:
 
     def coefficients(self, job_id: str) -> CoefficientsInfo:
         return self.get(f"/v1/jobs/{job_id}/coefficients")
+
+    def learning_curve(self, job_id: str) -> LearningCurveInfo:
+        """An aTLAS job's loss and selection accuracy per epoch."""
+        return self.get(f"/v1/jobs/{job_id}/learning-curve")
 
     def wait_for_job(self, job_id: str, timeout_s: float = 600, poll_s: float = 0.25) -> JobInfo:
         deadline = time.monotonic() + timeout_s

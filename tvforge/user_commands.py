@@ -2,6 +2,7 @@
 HTTP, with rich progress. The server and key come from --url/--key, TVFORGE_URL/TVFORGE_API_KEY, the config
 file (TVFORGE_CONFIG, default ~/.config/tvforge/config.toml), else the embedded service's own (`tvforge up`)."""
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from typing import Any
 
 import httpx
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -116,26 +118,46 @@ def watch_job(client: TvforgeClient, job_id: str) -> dict:
 
 
 def print_rows(rows: list[dict], columns: list[str], as_json: bool) -> None:
+    """A table whose ids, kinds and statuses are never cut (they are copied into other commands, and a status cut
+    to 'canc…' says nothing) while names, methods and times wrap; columns that would not fit even so are left
+    out from the right, with a note (--json has every field)."""
     if as_json:
         out.print_json(json.dumps(rows))
         return
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    table = Table(*(_id_column(column, [row[index] for row in cells]) if column == "id" or column.endswith("_id")
-                    else column for index, column in enumerate(columns)))
+    longest = [max(len(text) for text in [column, *(row[index] for row in cells)])
+               for index, column in enumerate(columns)]
+    widths = [min(WRAPPED_MIN_WIDTH, width) if column in WRAPPING_COLUMNS else width
+              for column, width in zip(columns, longest, strict=True)]
+    shown = len(columns)
+    while shown > 1 and sum(widths[:shown]) + COLUMN_PADDING * shown > out.width:
+        shown -= 1
+    table = Table(*(Column(column, min_width=width, overflow="fold") if column in WRAPPING_COLUMNS
+                    else Column(column, no_wrap=True, min_width=width)
+                    for column, width in zip(columns[:shown], widths, strict=False)), box=box.SIMPLE_HEAD)
     for row in cells:
-        table.add_row(*(escape(cell) for cell in row))
+        table.add_row(*(escape(cell) for cell in row[:shown]))
     out.print(table)
+    if shown < len(columns):
+        console.print(f"[dim]{', '.join(columns[shown:])} left out at {out.width} columns; --json shows them[/]")
 
 
-def _id_column(header: str, ids: list[str]) -> Column:
-    """Ids are copied into other commands: always whole, however narrow the terminal or the pipe; the other
-    columns wrap or shrink instead."""
-    return Column(header, no_wrap=True, min_width=max(len(text) for text in [header, *ids]))
+def _whole_column(header: str, cells: list[str]) -> Column:
+    """Never cut, however narrow the terminal or the pipe."""
+    return Column(header, no_wrap=True, min_width=max(len(text) for text in [header, *cells]))
+
+
+WRAPPING_COLUMNS = {"name", "method", "architecture", "created_at", "finished_at"}
+WRAPPED_MIN_WIDTH = 10  # a date, with its time on the next line
+COLUMN_PADDING = 3
+ISO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
 
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, str) and ISO_TIME.match(value):  # to the minute, in UTC as the API gives it
+        return value[:16].replace("T", " ")
     return "-" if value is None else str(value)
 
 
@@ -145,10 +167,20 @@ def resource_app(name: str, path: str, columns: list[str], help_text: str) -> ty
 
     @app.command("ls")
     def ls(url: str = UrlOption, key: str = KeyOption,
-           as_json: bool = typer.Option(False, "--json", help="JSON instead of a table.")) -> None:
-        """List them all."""
+           as_json: bool = typer.Option(False, "--json", help="JSON instead of a table."),
+           where: list[str] = typer.Option([], "--where", "-w", metavar="FIELD=VALUE",
+                                           help="Only those the API's list filter selects, e.g. status=running "
+                                                "(jobs), base_model_id=... (task vectors); repeatable.")) -> None:
+        """List them all, newest first."""
+        filters = {}
+        for item in where:
+            field, equals, value = item.partition("=")
+            if not field or not equals:
+                console.print(f"[red]--where takes FIELD=VALUE[/], not {escape(item)!r}")
+                raise typer.Exit(2)
+            filters[field] = value
         with api_errors(), open_client(url, key) as client:
-            print_rows(list(client.iterate(path)), columns, as_json)
+            print_rows(list(client.iterate(path, **filters)), columns, as_json)
 
     @app.command("show")
     def show(resource_id: str, url: str = UrlOption, key: str = KeyOption) -> None:
@@ -292,7 +324,7 @@ def report_job(job: dict) -> None:
     evaluation = metrics.get("evaluation")
     if evaluation:
         datasets = evaluation.get("datasets", {})
-        table = Table(_id_column("dataset", list(datasets)), "split", "accuracy", "normalised", title="evaluation")
+        table = Table(_whole_column("dataset", list(datasets)), "split", "accuracy", "normalised", title="evaluation")
         for dataset_id, row in datasets.items():
             table.add_row(*(escape(_cell(v)) for v in (dataset_id, row.get("split"), row.get("accuracy"),
                                                        row.get("normalised_accuracy"))))
