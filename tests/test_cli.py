@@ -363,3 +363,14 @@ def test_local_mistakes_are_one_line_and_exit_2(tmp_path):
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "data" / "tvforge.db").exists()
+
+
+def test_uploads_from_the_command_line_take_class_names_and_templates(stack, tmp_path):
+    import numpy as np
+
+    dataset = tmp_path / "colours.npz"
+    np.savez(dataset, images=np.zeros((2, 8, 8, 3), np.uint8), labels=np.array([0, 1]))
+    dataset_id = tvforge("datasets", "add", str(dataset), "--class-names", "red, green", "--template",
+                         "a photo of {c}.", "--template", "{c}", stack=stack).stdout.strip()
+    shown = json.loads(tvforge("datasets", "show", dataset_id, stack=stack).stdout)
+    assert shown["class_names"] == ["red", "green"] and shown["templates"] == ["a photo of {c}.", "{c}"]

@@ -225,14 +225,20 @@ def models_add(file: Path = typer.Argument(..., exists=True, dir_okay=False), na
     typer.echo(row["id"])
 
 
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [name.strip() for name in text.split(",")]
+
+
 @vectors.command("add")
 def vectors_add(file: Path = typer.Argument(..., exists=True, dir_okay=False),
                 base: str = typer.Option(..., help="The base model's id."), name: str = typer.Option(None),
                 finetuned: bool = typer.Option(False, help="The file holds fine-tuned weights, not tau."),
+                class_names: str = typer.Option(None, help="The task's class names, comma-separated."),
                 url: str = UrlOption, key: str = KeyOption) -> None:
     """Upload a task vector (or fine-tuned weights, with --finetuned)."""
     with api_errors(), open_client(url, key) as client, byte_progress() as progress:
         row = client.upload_task_vector(base, name or file.stem, file, kind="finetuned" if finetuned else "task_vector",
+                                        class_names=_names(class_names),
                                         progress=progress_callback(progress, f"upload {file.name}"))
     typer.echo(row["id"])
 
@@ -249,10 +255,13 @@ def vectors_download(vector_id: str, dest: Path = typer.Argument(None), url: str
 
 @datasets.command("add")
 def datasets_add(file: Path = typer.Argument(..., exists=True, dir_okay=False), name: str = typer.Option(None),
+                 class_names: str = typer.Option(None, help="Comma-separated; their order gives the label ids."),
+                 template: list[str] = typer.Option([], help="A zero-shot prompt template with {c}; repeatable."),
                  url: str = UrlOption, key: str = KeyOption) -> None:
     """Upload a dataset (npz, or a zip of class folders)."""
     with api_errors(), open_client(url, key) as client, byte_progress() as progress:
-        row = client.upload_dataset(name or file.stem, file,
+        row = client.upload_dataset(name or file.stem, file, class_names=_names(class_names),
+                                    templates=template or None,
                                     progress=progress_callback(progress, f"upload {file.name}"))
     typer.echo(row["id"])
 
