@@ -134,7 +134,7 @@ def test_merge_with_an_unknown_param_exits_2_naming_the_field_and_uploads_nothin
         result = tvforge("merge", str(bad), stack=stack, check=False)
         assert len(list(client.iterate("/v1/task-vectors"))) == before
     assert result.returncode == 2
-    assert "ties.params.topk" in result.stderr and "ties.params.merge" in result.stderr
+    assert "params.topk: unknown field" in result.stderr and "params.merge" in result.stderr
 
 
 @pytest.mark.parametrize("change, message", [

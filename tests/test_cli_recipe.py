@@ -69,7 +69,7 @@ def test_schema_errors_and_missing_files_are_reported_together(tmp_path):
                                    "params": {"topk": 10}}, ["base.safetensors"])
     with pytest.raises(RecipeError) as raised:
         load_recipe(path)
-    assert "ties.params.topk" in str(raised.value)
+    assert "params.topk: unknown field 'topk'; valid fields: validation_datasets, top_k" in str(raised.value)
     assert "vectors.a: no file" in str(raised.value)
 
 

@@ -13,7 +13,7 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError, create_model, model_validator
 
 from engine.methods.catalogue import METHODS
-from engine.methods.spec import MethodParams, MethodSpec, StrictModel
+from engine.methods.spec import MethodParams, MethodSpec, StrictModel, valid_fields_at
 from tvforge.client import TvforgeClient, file_sha256
 
 MAX_RECIPE_BYTES = 1024 * 1024
@@ -164,7 +164,16 @@ def _validate(document: Any) -> tuple[RecipeFields | None, list[str]]:
 
 
 def _located(error: Any) -> str:
-    return f"{'.'.join(str(p) for p in error['loc']) or '(recipe)'}: {error['msg']}"
+    """'params.top_k: ...': where in the recipe (pydantic puts the method, the union's tag, first) and what; an
+    unknown params field names the valid ones, as the API's 422 does."""
+    loc = [str(part) for part in error["loc"]]
+    method = loc.pop(0) if loc and loc[0] in METHODS else None
+    msg = error["msg"]
+    if error["type"] == "extra_forbidden" and method is not None and loc[:1] == ["params"]:
+        valid = valid_fields_at(METHODS[method].params, loc[1:-1])
+        if valid is not None:
+            msg = f"unknown field {loc[-1]!r}; valid fields: {', '.join(valid)}"
+    return f"{'.'.join(loc) or '(recipe)'}: {msg}"
 
 
 def _file_paths(document: Any) -> list[tuple[str, str]]:
