@@ -411,20 +411,26 @@ class S3BlobStore(BlobStore):
 
 def storage_unavailable(error: BaseException) -> bool:
     """A remote store that could not answer now (a connection refused, cut or timed out; a 5xx; throttling), after
-    boto3's own retries: the same call may succeed later. A 4xx (no such key, access denied) would fail again.
-    boto3's upload wraps the error it gave up on in S3UploadFailedError, which is why the chain is followed."""
+    boto3's own retries: the same call may succeed later. A 4xx (no such key, access denied) would fail again, and
+    so would anything that is not boto's: only boto3's transfer wrappers are looked into, for the error they gave
+    up on (an exception merely raised while one was handled, a time limit say, is no outage)."""
     try:
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+        from s3transfer.exceptions import RetriesExceededError
     except ImportError:  # no S3 support installed: nothing remote to wait for
         return False
-    while error is not None:
-        if isinstance(error, ConnectionError | HTTPClientError):
-            return True
-        if isinstance(error, ClientError):
-            response = error.response
-            return (response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
-                    or response.get("Error", {}).get("Code") in ("SlowDown", "Throttling", "RequestTimeout"))
-        error = error.__cause__ or error.__context__
+    if isinstance(error, ConnectionError | HTTPClientError):
+        return True
+    if isinstance(error, ClientError):
+        response = error.response
+        return (response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500
+                or response.get("Error", {}).get("Code") in ("SlowDown", "Throttling", "RequestTimeout"))
+    if isinstance(error, RetriesExceededError):
+        return storage_unavailable(error.last_exception)
+    if isinstance(error, S3UploadFailedError):  # raised while handling the ClientError it names
+        cause = error.__cause__ or error.__context__
+        return cause is not None and storage_unavailable(cause)
     return False
 
 

@@ -40,7 +40,7 @@ MAX_COMPRESSION_RATIO = 200
 # Entries smaller than this cannot hurt whatever their ratio, and a blank BMP
 # legitimately deflates about 1000:1, so the ratio is only checked above it.
 RATIO_CHECK_MIN_BYTES = 1024 * 1024
-READ_CHUNK = 1024 * 1024
+ENTRY_BUFFER = 64 * 1024  # an image entry's read-ahead: Pillow reads its header in small pieces
 WRITE_CHUNK_BYTES = 64 * 1024 * 1024
 # Decoders we accept; Image.open would otherwise also try formats such as EPS,
 # which runs Ghostscript.
@@ -90,11 +90,6 @@ class DatasetLimits:
     # took 0.5 s to decode and resize, and thousands fit in a few megabytes)
     max_source_pixels: int = 20_000_000_000
     resize_to: int = 224
-
-    @property
-    def max_image_file_bytes(self) -> int:
-        """An image file's bytes at most: the largest image uncompressed (RGB, 8 bits) and 1 MiB of headers."""
-        return 3 * self.max_image_pixels + 1024 * 1024
 
 
 def _check_decoded(count: int, height: int, width: int, limits: DatasetLimits, channels: int = 3) -> None:
@@ -264,21 +259,49 @@ class _UnpackBudget:
             raise _too_large(f"the archive unpacks to more than {self.limit} bytes.")
 
 
-def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _UnpackBudget, most: int) -> bytes:
-    """The entry's bytes, at most `most` of them (zipfile never returns more than the declared file_size, which
-    is checked first)."""
-    if info.file_size > most:
-        raise DatasetError(422, "Image too large", f"zip entry {info.filename!r} holds {info.file_size} bytes; an "
-                                                   f"image file is at most {most}.")
-    chunks = []
+class _CountedEntry(io.RawIOBase):
+    """A zip entry read as a stream (Pillow takes it as a file): nothing is held whole but the decoded image, and
+    every inflated byte is spent from the budget as it is read (a re-read after a seek back counts again)."""
+
+    def __init__(self, member: BinaryIO, budget: _UnpackBudget):
+        super().__init__()
+        self.member, self.budget = member, budget
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.member.read(len(buffer))
+        self.budget.spend(len(data))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.member.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.member.tell()
+
+    def close(self) -> None:
+        self.member.close()
+        super().close()
+
+
+# What zipfile raises for an entry it cannot inflate (a local name that is not UTF-8: ValueError)
+ZIP_ENTRY_ERRORS = (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, OSError, ValueError)
+
+
+@contextmanager
+def _open_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _UnpackBudget) -> Iterator[BinaryIO]:
     try:
-        with archive.open(info) as member:
-            while chunk := member.read(READ_CHUNK):
-                budget.spend(len(chunk))
-                chunks.append(chunk)
-    except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, OSError, ValueError) as exc:
+        member = archive.open(info)
+    except ZIP_ENTRY_ERRORS as exc:
         raise _invalid(f"zip entry {info.filename!r} could not be read: {exc}") from None
-    return b"".join(chunks)
+    with io.BufferedReader(_CountedEntry(member, budget), ENTRY_BUFFER) as entry:
+        yield entry
 
 
 def _check_class_names(names: list[str], source: str, max_classes: int) -> None:
@@ -376,17 +399,19 @@ def _image_entries(files: list[zipfile.ZipInfo]) -> list[_ImageEntry]:
     return entries
 
 
-def _probe_image(data: bytes, name: str, limits: DatasetLimits) -> tuple[int, int]:
-    """Width and height from the image header, without decoding the pixels."""
+def _probe_image(entry: BinaryIO, name: str, limits: DatasetLimits) -> tuple[int, int]:
+    """Width and height from the image header, without decoding the pixels (or reading them)."""
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+        with Image.open(entry, formats=IMAGE_FORMATS) as image:
             size = image.size
+    except DatasetError:  # the unpack budget, spent while Pillow read
+        raise
     except Image.DecompressionBombError as exc:
         raise DatasetError(422, "Image too large", f"zip entry {name!r}: {exc}") from None
     except Image.UnidentifiedImageError:
         raise _invalid(f"zip entry {name!r} is not an image in a supported format "
                        f"({', '.join(IMAGE_FORMATS)}).") from None
-    except Exception as exc:  # Pillow's plugins raise many exception types on corrupt input
+    except Exception as exc:  # Pillow's plugins, and zipfile under them, raise many exception types
         raise _invalid(f"zip entry {name!r} is not a decodable image: {exc}") from None
     if size[0] * size[1] > limits.max_image_pixels:
         raise DatasetError(422, "Image too large", f"zip entry {name!r} is {size[0]}x{size[1]}, more than "
@@ -394,11 +419,13 @@ def _probe_image(data: bytes, name: str, limits: DatasetLimits) -> tuple[int, in
     return size
 
 
-def _decode_image(data: bytes, name: str, size: tuple[int, int]) -> bytes:
+def _decode_image(entry: BinaryIO, name: str, size: tuple[int, int]) -> bytes:
     """RGB bytes of the image at `size` (width, height), resized bilinearly when it differs."""
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+        with Image.open(entry, formats=IMAGE_FORMATS) as image:
             rgb = image.convert("RGB")
+    except DatasetError:
+        raise
     except Exception as exc:  # as in _probe_image
         raise _invalid(f"zip entry {name!r} could not be decoded: {exc}") from None
     if rgb.size != size:
@@ -437,8 +464,10 @@ def _ingest_image_zip(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], wr
 
     # First pass: headers only, so the output size is known before anything is decoded.
     budget = _UnpackBudget(limits.max_unpacked_bytes)
-    most = limits.max_image_file_bytes
-    probed = [_probe_image(_read_entry(archive, entry.info, budget, most), entry.path, limits) for entry in entries]
+    probed = []
+    for entry in entries:
+        with _open_entry(archive, entry.info, budget) as stream:
+            probed.append(_probe_image(stream, entry.path, limits))
     if (source_pixels := sum(w * h for w, h in probed)) > limits.max_source_pixels:
         raise _too_large(f"the images hold {source_pixels} pixels before resizing; the limit is "
                          f"{limits.max_source_pixels}.")
@@ -454,8 +483,8 @@ def _ingest_image_zip(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], wr
             continue
         with writer.array(f"{split}_images", np.uint8, (len(in_split), height, width, 3)) as member:
             for entry in in_split:
-                member.write(_decode_image(_read_entry(archive, entry.info, budget, most), entry.path,
-                                           (width, height)))
+                with _open_entry(archive, entry.info, budget) as stream:
+                    member.write(_decode_image(stream, entry.path, (width, height)))
         labels = np.array([label(entry) for entry in in_split], dtype=np.int64)
         writer.write(f"{split}_labels", labels)
         splits[split] = _split_summary(labels, class_names, labeled)

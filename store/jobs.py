@@ -173,12 +173,14 @@ def time_limit_passed(time_limit_s: float) -> dict:
 def requeue_lost(session: Session, job: Job, stale_before: datetime, max_attempts: int,
                  time_limit_s: float | None = None) -> JobStatus | None:
     """A running job whose heartbeat is older than stale_before goes back to queued, or to failed after
-    max_attempts; one whose owner asked to cancel it is cancelled (no worker is left to do it). One whose attempt
-    started more than time_limit_s ago fails with the time limit: Celery's hard limit killed it (its soft limit was
-    not honoured in time), and running it again would end the same way. Conditional on the stale heartbeat, so a
-    worker that just came back keeps its job."""
-    timed_out = time_limit_s is not None and job.started_at is not None \
-        and job.started_at < utcnow() - timedelta(seconds=time_limit_s)
+    max_attempts; one whose owner asked to cancel it is cancelled (no worker is left to do it). One that was still
+    beating time_limit_s after its attempt started fails with the time limit: Celery's hard limit killed it (its
+    soft limit was not honoured in time), and running it again would end the same way. Conditional on the stale
+    heartbeat, so a worker that just came back keeps its job."""
+    # It beat past its limit: Celery's soft limit came and went (a worker lost before its limit stopped beating
+    # before it, however late the reaper looks).
+    timed_out = time_limit_s is not None and job.started_at is not None and job.heartbeat_at is not None \
+        and job.heartbeat_at - job.started_at >= timedelta(seconds=time_limit_s)
     if job.cancel_requested:
         values, status = {"status": JobStatus.CANCELLED, "finished_at": utcnow()}, JobStatus.CANCELLED
     elif timed_out:

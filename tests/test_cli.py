@@ -184,6 +184,7 @@ def test_resource_commands_list_show_and_remove(stack, example, merged, tmp_path
     succeeded = json.loads(tvforge("jobs", "ls", "--json", "--where", "status=succeeded", stack=stack).stdout)
     assert succeeded and {job["status"] for job in succeeded} == {"succeeded"}
     assert tvforge("jobs", "ls", "--where", "status=bogus", stack=stack, check=False).returncode == 1  # the API's 422
+    assert tvforge("jobs", "ls", "--where", "limit=5", stack=stack, check=False).returncode == 2  # not a filter
     table = tvforge("jobs", "ls", stack=stack).stdout  # 80 columns (a pipe): ids and statuses whole
     assert all(job["id"] in table and job["status"] in table for job in succeeded)
 
@@ -284,13 +285,20 @@ def test_sdk_typed_responses_match_the_live_openapi(stack):
     from tvforge import client as sdk
 
     with stack.client() as direct:
-        schemas = direct.get("/openapi.json")["components"]["schemas"]
+        openapi = direct.get("/openapi.json")
+    schemas = openapi["components"]["schemas"]
     pairs = {"BaseModelInfo": "BaseModelOut", "TaskVectorInfo": "TaskVectorOut", "DatasetInfo": "DatasetOut",
              "JobInfo": "JobOut", "JobProgress": "ProgressOut", "CheckpointInfo": "CheckpointOut",
              "CoefficientsInfo": "CoefficientsOut", "LearningCurveInfo": "LearningCurveOut",
              "DryRunInfo": "DryRunOut", "MethodInfo": "MethodOut"}
     for typed, schema in pairs.items():
         assert set(get_type_hints(getattr(sdk, typed))) == set(schemas[schema]["properties"]), typed
+    # `ls --where` takes exactly the filters of each list route
+    from tvforge.user_commands import LIST_FILTERS
+
+    for path, filters in LIST_FILTERS.items():
+        queries = {p["name"] for p in openapi["paths"][path]["get"]["parameters"] if p["in"] == "query"}
+        assert set(filters) == queries - {"limit", "cursor"}, path
 
 
 def test_demo_assets_are_what_build_demo_assets_writes(tmp_path):

@@ -513,15 +513,21 @@ def test_zips_zipfile_cannot_open_are_invalid_not_errors(tmp_path):
         refused(tmp_path, source, 422)
 
 
-def test_an_image_file_larger_than_the_largest_image_is_refused_before_it_is_read(tmp_path):
-    """The largest image allowed, stored uncompressed, and 1 MiB: a 512 MiB entry of a 3 MB upload was read
-    whole (and copied) before Pillow said it was no image."""
-    limits = DatasetLimits(max_images=10, max_unpacked_bytes=10**9, max_image_pixels=1000)
-    source = write_zip(tmp_path / "big.zip", {"cat/a.png": image_bytes(), "cat/b.bmp": bytes(3000 + 2**20 + 1)},
+def test_entries_are_streamed_to_the_decoder_not_read_whole(tmp_path):
+    """An 8 MiB entry that is no image is refused from its first bytes (a 512 MiB one of a 3 MB upload was read
+    whole, and copied, before Pillow said so); a large real image is decoded from the stream."""
+    noise = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    big = io.BytesIO()
+    Image.fromarray(noise).save(big, format="BMP")  # 3 MiB, uncompressed
+    limits = DatasetLimits(max_images=10, max_unpacked_bytes=10**9, resize_to=16)
+    source = write_zip(tmp_path / "big.zip", {"cat/a.png": image_bytes(), "cat/b.bmp": bytes(8 * 2**20)},
                        zipfile.ZIP_STORED)
     errors = []
     assert traced_peak(lambda: errors.append(refused(tmp_path, source, 422, limits))) < 2**20
-    assert "an image file is at most" in errors[0].detail
+    assert "cat/b.bmp" in errors[0].detail
+    source = write_zip(tmp_path / "photo.zip", {"cat/a.bmp": big.getvalue()}, zipfile.ZIP_STORED)
+    summary, out = ingest(tmp_path, source, limits)
+    assert np.array_equal(load_canonical(out)["train"][0][0], noise)
 
 
 def test_the_pixels_decoded_before_resizing_are_bounded_from_the_headers(tmp_path):

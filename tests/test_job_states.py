@@ -155,10 +155,14 @@ def test_a_stale_job_past_its_time_limit_fails_with_it_instead_of_running_again(
     with sessions.begin() as session:
         jobs.claim(session, job_id, "w1", far_past(), max_attempts=3)
     stale = utcnow() + timedelta(seconds=1)
+    with sessions.begin() as session:  # lost before its limit, though found after it: run again
+        session.get(Job, job_id).started_at = utcnow() - timedelta(seconds=7200)
+        session.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=3700)
     with sessions.begin() as session:
         assert jobs.requeue_lost(session, session.get(Job, job_id), stale, 3, time_limit_s=3600) is JobStatus.QUEUED
         assert jobs.claim(session, job_id, "w2", far_past(), max_attempts=3)
-        session.get(Job, job_id).started_at = utcnow() - timedelta(seconds=3700)
+        job = session.get(Job, job_id)  # beat until the hard limit killed it
+        job.started_at, job.heartbeat_at = utcnow() - timedelta(seconds=3800), utcnow() - timedelta(seconds=70)
     with sessions.begin() as session:
         assert jobs.requeue_lost(session, session.get(Job, job_id), stale, 3, time_limit_s=3600) is JobStatus.FAILED
     with sessions() as session:

@@ -25,9 +25,17 @@ from rich.progress import (
 )
 from rich.table import Column, Table
 
-from tvforge.client import FINISHED, ApiError, JobInfo, TvforgeClient, embedded_url, load_config
+from tvforge.client import (
+    FINISHED,
+    RETRIED_STATUSES,
+    ApiError,
+    JobInfo,
+    TvforgeClient,
+    embedded_url,
+    load_config,
+)
 
-STREAM_RECONNECT_S = 1.0
+STREAM_RECONNECT_S, STREAM_RECONNECT_MAX_S = 1.0, 30.0
 
 console = Console(stderr=True, soft_wrap=True)  # progress and reports; stdout carries only what a script would parse
 out = Console(soft_wrap=True)
@@ -101,18 +109,24 @@ def watch_job(client: TvforgeClient, job_id: str) -> dict:
     with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                   TextColumn("{task.fields[info]}"), console=console) as progress:
         task = progress.add_task(f"job {escape(job_id)}", total=1.0, info=escape(job["status"]))
+        cuts = 0
         while job["status"] not in FINISHED:
             try:
                 for _event, job in client.events(job_id):
+                    cuts = 0
                     step = job["progress"]
                     info = " ".join(filter(None, [job["status"], step.get("stage"),
                                                   f"{step['step']}/{step['total']}" if step.get("total") else None]))
                     progress.update(task, completed=step.get("fraction") or 0.0, info=escape(info))
-            except httpx.TransportError:
-                # The stream was cut (an API restart, a proxy's idle timeout, a silent stream): the job runs on.
-                # Asked again (get_job retries, then gives up with the connection error) and followed anew.
+            except (httpx.TransportError, ApiError) as exc:
+                # The stream was cut or refused for now (an API restart, a proxy's timeout or 502, a rate limit):
+                # the job runs on. Asked again (get_job retries, then gives up with the error) and followed anew,
+                # waiting longer after each cut in a row.
+                if isinstance(exc, ApiError) and exc.status not in RETRIED_STATUSES:
+                    raise
                 progress.update(task, info="event stream cut; reconnecting")
-                time.sleep(STREAM_RECONNECT_S)
+                time.sleep(min(STREAM_RECONNECT_MAX_S, STREAM_RECONNECT_S * 2**cuts))
+                cuts += 1
             job = client.get_job(job_id)
     return job
 
@@ -130,7 +144,7 @@ def print_rows(rows: list[dict], columns: list[str], as_json: bool) -> None:
     widths = [min(WRAPPED_MIN_WIDTH, width) if column in WRAPPING_COLUMNS else width
               for column, width in zip(columns, longest, strict=True)]
     shown = len(columns)
-    while shown > 1 and sum(widths[:shown]) + COLUMN_PADDING * shown > out.width:
+    while shown > 1 and sum(widths[:shown]) + COLUMN_PADDING * shown + 1 > out.width:  # and the right edge
         shown -= 1
     table = Table(*(Column(column, min_width=width, overflow="fold") if column in WRAPPING_COLUMNS
                     else Column(column, no_wrap=True, min_width=width)
@@ -161,26 +175,33 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+# The query parameters each list route filters on (tests/test_cli.py checks them against the OpenAPI).
+LIST_FILTERS = {"/v1/base-models": ("sha256",), "/v1/task-vectors": ("base_model_id", "sha256", "source_sha256"),
+                "/v1/datasets": ("source_sha256",), "/v1/jobs": ("status", "kind")}
+
+
 def resource_app(name: str, path: str, columns: list[str], help_text: str) -> typer.Typer:
     """ls, show and rm of one kind of resource."""
+    filters = LIST_FILTERS[path]
     app = typer.Typer(help=help_text, no_args_is_help=True)
 
     @app.command("ls")
     def ls(url: str = UrlOption, key: str = KeyOption,
            as_json: bool = typer.Option(False, "--json", help="JSON instead of a table."),
            where: list[str] = typer.Option([], "--where", "-w", metavar="FIELD=VALUE",
-                                           help="Only those the API's list filter selects, e.g. status=running "
-                                                "(jobs), base_model_id=... (task vectors); repeatable.")) -> None:
+                                           help=f"Only those with this value of {', '.join(filters)}; "
+                                                "repeatable.")) -> None:
         """List them all, newest first."""
-        filters = {}
+        selected = {}
         for item in where:
             field, equals, value = item.partition("=")
-            if not field or not equals:
-                console.print(f"[red]--where takes FIELD=VALUE[/], not {escape(item)!r}")
+            if field not in filters or not equals:
+                console.print(f"[red]--where takes FIELD=VALUE[/] with FIELD one of {', '.join(filters)}; "
+                              f"not {escape(item)!r}")
                 raise typer.Exit(2)
-            filters[field] = value
+            selected[field] = value
         with api_errors(), open_client(url, key) as client:
-            print_rows(list(client.iterate(path, **filters)), columns, as_json)
+            print_rows(list(client.iterate(path, **selected)), columns, as_json)
 
     @app.command("show")
     def show(resource_id: str, url: str = UrlOption, key: str = KeyOption) -> None:
