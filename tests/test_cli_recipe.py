@@ -22,15 +22,16 @@ def base(**extra) -> dict:
 
 
 def test_names_that_are_also_option_values_become_ids_only_where_they_are_references(tmp_path):
-    """Vectors called sum and mean, a dataset called val: ties' merge rule keeps `sum`, aTLAS keeps its split."""
-    files = ["base.safetensors", "sum.safetensors", "mean.safetensors", "val.npz"]
-    vector_ids, dataset_ids = {"sum": "tv_sum", "mean": "tv_mean"}, {"val": "ds_val"}
+    """Vectors called sum and mean, datasets called val and test: ties' merge rule keeps `sum`, aTLAS keeps its
+    split."""
+    files = ["base.safetensors", "sum.safetensors", "mean.safetensors", "val.npz", "test.npz"]
+    vector_ids, dataset_ids = {"sum": "tv_sum", "mean": "tv_mean"}, {"val": "ds_val", "test": "ds_test"}
     ties = load_recipe(write_recipe(tmp_path, {
         "base": base(), "vectors": {"sum": "sum.safetensors", "mean": "mean.safetensors"},
-        "datasets": {"val": "val.npz"}, "method": "ties",
-        "params": {"merge": "sum", "validation_datasets": {"sum": "val", "mean": "val"}}}, files))
+        "datasets": {"val": "val.npz", "test": "test.npz"}, "method": "ties",
+        "params": {"merge": "sum", "validation_datasets": {"sum": "val", "mean": "test"}}}, files))
     assert params_with_ids(ties.params, vector_ids, dataset_ids) == {
-        "merge": "sum", "validation_datasets": {"tv_sum": "ds_val", "tv_mean": "ds_val"}}
+        "merge": "sum", "validation_datasets": {"tv_sum": "ds_val", "tv_mean": "ds_test"}}
 
     atlas = load_recipe(write_recipe(tmp_path, {
         "base": base(), "vectors": {"sum": "sum.safetensors"}, "datasets": {"val": "val.npz"}, "method": "atlas",

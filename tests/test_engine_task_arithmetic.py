@@ -146,6 +146,44 @@ def test_params_schema():
     assert SCALING_GRID[0] == 0.0 and SCALING_GRID[-1] == 1.0 and len(SCALING_GRID) == 21
 
 
+@pytest.mark.parametrize("method, params, message", [
+    # addition normalises each dataset's accuracy by one vector's fine-tuned model
+    ("task_arithmetic", {"validation_datasets": {"a": "d", "b": "d"}}, "a dataset of its own"),
+    ("ties", {"validation_datasets": {"a": "d", "b": "d"}}, "a dataset of its own"),
+    ("sta", {"calibration_datasets": {"a": "d", "b": "e"}, "validation_datasets": {"a": "d", "b": "d"}},
+     "a dataset of its own"),
+    ("atlas", {"objective": "supervised", "task_datasets": {"a": "d", "b": "d"}}, "a dataset of its own"),
+    # a control that is also a target passes its own check on the data it forgets
+    ("task_arithmetic", {"operation": "negate", "validation_datasets": {"a": "d"}, "control_dataset_id": "d"},
+     "also a target"),
+    ("sta", {"calibration_datasets": {"a": "d"}, "forget": ["a"], "validation_datasets": {"a": "d"},
+             "control_dataset_id": "d"}, "also a target"),
+    ("atlas", {"objective": "negation", "target_dataset_id": "d", "control_dataset_id": "d"}, "is the target"),
+])
+def test_a_search_or_training_on_datasets_that_cannot_tell_tasks_apart_is_refused(method, params, message):
+    with pytest.raises(ValidationError, match=message):
+        get_method(method).params.model_validate(params)
+
+
+def test_a_negation_search_reads_a_dataset_named_for_several_vectors_once(job, tmp_path, monkeypatch):
+    """As engine.cost counts it: a target per dataset, not per vector (64 vectors on one dataset were 64 times
+    the estimated evaluations)."""
+    from engine.evaluator import Evaluator
+
+    targets_per_report = []
+    report = Evaluator.report
+
+    def counted(self, targets, *args, **kwargs):
+        targets_per_report.append([target.dataset_id for target in targets])
+        return report(self, targets, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluator, "report", counted)
+    params = TaskArithmeticParams(operation="negate", validation_datasets={"tv0": "ds0", "tv1": "ds0"},
+                                  control_dataset_id="ctrl")
+    run(job.inputs, params, Recorder().context(tmp_path / "w"))
+    assert ["ds0", "ds0"] not in targets_per_report and ["ds0"] in targets_per_report
+
+
 def test_a_merge_that_overflows_fails_instead_of_writing_inf(tmp_path):
     """Finite float16 inputs, a sum past float16's range: the job fails with a reason, no checkpoint remains."""
     save_tensors(tmp_path / "base.safetensors", {"w": torch.full((4,), 60000.0, dtype=torch.float16)})

@@ -194,15 +194,21 @@ def test_stacked_vectors_are_counted_as_their_files_store_them():
 
 
 IMAGE_COUNT_CASES = {
-    # task arithmetic searching lambda with several vectors on one dataset: each (vector, dataset) pair is its
-    # own pass at every grid point, after its fine-tuned reference
-    "search over vectors sharing a dataset": (
+    # task arithmetic searching lambda: each (vector, dataset) pair is its own pass at every grid point, after its
+    # fine-tuned reference
+    "search over a dataset per vector": (
         "task_arithmetic", 4, {"val": 40, "test": 10}, 3,
-        lambda vectors: {"validation_datasets": {tv: "ds" for tv in vectors}}),
+        lambda vectors: {"validation_datasets": {tv: f"ds{i}" for i, tv in enumerate(vectors)}}),
+    # a negation search reads a dataset that several vectors name once per grid point, and its control
+    "negation search over vectors sharing a dataset": (
+        "task_arithmetic", 4, {"val": 40, "test": 10}, 3,
+        lambda vectors: {"operation": "negate", "validation_datasets": {tv: "ds" for tv in vectors},
+                         "control_dataset_id": "ctrl"}),
     # aTLAS addition whose batch is smaller than the number of tasks: every task still gives an image a step
     "atlas addition, batch below the tasks": (
         "atlas", 6, {"val": 20}, 3,
-        lambda vectors: {"task_datasets": {tv: "ds" for tv in vectors}, "epochs": 1, "batch_size": 2}),
+        lambda vectors: {"task_datasets": {tv: f"ds{i}" for i, tv in enumerate(vectors)}, "epochs": 1,
+                         "batch_size": 2}),
     # few-shot over more classes than the estimate once assumed a dataset has (1000)
     "few-shot over many classes": (
         "atlas", 2, {"train": 1200 * 2, "val": 10}, 1200,
@@ -227,14 +233,15 @@ def test_the_image_estimate_covers_every_image_the_engine_pushes(tmp_path, monke
     from engine.safetensors_io import save_tensors
     save_tensors(base, base_state)
     names = [f"class {i}" for i in range(classes)]
+    spec = get_method(method)
+    params = spec.params.model_validate(make_params([f"tv{i}" for i in range(vectors)]))
     inputs = MergeInputs(base, ModelSpec(config=TINY_CONFIG),
                          [TaskVectorInput(f"tv{i}", f"tv{i}", write_task_vector(tmp_path / f"tv{i}.safetensors",
                                                                                 base_state, seed=i), names)
                           for i in range(vectors)],
-                         {"ds": DatasetInput("ds", "ds", write_dataset(tmp_path / "ds.npz", classes, 0, splits),
-                                             names)})
-    spec = get_method(method)
-    params = spec.params.model_validate(make_params([tv.id for tv in inputs.task_vectors]))
+                         {name: DatasetInput(name, name, write_dataset(tmp_path / f"{name}.npz", classes, 0, splits),
+                                             names)
+                          for name in params.dataset_ids()})  # a job's inputs hold the datasets it names
     counted = []  # images through the image tower, prompts through the text tower
     forward, encode_text = open_clip.transformer.VisionTransformer.forward, open_clip.model.CLIP.encode_text
     monkeypatch.setattr(open_clip.transformer.VisionTransformer, "forward",

@@ -7,10 +7,11 @@ A method lives in one folder, engine/methods/<name>/:
 engine/methods/catalogue.py lists the specs.
 """
 import importlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from engine.context import SELECTION_SPLITS
 
@@ -101,6 +102,11 @@ class SearchedMergeParams(MethodParams):
 
     validation_datasets: TaskDatasets
 
+    @model_validator(mode="after")
+    def _distinct_validation_datasets(self) -> "SearchedMergeParams":
+        check_task_datasets(self.validation_datasets, "validation_datasets", normalised=True)
+        return self
+
     def dataset_ids(self) -> list[str]:
         return unique(list(self.validation_datasets.values()))
 
@@ -130,6 +136,21 @@ class MethodSpec:
         """run(inputs, params, ctx) from method.py beside the params module (imported on first use)."""
         package = self.params.__module__.rpartition(".")[0]
         return importlib.import_module(f"{package}.method").run
+
+
+def check_task_datasets(datasets: TaskDatasets, field: str, normalised: bool, control: str | None = None,
+                        control_field: str = "control_dataset_id") -> None:
+    """Datasets a method selects on, as its validators check them (ValueError). Normalised (addition): each
+    dataset's accuracy is read against one task vector's fine-tuned model, so a dataset named for two vectors
+    would be reported against one of them. A control that is also a target would be kept and forgotten at once:
+    every forgetting choice then passes the control check on the very data it forgets."""
+    if normalised:
+        named = Counter(datasets.values())
+        if shared := sorted(ds for ds, count in named.items() if count > 1):
+            raise ValueError(f"{field}: each task vector needs a dataset of its own (its accuracy is normalised by "
+                             f"that vector's fine-tuned model); {', '.join(shared)} is named for several")
+    if control is not None and control in datasets.values():
+        raise ValueError(f"{control_field} {control} is also a target in {field}: the control must be another task")
 
 
 def search_needs(validation_datasets: TaskDatasets, control_dataset_id: str | None = None) -> list[DatasetNeed]:

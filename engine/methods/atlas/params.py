@@ -4,7 +4,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from engine.context import SELECTION_SPLITS
-from engine.methods.spec import DatasetNeed, MethodParams, MethodSpec, TaskDatasets, unique
+from engine.methods.spec import DatasetNeed, MethodParams, MethodSpec, TaskDatasets, check_task_datasets, unique
 
 Split = Literal["train", "val", "test"]
 
@@ -145,6 +145,10 @@ class AtlasParams(MethodParams):
                              "block and one partition")
         if self.trusted_per_class is not None and self.objective != "ufm":
             raise ValueError("trusted_per_class applies to ufm")
+        check_task_datasets(self.task_datasets, "task_datasets", normalised=True)
+        if self.control_dataset_id is not None and self.control_dataset_id == self.target_dataset_id:
+            raise ValueError("control_dataset_id is the target: the control must be another task (the loss would "
+                             "cancel out)")
         return self
 
     @property

@@ -8,6 +8,7 @@ from engine.methods.spec import (
     MethodParams,
     MethodSpec,
     TaskDatasets,
+    check_task_datasets,
     search_needs,
     unique,
 )
@@ -95,6 +96,8 @@ class StaParams(MethodParams):
         elif self.control_dataset_id is not None:
             raise ValueError("control_dataset_id is used only by a forgetting search (forget with "
                              "validation_datasets)")
+        check_task_datasets(self.validation_datasets, "validation_datasets", normalised=not self.forget,
+                            control=self.control_dataset_id)
         return self
 
     def dataset_ids(self) -> list[str]:

@@ -10,6 +10,7 @@ import torch
 
 from engine.context import JobContext, MergeInputs, MethodResult
 from engine.evaluator import EvalTarget, Evaluator
+from engine.methods.spec import unique
 from engine.methods.task_arithmetic.params import TaskArithmeticParams
 from engine.metrics import given_or_default
 from engine.scaling_search import SearchSpec, search_scaling, searched
@@ -54,8 +55,12 @@ def run(inputs: MergeInputs, params: TaskArithmeticParams, ctx: JobContext) -> M
     metrics: dict = {}
     if params.validation_datasets:
         evaluator = Evaluator(inputs, ctx)
+        # negation reads each dataset's plain accuracy: a dataset named for several vectors is one target (as
+        # engine.cost counts it, not once per vector)
+        targets = [EvalTarget(ds) for ds in unique(list(params.validation_datasets.values()))] if negate else \
+            [EvalTarget(ds, tv) for tv, ds in params.validation_datasets.items()]
         spec = SearchSpec(
-            targets=[EvalTarget(ds, None if negate else tv) for tv, ds in params.validation_datasets.items()],
+            targets=targets,
             negate=negate,
             control=EvalTarget(params.control_dataset_id) if params.control_dataset_id else None)
         scaling, metrics = search_scaling(evaluator, summed_vectors(evaluator), spec)

@@ -8,6 +8,7 @@ from engine.methods.spec import (
     MethodParams,
     MethodSpec,
     TaskDatasets,
+    check_task_datasets,
     search_needs,
     unique,
 )
@@ -41,6 +42,8 @@ class TaskArithmeticParams(MethodParams):
                              "with validation_datasets)")
         if self.operation == "negate" and self.validation_datasets and self.control_dataset_id is None:
             raise ValueError("a negation search needs control_dataset_id")
+        check_task_datasets(self.validation_datasets, "validation_datasets", normalised=self.operation == "add",
+                            control=self.control_dataset_id)
         return self
 
     def dataset_ids(self) -> list[str]:
