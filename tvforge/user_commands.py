@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import typer
-from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -133,8 +132,8 @@ def watch_job(client: TvforgeClient, job_id: str) -> dict:
 
 def print_rows(rows: list[dict], columns: list[str], as_json: bool) -> None:
     """A table whose ids, kinds and statuses are never cut (they are copied into other commands, and a status cut
-    to 'canc…' says nothing) while names, methods and times wrap; columns that would not fit even so are left
-    out from the right, with a note (--json has every field)."""
+    to 'canc…' says nothing) while names, methods and times wrap; other columns that would not fit even so are
+    left out from the right, with a note (--json has every field)."""
     if as_json:
         out.print_json(json.dumps(rows))
         return
@@ -143,17 +142,21 @@ def print_rows(rows: list[dict], columns: list[str], as_json: bool) -> None:
                for index, column in enumerate(columns)]
     widths = [min(WRAPPED_MIN_WIDTH, width) if column in WRAPPING_COLUMNS else width
               for column, width in zip(columns, longest, strict=True)]
-    shown = len(columns)
-    while shown > 1 and sum(widths[:shown]) + COLUMN_PADDING * shown + 1 > out.width:  # and the right edge
-        shown -= 1
-    table = Table(*(Column(column, min_width=width, overflow="fold") if column in WRAPPING_COLUMNS
-                    else Column(column, no_wrap=True, min_width=width)
-                    for column, width in zip(columns[:shown], widths, strict=False)), box=box.SIMPLE_HEAD)
+    shown = list(range(len(columns)))
+    droppable = [index for index, column in enumerate(columns) if not _is_id(column)]
+    while droppable and sum(widths[i] for i in shown) + COLUMN_PADDING * len(shown) + 1 > out.width:
+        shown.remove(droppable.pop())  # from the right; ids stay
+    table = Table(*(Column(columns[i], min_width=widths[i], overflow="fold") if columns[i] in WRAPPING_COLUMNS
+                    else Column(columns[i], no_wrap=True, min_width=widths[i]) for i in shown))
     for row in cells:
-        table.add_row(*(escape(cell) for cell in row[:shown]))
+        table.add_row(*(escape(row[i]) for i in shown))
     out.print(table)
-    if shown < len(columns):
-        console.print(f"[dim]{', '.join(columns[shown:])} left out at {out.width} columns; --json shows them[/]")
+    if left_out := [column for i, column in enumerate(columns) if i not in shown]:
+        console.print(f"[dim]{', '.join(left_out)} left out at {out.width} columns; --json shows them[/]")
+
+
+def _is_id(column: str) -> bool:
+    return column == "id" or column.endswith("_id")
 
 
 def _whole_column(header: str, cells: list[str]) -> Column:
@@ -163,7 +166,7 @@ def _whole_column(header: str, cells: list[str]) -> Column:
 
 WRAPPING_COLUMNS = {"name", "method", "architecture", "created_at", "finished_at"}
 WRAPPED_MIN_WIDTH = 10  # a date, with its time on the next line
-COLUMN_PADDING = 3
+COLUMN_PADDING = 3  # a cell's padding and its border; the table adds one for its right edge
 ISO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
 
 
