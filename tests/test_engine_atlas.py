@@ -498,3 +498,16 @@ def test_budget_holds_and_learns_only_the_selected_vectors(job, tmp_path):
     assert budget.metrics["stacked_vector_bytes"] * 3 == full.metrics["stacked_vector_bytes"]
     with pytest.raises(ValidationError):
         AtlasParams(task_datasets=pairs, vectors_per_block=1, granularity="isotropic")
+
+
+def test_a_budget_normalises_by_the_whole_fine_tuned_models(job, tmp_path):
+    """Each task's fine-tuned reference is theta_0 + its whole tau, with or without a budget: through the
+    composition, a vector not selected for a block left that block at theta_0 in its 'fine-tuned' model. Epoch 0
+    is the same model in both runs, so its normalised accuracies must agree."""
+    pairs = {"tv0": "ds0", "tv1": "ds1"}
+    curves = [run(job.inputs, AtlasParams(task_datasets=pairs, epochs=1, batch_size=8, **budget),
+                  Recorder().context(tmp_path / str(i))).artifacts["learning_curve"]
+              for i, budget in enumerate([{}, {"vectors_per_block": 1}])]
+    full, budget = (curve[0] for curve in curves)
+    assert full["accuracy"] == budget["accuracy"]
+    assert budget["normalised_accuracy"] == pytest.approx(full["normalised_accuracy"], abs=1e-12)

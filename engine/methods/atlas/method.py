@@ -378,6 +378,23 @@ class ComposedTower:
                         split, self.model, batch_size, device)
 
 
+@torch.no_grad()
+def finetuned_accuracy(model: torch.nn.Module, weights: InPlaceWeights, vector: TaskVectorInput, task: Task, split,
+                       batch_size: int, device: str, dtype: torch.dtype) -> float:
+    """The accuracy of theta_0 + tau_t, the whole vector loaded into the model's own weights: through the
+    composition a one-hot coefficient reached only the blocks whose stacks hold the vector, which with
+    vectors_per_block are not all of them (the learning curve's normalised accuracies and the best epoch then
+    read a partial fine-tuned model). The caller restores the weights it composes onto afterwards."""
+    weights.load(load_float_deltas(vector.path, weights.tensors), onto_start=False)  # from theta_0, in place
+
+    def logits(pixels: torch.Tensor) -> torch.Tensor:
+        with autocast(str(pixels.device)):
+            features = model.visual(pixels)
+        return F.normalize(features.to(dtype), dim=-1) @ task.head.T
+
+    return accuracy(logits, split, model, batch_size, device)
+
+
 def augmented_pixels(images_uint8: np.ndarray, model: torch.nn.Module, generator: torch.Generator) -> torch.Tensor:
     """The model's input from raw images, augmented as the official few-shot code does: per image a random
     resized crop (50-100% of the area, aspect 3/4-4/3) of the raw image, resized to the model's input size in
@@ -630,11 +647,6 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
     coefficients = torch.zeros(composition.coefficient_shape, device=device, requires_grad=True)
     tv_index = {tv.id: i for i, tv in enumerate(inputs.task_vectors)}
 
-    def one_hot(task: Task) -> torch.Tensor:
-        onehot = torch.zeros(composition.coefficient_shape, device=device)
-        onehot[tv_index[task.task_vector_id]] = 1.0
-        return onehot
-
     selection_tasks = evaluated(tasks, SELECTION_SPLITS)
     selection_splits = {task.name: task.split_name(SELECTION_SPLITS) for task in selection_tasks}
 
@@ -644,9 +656,10 @@ def learn_coefficients(inputs: MergeInputs, params: AtlasParams, ctx: JobContext
 
     finetuned = {}
     if mode == "addition":  # the fine-tuned references theta_0 + tau_t, whatever the composition starts from
-        weights.restore()
-        finetuned = {task.name: tower.accuracy(one_hot(task), task, task.splits[selection_splits[task.name]],
-                                               params.eval_batch_size, device) for task in selection_tasks}
+        finetuned = {task.name: finetuned_accuracy(model, weights, inputs.task_vectors[tv_index[task.task_vector_id]],
+                                                   task, task.splits[selection_splits[task.name]],
+                                                   params.eval_batch_size, device, composition.dtype)
+                     for task in selection_tasks}
         weights.load({})
 
     def epoch_entry(epoch: int, loss: float | None) -> dict:
