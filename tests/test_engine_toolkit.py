@@ -3,6 +3,7 @@
 import json
 import os
 import struct
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -292,3 +293,41 @@ def test_a_header_shape_is_bounded_before_its_product_is_taken(tmp_path, shape):
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
     with pytest.raises(SafetensorsError, match="at most 64 dimensions"):
         read_header(path)
+
+
+PREPROCESS_PEAK = """
+import resource, sys
+import numpy as np
+from engine.context import ModelSpec
+from engine.data import preprocess_images
+from engine.weights import build_model
+from tests.engine_jobs import TINY_CONFIG
+model = build_model(ModelSpec(config=TINY_CONFIG))
+images = np.zeros((64, 1000, 1000, 3), np.uint8)
+images[:] = 7  # touched: its pages count before the baseline
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+preprocess_images(images, model)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_preprocessing_a_batch_of_large_images_converts_a_bounded_slice_at_a_time(model):
+    """64 images of 1000 x 1000 take 768 MB in float before they are resized: converted a 256 MiB slice at a
+    time, each image's result the same as converted whole."""
+    import subprocess
+    import sys
+
+    import engine.data
+    from engine.data import preprocess_images
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 40, 50, 3), dtype=np.uint8)
+    whole = preprocess_images(images, model)
+    original = engine.data.PREPROCESS_CHUNK_BYTES
+    engine.data.PREPROCESS_CHUNK_BYTES = 1  # an image a slice
+    try:
+        assert torch.equal(preprocess_images(images, model), whole)
+    finally:
+        engine.data.PREPROCESS_CHUNK_BYTES = original
+    grown = int(subprocess.run([sys.executable, "-c", PREPROCESS_PEAK], capture_output=True, text=True, check=True,
+                               timeout=300, cwd=Path(__file__).parent.parent).stdout.split()[-1])
+    assert grown < 500 * 2**20, grown
