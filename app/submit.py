@@ -32,7 +32,8 @@ def check_dataset_needs(needs: list[DatasetNeed], datasets: list[Dataset], loc: 
     rows = {dataset.id: dataset for dataset in datasets}
     for need in needs:
         dataset = rows[need.dataset_id]
-        unmet = need.unmet({split: info["count"] for split, info in dataset.splits.items()}, dataset.labeled)
+        unmet = need.unmet({split: info["count"] for split, info in dataset.splits.items()}, dataset.labeled,
+                           len(dataset.class_names) if dataset.class_names else None)
         if unmet is not None:
             raise invalid([*loc, *need.loc], unmet)
 

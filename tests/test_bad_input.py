@@ -854,26 +854,30 @@ def test_a_malformed_evaluation_is_refused_and_leaves_nothing(stack, world, http
         assert_problem(http.post("/v1/evaluations", json=make(world)), status, loc)
 
 
-def _dataset(http, tmp_path, name: str, **arrays) -> str:
+def _dataset(http, tmp_path, name: str, class_names: list[str] | None = None, **arrays) -> str:
     npz = tmp_path / f"{name}.npz"
     np.savez(npz, **arrays)
-    response = http.post("/v1/datasets", data={"name": name, "class_names": '["a", "b"]'},
-                         files={"file": ("d.npz", npz.read_bytes())})
+    fields = {"name": name} | ({"class_names": json.dumps(class_names)} if class_names else {})
+    response = http.post("/v1/datasets", data=fields, files={"file": ("d.npz", npz.read_bytes())})
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
 
 @pytest.fixture
 def odd_datasets(http, tmp_path):
-    """A labelled dataset with a train split only, a labelled one with a test split only, an unlabelled one, and
-    a labelled one with every split."""
+    """A labelled dataset with a train split only, a labelled one with a test split only, an unlabelled one, a
+    labelled one with every split, an unlabelled one without class names, and a labelled one of one class."""
     images, labels = np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 0, 1])
     every_split = {f"{split}_{key}": array for split in ("train", "val", "test")
                    for key, array in (("images", images), ("labels", labels))}
-    return {"full": _dataset(http, tmp_path, "full", **every_split),
-            "train_only": _dataset(http, tmp_path, "train-only", images=images, labels=labels),
-            "test_only": _dataset(http, tmp_path, "test-only", test_images=images, test_labels=labels),
-            "unlabelled": _dataset(http, tmp_path, "unlabelled", images=images)}
+    two = ["a", "b"]
+    one_class = {key: np.zeros_like(array) if key.endswith("labels") else array for key, array in every_split.items()}
+    return {"full": _dataset(http, tmp_path, "full", two, **every_split),
+            "train_only": _dataset(http, tmp_path, "train-only", two, images=images, labels=labels),
+            "test_only": _dataset(http, tmp_path, "test-only", two, test_images=images, test_labels=labels),
+            "unlabelled": _dataset(http, tmp_path, "unlabelled", two, images=images),
+            "nameless": _dataset(http, tmp_path, "nameless", test_images=images),
+            "one_class": _dataset(http, tmp_path, "one-class", ["a"], **one_class)}
 
 
 def test_an_evaluation_split_the_dataset_lacks_is_422_at_submission(stack, world, http, odd_datasets):
@@ -920,6 +924,12 @@ DATASET_NEED_CASES = {
         {"method": "task_arithmetic", "params": {"operation": "negate", "validation_datasets": {"tv": "{other}"},
                                                  "control_dataset_id": "{ds}"}},
         "unlabelled", ["control_dataset_id"], "needs labels to check the control's accuracy on"),
+    "aTLAS entropy on images without class names": (
+        {"method": "atlas", "params": {"objective": "entropy", "target_dataset_id": "{ds}", "epochs": 1}},
+        "nameless", ["target_dataset_id"], "no class names; its zero-shot head needs them"),
+    "STA calibration on one class": (
+        {"method": "sta", "params": {"calibration_datasets": {"tv": "{ds}"}}}, "one_class",
+        ["calibration_datasets", "tv"], "1 class; at least 2 are needed to score importance on"),
 }
 
 

@@ -27,8 +27,9 @@ def _check(session, owner: str, body: EvaluationCreate) -> tuple[str, list[str]]
     vectors = []
     for index, item in enumerate(body.datasets):
         dataset = owned_or_404(session, Dataset, item.dataset_id, owner)
-        need = DatasetNeed(("split",), dataset.id, (item.split,), True, "to evaluate on") if item.split else \
-            DatasetNeed(("dataset_id",), dataset.id, REPORT_SPLITS, True, "to evaluate on")
+        need = DatasetNeed(("split",), dataset.id, (item.split,), True, "to evaluate on", min_classes=1) \
+            if item.split else DatasetNeed(("dataset_id",), dataset.id, REPORT_SPLITS, True, "to evaluate on",
+                                           min_classes=1)
         check_dataset_needs([need], [dataset], ["datasets", index])
         if item.reference_checkpoint_id is not None:
             reference = owned_or_404(session, Checkpoint, item.reference_checkpoint_id, owner)

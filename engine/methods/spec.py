@@ -55,16 +55,24 @@ class DatasetNeed:
     splits: tuple[str, ...]
     labelled: bool
     purpose: str  # what it is read for, as the end of a sentence: "to train aTLAS on (few_shot)"
+    # One class gives every image the same prediction: a cross-entropy with no gradient, an entropy of 0, an
+    # accuracy of 1 whatever the weights. An evaluation may still report one.
+    min_classes: int = 2
 
-    def unmet(self, split_sizes: dict[str, int], dataset_labelled: bool) -> str | None:
-        """Why a dataset with these split sizes cannot serve, or None (the engine's pick_split and is_labelled,
-        answered from the dataset's row)."""
+    def unmet(self, split_sizes: dict[str, int], dataset_labelled: bool, class_count: int | None) -> str | None:
+        """Why a dataset with these split sizes, labels and class names (their number; None: none) cannot serve,
+        or None (the engine's pick_split, is_labelled and zero-shot head, answered from the dataset's row)."""
         split = next((s for s in self.splits if split_sizes.get(s)), None)
         if split is None:
             has = ", ".join(s for s, count in split_sizes.items() if count) or "no images"
             return f"The dataset has no {' or '.join(self.splits)} split {self.purpose}; it has {has}"
         if self.labelled and not dataset_labelled:
             return f"The dataset is unlabelled; its {split} split needs labels {self.purpose}"
+        if class_count is None:
+            return f"The dataset has no class names; its zero-shot head needs them {self.purpose}"
+        if class_count < self.min_classes:
+            return (f"The dataset has {class_count} class; at least {self.min_classes} are needed {self.purpose} "
+                    f"(with one, every image gets the same prediction)")
         return None
 
 
