@@ -27,6 +27,11 @@ RUNTIME_BYTES = 900 * 2**20
 # time at K = 1 and 7.3 at K = 64; the test suite's tiny tower (17 tokens), 64 vectors, batch 2: 19 and 55 images'
 # time (factors 5 and 12). It is memory-bound, so far above its share of the arithmetic.
 COMPOSED_ENTRY_COST, PARTITIONED_ENTRY_COST = 16, 46
+# A LoRA block's composed multiply-add (forward, backward, and with K partitions the candidates' gather) against
+# an image's pass per tower parameter: 3072 x 768, 8 vectors of rank 16, took 5.6e-11 s a multiply-add at K = 1
+# and 4.1e-11 at K = 64 on this machine's CPU; a ViT-B/32 fine-tuning step of 16 images 1.92 s, 2.7e-11 s per
+# image, parameter and token (bench/results/atlas_step.json).
+LORA_MAC_COST = 2.1
 FORWARD_COMPOSITION_SHARE = 0.4  # a composition without the backward, of one with it: 0.34-0.39 measured
 # ViT image-tower blocks: 12 tensors per residual layer, 8 around them (patch embedding, class and positional
 # embeddings, the two layer norms, the projection).
@@ -146,7 +151,7 @@ def partition_padding(shape: TowerShape, partitions: int) -> int:
 
 def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], split_sizes: dict[str, dict[str, int]],
                    dataset_side: int, label_sets: dict[str, tuple[int, int | None]],
-                   runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
+                   runtime_bytes: int = RUNTIME_BYTES, lora_ranks: list[int | None] = ()) -> JobEstimate:
     """aTLAS: epochs x steps x batch training images (forward and backward), every epoch's selection
     evaluation, and memory for theta_0, the stacked vectors, the composed tower, a batch's activations and
     the datasets."""
@@ -180,6 +185,10 @@ def atlas_estimate(params, shape: TowerShape, vector_parameters: list[int], spli
     padding = math.ceil(stacked / shape.visual_parameters) * partition_padding(shape, params.partitions)
     entry_cost = PARTITIONED_ENTRY_COST if params.partitions > 1 else COMPOSED_ENTRY_COST
     composition = math.ceil(entry_cost * (stacked + padding) / (shape.visual_parameters * shape.work_per_parameter))
+    # LoRA vectors compose as products, K candidates of a block with K partitions: rank multiply-adds per entry
+    # of the blocks they cover (at most the tower), each for K
+    lora_work = params.partitions * sum(rank for rank in lora_ranks if rank)
+    composition += math.ceil(LORA_MAC_COST * lora_work / shape.work_per_parameter)
     # forward-only compositions (a third to two fifths of a step's, measured): each selection target's every
     # epoch and the zero-shot's, addition's fine-tuned references, ufm's weak view each step and its labelling
     forward_compositions = ((epochs + 1) * len(targets) + (len(params.task_datasets) if mode == "addition" else 0)
@@ -246,14 +255,16 @@ def evaluation_estimate(items: list[tuple[str, str | None, bool]], shape: TowerS
 
 def estimate_job(method: str, params, shape: TowerShape, vector_parameters: list[int],
                  split_sizes: dict[str, dict[str, int]], dataset_side: int,
-                 label_sets: dict[str, tuple[int, int | None]], runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
+                 label_sets: dict[str, tuple[int, int | None]], runtime_bytes: int = RUNTIME_BYTES,
+                 lora_ranks: list[int | None] | None = None) -> JobEstimate:
     """The estimate of a `method` job with these params over task vectors storing these numbers of values (their
-    files' parameter counts) and datasets of these split sizes (dataset id -> {split: images}) and label sets
-    (dataset id -> (classes, templates or None)), whose images are dataset_side pixels square; runtime_bytes:
-    the process before any tensor (a worker knows its own; the default is this machine's)."""
+    files' parameter counts; lora_ranks: each one's largest LoRA rank, None for a dense one) and datasets of these
+    split sizes (dataset id -> {split: images}) and label sets (dataset id -> (classes, templates or None)), whose
+    images are dataset_side pixels square; runtime_bytes: the process before any tensor (a worker knows its own;
+    the default is this machine's)."""
     if method == "atlas":
         return atlas_estimate(params, shape, vector_parameters, split_sizes, dataset_side, label_sets,
-                              runtime_bytes)
+                              runtime_bytes, lora_ranks or [])
     grid = SEARCH_POINTS if getattr(params, "validation_datasets", None) else 0
     estimate = search_estimate(params, shape, split_sizes, grid, dataset_side, runtime_bytes)
     estimate = JobEstimate(estimate.images + head_prompts(label_sets), estimate.peak_bytes)

@@ -13,6 +13,7 @@ from engine.data import image_side, split_sizes
 from engine.evaluator import EvalTarget, Evaluator
 from engine.methods.spec import MethodParams, MethodSpec
 from engine.safetensors_io import check_finite, read_header
+from engine.task_vectors import layout
 
 
 class NonFiniteWeights(ValueError):
@@ -106,8 +107,9 @@ def estimate_inputs(spec: MethodSpec, inputs: MergeInputs, params: MethodParams,
                     runtime_bytes: int = RUNTIME_BYTES) -> JobEstimate:
     """engine.cost's estimate of a job from its files' headers (no tensor or image is read)."""
     shape, sizes, side = _shape_and_sizes(inputs)
-    stored = [read_header(tv.path).parameter_count for tv in inputs.task_vectors]
-    return estimate_job(spec.name, params, shape, stored, sizes, side, _label_sets(inputs), runtime_bytes)
+    headers = [read_header(tv.path) for tv in inputs.task_vectors]
+    return estimate_job(spec.name, params, shape, [header.parameter_count for header in headers], sizes, side,
+                        _label_sets(inputs), runtime_bytes, [layout(header).max_rank for header in headers])
 
 
 def estimate_evaluation(inputs: MergeInputs, items: list[EvaluationItem],

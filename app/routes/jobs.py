@@ -78,7 +78,7 @@ def _estimate(body: JobFields, rows: JobRows) -> JobEstimate:
     sized = sizing(rows.base, rows.datasets)
     stored = [tv.parameter_count for tv in rows.vectors]
     return estimate_job(body.method, body.params, sized.shape, stored, sized.split_sizes, sized.side,
-                        sized.label_sets)
+                        sized.label_sets, lora_ranks=[tv.lora_rank for tv in rows.vectors])
 
 
 @router.post("", status_code=202, response_model=JobOut, responses={
