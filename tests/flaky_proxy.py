@@ -3,9 +3,10 @@ import socket
 import threading
 from collections.abc import Callable
 
-# decide(request head) -> None (pass everything), or the number of answer bytes to forward before cutting
-# the client's connection (0: the server did the work, the client never hears of it).
-Decide = Callable[[bytes], int | None]
+# decide(request head) -> None (pass everything), the number of answer bytes to forward before cutting
+# the client's connection (0: the server did the work, the client never hears of it), or bytes: an answer of
+# the proxy's own (a gateway's 502, say), the request never forwarded.
+Decide = Callable[[bytes], int | bytes | None]
 
 
 class FlakyProxy:
@@ -39,6 +40,12 @@ class FlakyProxy:
                 return
             head += chunk
         limit = self.decide(head)
+        if isinstance(limit, bytes):
+            client.sendall(limit)
+            self.cuts += 1
+            for sock in (client, upstream):
+                sock.close()
+            return
         upstream.sendall(head)
         threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
         forwarded = 0

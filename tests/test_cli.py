@@ -355,6 +355,26 @@ def test_watching_a_job_outlives_a_cut_event_stream(stack, long_job):
     assert finished["status"] == "succeeded" and proxy.cuts == 1
 
 
+def test_watching_a_job_waits_out_a_gateway_that_refuses_its_stream(stack, long_job):
+    """The first two event streams get a gateway's 502 and a rate limit's 429 (as during an API restart behind a
+    proxy): the watch waits and follows a new stream to the end; it used to exit with the 502."""
+    from tvforge.user_commands import watch_job
+
+    answers = [b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Type: application/problem+json\r\n"
+               b"Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+               b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: application/problem+json\r\nContent-Length: 2\r\n"
+               b"Connection: close\r\n\r\n{}"]
+
+    def refuse_the_first_streams(head: bytes) -> bytes | None:
+        return answers.pop() if b"/events " in head.split(b"\r\n", 1)[0] and answers else None
+
+    client, proxy = _flaky_client(stack, refuse_the_first_streams)
+    with client:  # long enough to be running when the watch opens its stream, whatever else the worker did
+        finished = watch_job(client, long_job(client, epochs=30)["id"])
+    proxy.close()
+    assert finished["status"] == "succeeded" and proxy.cuts == 2 and not answers
+
+
 def test_local_mistakes_are_one_line_and_exit_2(tmp_path):
     """A config that is not JSON, a recipe that is not UTF-8, a key made before the database exists: a message,
     no traceback, and no empty database file left behind."""
