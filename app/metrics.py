@@ -5,7 +5,6 @@ fact to the database, so one scrape of any API process shows the whole service."
 import itertools
 import logging
 import time
-from datetime import UTC, datetime
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -15,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from broker.publish import queue_depth
 from store.db import session_scope
-from store.jobs import JobStatus
+from store.jobs import JobStatus, database_now
 from store.models import BaseModel, Checkpoint, Dataset, Job, JobDurationBucket, TaskVector
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ class ServiceCollector:
             age = GaugeMetricFamily("tvforge_worker_heartbeat_age_seconds",
                                     "Seconds since the freshest heartbeat of a running job (absent when none runs).")
             if newest is not None:
-                age.add_metric([], (datetime.now(UTC) - newest.replace(tzinfo=newest.tzinfo or UTC)).total_seconds())
+                age.add_metric([], (database_now(session) - newest).total_seconds())
             yield age
             yield GaugeMetricFamily("tvforge_workers_running_jobs", "Workers holding a running job.",
                                     value=running_workers or 0)

@@ -23,9 +23,8 @@ from store.models import (  # JobStatus: the states, re-exported here
     JobInput,
     JobStatus,
     JobStatusType,
-    UTCDateTime,
     bucket_label,
-    utcnow,
+    database_utcnow,
 )
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -46,9 +45,15 @@ def _changed(session: Session, statement) -> bool:
     return session.execute(statement).rowcount == 1
 
 
+def database_now(session: Session) -> datetime:
+    """The database's clock (store.models.database_utcnow), which every job time is read from."""
+    return session.scalar(select(database_utcnow()))
+
+
 def enqueue(session: Session, job: Job) -> Job:
     """Add a new job row, queued, with no progress yet (the caller commits, then publishes its id)."""
-    job.status, job.progress, job.attempts, job.queued_at = JobStatus.QUEUED, {}, 0, utcnow()
+    job.status, job.progress, job.attempts = JobStatus.QUEUED, {}, 0
+    job.created_at = job.queued_at = database_now(session)
     session.add(job)
     return job
 
@@ -56,7 +61,7 @@ def enqueue(session: Session, job: Job) -> Job:
 def mark_published(session: Session, job_id: str) -> bool:
     """Note that the broker took the job's id (the reaper republishes queued jobs without it)."""
     return _changed(session, update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-                    .values(published_at=utcnow()))
+                    .values(published_at=database_utcnow()))
 
 
 def claim(session: Session, job_id: str, worker_id: str, stale_before: datetime, max_attempts: int) -> bool:
@@ -81,7 +86,7 @@ def claim(session: Session, job_id: str, worker_id: str, stale_before: datetime,
     if job.attempts >= max_attempts:
         _finish(session, takeable, JobStatus.FAILED, error=worker_lost(job.attempts))
         return False
-    now = utcnow()
+    now = database_now(session)
     return _changed(session, update(Job).where(*takeable).values(
         status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker_id=worker_id, heartbeat_at=now, started_at=now,
         progress={"fraction": 0.0, "stage": "starting", "step": 0, "total": 0, "metrics": {}}))
@@ -93,7 +98,8 @@ def _held_by(job_id: str, worker_id: str):
 
 def heartbeat(session: Session, job_id: str, worker_id: str) -> bool:
     """Touch a running job's heartbeat; False when the worker no longer holds it (it was reaped or finished)."""
-    return _changed(session, update(Job).where(*_held_by(job_id, worker_id)).values(heartbeat_at=utcnow()))
+    return _changed(session, update(Job).where(*_held_by(job_id, worker_id)).values(
+        heartbeat_at=database_utcnow()))
 
 
 def write_progress(session: Session, job_id: str, worker_id: str, progress: dict) -> bool:
@@ -105,7 +111,8 @@ def cancel_requested(session: Session, job_id: str) -> bool:
 
 
 def _finish(session: Session, where: tuple, status: JobStatus, **values) -> bool:
-    return _changed(session, update(Job).where(*where).values(status=status, **{"finished_at": utcnow(), **values}))
+    return _changed(session, update(Job).where(*where).values(
+        status=status, **{"finished_at": database_utcnow(), **values}))
 
 
 def succeed(session: Session, job_id: str, worker_id: str, result: dict, artifacts: dict | None = None,
@@ -114,13 +121,11 @@ def succeed(session: Session, job_id: str, worker_id: str, result: dict, artifac
 
     True also when this worker already succeeded it: a commit that landed but whose answer was lost is retried
     (store.db.transact), and finds its own work done (the checkpoint row went in with that commit)."""
-    now = utcnow()
     done = _finish(session, _held_by(job_id, worker_id), JobStatus.SUCCEEDED, result=result, artifacts=artifacts,
-                   progress={"fraction": 1.0, "stage": "done", "step": 1, "total": 1, "metrics": {}},
-                   finished_at=now)
+                   progress={"fraction": 1.0, "stage": "done", "step": 1, "total": 1, "metrics": {}})
     if done:
-        started = session.scalar(select(Job.started_at).where(Job.id == job_id))
-        _count_duration(session, (now - started).total_seconds())
+        started, finished = session.execute(select(Job.started_at, Job.finished_at).where(Job.id == job_id)).one()
+        _count_duration(session, (finished - started).total_seconds())
     if done and checkpoint is not None:
         session.add(checkpoint)
     return done or session.scalar(select(Job.id).where(
@@ -143,7 +148,8 @@ def release(session: Session, job_id: str, worker_id: str) -> bool:
     """running -> queued, by a worker that is shutting down (a redeploy) and stopped the job between steps: the
     attempt it spent is given back, since the job did not fail it; the caller publishes the job again."""
     return _changed(session, update(Job).where(*_held_by(job_id, worker_id)).values(
-        status=JobStatus.QUEUED, worker_id=None, published_at=None, queued_at=utcnow(), attempts=Job.attempts - 1,
+        status=JobStatus.QUEUED, worker_id=None, published_at=None, queued_at=database_utcnow(),
+        attempts=Job.attempts - 1,
         progress={"fraction": 0.0, "stage": "released by a stopping worker", "step": 0, "total": 0, "metrics": {}}))
 
 
@@ -161,7 +167,7 @@ def cancel(session: Session, job_id: str) -> JobStatus | None:
     if not _changed(session, update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE)).values(
             cancel_requested=True,
             status=case((queued, literal(JobStatus.CANCELLED, JobStatusType)), else_=Job.status),
-            finished_at=case((queued, literal(utcnow(), UTCDateTime)), else_=Job.finished_at))):
+            finished_at=case((queued, database_utcnow()), else_=Job.finished_at))):
         return None
     return session.scalar(select(Job.status).where(Job.id == job_id))  # this transaction holds the row now
 
@@ -182,15 +188,15 @@ def requeue_lost(session: Session, job: Job, stale_before: datetime, max_attempt
     timed_out = time_limit_s is not None and job.started_at is not None and job.heartbeat_at is not None \
         and job.heartbeat_at - job.started_at >= timedelta(seconds=time_limit_s)
     if job.cancel_requested:
-        values, status = {"status": JobStatus.CANCELLED, "finished_at": utcnow()}, JobStatus.CANCELLED
+        values, status = {"status": JobStatus.CANCELLED, "finished_at": database_utcnow()}, JobStatus.CANCELLED
     elif timed_out:
-        values, status = {"status": JobStatus.FAILED, "finished_at": utcnow(),
+        values, status = {"status": JobStatus.FAILED, "finished_at": database_utcnow(),
                           "error": time_limit_passed(time_limit_s)}, JobStatus.FAILED
     elif job.attempts >= max_attempts:
-        values, status = {"status": JobStatus.FAILED, "finished_at": utcnow(), "error": worker_lost(job.attempts)}, \
-            JobStatus.FAILED
+        values, status = {"status": JobStatus.FAILED, "finished_at": database_utcnow(),
+                          "error": worker_lost(job.attempts)}, JobStatus.FAILED
     else:
-        values = {"status": JobStatus.QUEUED, "worker_id": None, "published_at": None, "queued_at": utcnow(),
+        values = {"status": JobStatus.QUEUED, "worker_id": None, "published_at": None, "queued_at": database_utcnow(),
                   "progress": dict(job.progress or {}, stage="requeued after a lost worker")}
         status = JobStatus.QUEUED
     stale = (Job.id == job.id, Job.status == JobStatus.RUNNING, Job.heartbeat_at < stale_before)
@@ -212,7 +218,7 @@ def unclaimed_jobs(session: Session, republish_after_s: float) -> list[str]:
     but a job that merely waits behind busy workers would gain a message every interval, so each wait is at least
     as long as the job had been queued when it was last published (since it last became queued: a job re-queued
     after running for hours is not made to wait hours): messages grow with the log of the wait."""
-    now = utcnow()
+    now = database_now(session)
     rows = session.execute(select(Job.id, Job.queued_at, Job.created_at, Job.published_at).where(
         Job.status == JobStatus.QUEUED, Job.published_at.is_not(None),
         Job.published_at < now - timedelta(seconds=republish_after_s)))
@@ -221,8 +227,8 @@ def unclaimed_jobs(session: Session, republish_after_s: float) -> list[str]:
                                          published_at - (queued_at or created_at))]
 
 
-def stale_before(timeout_s: float) -> datetime:
-    return utcnow() - timedelta(seconds=timeout_s)
+def stale_before(session: Session, timeout_s: float) -> datetime:
+    return database_now(session) - timedelta(seconds=timeout_s)
 
 
 def drop_finished_inputs(session: Session, condition) -> None:

@@ -16,7 +16,9 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.functions import FunctionElement
 
 
 def utcnow() -> datetime:
@@ -38,6 +40,24 @@ class UTCDateTime(TypeDecorator):
 
     def process_result_value(self, value, dialect):
         return None if value is None else value.replace(tzinfo=UTC)
+
+
+class database_utcnow(FunctionElement):  # lower case, as SQL's own functions
+    """The database server's clock in UTC, for the job times that hosts compare (heartbeats, queueing, publishing):
+    with each host's own clock, a worker whose clock ran a minute behind the reaper's had its live jobs re-queued."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(database_utcnow, "postgresql")
+def _postgresql_utcnow(element, compiler, **kw) -> str:
+    return "timezone('utc', statement_timestamp())"
+
+
+@compiles(database_utcnow, "sqlite")
+def _sqlite_utcnow(element, compiler, **kw) -> str:
+    return "strftime('%Y-%m-%d %H:%M:%f', 'now')"  # the stored format (SQLAlchemy's), to the millisecond
 
 
 class JobStatus(StrEnum):

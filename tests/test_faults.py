@@ -116,7 +116,7 @@ def job_on_own_postgres(monkeypatch, tmp_path):
         with session_scope() as session:
             job_id = add_queued_job(session)
         with session_scope() as session:
-            assert jobs.claim(session, job_id, "w", jobs.stale_before(60), max_attempts=3)
+            assert jobs.claim(session, job_id, "w", jobs.stale_before(session, 60), max_attempts=3)
         yield cluster, job_id
     finally:
         get_engine().dispose()

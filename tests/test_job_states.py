@@ -5,7 +5,7 @@ transition at once behind a barrier; exactly one may win.
 """
 import threading
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import create_engine, event, func, select
@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from migrations import upgrade
-from store import jobs
+from store import jobs, models
 from store.ids import new_id
 from store.jobs import JobStatus
 from store.models import Checkpoint, Job, JobInput, JobKind, utcnow
@@ -79,6 +79,32 @@ def race(sessions, transition: Callable[[Session, int], object]) -> list[object]
 
 def far_past():
     return utcnow() - timedelta(hours=1)
+
+
+def test_job_times_are_the_databases_whatever_each_hosts_clock(sessions, job_id, monkeypatch):
+    """A worker host whose clock runs two minutes behind keeps its job under a reaper whose clock runs two minutes
+    ahead, and a job's times read in order: with each host's own clock the reaper took the live job as lost."""
+    def host_clock(offset: timedelta) -> None:
+        class Skewed(datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return datetime.now(tz) + offset
+        monkeypatch.setattr(models, "datetime", Skewed)
+
+    host_clock(timedelta(minutes=-2))  # the API's and the worker's host
+    with sessions.begin() as session:
+        jobs.mark_published(session, job_id)
+        assert jobs.claim(session, job_id, "w1", far_past(), max_attempts=3)
+        assert jobs.heartbeat(session, job_id, "w1")
+    host_clock(timedelta(minutes=2))  # the reaper's host
+    with sessions.begin() as session:
+        assert jobs.lost_jobs(session, jobs.stale_before(session, 60)) == []
+        assert jobs.unclaimed_jobs(session, republish_after_s=60) == []
+        assert jobs.succeed(session, job_id, "w1", {})
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job.published_at <= job.started_at <= job.heartbeat_at <= job.finished_at
+        assert abs(job.finished_at - datetime.now(models.UTC)) < timedelta(seconds=30)
 
 
 def test_enqueue_then_claim_heartbeat_progress_succeed(sessions, job_id):

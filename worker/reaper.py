@@ -20,9 +20,9 @@ def reap_once(settings: Settings) -> dict[str, list[str]]:
     """One sweep. Running jobs with a stale heartbeat are re-queued (or failed after max_attempts);
     queued jobs the broker never took, or took longer ago than republish_after_s without a worker claiming
     them, are published again."""
-    stale = jobs.stale_before(settings.heartbeat_timeout_s)
     requeued, failed, cancelled = [], [], []
     with session_scope() as session:
+        stale = jobs.stale_before(session, settings.heartbeat_timeout_s)
         for job in jobs.lost_jobs(session, stale):
             outcome = jobs.requeue_lost(session, job, stale, settings.max_attempts, settings.job_time_limit_s)
             if outcome is JobStatus.QUEUED:
@@ -31,7 +31,7 @@ def reap_once(settings: Settings) -> dict[str, list[str]]:
                 failed.append(job.id)
             elif outcome is JobStatus.CANCELLED:
                 cancelled.append(job.id)
-        unpublished = jobs.unpublished_jobs(session, created_before=jobs.stale_before(UNPUBLISHED_GRACE_S))
+        unpublished = jobs.unpublished_jobs(session, created_before=jobs.stale_before(session, UNPUBLISHED_GRACE_S))
         unpublished += jobs.unclaimed_jobs(session, settings.republish_after_s)
     for job_id in requeued:
         log.warning("job %s lost its worker; re-queued", job_id)

@@ -52,7 +52,7 @@ def through_outages(settings: Settings) -> float:
 def claim(job_id: str, worker_id: str, settings: Settings) -> bool:
     """Take the job (store.jobs.claim): of two deliveries of one id, one wins."""
     return transact(lambda session: jobs.claim(session, job_id, worker_id,
-                                               jobs.stale_before(settings.heartbeat_timeout_s),
+                                               jobs.stale_before(session, settings.heartbeat_timeout_s),
                                                settings.max_attempts), through_outages(settings))
 
 
