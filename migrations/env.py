@@ -1,6 +1,6 @@
 """Alembic environment: migrates the database of tvforge.settings, or the URL set on the Alembic config."""
 from alembic import context
-from sqlalchemy import TypeDecorator, create_engine, pool
+from sqlalchemy import TypeDecorator, create_engine, pool, text
 
 from store.db import connect_args_for
 from store.models import Base
@@ -10,6 +10,7 @@ from tvforge.settings import get_settings
 # whose logging configuration must not be replaced.
 config = context.config
 target_metadata = Base.metadata
+MIGRATION_LOCK = 0x7476666F72676530  # "tvforge0": the advisory lock key migrators queue on (PostgreSQL)
 
 
 def database_url() -> str:
@@ -48,6 +49,10 @@ def run_migrations_online() -> None:
         with engine.connect() as connection:
             configure(url, connection=connection)
             with context.begin_transaction():
+                if connection.dialect.name == "postgresql":
+                    # Migrators take turns (a second host's `tvforge migrate`, a `docker compose run migrate`):
+                    # the next reads the version the last committed instead of failing on its tables.
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
                 context.run_migrations()
     finally:
         engine.dispose()

@@ -1,4 +1,5 @@
 """docker-compose.yml is valid and wires the services as deployed: checked by docker-compose and by reading it."""
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,13 +16,34 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE_FILE.read_text())
 
 
-def test_docker_compose_validates_the_file():
+PASSWORDS = {"POSTGRES_PASSWORD": "pg-secret", "MINIO_ROOT_PASSWORD": "minio-secret"}
+
+
+def docker_compose_config(environment: dict[str, str]) -> subprocess.CompletedProcess:
     executable = shutil.which("docker-compose")
     if executable is None:
         pytest.fail("docker-compose not found on PATH; install it (apt-get install -y docker-compose)", pytrace=False)
-    result = subprocess.run([executable, "-f", str(COMPOSE_FILE), "config", "-q"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    # Only PATH from this environment: no password set by the caller's shell.
+    return subprocess.run([executable, "-f", str(COMPOSE_FILE), "config", "-q"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={"PATH": os.environ["PATH"]} | environment)
+
+
+def test_docker_compose_validates_the_file():
+    result = docker_compose_config(PASSWORDS)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("unset", sorted(PASSWORDS))
+def test_there_is_no_default_password(unset):
+    result = docker_compose_config({name: value for name, value in PASSWORDS.items() if name != unset})
+    assert result.returncode != 0 and f"set {unset}" in result.stderr, result.stderr
+
+
+def test_every_pulled_image_names_a_release_on_a_registry_that_serves_it(compose):
+    """:latest moves under a deployment, and minio/minio left Docker Hub (September 2026): pulls were denied."""
+    pulled = [service["image"] for service in compose["services"].values() if "build" not in service]
+    assert pulled and all(":" in image and not image.endswith(":latest") for image in pulled), pulled
+    assert not any(image.startswith("minio/") for image in pulled), pulled
 
 
 def test_services_and_their_health_checks(compose):
@@ -32,8 +54,9 @@ def test_services_and_their_health_checks(compose):
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     assert "ping" in services["redis"]["healthcheck"]["test"]
     assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
-    assert "inspect ping" in " ".join(services["worker"]["healthcheck"]["test"])
-    assert "inspect ping" in " ".join(services["worker-cpu"]["healthcheck"]["test"])
+    for name in ("worker", "worker-cpu"):
+        # The bare Celery app: the worker's own module imports torch and open_clip (seconds, hundreds of MB).
+        assert "celery -A broker.celery_app inspect ping" in " ".join(services[name]["healthcheck"]["test"])
 
 
 def test_start_order(compose):
@@ -97,7 +120,8 @@ def test_images_run_tvforge_as_non_root(dockerfile, command):
 
 
 def test_each_worker_runs_where_it_is_meant_to(compose):
-    """The GPU worker fails its jobs when it finds no GPU instead of running them on the CPU (auto would); the CPU
+    """The GPU worker exits when it finds no GPU instead of running jobs on the CPU (auto would; tests/test_queues.py
+    starts one); the CPU
     worker never takes a GPU, even where the NVIDIA runtime is Docker's default."""
     services = compose["services"]
     assert services["worker"]["environment"]["TVFORGE_DEVICE"] == "cuda"
@@ -112,9 +136,11 @@ def test_the_api_and_workers_get_time_to_stop_before_docker_kills_them(compose):
 
     grace = compose["services"]["api"]["stop_grace_period"]
     assert grace.endswith("s") and float(grace[:-1]) > Settings.model_fields["graceful_shutdown_s"].default
-    # Workers hand their running job back between steps on SIGTERM (tests/test_job_lifecycle.py): given time to.
+    # Workers hand their running job back between steps on SIGTERM (tests/test_job_lifecycle.py), or store the
+    # checkpoint of one that has done its work: given minutes to.
     for name in ("worker", "worker-cpu"):
-        assert compose["services"][name]["stop_grace_period"] == "60s"
+        grace = compose["services"][name]["stop_grace_period"]
+        assert grace.endswith("s") and float(grace[:-1]) >= 300
 
 
 def test_postgres_counts_as_healthy_only_once_it_takes_tcp_connections(compose):

@@ -1,4 +1,7 @@
 """The Alembic migrations build exactly the schema of the models, on SQLite and on PostgreSQL."""
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -23,6 +26,7 @@ from store.models import (
     TaskVector,
     bucket_label,
 )
+from tests.conftest import REPO
 
 
 @pytest.fixture
@@ -124,6 +128,20 @@ def test_upgrade_matches_models_holds_rows_and_downgrades_to_nothing(database_ur
 
     upgrade(database_url)
     check(database_url)
+
+
+@pytest.mark.postgres
+def test_migrators_started_at_once_take_turns(fresh_postgres_url):
+    """Three hosts' `tvforge migrate` at the same instant (a second `docker compose run migrate`): one migrates,
+    the others wait and find the schema at head; without the lock they failed on each other's tables."""
+    start_at = time.time() + 5  # past every process's imports, so their migrations overlap
+    script = ("import sys, time; from migrations import upgrade; "
+              "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); upgrade(sys.argv[1])")
+    migrators = [subprocess.Popen([sys.executable, "-c", script, fresh_postgres_url, str(start_at)], cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outcomes = [(migrator.wait(timeout=120), migrator.stderr.read()[-2000:]) for migrator in migrators]
+    assert [code for code, _ in outcomes] == [0, 0, 0], outcomes
+    check(fresh_postgres_url)
 
 
 def test_check_reports_schema_drift(sqlite_url):

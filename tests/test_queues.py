@@ -1,13 +1,20 @@
 """Jobs are routed by what they do: the model queue for jobs that run the model on images, the tensor queue
 for streaming merges; a worker takes only the queues it is given."""
+import os
+import shlex
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
+import torch
+import yaml
 
 from broker.celery_app import MODEL_QUEUE, TENSOR_QUEUE
 from broker.routing import queue_for
 from store.models import Job, JobInput, JobKind
-from tests.conftest import Stack, register_long_job_inputs, submit_long_job
+from tests.conftest import REPO, Stack, register_long_job_inputs, submit_long_job
 from tests.services import start_redis
 
 
@@ -33,6 +40,7 @@ def test_a_worker_takes_only_its_queues(tmp_path_factory, demo_assets):
             model_job = submit_long_job(client, ids, epochs=1)
             merge = client.create_job("task_arithmetic", ids["base"], ids["vectors"], {"scaling": 0.3})
             assert client.wait_for_job(merge["id"], timeout_s=120)["status"] == "succeeded"
+            assert_compose_healthcheck_passes(stack, "worker-cpu")
             time.sleep(2)  # the tensor worker had every chance to take the aTLAS job
             assert client.get_job(model_job["id"])["status"] == "queued"
             stack.start_worker("--queues", "model")
@@ -42,10 +50,26 @@ def test_a_worker_takes_only_its_queues(tmp_path_factory, demo_assets):
         stop_redis()
 
 
-def test_an_unknown_queue_is_refused(tmp_path):
-    import subprocess
-    import sys
+def assert_compose_healthcheck_passes(stack: Stack, service: str) -> None:
+    """docker-compose.yml's healthcheck of the service, run against this stack's live worker."""
+    test = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"][service]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL" and test[1].startswith("celery ")
+    command = test[1].replace("$$", "$").replace("celery ", f"{shlex.quote(sys.executable)} -m celery ", 1)
+    result = subprocess.run(["sh", "-c", command], env=stack.env | {"HOSTNAME": socket.gethostname()}, cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "pong" in result.stdout, result.stdout + result.stderr
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_cuda_worker_that_finds_no_gpu_exits_with_the_reason():
+    """Started, it would take jobs and fail each one (or hold them back from a healthy worker)."""
+    result = subprocess.run([sys.executable, "-m", "tvforge.cli", "worker", "--queues", "model"], cwd=REPO,
+                            env=os.environ | {"TVFORGE_DEVICE": "cuda", "TVFORGE_BROKER_URL": "redis://127.0.0.1:1/0"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "finds no CUDA device" in result.stderr, result.stderr
+
+
+def test_an_unknown_queue_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tvforge.cli", "worker", "--queues", "gpu"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "unknown queue" in result.stderr

@@ -16,7 +16,8 @@ import typer
 from tvforge.user_commands import KeyOption, UrlOption, api_errors, open_client
 from tvforge.user_commands import register as register_user_commands
 
-HEALTHY_WITHIN_S = 60.0  # how long `tvforge up` waits for the API's /healthz
+HEALTHY_WITHIN_S = 180.0  # how long `tvforge up` waits for the API's /healthz (a first start compiles the
+# merge kernels: 38 s was seen on a busy 2-CPU machine)
 
 cli = typer.Typer(help="tvforge: compose task vectors of open_clip models.", no_args_is_help=True)
 keys = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -49,7 +50,9 @@ def admin_session():
     url = get_settings().resolved_database_url
     where = url.removeprefix("sqlite:///")
     if url.startswith("sqlite:///") and where != ":memory:" and not Path(where).exists():
-        typer.echo(f"no database at {where}: run `tvforge migrate` first", err=True)
+        typer.echo(f"no database at {where}: the embedded one is under TVFORGE_DATA_DIR (`var` in the directory a "
+                   f"command runs from; run it where `tvforge up` ran, or set TVFORGE_DATA_DIR or "
+                   f"TVFORGE_DATABASE_URL), or `tvforge migrate` creates it", err=True)
         raise typer.Exit(2)
     try:
         with session_scope() as session:
@@ -114,14 +117,24 @@ def worker(concurrency: int = typer.Option(1, help="Jobs run at once (one per GP
            queues: str = typer.Option("model,tensors", help="Queues to take jobs from, comma-separated: model "
                                       "(jobs that run the model on images: aTLAS, STA's gradients, searches, "
                                       "evaluations) and tensors (streaming merges).")) -> None:
-    """Run a Celery worker that executes jobs (CUDA when present, else CPU)."""
+    """Run a Celery worker that executes jobs (CUDA when present, else CPU; TVFORGE_DEVICE)."""
     from broker.celery_app import QUEUES
-    from worker.tasks import celery_app  # registers the job task on the shared app
+    from tvforge.settings import get_settings
 
     names = [name.strip() for name in queues.split(",") if name.strip()]
     unknown = [name for name in names if name not in QUEUES]
     if unknown or not names:
         raise typer.BadParameter(f"unknown queue(s) {unknown}; choose from {', '.join(QUEUES)}", param_hint="--queues")
+    device = get_settings().device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            # Started, it would take jobs off the queue and fail each one, or keep them from a healthy worker.
+            typer.echo(f"TVFORGE_DEVICE={device}, but torch {torch.__version__} finds no CUDA device (the driver, the "
+                       f"container's GPU reservation, CUDA_VISIBLE_DEVICES): not taking jobs.", err=True)
+            raise typer.Exit(1)
+    from worker.tasks import celery_app  # registers the job task on the shared app
     celery_app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "--pool=prefork",
                             "-Q", ",".join(QUEUES[name] for name in names), "--without-gossip", "--without-mingle"])
 
