@@ -19,6 +19,8 @@ Sha256Query = Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description=
 BaseModelIdQuery = Annotated[str | None, Query(pattern="^bm_[0-9a-f]{32}$",
                                                description="Only task vectors of this base model.")]
 
+JobIdQuery = Annotated[str | None, Query(pattern="^job_[0-9a-f]{32}$", description="Only checkpoints this job made.")]
+
 
 class Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)

@@ -350,7 +350,8 @@ def _tau_cases(base: dict, tau: dict) -> dict[str, dict[str, torch.Tensor]]:
                                   "lora factors of the wrong shape", "lora rank over the matrix's",
                                   "lora factors and the dense tensor", "lora factor holding nan",
                                   "lora product overflowing float32", "finetuned with integer tensors",
-                                  "more tensors than a vector of the base can have"])
+                                  "more tensors than a vector of the base can have",
+                                  "fine-tuned weights sent as a task vector", "a task vector sent as fine-tuned"])
 def test_invalid_task_vector_is_422(stack, world, http, tensors, tmp_path, case):
     base, tau = tensors
     kind = "task_vector"
@@ -365,6 +366,11 @@ def test_invalid_task_vector_is_422(stack, world, http, tensors, tmp_path, case)
     elif case == "finetuned with integer tensors":
         name = next(n for n in sorted(base) if base[n].is_floating_point())
         content, kind = safetensors_bytes(base | {name: base[name].to(torch.int32)}, tmp_path), "finetuned"
+    elif case == "fine-tuned weights sent as a task vector":  # stored as tau, a merge added theta_ft to theta_0
+        content = safetensors_bytes({name: base[name] + tau[name] if name in tau else base[name] for name in base},
+                                    tmp_path)
+    elif case == "a task vector sent as fine-tuned":  # stored as tau - theta_0
+        content, kind = safetensors_bytes(tau, tmp_path), "finetuned"
     elif case == "more tensors than a vector of the base can have":
         content = safetensors_bytes({f"visual.x{i}": torch.zeros(1) for i in range(2 * len(base) + 1)}, tmp_path)
     else:
@@ -375,6 +381,10 @@ def test_invalid_task_vector_is_422(stack, world, http, tensors, tmp_path, case)
     assert body["type"] == "/problems/invalid-weights"
     if case == "finetuned with integer tensors":
         assert "kind" in body["detail"], body  # not "the fine-tuned weights equal the base model"
+    if case == "fine-tuned weights sent as a task vector":
+        assert "looks like fine-tuned weights" in body["detail"] and "kind=finetuned" in body["detail"], body
+    if case == "a task vector sent as fine-tuned":
+        assert "does not look like fine-tuned weights" in body["detail"], body
 
 
 @pytest.mark.parametrize("case", ["truncated data", "truncated header", "unknown key", "missing key",

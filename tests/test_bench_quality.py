@@ -29,11 +29,13 @@ NEGATION_ROWS = ["zero-shot", "task arithmetic negate", "STA forget (lambda sear
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, quick_bench_assets):
+    """The benchmark on the session's --quick assets, which it finds already built (their config's hash): the
+    build is tests/test_bench_assets.py's to check, and took 100 s a second time."""
     root = tmp_path_factory.mktemp("quality")
     out = root / "quality.json"
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.quality.run", "--quick", "--assets", str(root / "assets"),
+        [sys.executable, "-m", "bench.quality.run", "--quick", "--assets", str(quick_bench_assets.base_path.parent),
          "--out", str(out), "--workdir", str(root / "work")],
         cwd=REPO, env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]

@@ -176,6 +176,9 @@ def test_resource_commands_list_show_and_remove(stack, example, merged, tmp_path
     downloaded = tmp_path / "back.safetensors"
     tvforge("vectors", "download", vector_id, str(downloaded), stack=stack)
     assert downloaded.read_bytes() == vector.read_bytes()
+    into = tvforge("vectors", "download", vector_id, f"{tmp_path / 'new'}/", stack=stack).stdout.strip()
+    assert into == str(tmp_path / "new" / f"{vector_id}.safetensors")  # a directory to create: not a file "new"
+    assert Path(into).read_bytes() == vector.read_bytes()
     tvforge("vectors", "rm", vector_id, stack=stack)
     missing = tvforge("vectors", "show", vector_id, stack=stack, check=False)
     assert missing.returncode == 1 and "404" in missing.stderr
@@ -187,6 +190,13 @@ def test_resource_commands_list_show_and_remove(stack, example, merged, tmp_path
     assert tvforge("jobs", "ls", "--where", "limit=5", stack=stack, check=False).returncode == 2  # not a filter
     table = tvforge("jobs", "ls", stack=stack).stdout  # 80 columns (a pipe): ids and statuses whole
     assert all(job["id"] in table and job["status"] in table for job in succeeded)
+    merged_sha256 = hashlib.sha256(merged[1].read_bytes()).hexdigest()
+    listed = json.loads(tvforge("checkpoints", "ls", "--json", "--where", f"sha256={merged_sha256}",
+                                stack=stack).stdout)
+    assert listed and {checkpoint["sha256"] for checkpoint in listed} == {merged_sha256}
+    with stack.client() as client:
+        assert [c["id"] for c in client.list_checkpoints(job_id=listed[0]["job_id"])] == [listed[0]["id"]]
+    assert json.loads(tvforge("checkpoints", "ls", "--json", stack=stack, key=stack.other_key).stdout) == []
 
 
 def test_the_sdk_estimates_lists_and_describes_without_queueing(stack, long_job):
@@ -301,6 +311,22 @@ def test_sdk_typed_responses_match_the_live_openapi(stack):
         assert set(filters) == queries - {"limit", "cursor"}, path
 
 
+def test_the_sdk_example_makes_the_checkpoint_the_recipe_makes(stack, example, merged, tmp_path):
+    """examples/sdk_merge.py, run as the README says: the example recipe's merge through the SDK, to a directory
+    it creates."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TVFORGE_URL": stack.url, "TVFORGE_API_KEY": stack.owner_key,
+                        "TVFORGE_CONFIG": "/nonexistent"}
+    result = subprocess.run([sys.executable, "examples/sdk_merge.py", str(example.parent / "assets"),
+                             f"{tmp_path / 'merged'}/"], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    path = Path(result.stdout.strip().splitlines()[-1])
+    assert path.parent == tmp_path / "merged" and path.suffix == ".safetensors"
+    from_sdk, from_recipe = load_file(path), load_file(merged[1])
+    assert from_sdk.keys() == from_recipe.keys()
+    assert all(torch.equal(from_sdk[name], from_recipe[name]) for name in from_sdk)
+
+
 def test_demo_assets_are_what_build_demo_assets_writes(tmp_path):
     tvforge("demo-assets", str(tmp_path / "cli"))
     direct = build_demo_assets(tmp_path / "direct")
@@ -355,9 +381,10 @@ def test_watching_a_job_outlives_a_cut_event_stream(stack, long_job):
     assert finished["status"] == "succeeded" and proxy.cuts == 1
 
 
-def test_watching_a_job_waits_out_a_gateway_that_refuses_its_stream(stack, long_job):
+def test_watching_a_job_waits_out_a_gateway_that_refuses_its_stream(stack, long_job, capsys):
     """The first two event streams get a gateway's 502 and a rate limit's 429 (as during an API restart behind a
-    proxy): the watch waits and follows a new stream to the end; it used to exit with the 502."""
+    proxy): the watch waits and follows a new stream to the end; it used to exit with the 502. Not on a terminal,
+    it writes its progress as lines as it goes (it used to say nothing until the end)."""
     from tvforge.user_commands import watch_job
 
     answers = [b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Type: application/problem+json\r\n"
@@ -373,17 +400,22 @@ def test_watching_a_job_waits_out_a_gateway_that_refuses_its_stream(stack, long_
         finished = watch_job(client, long_job(client, epochs=30)["id"])
     proxy.close()
     assert finished["status"] == "succeeded" and proxy.cuts == 2 and not answers
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"job {finished['id']}: ")]
+    assert len(lines) >= 2 and any(line.startswith(f"job {finished['id']}: running ") for line in lines), lines
 
 
 def test_local_mistakes_are_one_line_and_exit_2(tmp_path):
-    """A config that is not JSON, a recipe that is not UTF-8, a key made before the database exists: a message,
-    no traceback, and no empty database file left behind."""
+    """A config that is not JSON, a base model with no config or architecture (refused before its upload), a
+    recipe that is not UTF-8, a key made before the database exists: a message, no traceback, and no empty
+    database file left behind."""
     env = {"TVFORGE_DATA_DIR": str(tmp_path / "data"), "TVFORGE_DATABASE_URL": ""}
     (tmp_path / "base.safetensors").write_bytes(b"x")
     (tmp_path / "config.json").write_text("{embed_dim: 64")
     (tmp_path / "recipe.yaml").write_bytes(b"base: \xff\xfe")
     for args, message in ((["models", "add", str(tmp_path / "base.safetensors"), "--config",
                             str(tmp_path / "config.json"), "--key", "k"], "is not a JSON config"),
+                          (["models", "add", str(tmp_path / "base.safetensors"), "--key", "k"],
+                           "exactly one of --config"),
                           (["recipe", "check", str(tmp_path / "recipe.yaml")], "not UTF-8"),
                           (["keys", "create", "--owner", "x"], "tvforge migrate")):
         result = subprocess.run([sys.executable, "-m", "tvforge.cli", *args], env=os.environ | env, cwd=REPO,
@@ -402,3 +434,35 @@ def test_uploads_from_the_command_line_take_class_names_and_templates(stack, tmp
                          "a photo of {c}.", "--template", "{c}", stack=stack).stdout.strip()
     shown = json.loads(tvforge("datasets", "show", dataset_id, stack=stack).stdout)
     assert shown["class_names"] == ["red", "green"] and shown["templates"] == ["a photo of {c}.", "{c}"]
+    # What a recipe reuses (tvforge.recipe): the same file under any name, only with the same prompts and labels.
+    sha, templates = hashlib.sha256(dataset.read_bytes()).hexdigest(), ["a photo of {c}.", "{c}"]
+    with stack.client() as client:
+        assert client.find_equivalent_dataset(sha, None, templates, "renamed")["id"] == dataset_id
+        assert client.find_equivalent_dataset(sha, ["red", "green"], templates, "colours")["id"] == dataset_id
+        assert client.find_equivalent_dataset(sha, None, ["a blurry photo of {c}."], "colours") is None
+        assert client.find_equivalent_dataset(sha, None, None, "colours") is None  # the service's templates
+        assert client.find_equivalent_dataset(sha, ["green", "red"], templates, "colours") is None
+
+
+def test_evaluate_measures_a_checkpoint_from_the_command_line(stack, merged, tmp_path):
+    import numpy as np
+
+    dataset = tmp_path / "shades.npz"
+    np.savez(dataset, images=np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), dtype=np.uint8),
+             labels=np.array([0, 1, 0, 1]))
+    dataset_id = tvforge("datasets", "add", str(dataset), "--class-names", "dark,light", stack=stack).stdout.strip()
+    with stack.client() as client:
+        sha256 = hashlib.sha256(merged[1].read_bytes()).hexdigest()
+        checkpoint = next(c for c in client.list_checkpoints() if c["sha256"] == sha256)
+        reference = client.get_job(checkpoint["job_id"])["task_vectors"][0]
+    result = tvforge("evaluate", "--checkpoint", checkpoint["id"], "--dataset", dataset_id,
+                     "--reference", f"{dataset_id}={reference}", "--json", stack=stack)
+    finished = json.loads(result.stdout)
+    row = finished["result"]["metrics"]["evaluation"]["datasets"][dataset_id]
+    assert finished["kind"] == "evaluation" and row["images"] == 4 and 0.0 <= row["accuracy"] <= 1.0
+    assert "reference_accuracy" in row and "shades" in result.stderr  # the table names the dataset
+    for args, message in ((["--dataset", dataset_id], "exactly one of"),
+                          (["--base", "bm_x", "--dataset", dataset_id, "--reference", f"{dataset_id}=x_1"],
+                           "--reference takes")):
+        refused = tvforge("evaluate", *args, stack=stack, check=False)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr

@@ -94,3 +94,15 @@ def test_each_attempt_has_its_own_stable_idempotency_key():
     assert len({idempotency_key(body, attempt) for attempt in range(3)}) == 3
     assert idempotency_key(body, 0) != idempotency_key(body | {"seed": 1}, 0)
     assert all(len(idempotency_key(body, attempt)) <= 200 for attempt in (0, 10**6))  # the header's limit
+
+
+def test_a_job_whose_best_epoch_is_the_start_says_it_kept_nothing_learned(capsys):
+    from tvforge.user_commands import report_job
+
+    job = {"id": "job_1", "status": "succeeded", "error": None,
+           "result": {"metrics": {"chosen": {"best_epoch": {"value": 0, "source": "best epoch on val"}}}}}
+    report_job(job)
+    assert "keeps none of what was learned" in capsys.readouterr().err
+    job["result"]["metrics"]["chosen"]["best_epoch"]["value"] = 3
+    report_job(job)
+    assert "best_epoch = 3" in (reported := capsys.readouterr().err) and "keeps none" not in reported

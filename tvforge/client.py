@@ -164,7 +164,8 @@ class ClientConfig:
 def load_config(url: str | None = None, api_key: str | None = None, path: Path | None = None) -> ClientConfig:
     """Server and key: the arguments, else TVFORGE_URL / TVFORGE_API_KEY, else the config file
     (TVFORGE_CONFIG, default ~/.config/tvforge/config.toml: `url = "..."`, `api_key = "..."`); with no URL
-    anywhere, the embedded service's (TVFORGE_API_HOST / TVFORGE_API_PORT)."""
+    anywhere, the embedded service's (TVFORGE_API_HOST / TVFORGE_API_PORT). With no key anywhere, the admin key
+    `tvforge up` wrote under its data dir, for the embedded service only: another server never gets it."""
     url = url or os.environ.get("TVFORGE_URL")
     api_key = api_key or os.environ.get("TVFORGE_API_KEY")
     if url is None or api_key is None:
@@ -172,9 +173,27 @@ def load_config(url: str | None = None, api_key: str | None = None, path: Path |
         if path.is_file():
             stored = tomllib.loads(path.read_text())
             url, api_key = url or stored.get("url"), api_key or stored.get("api_key")
+    if api_key is None and (url is None or is_embedded(url)):
+        api_key = embedded_admin_key()
     if api_key is None:
         raise ValueError("no API key: pass one, set TVFORGE_API_KEY, or write api_key in the config file")
     return ClientConfig(url or embedded_url(), api_key)
+
+
+def is_embedded(url: str) -> bool:
+    """Whether url names this machine's embedded service: a loopback address (or its bind address) and its port."""
+    from tvforge.settings import get_settings
+
+    settings, parsed = get_settings(), httpx.URL(url)
+    return parsed.host in {"127.0.0.1", "localhost", "::1", settings.api_host} and parsed.port == settings.api_port
+
+
+def embedded_admin_key() -> str | None:
+    """The key `tvforge up` made for its admin (<TVFORGE_DATA_DIR>/admin.key), if there is one."""
+    from tvforge.settings import get_settings
+
+    key_file = get_settings().data_dir / "admin.key"
+    return key_file.read_text().strip() if key_file.is_file() else None
 
 
 def embedded_url() -> str:
@@ -350,6 +369,15 @@ class TvforgeClient:
         return next((d for d in self.iterate("/v1/datasets", source_sha256=source_sha256)
                      if name is None or d["name"] == name), None)
 
+    def find_equivalent_dataset(self, source_sha256: str, class_names: list[str] | None, templates: list[str] | None,
+                                name: str) -> DatasetInfo | None:
+        """A dataset from a file with this sha256 with these zero-shot templates (None: the service's) and class
+        names (None: any, as a folder zip names its own), under any name (the one named so first): a dataset of
+        the same bytes but other prompts gives other zero-shot heads, and is not the same."""
+        same = [d for d in self.iterate("/v1/datasets", source_sha256=source_sha256)
+                if d["templates"] == templates and (class_names is None or d["class_names"] == class_names)]
+        return next((d for d in same if d["name"] == name), same[0] if same else None)
+
     def register_base_model(self, name: str, file: Path, architecture: str | None = None,
                             config: dict | None = None, progress: Progress | None = None) -> BaseModelInfo:
         sha = file_sha256(file)
@@ -405,6 +433,10 @@ class TvforgeClient:
         """The caller's jobs, newest first, optionally of one status (queued, running, ...) or kind."""
         filters = {name: value for name, value in (("status", status), ("kind", kind)) if value is not None}
         return self.iterate("/v1/jobs", **filters)
+
+    def list_checkpoints(self, job_id: str | None = None) -> Iterator[CheckpointInfo]:
+        """The caller's checkpoints, newest first, optionally the one a job made."""
+        return self.iterate("/v1/checkpoints", **({"job_id": job_id} if job_id else {}))
 
     def methods(self) -> list[MethodInfo]:
         """The method catalogue: each method's params schema (with defaults) and the metrics it reports."""
@@ -470,18 +502,21 @@ class TvforgeClient:
             return response.text
         return self.get(f"/v1/checkpoints/{checkpoint_id}/card")
 
-    def download_checkpoint(self, checkpoint_id: str, dest: Path, progress: Progress | None = None) -> Path:
-        """The checkpoint's file at dest (a directory: <checkpoint id>.safetensors in it), resuming dest.part
-        if an earlier download was cut off; missing parent directories are created. Returns the file's path."""
+    def download_checkpoint(self, checkpoint_id: str, dest: str | os.PathLike,
+                            progress: Progress | None = None) -> Path:
+        """The checkpoint's file at dest (a directory, or a string ending in /: <checkpoint id>.safetensors in it),
+        resuming dest.part if an earlier download was cut off; missing parent directories are created. Returns the
+        file's path."""
         meta = self.get_checkpoint(checkpoint_id)
         return self._download(f"/v1/checkpoints/{checkpoint_id}/download", meta["sha256"], meta["size_bytes"],
-                              _file_in(Path(dest), checkpoint_id), progress)
+                              _file_in(dest, checkpoint_id), progress)
 
-    def download_task_vector(self, task_vector_id: str, dest: Path, progress: Progress | None = None) -> Path:
+    def download_task_vector(self, task_vector_id: str, dest: str | os.PathLike,
+                             progress: Progress | None = None) -> Path:
         """As download_checkpoint, for a stored task vector."""
         meta = self.get(f"/v1/task-vectors/{task_vector_id}")
         return self._download(f"/v1/task-vectors/{task_vector_id}/download", meta["sha256"], meta["size_bytes"],
-                              _file_in(Path(dest), task_vector_id), progress)
+                              _file_in(dest, task_vector_id), progress)
 
     def _download(self, path: str, sha256: str, size: int, dest: Path, progress: Progress | None) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -522,9 +557,12 @@ class TvforgeClient:
                         progress(done, size)
 
 
-def _file_in(dest: Path, resource_id: str) -> Path:
-    """dest, or <resource id>.safetensors inside it when it is a directory."""
-    return dest / f"{resource_id}.safetensors" if dest.is_dir() else dest
+def _file_in(dest: str | os.PathLike, resource_id: str) -> Path:
+    """dest, or <resource id>.safetensors inside it when it is a directory or is written as one, with a trailing
+    slash (which pathlib drops; the directory is created): `download ID new/` wrote a file named `new`."""
+    path = Path(dest)
+    written_as_directory = isinstance(dest, str) and dest.endswith(("/", os.sep))
+    return path / f"{resource_id}.safetensors" if path.is_dir() or written_as_directory else path
 
 
 class _RetriedStatus(Exception):

@@ -212,12 +212,14 @@ class RecipeRun:
                  upload_progress: UploadProgress = lambda _label: None):
         self.client, self.recipe, self.root = client, recipe, root
         self.report, self.upload_progress = report, upload_progress
+        self.dataset_names: dict[str, str] = {}  # server id -> recipe name, once resolved
 
     def resolve(self) -> dict[str, Any]:
         """Upload what is missing; the job body with every recipe name replaced by its server id."""
         base_id = self._resolve_base()
         vector_ids = {name: self._resolve_vector(base_id, name, ref) for name, ref in self.recipe.vector_refs().items()}
         dataset_ids = {name: self._resolve_dataset(name, ref) for name, ref in self.recipe.dataset_refs().items()}
+        self.dataset_names = {dataset_id: name for name, dataset_id in dataset_ids.items()}
         body = {"method": self.recipe.method, "base_model_id": base_id, "task_vectors": list(vector_ids.values()),
                 "params": params_with_ids(self.recipe.params, vector_ids, dataset_ids), "seed": self.recipe.seed}
         if self.recipe.start_checkpoint_id is not None:
@@ -251,7 +253,9 @@ class RecipeRun:
         if ref.id:
             return self._known("dataset", f"/v1/datasets/{ref.id}")
         file = self.root / ref.path
-        return self._upload_once("dataset", name, lambda: self.client.find_dataset(file_sha256(file), name),
+        return self._upload_once("dataset", name,
+                                 lambda: self.client.find_equivalent_dataset(file_sha256(file), ref.class_names,
+                                                                            ref.templates, name),
                                  lambda progress: self.client.upload_dataset(
                                      name, file, class_names=ref.class_names, templates=ref.templates,
                                      progress=progress))

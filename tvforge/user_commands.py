@@ -30,7 +30,6 @@ from tvforge.client import (
     ApiError,
     JobInfo,
     TvforgeClient,
-    embedded_url,
     load_config,
 )
 
@@ -41,22 +40,17 @@ out = Console(soft_wrap=True)
 
 UrlOption = typer.Option(None, "--url", envvar="TVFORGE_URL", help="The API, e.g. http://127.0.0.1:8000.")
 KeyOption = typer.Option(None, "--key", envvar="TVFORGE_API_KEY", help="API key.")
+# A string, not a Path: a trailing slash (a directory to create) must survive.
+DestArgument = typer.Argument(None, help="File or directory (ending in / if it does not exist yet) to write to.")
 
 
 def open_client(url: str | None, key: str | None) -> TvforgeClient:
     try:
         config = load_config(url, key)
     except ValueError:
-        # No key anywhere: the embedded service's (`tvforge up` writes it under the data dir).
-        from tvforge.settings import get_settings
-
-        settings = get_settings()
-        key_file = settings.data_dir / "admin.key"
-        if not key_file.is_file():
-            console.print("[red]no API key[/]: pass --key, set TVFORGE_API_KEY, or write api_key in "
-                          "~/.config/tvforge/config.toml")
-            raise typer.Exit(2) from None
-        return TvforgeClient(url or embedded_url(), key_file.read_text().strip())
+        console.print("[red]no API key[/]: pass --key, set TVFORGE_API_KEY, or write api_key in "
+                      "~/.config/tvforge/config.toml (only the embedded service's own, `tvforge up` here, needs none)")
+        raise typer.Exit(2) from None
     return TvforgeClient(config.url, config.api_key)
 
 
@@ -108,15 +102,21 @@ def watch_job(client: TvforgeClient, job_id: str) -> dict:
     with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
                   TextColumn("{task.fields[info]}"), console=console) as progress:
         task = progress.add_task(f"job {escape(job_id)}", total=1.0, info=escape(job["status"]))
-        cuts = 0
+        cuts, logged = 0, None
         while job["status"] not in FINISHED:
             try:
                 for _event, job in client.events(job_id):
                     cuts = 0
                     step = job["progress"]
+                    fraction = step.get("fraction") or 0.0
                     info = " ".join(filter(None, [job["status"], step.get("stage"),
                                                   f"{step['step']}/{step['total']}" if step.get("total") else None]))
-                    progress.update(task, completed=step.get("fraction") or 0.0, info=escape(info))
+                    progress.update(task, completed=fraction, info=escape(info))
+                    # Where no bar is drawn (a pipe, a CI log), a line at each new stage and tenth of the way.
+                    if not console.is_terminal and logged != (mark := (job["status"], step.get("stage"),
+                                                                       int(10 * fraction))):
+                        console.print(f"job {escape(job_id)}: {escape(info)} ({fraction:.0%})", highlight=False)
+                        logged = mark
             except (httpx.TransportError, ApiError) as exc:
                 # The stream was cut or refused for now (an API restart, a proxy's timeout or 502, a rate limit):
                 # the job runs on. Asked again (get_job retries, then gives up with the error) and followed anew,
@@ -180,7 +180,8 @@ def _cell(value: Any) -> str:
 
 # The query parameters each list route filters on (tests/test_cli.py checks them against the OpenAPI).
 LIST_FILTERS = {"/v1/base-models": ("sha256",), "/v1/task-vectors": ("base_model_id", "sha256", "source_sha256"),
-                "/v1/datasets": ("source_sha256",), "/v1/jobs": ("status", "kind")}
+                "/v1/datasets": ("source_sha256",), "/v1/jobs": ("status", "kind"),
+                "/v1/checkpoints": ("job_id", "sha256")}
 
 
 def resource_app(name: str, path: str, columns: list[str], help_text: str) -> typer.Typer:
@@ -229,7 +230,8 @@ vectors = resource_app("task vector", "/v1/task-vectors", ["id", "name", "base_m
 datasets = resource_app("dataset", "/v1/datasets", ["id", "name", "labeled", "source_format", "created_at"],
                         "Datasets.")
 jobs = resource_app("job", "/v1/jobs", ["id", "kind", "method", "status", "created_at", "finished_at"], "Jobs.")
-checkpoints = typer.Typer(help="Merged checkpoints.", no_args_is_help=True)
+checkpoints = resource_app("checkpoint", "/v1/checkpoints", ["id", "job_id", "size_bytes", "created_at"],
+                           "Merged checkpoints.")
 
 
 @models.command("add")
@@ -238,6 +240,10 @@ def models_add(file: Path = typer.Argument(..., exists=True, dir_okay=False), na
                config: Path = typer.Option(None, exists=True, dir_okay=False, help="An open_clip config, JSON."),
                url: str = UrlOption, key: str = KeyOption) -> None:
     """Register a base model from a safetensors state dict."""
+    if (architecture is None) == (config is None):  # the server's rule, before the file is sent
+        console.print("[red]give exactly one of --config CFG.json or --architecture NAME[/]: the model the weights "
+                      "are for")
+        raise typer.Exit(2)
     try:
         config_value = json.loads(config.read_text(encoding="utf-8")) if config else None
     except ValueError as exc:  # not JSON, or not UTF-8
@@ -261,6 +267,7 @@ def vectors_add(file: Path = typer.Argument(..., exists=True, dir_okay=False),
                 url: str = UrlOption, key: str = KeyOption) -> None:
     """Upload a task vector (or fine-tuned weights, with --finetuned)."""
     with api_errors(), open_client(url, key) as client, byte_progress() as progress:
+        client.get(f"/v1/base-models/{base}")  # an unknown base is a 404 before the file is sent, not after
         row = client.upload_task_vector(base, name or file.stem, file, kind="finetuned" if finetuned else "task_vector",
                                         class_names=_names(class_names),
                                         progress=progress_callback(progress, f"upload {file.name}"))
@@ -268,11 +275,11 @@ def vectors_add(file: Path = typer.Argument(..., exists=True, dir_okay=False),
 
 
 @vectors.command("download")
-def vectors_download(vector_id: str, dest: Path = typer.Argument(None), url: str = UrlOption,
+def vectors_download(vector_id: str, dest: str = DestArgument, url: str = UrlOption,
                      key: str = KeyOption) -> None:
     """Download a stored task vector (resumes an interrupted download)."""
     with api_errors(), open_client(url, key) as client, byte_progress() as progress:
-        path = client.download_task_vector(vector_id, dest or Path(f"{vector_id}.safetensors"),
+        path = client.download_task_vector(vector_id, dest or f"{vector_id}.safetensors",
                                            progress=progress_callback(progress, vector_id))
     typer.echo(str(path))
 
@@ -308,13 +315,6 @@ def jobs_cancel(job_id: str, url: str = UrlOption, key: str = KeyOption) -> None
     console.print(f"job {escape(job_id)}: {escape(job['status'])}, cancel requested")
 
 
-@checkpoints.command("show")
-def checkpoints_show(checkpoint_id: str, url: str = UrlOption, key: str = KeyOption) -> None:
-    """A checkpoint's job, sha256, size and contents."""
-    with api_errors(), open_client(url, key) as client:
-        out.print_json(json.dumps(client.get_checkpoint(checkpoint_id)))
-
-
 @checkpoints.command("card")
 def checkpoints_card(checkpoint_id: str, as_json: bool = typer.Option(False, "--json", help="JSON, not markdown."),
                      url: str = UrlOption, key: str = KeyOption) -> None:
@@ -327,26 +327,19 @@ def checkpoints_card(checkpoint_id: str, as_json: bool = typer.Option(False, "--
         typer.echo(card)
 
 
-@checkpoints.command("rm")
-def checkpoints_rm(checkpoint_id: str, url: str = UrlOption, key: str = KeyOption) -> None:
-    """Delete a checkpoint."""
-    with api_errors(), open_client(url, key) as client:
-        client.delete(f"/v1/checkpoints/{checkpoint_id}")
-    console.print(f"deleted checkpoint {escape(checkpoint_id)}")
-
-
 @checkpoints.command("download")
-def checkpoints_download(checkpoint_id: str, dest: Path = typer.Argument(None), url: str = UrlOption,
+def checkpoints_download(checkpoint_id: str, dest: str = DestArgument, url: str = UrlOption,
                          key: str = KeyOption) -> None:
     """Download a checkpoint (resumes an interrupted download, checks the sha256)."""
     with api_errors(), open_client(url, key) as client, byte_progress() as progress:
-        path = client.download_checkpoint(checkpoint_id, dest or Path(f"{checkpoint_id}.safetensors"),
+        path = client.download_checkpoint(checkpoint_id, dest or f"{checkpoint_id}.safetensors",
                                           progress=progress_callback(progress, checkpoint_id))
     typer.echo(str(path))
 
 
-def report_job(job: dict) -> None:
-    """What a finished job chose and measured, in a few lines (the server's text escaped, never read as markup)."""
+def report_job(job: dict, dataset_names: dict[str, str] | None = None) -> None:
+    """What a finished job chose and measured, in a few lines (the server's text escaped, never read as markup);
+    an evaluation's datasets by name too where dataset_names knows them."""
     console.print(f"job {escape(job['id'])}: [bold]{escape(job['status'])}[/]")
     if job.get("error"):
         console.print(f"[red]{escape(str(job['error'].get('title', 'error')))}[/]: "
@@ -354,14 +347,24 @@ def report_job(job: dict) -> None:
     metrics = (job.get("result") or {}).get("metrics") or {}
     for name, chosen in (metrics.get("chosen") or {}).items():
         console.print(escape(f"  {name} = {chosen.get('value')} ({chosen.get('source')})"))
+    if ((metrics.get("chosen") or {}).get("best_epoch") or {}).get("value") == 0:
+        console.print("  [yellow]best_epoch 0 is the coefficients before training[/]: no epoch scored better on "
+                      "the selection data, so the checkpoint keeps none of what was learned (the learning curve "
+                      "shows each epoch)")
     evaluation = metrics.get("evaluation")
     if evaluation:
         datasets = evaluation.get("datasets", {})
-        table = Table(_whole_column("dataset", list(datasets)), "split", "accuracy", "normalised", title="evaluation")
+        names = dataset_names or {}
+        table = Table(_whole_column("dataset", list(datasets)), "name", "split", "accuracy", "normalised",
+                      title="evaluation")
         for dataset_id, row in datasets.items():
-            table.add_row(*(escape(_cell(v)) for v in (dataset_id, row.get("split"), row.get("accuracy"),
-                                                       row.get("normalised_accuracy"))))
+            table.add_row(*(escape(_cell(v)) for v in (dataset_id, names.get(dataset_id), row.get("split"),
+                                                       row.get("accuracy"), row.get("normalised_accuracy"))))
         console.print(table)
+        if "mean_accuracy" in evaluation:
+            console.print(escape(f"  mean accuracy {_cell(evaluation['mean_accuracy'])}"
+                                 + (f", mean normalised {_cell(evaluation['mean_normalised_accuracy'])}"
+                                    if "mean_normalised_accuracy" in evaluation else "")))
 
 
 def submit_recipe_job(client: TvforgeClient, body: dict) -> JobInfo:
@@ -422,7 +425,7 @@ def merge(recipe_file: Path = typer.Argument(..., exists=True, dir_okay=False, h
         job = submit_recipe_job(client, body)
         console.print(escape(f"job {job['id']} ({job['method']}): {job['status']}"))
         job = watch_job(client, job["id"])
-        report_job(job)
+        report_job(job, run.dataset_names)
         if job["status"] != "succeeded":
             raise typer.Exit(1)
         checkpoint_id = job["result"]["checkpoint_id"]
@@ -434,6 +437,42 @@ def merge(recipe_file: Path = typer.Argument(..., exists=True, dir_okay=False, h
         card.write_text(client.checkpoint_card(checkpoint_id, markdown=True))
         console.print(f"model card: {escape(str(card))}")
     typer.echo(str(dest))
+
+
+def evaluate(checkpoint: str = typer.Option(None, "--checkpoint", help="The checkpoint to evaluate."),
+             base: str = typer.Option(None, "--base", help="Or a base model, as it is (zero-shot)."),
+             dataset: list[str] = typer.Option(..., "--dataset", "-d", help="A labelled dataset's id; repeatable."),
+             split: str = typer.Option(None, help="train, val or test for every dataset; default: test, else val, "
+                                                  "else train."),
+             reference: list[str] = typer.Option([], "--reference", metavar="DATASET_ID=REFERENCE_ID",
+                                                 help="Normalise a dataset's accuracy by a task vector's fine-tuned "
+                                                      "model (tv_...) or a checkpoint (ckpt_...); repeatable."),
+             as_json: bool = typer.Option(False, "--json", help="Print the finished job as JSON."),
+             url: str = UrlOption, key: str = KeyOption) -> None:
+    """Measure a checkpoint, or a base model zero-shot, on datasets: submit, follow, print the accuracies."""
+    if (checkpoint is None) == (base is None):
+        console.print("[red]give exactly one of --checkpoint ID or --base ID[/]")
+        raise typer.Exit(2)
+    references: dict[str, dict[str, str]] = {}
+    for item in reference:
+        dataset_id, equals, reference_id = item.partition("=")
+        field = {"tv": "reference_task_vector_id", "ckpt": "reference_checkpoint_id"}.get(reference_id.split("_")[0])
+        if not equals or field is None or dataset_id not in dataset:
+            console.print(f"[red]--reference takes DATASET_ID=tv_... or DATASET_ID=ckpt_...[/] for a dataset given "
+                          f"with --dataset; not {escape(item)!r}")
+            raise typer.Exit(2)
+        references[dataset_id] = {field: reference_id}
+    datasets = [{"dataset_id": dataset_id, **references.get(dataset_id, {}), **({"split": split} if split else {})}
+                for dataset_id in dataset]
+    with api_errors(), open_client(url, key) as client:
+        job = client.create_evaluation(datasets, checkpoint_id=checkpoint, base_model_id=base)
+        console.print(escape(f"job {job['id']} (evaluation): {job['status']}"))
+        job = watch_job(client, job["id"])
+        report_job(job, {dataset_id: client.get(f"/v1/datasets/{dataset_id}")["name"] for dataset_id in dataset})
+    if as_json:
+        out.print_json(json.dumps(job))
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
 
 
 recipe = typer.Typer(help="Merge recipes.", no_args_is_help=True)
@@ -462,6 +501,7 @@ def recipe_check(recipe_file: Path = typer.Argument(..., exists=True, dir_okay=F
 
 def register(cli: typer.Typer) -> None:
     cli.command()(merge)
+    cli.command()(evaluate)
     cli.add_typer(recipe, name="recipe")
     for name, app in [("models", models), ("vectors", vectors), ("datasets", datasets), ("jobs", jobs),
                       ("checkpoints", checkpoints)]:

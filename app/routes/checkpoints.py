@@ -1,19 +1,27 @@
 """Merged checkpoints produced by jobs."""
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from app.cards import card_markdown, model_card
 from app.deps import BlobsDep, OwnerDep, ReleasingRoute, SessionDep, owned_or_404
 from app.downloads import DOWNLOAD_RESPONSES, blob_response
 from app.problems import PROBLEM_RESPONSES, Problem
-from app.schemas import CheckpointOut
+from app.schemas import CheckpointOut, JobIdQuery, Page, Sha256Query
 from store import jobs
 from store.models import Checkpoint, Job, JobInput
-from store.queries import delete_unless_in_use
+from store.queries import delete_unless_in_use, page
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=PROBLEM_RESPONSES,
                    route_class=ReleasingRoute)
+
+
+@router.get("", response_model=Page[CheckpointOut])
+def list_checkpoints(owner: OwnerDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                     cursor: str | None = None, job_id: JobIdQuery = None, sha256: Sha256Query = None):
+    where = ((Checkpoint.job_id == job_id,) if job_id else ()) + ((Checkpoint.sha256 == sha256,) if sha256 else ())
+    items, next_cursor = page(session, Checkpoint, owner, limit, cursor, where)
+    return {"items": items, "next_cursor": next_cursor}
 
 
 @router.get("/{checkpoint_id}", response_model=CheckpointOut)

@@ -52,6 +52,7 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
         tau_path = blobs.pending_path(".safetensors")
         try:
             weights.finetuned_to_task_vector(upload.file.path, header, base_path, base_header, tau_path)
+            weights.check_kind(upload.file.path, header, base_path, base_header, kind)
             tau_header = read_header(tau_path)
             stats = weights.validate_task_vector(tau_path, tau_header, base_header)
             committed = blobs.commit_file(tau_path)
@@ -59,6 +60,7 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
             tau_path.unlink(missing_ok=True)
     else:
         stats = weights.validate_task_vector(upload.file.path, header, base_header)
+        weights.check_kind(upload.file.path, header, base_path, base_header, kind)
         tau_header = header
         committed = blobs.commit(upload.file)
     row = TaskVector(id=new_id("tv"), owner=owner, base_model_id=base.id, name=name, source_kind=kind,
