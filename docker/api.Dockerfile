@@ -15,7 +15,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # The API only inspects models on the CPU: the CPU wheels are gigabytes smaller than
 # PyPI's CUDA build. Installed alone first so this layer survives source changes.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch torchvision
+# Pinned to the versions the test suite ran with (torch 2.14 ships CUDA 12.6, 13.0 and 13.2 builds): unpinned, an
+# index that stops building a line serves an older torch without a word.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1
 
 WORKDIR /opt/tvforge
 # .dockerignore keeps the context to what `pip install .` needs.

@@ -17,7 +17,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # default torch is now a CUDA 13 build, which needs driver 580 or later: on an older host torch would find no GPU
 # and a worker left on `auto` would run everything on the CPU. Installed alone first so this layer survives source
 # changes.
-RUN pip install --index-url https://download.pytorch.org/whl/cu126 torch torchvision
+# Pinned to the versions the test suite ran with (torch 2.14 ships CUDA 12.6, 13.0 and 13.2 builds): unpinned, an
+# index that stops building a line serves an older torch without a word.
+RUN pip install --index-url https://download.pytorch.org/whl/cu126 torch==2.14.1 torchvision==0.29.1
 
 WORKDIR /opt/tvforge
 # .dockerignore keeps the context to what `pip install .` needs.
