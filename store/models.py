@@ -50,6 +50,11 @@ class database_utcnow(FunctionElement):  # lower case, as SQL's own functions
     inherit_cache = True
 
 
+@compiles(database_utcnow)
+def _utcnow(element, compiler, **kw) -> str:  # printed statements; the service runs on the two below
+    return "CURRENT_TIMESTAMP"
+
+
 @compiles(database_utcnow, "postgresql")
 def _postgresql_utcnow(element, compiler, **kw) -> str:
     return "timezone('utc', statement_timestamp())"

@@ -172,8 +172,13 @@ KIND_CHECK_MAX_ENTRIES = 1 << 16  # per tensor: the 1-D tensors of a CLIP are it
 
 def distance_from_base(path: Path, header: Header, base_path: Path, base: Header) -> float | None:
     """||x - theta_0|| / ||theta_0|| over the small 1-D float tensors stored dense in both files; None without any
-    (a LoRA-only vector) or when it is not finite (the NaN and Inf checks say why)."""
-    vector = TaskVectorFile(path, header, base.tensors)
+    (a LoRA-only vector) or when it is not finite (the NaN and Inf checks say why). Keys and shapes are checked
+    against the base first (from the header)."""
+    try:
+        vector = TaskVectorFile(path, header, base.tensors)
+    except SafetensorsError as exc:
+        raise WeightsError(422, f"Invalid LoRA factors: {exc}.") from None
+    _check_against_base(vector.layout.dense, base)
     base_tensors = MappedTensors(base_path, base)
     names = [name for name, info in vector.layout.dense.items()
              if len(info.shape) == 1 and info.numel <= KIND_CHECK_MAX_ENTRIES and info.is_float

@@ -76,14 +76,16 @@ def test_merge_runs_the_example_and_the_checkpoint_loads_with_plain_open_clip(me
     assert model.encode_image(image).shape == (2, TINY_CLIP_CONFIG["embed_dim"])
 
 
-def test_merge_again_reuses_every_upload_and_the_same_job(stack, example, merged):
+def test_merge_again_reuses_every_upload_and_the_same_job(stack, example, merged, tmp_path):
     with stack.client() as client:
         before = {path: len(list(client.iterate(path))) for path in ("/v1/base-models", "/v1/task-vectors",
                                                                       "/v1/jobs")}
-        result = tvforge("merge", str(example), stack=stack)
+        result = tvforge("merge", str(example), "-o", f"{tmp_path / 'into'}/", stack=stack)
         after = {path: len(list(client.iterate(path))) for path in before}
     assert after == before
     assert result.stderr.count("(already on the server)") == 4
+    written = Path(result.stdout.strip())  # -o DIR/: the checkpoint in the directory, named by its id
+    assert written.parent == tmp_path / "into" and written.read_bytes() == merged[1].read_bytes()
 
 
 def test_a_recipe_that_renames_its_files_reuses_them_too(stack, example, merged):
@@ -425,6 +427,22 @@ def test_local_mistakes_are_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "data" / "tvforge.db").exists()
 
 
+def example_zip(folder: Path) -> Path:
+    """A zip of class folders of images (what zip datasets are), one image each."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    path = folder / "images.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in ("red", "green"):
+            image = io.BytesIO()
+            Image.new("RGB", (8, 8), name).save(image, "PNG")
+            archive.writestr(f"{name}/0.png", image.getvalue())
+    return path
+
+
 def test_uploads_from_the_command_line_take_class_names_and_templates(stack, tmp_path):
     import numpy as np
 
@@ -442,6 +460,18 @@ def test_uploads_from_the_command_line_take_class_names_and_templates(stack, tmp
         assert client.find_equivalent_dataset(sha, None, ["a blurry photo of {c}."], "colours") is None
         assert client.find_equivalent_dataset(sha, None, None, "colours") is None  # the service's templates
         assert client.find_equivalent_dataset(sha, ["green", "red"], templates, "colours") is None
+    # An npz carrying its own templates, uploaded without any: a recipe that names none finds it again.
+    from tvforge.recipe import npz_templates
+
+    carrying = tmp_path / "carrying.npz"
+    np.savez(carrying, images=np.zeros((2, 8, 8, 3), np.uint8), labels=np.array([0, 1]),
+             class_names=np.array(["red", "green"]), templates=np.array(["a {c} thing."]))
+    carrying_id = tvforge("datasets", "add", str(carrying), stack=stack).stdout.strip()
+    assert npz_templates(carrying) == ["a {c} thing."] and npz_templates(example_zip(tmp_path)) is None
+    with stack.client() as client:
+        found = client.find_equivalent_dataset(hashlib.sha256(carrying.read_bytes()).hexdigest(), None,
+                                               npz_templates(carrying), "carrying")
+    assert found is not None and found["id"] == carrying_id
 
 
 def test_evaluate_measures_a_checkpoint_from_the_command_line(stack, merged, tmp_path):

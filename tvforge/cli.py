@@ -126,14 +126,15 @@ def worker(concurrency: int = typer.Option(1, help="Jobs run at once (one per GP
     if unknown or not names:
         raise typer.BadParameter(f"unknown queue(s) {unknown}; choose from {', '.join(QUEUES)}", param_hint="--queues")
     device = get_settings().device
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            # Started, it would take jobs off the queue and fail each one, or keep them from a healthy worker.
-            typer.echo(f"TVFORGE_DEVICE={device}, but torch {torch.__version__} finds no CUDA device (the driver, the "
-                       f"container's GPU reservation, CUDA_VISIBLE_DEVICES): not taking jobs.", err=True)
-            raise typer.Exit(1)
+    # Asked in a process of its own: CUDA initialised here, before the pool forks, could not be used by its
+    # processes ("Cannot re-initialize CUDA in forked subprocess").
+    if device.startswith("cuda") and subprocess.run(
+            [sys.executable, "-c", "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"],
+            timeout=300).returncode != 0:
+        # Started, it would take jobs off the queue and fail each one, or keep them from a healthy worker.
+        typer.echo(f"TVFORGE_DEVICE={device}, but torch finds no CUDA device (the driver, the container's GPU "
+                   f"reservation, CUDA_VISIBLE_DEVICES): not taking jobs.", err=True)
+        raise typer.Exit(1)
     from worker.tasks import celery_app  # registers the job task on the shared app
     celery_app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "--pool=prefork",
                             "-Q", ",".join(QUEUES[name] for name in names), "--without-gossip", "--without-mingle"])

@@ -184,7 +184,11 @@ def is_embedded(url: str) -> bool:
     """Whether url names this machine's embedded service: a loopback address (or its bind address) and its port."""
     from tvforge.settings import get_settings
 
-    settings, parsed = get_settings(), httpx.URL(url)
+    settings = get_settings()
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:  # not a URL at all: certainly not the embedded service's (httpx says why later)
+        return False
     return parsed.host in {"127.0.0.1", "localhost", "::1", settings.api_host} and parsed.port == settings.api_port
 
 
@@ -430,12 +434,13 @@ class TvforgeClient:
         return self._json(self.request("POST", "/v1/jobs", json=body, params={"dry_run": "true"}))
 
     def list_jobs(self, status: str | None = None, kind: str | None = None) -> Iterator[JobInfo]:
-        """The caller's jobs, newest first, optionally of one status (queued, running, ...) or kind."""
+        """The caller's jobs, oldest first (ids are time-ordered), optionally of one status (queued, running, ...)
+        or kind."""
         filters = {name: value for name, value in (("status", status), ("kind", kind)) if value is not None}
         return self.iterate("/v1/jobs", **filters)
 
     def list_checkpoints(self, job_id: str | None = None) -> Iterator[CheckpointInfo]:
-        """The caller's checkpoints, newest first, optionally the one a job made."""
+        """The caller's checkpoints, oldest first, optionally the one a job made."""
         return self.iterate("/v1/checkpoints", **({"job_id": job_id} if job_id else {}))
 
     def methods(self) -> list[MethodInfo]:

@@ -253,9 +253,10 @@ class RecipeRun:
         if ref.id:
             return self._known("dataset", f"/v1/datasets/{ref.id}")
         file = self.root / ref.path
+        templates = ref.templates if ref.templates is not None else npz_templates(file)
         return self._upload_once("dataset", name,
                                  lambda: self.client.find_equivalent_dataset(file_sha256(file), ref.class_names,
-                                                                            ref.templates, name),
+                                                                            templates, name),
                                  lambda progress: self.client.upload_dataset(
                                      name, file, class_names=ref.class_names, templates=ref.templates,
                                      progress=progress))
@@ -273,6 +274,21 @@ class RecipeRun:
             row = upload(self.upload_progress(f"{what} {name}"))
         self.report(Uploaded(what, name, row["id"], reused))
         return row["id"]
+
+
+def npz_templates(path: Path) -> list[str] | None:
+    """The templates an npz dataset carries, which the server keeps when the upload gives none; None for any other
+    file (a zip of images has only what the upload gives)."""
+    import zipfile
+
+    import numpy as np
+
+    if not zipfile.is_zipfile(path):
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        if "templates" not in data.files:
+            return None
+        return [value.decode() if isinstance(value, bytes) else str(value) for value in data["templates"]]
 
 
 def params_with_ids(params: MethodParams, vector_ids: dict[str, str], dataset_ids: dict[str, str]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 HTTP, with rich progress. The server and key come from --url/--key, TVFORGE_URL/TVFORGE_API_KEY, the config
 file (TVFORGE_CONFIG, default ~/.config/tvforge/config.toml), else the embedded service's own (`tvforge up`)."""
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -195,7 +196,7 @@ def resource_app(name: str, path: str, columns: list[str], help_text: str) -> ty
            where: list[str] = typer.Option([], "--where", "-w", metavar="FIELD=VALUE",
                                            help=f"Only those with this value of {', '.join(filters)}; "
                                                 "repeatable.")) -> None:
-        """List them all, newest first."""
+        """List them all, oldest first."""
         selected = {}
         for item in where:
             field, equals, value = item.partition("=")
@@ -402,8 +403,9 @@ def _unusable(client: TvforgeClient, job: JobInfo) -> str | None:
 
 
 def merge(recipe_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A recipe (YAML)."),
-          output: Path = typer.Option(None, "--output", "-o", help="Where the checkpoint goes; default: the "
-                                                                  "recipe's `output`, else <job id>.safetensors."),
+          output: str = typer.Option(None, "--output", "-o", help="Where the checkpoint goes (a directory: ending "
+                                                                 "in /); default: the recipe's `output`, else "
+                                                                 "<job id>.safetensors."),
           url: str = UrlOption, key: str = KeyOption) -> None:
     """Run a merge recipe: upload what it names (skipping files the server holds), submit the job, follow
     its progress, download the checkpoint."""
@@ -430,8 +432,10 @@ def merge(recipe_file: Path = typer.Argument(..., exists=True, dir_okay=False, h
             raise typer.Exit(1)
         checkpoint_id = job["result"]["checkpoint_id"]
         with byte_progress() as progress:
+            # A string, so that a directory's trailing slash survives (tvforge.client._file_in).
             dest = client.download_checkpoint(
-                checkpoint_id, output or (root / recipe.output if recipe.output else Path(f"{job['id']}.safetensors")),
+                checkpoint_id, output or (os.path.join(root, recipe.output) if recipe.output
+                                          else f"{job['id']}.safetensors"),
                 progress=progress_callback(progress, f"download {checkpoint_id}"))
         card = dest.with_name(dest.name.removesuffix(".safetensors") + ".card.md")
         card.write_text(client.checkpoint_card(checkpoint_id, markdown=True))
@@ -457,18 +461,21 @@ def evaluate(checkpoint: str = typer.Option(None, "--checkpoint", help="The chec
     for item in reference:
         dataset_id, equals, reference_id = item.partition("=")
         field = {"tv": "reference_task_vector_id", "ckpt": "reference_checkpoint_id"}.get(reference_id.split("_")[0])
-        if not equals or field is None or dataset_id not in dataset:
-            console.print(f"[red]--reference takes DATASET_ID=tv_... or DATASET_ID=ckpt_...[/] for a dataset given "
-                          f"with --dataset; not {escape(item)!r}")
+        if not equals or field is None or dataset_id not in dataset or dataset_id in references:
+            console.print(f"[red]--reference takes DATASET_ID=tv_... or DATASET_ID=ckpt_...[/], once for a dataset "
+                          f"given with --dataset; not {escape(item)!r}")
             raise typer.Exit(2)
         references[dataset_id] = {field: reference_id}
     datasets = [{"dataset_id": dataset_id, **references.get(dataset_id, {}), **({"split": split} if split else {})}
                 for dataset_id in dataset]
     with api_errors(), open_client(url, key) as client:
+        # Named before the job: an unknown id is a 404 now, and a dataset deleted while it runs cannot fail a
+        # finished evaluation's report.
+        names = {dataset_id: client.get(f"/v1/datasets/{dataset_id}")["name"] for dataset_id in dataset}
         job = client.create_evaluation(datasets, checkpoint_id=checkpoint, base_model_id=base)
         console.print(escape(f"job {job['id']} (evaluation): {job['status']}"))
         job = watch_job(client, job["id"])
-        report_job(job, {dataset_id: client.get(f"/v1/datasets/{dataset_id}")["name"] for dataset_id in dataset})
+        report_job(job, names)
     if as_json:
         out.print_json(json.dumps(job))
     if job["status"] != "succeeded":

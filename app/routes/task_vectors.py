@@ -49,10 +49,10 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
     # LoRA factors give a weight two tensors: no task vector or checkpoint of this base lists more than twice its.
     header = weights.read_weights_header(upload.file.path, upload.filename, max_tensors=2 * len(base_header.tensors))
     if kind == "finetuned":
+        weights.check_kind(upload.file.path, header, base_path, base_header, kind)  # before a conversion's work
         tau_path = blobs.pending_path(".safetensors")
         try:
             weights.finetuned_to_task_vector(upload.file.path, header, base_path, base_header, tau_path)
-            weights.check_kind(upload.file.path, header, base_path, base_header, kind)
             tau_header = read_header(tau_path)
             stats = weights.validate_task_vector(tau_path, tau_header, base_header)
             committed = blobs.commit_file(tau_path)
