@@ -46,3 +46,8 @@ def test_another_server_never_gets_the_embedded_admin_key(embedded, monkeypatch)
 def test_a_key_given_wins_over_the_embedded_one(embedded, monkeypatch):
     monkeypatch.setenv("TVFORGE_API_KEY", "tvf_mine")
     assert load_config().api_key == "tvf_mine"
+
+
+def test_a_url_that_does_not_parse_is_no_key_not_a_traceback(embedded):
+    with pytest.raises(ValueError, match="no API key"):
+        load_config(url="http://host:port")
