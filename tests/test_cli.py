@@ -383,10 +383,9 @@ def test_watching_a_job_outlives_a_cut_event_stream(stack, long_job):
     assert finished["status"] == "succeeded" and proxy.cuts == 1
 
 
-def test_watching_a_job_waits_out_a_gateway_that_refuses_its_stream(stack, long_job, capsys):
+def test_watching_a_job_waits_out_a_gateway_that_refuses_its_stream(stack, long_job):
     """The first two event streams get a gateway's 502 and a rate limit's 429 (as during an API restart behind a
-    proxy): the watch waits and follows a new stream to the end; it used to exit with the 502. Not on a terminal,
-    it writes its progress as lines as it goes (it used to say nothing until the end)."""
+    proxy): the watch waits and follows a new stream to the end; it used to exit with the 502."""
     from tvforge.user_commands import watch_job
 
     answers = [b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Type: application/problem+json\r\n"
@@ -402,7 +401,17 @@ def test_watching_a_job_waits_out_a_gateway_that_refuses_its_stream(stack, long_
         finished = watch_job(client, long_job(client, epochs=30)["id"])
     proxy.close()
     assert finished["status"] == "succeeded" and proxy.cuts == 2 and not answers
+
+
+def test_a_watch_not_on_a_terminal_writes_its_progress_as_lines_as_it_goes(stack, long_job, capsys):
+    """No bar is drawn into a pipe or a CI log: a line at each stage and tenth of the way instead (it used to say
+    nothing until the job ended). Watched from its submission, the job is seen running."""
+    from tvforge.user_commands import watch_job
+
+    with stack.client() as client:
+        finished = watch_job(client, long_job(client, epochs=30)["id"])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"job {finished['id']}: ")]
+    assert finished["status"] == "succeeded"
     assert len(lines) >= 2 and any(line.startswith(f"job {finished['id']}: running ") for line in lines), lines
 
 
