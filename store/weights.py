@@ -140,16 +140,22 @@ class TaskVectorStats:
     lora_rank: int | None  # the largest rank of its LoRA factors; None for a dense vector
 
 
-def validate_task_vector(path: Path, header: Header, base: Header) -> TaskVectorStats:
-    """Checks a task vector (dense tensors and/or LoRA factors, engine.task_vectors) against its base from the
-    header alone, then its values chunk by chunk; returns its L2 norm, top-k cuts, mean magnitudes and LoRA rank."""
-    if not header.tensors:
-        raise WeightsError(422, "The file holds no tensors.")
+def _checked_vector_file(path: Path, header: Header, base: Header) -> TaskVectorFile:
+    """The file as a task vector of the base, its LoRA factors, keys and shapes checked from the header."""
     try:
         vector = TaskVectorFile(path, header, base.tensors)
     except SafetensorsError as exc:
         raise WeightsError(422, f"Invalid LoRA factors: {exc}.") from None
     _check_against_base(vector.layout.dense, base)
+    return vector
+
+
+def validate_task_vector(path: Path, header: Header, base: Header) -> TaskVectorStats:
+    """Checks a task vector (dense tensors and/or LoRA factors, engine.task_vectors) against its base from the
+    header alone, then its values chunk by chunk; returns its L2 norm, top-k cuts, mean magnitudes and LoRA rank."""
+    if not header.tensors:
+        raise WeightsError(422, "The file holds no tensors.")
+    vector = _checked_vector_file(path, header, base)
     not_float = [n for n, info in vector.layout.dense.items() if not (info.is_float and base.tensors[n].is_float)]
     not_float += [n for n in vector.layout.factors if not base.tensors[n].is_float]
     if not_float:
@@ -174,11 +180,7 @@ def distance_from_base(path: Path, header: Header, base_path: Path, base: Header
     """||x - theta_0|| / ||theta_0|| over the small 1-D float tensors stored dense in both files; None without any
     (a LoRA-only vector) or when it is not finite (the NaN and Inf checks say why). Keys and shapes are checked
     against the base first (from the header)."""
-    try:
-        vector = TaskVectorFile(path, header, base.tensors)
-    except SafetensorsError as exc:
-        raise WeightsError(422, f"Invalid LoRA factors: {exc}.") from None
-    _check_against_base(vector.layout.dense, base)
+    vector = _checked_vector_file(path, header, base)
     base_tensors = MappedTensors(base_path, base)
     names = [name for name, info in vector.layout.dense.items()
              if len(info.shape) == 1 and info.numel <= KIND_CHECK_MAX_ENTRIES and info.is_float

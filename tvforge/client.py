@@ -351,7 +351,7 @@ class TvforgeClient:
         registering the same weights again under another name would upload them again."""
         same = [m for m in self.iterate("/v1/base-models", sha256=sha256)
                 if m["architecture"] == architecture and m["config"] == config]
-        return next((m for m in same if m["name"] == name), same[0] if same else None)
+        return _named_first(same, name)
 
     def find_task_vector(self, base_model_id: str, source_sha256: str, name: str | None = None,
                          kind: str | None = None) -> TaskVectorInfo | None:
@@ -367,7 +367,7 @@ class TvforgeClient:
         under any name (the one named so first)."""
         same = [v for v in self.iterate("/v1/task-vectors", base_model_id=base_model_id, source_sha256=source_sha256)
                 if v["source_kind"] == kind and v["class_names"] == class_names]
-        return next((v for v in same if v["name"] == name), same[0] if same else None)
+        return _named_first(same, name)
 
     def find_dataset(self, source_sha256: str, name: str | None = None) -> DatasetInfo | None:
         return next((d for d in self.iterate("/v1/datasets", source_sha256=source_sha256)
@@ -380,7 +380,7 @@ class TvforgeClient:
         the same bytes but other prompts gives other zero-shot heads, and is not the same."""
         same = [d for d in self.iterate("/v1/datasets", source_sha256=source_sha256)
                 if d["templates"] == templates and (class_names is None or d["class_names"] == class_names)]
-        return next((d for d in same if d["name"] == name), same[0] if same else None)
+        return _named_first(same, name)
 
     def register_base_model(self, name: str, file: Path, architecture: str | None = None,
                             config: dict | None = None, progress: Progress | None = None) -> BaseModelInfo:
@@ -560,6 +560,11 @@ class TvforgeClient:
                     done += len(chunk)
                     if progress:
                         progress(done, size)
+
+
+def _named_first(rows: list, name: str):
+    """The row called name, else the first (the equivalent file registered first under another name), else None."""
+    return next((row for row in rows if row["name"] == name), rows[0] if rows else None)
 
 
 def _file_in(dest: str | os.PathLike, resource_id: str) -> Path:

@@ -48,8 +48,8 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
     base_header = read_header(base_path)
     # LoRA factors give a weight two tensors: no task vector or checkpoint of this base lists more than twice its.
     header = weights.read_weights_header(upload.file.path, upload.filename, max_tensors=2 * len(base_header.tensors))
+    weights.check_kind(upload.file.path, header, base_path, base_header, kind)  # before any value is read whole
     if kind == "finetuned":
-        weights.check_kind(upload.file.path, header, base_path, base_header, kind)  # before a conversion's work
         tau_path = blobs.pending_path(".safetensors")
         try:
             weights.finetuned_to_task_vector(upload.file.path, header, base_path, base_header, tau_path)
@@ -60,7 +60,6 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
             tau_path.unlink(missing_ok=True)
     else:
         stats = weights.validate_task_vector(upload.file.path, header, base_header)
-        weights.check_kind(upload.file.path, header, base_path, base_header, kind)
         tau_header = header
         committed = blobs.commit(upload.file)
     row = TaskVector(id=new_id("tv"), owner=owner, base_model_id=base.id, name=name, source_kind=kind,
