@@ -1,6 +1,7 @@
 """Request dependencies: a database session, the caller's identity, the blob store."""
 import functools
 import inspect
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -79,6 +80,33 @@ def current_owner(session: SessionDep, settings: SettingsDep, credentials: Crede
 
 
 OwnerDep = Annotated[str, Depends(current_owner)]
+
+
+# Per owner, the uploads, downloads and event streams this process is serving. Each can hold its connection for
+# as long as the client trickles or reads: without a bound, one key could take every connection the server
+# accepts (TVFORGE_MAX_CONNECTIONS). Only the event loop touches it (the dependency below is async).
+_open_long_requests: Counter[str] = Counter()
+LONG_REQUEST_RETRY_AFTER_S = 5
+
+
+async def long_request_owner(owner: OwnerDep, settings: SettingsDep) -> AsyncIterator[str]:
+    """The owner, holding one of their long-request slots until the response has been sent (request scope:
+    streamed bodies included); a 429 problem when all of them are taken."""
+    limit = settings.max_long_requests_per_owner
+    if _open_long_requests[owner] >= limit:
+        raise Problem(429, f"This key already has {limit} uploads, downloads and event streams open on this "
+                           "server; retry when one has finished.", slug="too-many-open-requests",
+                      headers={"Retry-After": str(LONG_REQUEST_RETRY_AFTER_S)})
+    _open_long_requests[owner] += 1
+    try:
+        yield owner
+    finally:
+        _open_long_requests[owner] -= 1
+        if not _open_long_requests[owner]:
+            del _open_long_requests[owner]
+
+
+LongRequestOwnerDep = Annotated[str, Depends(long_request_owner, scope="request")]
 
 
 RESOURCE_NAMES = {BaseModel: "base model", TaskVector: "task vector", Dataset: "dataset", Job: "job",

@@ -22,6 +22,9 @@ from tests.test_bad_input import TINY_CLIP_CONFIG, assert_problem, leaves_nothin
 
 pytestmark = pytest.mark.integration
 MiB = 1024 * 1024
+# One owner's slow uploads and event streams outnumber the database pool's connections (test_slow_clients
+# checks the per-owner cap itself).
+STACK_SETTINGS = {"max_long_requests_per_owner": 64}
 
 
 def peak_rss(stack) -> int:

@@ -1,11 +1,13 @@
 """Jobs are routed by what they do: the model queue for jobs that run the model on images, the tensor queue
 for streaming merges; a worker takes only the queues it is given."""
 import os
+import re
 import shlex
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,9 +33,9 @@ def test_a_job_goes_to_the_model_queue_exactly_when_it_runs_the_model(kind, inpu
 @pytest.mark.integration
 def test_a_worker_takes_only_its_queues(tmp_path_factory, demo_assets):
     redis_url, stop_redis = start_redis()
-    stack = Stack(tmp_path_factory.mktemp("queues"), redis_url)
+    stack = Stack(tmp_path_factory.mktemp("queues"), redis_url, torch_threads=0)  # the default, as deployed
     stack.start_api()
-    stack.start_worker("--queues", "tensors")
+    stack.start_worker("--queues", "tensors", "--concurrency", "2")  # as compose's CPU worker
     try:
         with stack.client() as client:
             ids = register_long_job_inputs(client, demo_assets, tmp_path_factory.mktemp("queue-inputs"))
@@ -45,9 +47,19 @@ def test_a_worker_takes_only_its_queues(tmp_path_factory, demo_assets):
             assert client.get_job(model_job["id"])["status"] == "queued"
             stack.start_worker("--queues", "model")
             assert client.wait_for_job(model_job["id"], timeout_s=180)["status"] == "succeeded"
+        # torch's default (a thread per core) is shared among a worker's pool processes: two here, one there
+        default = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                                     env=stack.env, capture_output=True, text=True, check=True).stdout)
+        assert pool_threads(stack.root / "worker0.log") == [max(1, default // 2)] * 2
+        assert pool_threads(stack.root / "worker1.log") == [default]
     finally:
         stack.stop()
         stop_redis()
+
+
+def pool_threads(log: Path) -> list[int]:
+    """The torch threads each pool process of a worker reported at its start."""
+    return [int(n) for n in re.findall(r"pool process \d+: (\d+) torch thread", log.read_text(errors="replace"))]
 
 
 def assert_compose_healthcheck_passes(stack: Stack, service: str) -> None:

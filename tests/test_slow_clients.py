@@ -1,5 +1,6 @@
 """Slow and stalled clients against the real server (`tvforge api`): trickled headers are cut off, a stalled
 upload gets 408 and leaves nothing behind, and stalled connections do not starve anyone else."""
+import hashlib
 import socket
 import threading
 import time
@@ -7,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.conftest import Stack, _redis_db
@@ -17,7 +19,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def strict_stack(tmp_path_factory, redis_url):
     live = Stack(tmp_path_factory.mktemp("slow"), f"{redis_url.rsplit('/', 1)[0]}/{next(_redis_db)}",
-                 header_timeout_s=1, body_idle_timeout_s=1.5, rate_limit="")
+                 header_timeout_s=1, body_idle_timeout_s=1.5, rate_limit="",
+                 max_long_requests_per_owner=64)  # one owner's stalls outnumber the database pool's connections
     live.start_api()
     yield live
     live.stop()
@@ -180,3 +183,75 @@ def test_a_client_that_goes_away_mid_upload_leaves_no_file_and_no_error(strict_s
     assert log.count(gone) > before.count(gone), log[-2000:]
     assert leftovers() == []
     assert log.count("unhandled error") == before.count("unhandled error"), log[-2000:]
+
+
+@pytest.fixture(scope="module")
+def capped_stack(tmp_path_factory, redis_url):
+    """An API (no worker: its jobs stay queued) whose owners may each hold two long requests at once."""
+    live = Stack(tmp_path_factory.mktemp("capped"), f"{redis_url.rsplit('/', 1)[0]}/{next(_redis_db)}",
+                 body_idle_timeout_s=2, max_long_requests_per_owner=2)
+    live.start_api()
+    yield live
+    live.stop()
+
+
+def _open_event_stream(stack, job_id: str) -> socket.socket:
+    sock = _connect(stack)
+    sock.sendall(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\n"
+                 f"Authorization: Bearer {stack.owner_key}\r\n\r\n".encode())
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # the stream is open, its slot taken
+    return sock
+
+
+def _upload_status(stack, key: str, dataset: Path) -> httpx.Response:
+    with dataset.open("rb") as f:
+        return httpx.post(f"{stack.url}/v1/datasets", headers={"Authorization": f"Bearer {key}"},
+                          data={"name": "d"}, files={"file": ("d.npz", f)}, timeout=20)
+
+
+def test_an_owner_holds_at_most_its_cap_of_uploads_downloads_and_streams(capped_stack, demo_assets, tmp_path):
+    """Each long request (upload, download, event stream) can keep its connection as long as the client
+    trickles or reads; one key holds at most max_long_requests_per_owner of them. Past it: a 429 problem before
+    the body is read, nothing kept; other owners and the owner's short requests are served; a slot comes back
+    when its request ends, whether the client closes it or the body stalls into a 408."""
+    dataset = tmp_path / "d.npz"
+    np.savez(dataset, images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.array([0, 1, 0, 1]))
+    with capped_stack.client() as client:
+        base = client.register_base_model("capped-base", demo_assets.base_path, config=demo_assets.config)
+        vector = client.upload_task_vector(base["id"], "v", demo_assets.vector_paths[0])
+        job = client.create_job("task_arithmetic", base["id"], [vector["id"]], {})  # no worker: stays queued
+    stream = _open_event_stream(capped_stack, job["id"])
+    stalled = _stalled_upload(capped_stack)
+    try:
+        deadline, uploaded = time.monotonic() + 10, 0
+        while (refused := _upload_status(capped_stack, capped_stack.owner_key, dataset)).status_code != 429:
+            assert refused.status_code == 201 and time.monotonic() < deadline, refused.text  # the stall not read yet
+            uploaded += 1
+            time.sleep(0.1)
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["type"] == "/problems/too-many-open-requests"
+        assert refused.headers["retry-after"] == "5"
+        headers = {"Authorization": f"Bearer {capped_stack.owner_key}"}
+        download = httpx.get(f"{capped_stack.url}/v1/task-vectors/{vector['id']}/download", headers=headers)
+        assert download.status_code == 429
+        assert httpx.get(f"{capped_stack.url}/v1/jobs/{job['id']}", headers=headers).status_code == 200
+        assert len(httpx.get(f"{capped_stack.url}/v1/datasets", headers=headers).json()["items"]) == uploaded
+        assert _upload_status(capped_stack, capped_stack.other_key, dataset).status_code == 201
+        # the stalled upload's 408 (body idle 2 s) gives its slot back
+        closed, received = _closed_within(stalled, 10)
+        assert closed and received.startswith(b"HTTP/1.1 408"), received[:200]
+        assert _upload_status(capped_stack, capped_stack.owner_key, dataset).status_code == 201
+        # so does an event stream the client closes (the server notices within its 0.5 s poll)
+        second = _open_event_stream(capped_stack, job["id"])
+        assert httpx.get(f"{capped_stack.url}/v1/task-vectors/{vector['id']}/download",
+                         headers=headers).status_code == 429
+        second.close()
+        deadline = time.monotonic() + 10
+        while (download := httpx.get(f"{capped_stack.url}/v1/task-vectors/{vector['id']}/download",
+                                     headers=headers)).status_code == 429:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert download.status_code == 200 and hashlib.sha256(download.content).hexdigest() == vector["sha256"]
+    finally:
+        stream.close()
+        stalled.close()

@@ -136,7 +136,8 @@ def worker(concurrency: int = typer.Option(1, help="Jobs run at once (one per GP
                    f"reservation, CUDA_VISIBLE_DEVICES): not taking jobs.", err=True)
         raise typer.Exit(1)
     from worker.tasks import celery_app  # registers the job task on the shared app
-    celery_app.worker_main(["worker", "--loglevel=INFO", f"--concurrency={concurrency}", "--pool=prefork",
+    celery_app.conf.worker_concurrency = concurrency  # where the pool's processes read it (their torch threads)
+    celery_app.worker_main(["worker", "--loglevel=INFO", "--pool=prefork",
                             "-Q", ",".join(QUEUES[name] for name in names), "--without-gossip", "--without-mingle"])
 
 

@@ -52,7 +52,8 @@ class Settings(BaseSettings):
                                                        "published is published again (a broker may lose messages).")
     max_attempts: int = Field(3, description="Attempts before a job whose workers keep dying is failed.")
     device: str = Field("auto", description="Worker device: auto (CUDA when present), cpu or cuda.")
-    torch_threads: int = Field(0, ge=0, description="CPU threads a job's torch ops use; 0 keeps torch's default.")
+    torch_threads: int = Field(0, ge=0, description="CPU threads a job's torch ops use; 0: torch's default (a "
+                                                    "thread per core) divided by the worker's concurrency.")
     api_host: str = Field("127.0.0.1", description="Address the API binds to.")
     api_port: int = Field(8000, description="Port the API binds to.")
     max_job_images: int = Field(2_000_000, ge=1, description="A job may push at most this many images through "
@@ -74,6 +75,9 @@ class Settings(BaseSettings):
                                                                "gets 408 (its partial upload is dropped).")
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="Idle keep-alive connections close after this.")
     max_connections: int = Field(1000, ge=1, description="Open connections past this get 503.")
+    max_long_requests_per_owner: int = Field(16, ge=1, description="Uploads, downloads and event streams one "
+                                             "owner may have open on one API process at once; past it, 429 "
+                                             "with Retry-After.")
     graceful_shutdown_s: float = Field(30.0, ge=0, description="On SIGTERM, requests in flight get this long to "
                                                                "finish.")
 

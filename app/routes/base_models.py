@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import exists, select
 from sqlalchemy.exc import IntegrityError
 
-from app.deps import BlobsDep, OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
+from app.deps import BlobsDep, LongRequestOwnerDep, OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
 from app.forms import FormFields
 from app.problems import PROBLEM_RESPONSES, Problem
 from app.quotas import check_storage
@@ -86,7 +86,7 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
 
 
 @router.post("", status_code=201, response_model=BaseModelOut, openapi_extra=CREATE_BODY)
-async def create_base_model(request: Request, owner: OwnerDep, session: SessionDep, blobs: BlobsDep,
+async def create_base_model(request: Request, owner: LongRequestOwnerDep, session: SessionDep, blobs: BlobsDep,
                             settings: SettingsDep):
     admit = partial(check_storage, session, settings, owner)
     return await ingest_upload(request, blobs, settings.max_upload_bytes,

@@ -4,7 +4,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request, Response
 
 from app.cards import card_markdown, model_card
-from app.deps import BlobsDep, OwnerDep, ReleasingRoute, SessionDep, owned_or_404
+from app.deps import BlobsDep, LongRequestOwnerDep, OwnerDep, ReleasingRoute, SessionDep, owned_or_404
 from app.downloads import DOWNLOAD_RESPONSES, blob_response
 from app.problems import PROBLEM_RESPONSES, Problem
 from app.schemas import CheckpointOut, JobIdQuery, Page, Sha256Query
@@ -30,7 +30,7 @@ def get_checkpoint(checkpoint_id: str, owner: OwnerDep, session: SessionDep):
 
 
 @router.get("/{checkpoint_id}/download", response_class=Response, responses=DOWNLOAD_RESPONSES)
-def download_checkpoint(checkpoint_id: str, request: Request, owner: OwnerDep, session: SessionDep,
+def download_checkpoint(checkpoint_id: str, request: Request, owner: LongRequestOwnerDep, session: SessionDep,
                         blobs: BlobsDep):
     row = owned_or_404(session, Checkpoint, checkpoint_id, owner)
     return blob_response(request, blobs, row.sha256, f"{row.job_id}-merged.safetensors")

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from app.deps import BlobsDep, OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
+from app.deps import BlobsDep, LongRequestOwnerDep, OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
 from app.forms import FormFields
 from app.problems import PROBLEM_RESPONSES, Problem
 from app.quotas import check_storage
@@ -62,7 +62,7 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
 
 
 @router.post("", status_code=201, response_model=DatasetOut, openapi_extra=CREATE_BODY)
-async def create_dataset(request: Request, owner: OwnerDep, session: SessionDep, blobs: BlobsDep,
+async def create_dataset(request: Request, owner: LongRequestOwnerDep, session: SessionDep, blobs: BlobsDep,
                          settings: SettingsDep):
     admit = partial(check_storage, session, settings, owner)
     return await ingest_upload(request, blobs, settings.max_upload_bytes,

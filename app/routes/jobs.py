@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app.deps import (
     CredentialsDep,
+    LongRequestOwnerDep,
     OwnerDep,
     ReleasingRoute,
     SessionDep,
@@ -188,7 +189,7 @@ def _snapshot(job_id: str) -> tuple[str, bool]:
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
     200: {"description": "Server-Sent Events: `progress` whenever the job changes, then `end`.",
           "content": {"text/event-stream": {}}}})
-async def job_events(job_id: str, request: Request, owner: OwnerDep, session: SessionDep):
+async def job_events(job_id: str, request: Request, owner: LongRequestOwnerDep, session: SessionDep):
     await run_in_threadpool(owned_or_404, session, Job, job_id, owner)
 
     async def stream():

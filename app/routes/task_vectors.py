@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from app.deps import BlobsDep, OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
+from app.deps import BlobsDep, LongRequestOwnerDep, OwnerDep, ReleasingRoute, SessionDep, SettingsDep, owned_or_404
 from app.downloads import DOWNLOAD_RESPONSES, blob_response
 from app.forms import FormFields
 from app.problems import PROBLEM_RESPONSES, Problem
@@ -73,7 +73,7 @@ def _register(session, blobs: BlobStore, settings: Settings, owner: str, upload:
 
 
 @router.post("", status_code=201, response_model=TaskVectorOut, openapi_extra=CREATE_BODY)
-async def create_task_vector(request: Request, owner: OwnerDep, session: SessionDep, blobs: BlobsDep,
+async def create_task_vector(request: Request, owner: LongRequestOwnerDep, session: SessionDep, blobs: BlobsDep,
                              settings: SettingsDep):
     admit = partial(check_storage, session, settings, owner)
     return await ingest_upload(request, blobs, settings.max_upload_bytes,
@@ -99,7 +99,7 @@ def get_task_vector(task_vector_id: str, owner: OwnerDep, session: SessionDep):
 
 
 @router.get("/{task_vector_id}/download", response_class=Response, responses=DOWNLOAD_RESPONSES)
-def download_task_vector(task_vector_id: str, request: Request, owner: OwnerDep, session: SessionDep,
+def download_task_vector(task_vector_id: str, request: Request, owner: LongRequestOwnerDep, session: SessionDep,
                          blobs: BlobsDep):
     row = owned_or_404(session, TaskVector, task_vector_id, owner)
     return blob_response(request, blobs, row.sha256, f"{row.id}.safetensors")
