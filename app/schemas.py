@@ -2,7 +2,7 @@
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar, Union
 
-from fastapi import Query
+from fastapi import Header, Query
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from engine.methods.catalogue import METHODS
@@ -15,6 +15,10 @@ T = TypeVar("T")
 # Finds what a client already uploaded (the same file's sha256), so that it can skip the upload.
 Sha256Query = Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="Only rows of the file with this "
                                                                                "sha256 (lowercase hex).")]
+
+# An empty key was stored as '' and made every later empty-keyed submission of the owner's a false 409.
+IdempotencyKeyHeader = Annotated[str | None, Header(min_length=1, max_length=200, description=(
+    "Makes a repeat of this request (same key, same body) return the job the first one made."))]
 
 BaseModelIdQuery = Annotated[str | None, Query(pattern="^bm_[0-9a-f]{32}$",
                                                description="Only task vectors of this base model.")]

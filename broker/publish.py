@@ -1,6 +1,8 @@
 """Publishing job ids to the broker; the API and the reaper both go through here."""
 import logging
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from store import jobs
 from store.db import session_scope
 
@@ -8,23 +10,32 @@ log = logging.getLogger(__name__)
 
 
 def publish(job_id: str) -> bool:
-    """Send the job's id to the broker and note when; False if the broker could not be reached.
+    """Send the job's id to the broker and note when; False if the broker or the database could not be reached.
 
-    A job that could not be published stays queued with published_at empty, and the reaper tries again.
+    A job that could not be published stays queued with published_at empty, and the reaper tries again. Never
+    raises: the job's row is already committed, so an error here must not tell the API's client to submit it
+    again (a 503 "retry" queued a second job).
     """
     from broker.celery_app import RUN_JOB, celery_app
     from broker.routing import queue_of
 
-    with session_scope() as session:
-        queue = queue_of(session, job_id)
+    try:
+        with session_scope() as session:
+            queue = queue_of(session, job_id)
+    except SQLAlchemyError:
+        log.warning("could not read job %s's queue; the reaper will publish it", job_id, exc_info=True)
+        return False
     try:
         celery_app.send_task(RUN_JOB, args=[job_id], queue=queue, retry=True,
                              retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
     except Exception:  # kombu raises OperationalError and friends; the reaper retries later
         log.warning("could not publish job %s; the reaper will retry", job_id, exc_info=True)
         return False
-    with session_scope() as session:
-        jobs.mark_published(session, job_id)
+    try:
+        with session_scope() as session:
+            jobs.mark_published(session, job_id)
+    except SQLAlchemyError:  # the message is out; unmarked, the reaper sends another (claims are conditional)
+        log.warning("job %s published but not marked so; the reaper may publish it again", job_id, exc_info=True)
     return True
 
 

@@ -28,6 +28,7 @@ from store.models import (  # JobStatus: the states, re-exported here
 )
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+REPUBLISH_BACKOFF_MAX = timedelta(minutes=30)
 FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
@@ -64,14 +65,16 @@ def mark_published(session: Session, job_id: str) -> bool:
                     .values(published_at=database_utcnow()))
 
 
-def claim(session: Session, job_id: str, worker_id: str, stale_before: datetime, max_attempts: int) -> bool:
+def claim(session: Session, job_id: str, worker_id: str, stale_before: datetime, max_attempts: int,
+          time_limit_s: float | None = None) -> bool:
     """queued (or running under a worker whose heartbeat is older than stale_before) -> running by worker_id.
 
-    A takeable job whose cancel was requested is cancelled instead, one out of attempts is failed; both return
-    False. A job running under a live heartbeat is left alone (False), whatever its attempts: a second delivery
-    must not end it. worker_id must be unique to this claim (worker.tasks adds a random token to host:pid): a
-    job already running under it is this same claim, committed once and repeated because its answer was lost,
-    and is held (True).
+    A takeable job whose cancel was requested is cancelled instead, one out of attempts is failed, and a stale
+    one that beat past time_limit_s fails with the time limit, as the reaper would fail it (a late duplicate
+    delivery must not give it another full run); all return False. A job running under a live heartbeat is left
+    alone (False), whatever its attempts: a second delivery must not end it. worker_id must be unique to this
+    claim (worker.tasks adds a random token to host:pid): a job already running under it is this same claim,
+    committed once and repeated because its answer was lost, and is held (True).
     """
     job = session.get(Job, job_id)
     if job is None or job.status not in ACTIVE:
@@ -82,6 +85,9 @@ def claim(session: Session, job_id: str, worker_id: str, stale_before: datetime,
                                       (Job.status == JobStatus.RUNNING) & (Job.heartbeat_at < stale_before)))
     if job.cancel_requested:
         _finish(session, takeable, JobStatus.CANCELLED)
+        return False
+    if job.status == JobStatus.RUNNING and _beat_past(job, time_limit_s):
+        _finish(session, takeable, JobStatus.FAILED, error=time_limit_passed(time_limit_s))
         return False
     if job.attempts >= max_attempts:
         _finish(session, takeable, JobStatus.FAILED, error=worker_lost(job.attempts))
@@ -117,11 +123,14 @@ def _finish(session: Session, where: tuple, status: JobStatus, **values) -> bool
 
 def succeed(session: Session, job_id: str, worker_id: str, result: dict, artifacts: dict | None = None,
             checkpoint: Checkpoint | None = None) -> bool:
-    """running -> succeeded (with its checkpoint row, for a merge), only if this worker still holds the job.
+    """running -> succeeded (with its checkpoint row, for a merge), only if this worker still holds the job and
+    no cancel was asked for: a cancel answered 202 while the checkpoint was being stored wins (the caller then
+    acknowledges it, and the stored blob is left to the collector).
 
     True also when this worker already succeeded it: a commit that landed but whose answer was lost is retried
     (store.db.transact), and finds its own work done (the checkpoint row went in with that commit)."""
-    done = _finish(session, _held_by(job_id, worker_id), JobStatus.SUCCEEDED, result=result, artifacts=artifacts,
+    done = _finish(session, (*_held_by(job_id, worker_id), Job.cancel_requested.is_(False)), JobStatus.SUCCEEDED,
+                   result=result, artifacts=artifacts,
                    progress={"fraction": 1.0, "stage": "done", "step": 1, "total": 1, "metrics": {}})
     if done:
         started, finished = session.execute(select(Job.started_at, Job.finished_at).where(Job.id == job_id)).one()
@@ -172,6 +181,13 @@ def cancel(session: Session, job_id: str) -> JobStatus | None:
     return session.scalar(select(Job.status).where(Job.id == job_id))  # this transaction holds the row now
 
 
+def _beat_past(job: Job, time_limit_s: float | None) -> bool:
+    """Whether the job's attempt was still beating time_limit_s after it started: Celery's soft limit came and went
+    (a worker lost before its limit stopped beating before it, however late anyone looks)."""
+    return time_limit_s is not None and job.started_at is not None and job.heartbeat_at is not None \
+        and job.heartbeat_at - job.started_at >= timedelta(seconds=time_limit_s)
+
+
 def time_limit_passed(time_limit_s: float) -> dict:
     return problem("Time limit", f"The job ran past {time_limit_s} s.", "time-limit")
 
@@ -183,10 +199,7 @@ def requeue_lost(session: Session, job: Job, stale_before: datetime, max_attempt
     beating time_limit_s after its attempt started fails with the time limit: Celery's hard limit killed it (its
     soft limit was not honoured in time), and running it again would end the same way. Conditional on the stale
     heartbeat, so a worker that just came back keeps its job."""
-    # It beat past its limit: Celery's soft limit came and went (a worker lost before its limit stopped beating
-    # before it, however late the reaper looks).
-    timed_out = time_limit_s is not None and job.started_at is not None and job.heartbeat_at is not None \
-        and job.heartbeat_at - job.started_at >= timedelta(seconds=time_limit_s)
+    timed_out = _beat_past(job, time_limit_s)
     if job.cancel_requested:
         values, status = {"status": JobStatus.CANCELLED, "finished_at": database_utcnow()}, JobStatus.CANCELLED
     elif timed_out:
@@ -217,14 +230,16 @@ def unclaimed_jobs(session: Session, republish_after_s: float) -> list[str]:
     message (a restarted Redis without persistence). Publishing them again is harmless (claims are conditional),
     but a job that merely waits behind busy workers would gain a message every interval, so each wait is at least
     as long as the job had been queued when it was last published (since it last became queued: a job re-queued
-    after running for hours is not made to wait hours): messages grow with the log of the wait."""
+    after running for hours is not made to wait hours), up to REPUBLISH_BACKOFF_MAX: messages grow with the log of
+    the wait, and a job whose message a broker restart lost waits at most that long for a new one (uncapped, a job
+    that had waited 9 h behind busy workers sat 8 h more with idle workers)."""
     now = database_now(session)
     rows = session.execute(select(Job.id, Job.queued_at, Job.created_at, Job.published_at).where(
         Job.status == JobStatus.QUEUED, Job.published_at.is_not(None),
         Job.published_at < now - timedelta(seconds=republish_after_s)))
     return [job_id for job_id, queued_at, created_at, published_at in rows
             if now - published_at >= max(timedelta(seconds=republish_after_s),
-                                         published_at - (queued_at or created_at))]
+                                         min(published_at - (queued_at or created_at), REPUBLISH_BACKOFF_MAX))]
 
 
 def stale_before(session: Session, timeout_s: float) -> datetime:

@@ -828,6 +828,16 @@ def test_deeply_nested_params_are_a_4xx_problem_not_a_crash(stack, world, http, 
         assert_problem(response, response.status_code)
 
 
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/evaluations"])
+def test_an_empty_idempotency_key_is_422_and_is_never_stored(stack, world, http, path):
+    """An empty key was stored as '', and every later empty-keyed submission of the owner's got a false 409
+    ('a task vector ... was deleted')."""
+    body = _job(world) if path == "/v1/jobs" else {"base_model_id": world["own_base"], "datasets": []}
+    for _ in range(2):
+        with leaves_nothing(stack):
+            assert_problem(http.post(path, json=body, headers={"Idempotency-Key": ""}), 422, ["header"])
+
+
 def test_the_valid_spec_used_above_is_accepted(stack, world, http):
     """The malformed cases differ from a spec the service takes by the one defect each names."""
     response = http.post("/v1/jobs", json=_job(world))

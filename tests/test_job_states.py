@@ -196,6 +196,22 @@ def test_a_stale_job_past_its_time_limit_fails_with_it_instead_of_running_again(
     assert job.error["type"] == "/problems/time-limit" and job.attempts == 2
 
 
+def test_a_late_delivery_of_a_stale_job_past_its_time_limit_fails_it_instead_of_running_it(sessions, job_id):
+    """Celery's hard limit killed the job (its row stays running, beating no more); an older duplicate message
+    arrives before the reaper's sweep. The claim fails the job with the time limit, as the reaper would, rather
+    than give it another full run."""
+    with sessions.begin() as session:
+        jobs.claim(session, job_id, "w1", far_past(), max_attempts=3)
+        job = session.get(Job, job_id)
+        job.started_at, job.heartbeat_at = utcnow() - timedelta(seconds=3800), utcnow() - timedelta(seconds=70)
+    with sessions.begin() as session:
+        assert not jobs.claim(session, job_id, "w2", utcnow() - timedelta(seconds=60), max_attempts=3,
+                              time_limit_s=3600)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+    assert job.status is JobStatus.FAILED and job.error["type"] == "/problems/time-limit" and job.attempts == 1
+
+
 def test_claim_refuses_a_job_out_of_attempts_and_fails_it(sessions, job_id):
     with sessions.begin() as session:
         session.get(Job, job_id).attempts = 3
@@ -311,6 +327,10 @@ def test_a_queued_job_is_published_again_at_growing_intervals(sessions, job_id):
     assert republished(queued_s_ago=1300, published_s_ago=700)
     # Re-queued after running ten hours and published then: its lost message is not waited on for ten hours.
     assert republished(queued_s_ago=310, published_s_ago=310, created_s_ago=36_000)
+    # Waited nine hours behind busy workers, published an hour ago, then a broker restart lost its message: the
+    # wait is capped (jobs.REPUBLISH_BACKOFF_MAX, 30 min), not the nine hours it had been queued.
+    assert not republished(queued_s_ago=10 * 3600, published_s_ago=29 * 60)
+    assert republished(queued_s_ago=10 * 3600, published_s_ago=31 * 60)
 
 
 def succeeded_with_checkpoint(sessions, job_id: str) -> tuple[str, str]:

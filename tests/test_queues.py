@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,40 @@ def test_an_unknown_queue_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tvforge.cli", "worker", "--queues", "gpu"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "unknown queue" in result.stderr
+
+
+def test_publishing_never_raises_once_the_job_is_committed(tmp_path, monkeypatch):
+    """The API commits the job's row, then publishes it. A database error there was answered 503 ("retry shortly"),
+    and a client's retry queued a second job: publish() reports it (False when nothing was sent) and leaves the
+    job to the reaper, which publishes a queued job that has no published_at."""
+    from sqlalchemy.exc import OperationalError
+
+    from broker import publish as publishing
+    from broker.celery_app import celery_app
+    from migrations import upgrade
+    from store import jobs
+    from store.db import get_engine, session_scope
+    from tests.job_rows import add_queued_job
+    from tvforge.settings import get_settings
+
+    monkeypatch.setenv("TVFORGE_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    upgrade(get_settings().resolved_database_url)
+    try:
+        with session_scope() as session:
+            job_id = add_queued_job(session)
+        sent = []
+        monkeypatch.setattr(celery_app, "send_task", lambda *args, **kwargs: sent.append(kwargs["args"]))
+
+        def database_down(*_args, **_kwargs):
+            raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection unexpectedly"))
+
+        monkeypatch.setattr(jobs, "mark_published", database_down)
+        assert publishing.publish(job_id) is True and sent == [[job_id]]  # sent, not marked: may be sent again
+        monkeypatch.setattr("broker.routing.queue_of", database_down)
+        assert publishing.publish(job_id) is False and sent == [[job_id]]  # nothing sent
+        with session_scope() as session:
+            assert jobs.unpublished_jobs(session, jobs.database_now(session) + timedelta(seconds=1)) == [job_id]
+    finally:
+        get_engine().dispose()
+        get_settings.cache_clear()

@@ -12,7 +12,7 @@ from engine.context import Progress
 from migrations import upgrade
 from store.db import get_engine, session_scope
 from store.jobs import JobStatus
-from store.models import Job
+from store.models import Checkpoint, Job
 from tests.job_rows import add_queued_job
 from tvforge.settings import get_settings
 from worker import runner
@@ -94,14 +94,12 @@ def test_a_pool_process_makes_its_own_blob_store_and_database_connections(job_id
     assert get_blob_store() is not inherited
 
 
-def test_a_worker_told_to_stop_after_the_work_is_done_records_it(job_id, monkeypatch, tmp_path):
-    """A shutdown (a redeploy) that begins once the merge has returned does not hand the job back, which would
-    run it again from the start: the worker records the checkpoint it has. (A shutdown during the work stops it
-    between steps: tests/test_job_lifecycle.py.)"""
+def with_tiny_inputs(job_id: str, tmp_path) -> None:
+    """The queued job made a task-arithmetic merge of a tiny real base and one task vector, stored as uploads are."""
     from engine.safetensors_io import save_tensors
     from store.blobs import get_blob_store
     from store.ids import new_id
-    from store.models import BaseModel, Checkpoint, TaskVector
+    from store.models import BaseModel, TaskVector
     from tests.engine_jobs import TINY_CONFIG, tiny_state, write_task_vector
 
     state = tiny_state()
@@ -121,6 +119,13 @@ def test_a_worker_told_to_stop_after_the_work_is_done_records_it(job_id, monkeyp
         session.flush()
         job = session.get(Job, job_id)
         job.base_model_id, job.task_vector_ids = base.id, [vector.id]
+
+
+def test_a_worker_told_to_stop_after_the_work_is_done_records_it(job_id, monkeypatch, tmp_path):
+    """A shutdown (a redeploy) that begins once the merge has returned does not hand the job back, which would
+    run it again from the start: the worker records the checkpoint it has. (A shutdown during the work stops it
+    between steps: tests/test_job_lifecycle.py.)"""
+    with_tiny_inputs(job_id, tmp_path)
 
     stopping, polls_after = threading.Event(), []
     merged = runner.run_method
@@ -144,3 +149,28 @@ def test_a_worker_told_to_stop_after_the_work_is_done_records_it(job_id, monkeyp
     with session_scope() as session:
         job = session.get(Job, job_id)
         assert job.status is JobStatus.SUCCEEDED and session.get(Checkpoint, job.result["checkpoint_id"])
+
+
+def test_a_cancel_accepted_while_the_checkpoint_is_stored_wins(job_id, monkeypatch, tmp_path):
+    """The owner cancels after the merge's last step, while the checkpoint goes to the blob store (minutes for a
+    large model on S3): the cancel was answered 202 with the job running, so the job ends cancelled, with no
+    checkpoint row (the stored blob is left to the collector)."""
+    from store import jobs
+    from store.blobs import BlobStore
+
+    with_tiny_inputs(job_id, tmp_path)
+    store_file = BlobStore.commit_file
+    answers = []
+
+    def cancelled_while_storing(self, *args, **kwargs):
+        with session_scope() as session:
+            answers.append(jobs.cancel(session, job_id))  # what POST /v1/jobs/{id}/cancel does
+        return store_file(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlobStore, "commit_file", cancelled_while_storing)
+    assert runner.run_job(job_id, "w1:token") is JobStatus.CANCELLED
+    assert answers == [JobStatus.RUNNING]
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job.status is JobStatus.CANCELLED and job.result is None
+        assert session.query(Checkpoint).filter_by(job_id=job_id).count() == 0

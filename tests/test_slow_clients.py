@@ -255,3 +255,24 @@ def test_an_owner_holds_at_most_its_cap_of_uploads_downloads_and_streams(capped_
     finally:
         stream.close()
         stalled.close()
+
+
+def test_an_event_stream_whose_job_is_deleted_ends_cleanly(capped_stack, demo_assets):
+    """The owner cancels a queued job and deletes it between two polls of its open event stream: the stream ends
+    (no `end`: the job is gone, and asking for it gives 404), with no error on the server."""
+    with capped_stack.client() as client:
+        base = client.register_base_model("stream-base", demo_assets.base_path, config=demo_assets.config)
+        vector = client.upload_task_vector(base["id"], "v", demo_assets.vector_paths[0])
+        job = client.create_job("task_arithmetic", base["id"], [vector["id"]], {})  # no worker: stays queued
+        before = (capped_stack.root / "api.log").read_text(errors="replace").count("unhandled error")
+        stream = _open_event_stream(capped_stack, job["id"])  # its first poll has answered
+        try:
+            client.cancel_job(job["id"])
+            client.delete(f"/v1/jobs/{job['id']}")
+            received, deadline = b"", time.monotonic() + 5
+            while not received.endswith(b"0\r\n\r\n") and time.monotonic() < deadline:  # the body's last chunk
+                received += stream.recv(65536)
+        finally:
+            stream.close()
+    assert received.endswith(b"0\r\n\r\n") and b"event: end" not in received, received[-300:]
+    assert (capped_stack.root / "api.log").read_text(errors="replace").count("unhandled error") == before

@@ -53,7 +53,8 @@ def claim(job_id: str, worker_id: str, settings: Settings) -> bool:
     """Take the job (store.jobs.claim): of two deliveries of one id, one wins."""
     return transact(lambda session: jobs.claim(session, job_id, worker_id,
                                                jobs.stale_before(session, settings.heartbeat_timeout_s),
-                                               settings.max_attempts), through_outages(settings))
+                                               settings.max_attempts, settings.job_time_limit_s),
+                    through_outages(settings))
 
 
 class Heartbeat(threading.Thread):
@@ -291,6 +292,15 @@ def resolve_device(setting: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _cancelled_at_the_end(job_id: str, worker_id: str, retry_for_s: float) -> JobStatus | None:
+    """After a success that was not recorded: CANCELLED if the owner's cancel came after the last step (the job is
+    still this worker's: jobs.succeed refused it for the cancel), else None (the job is no longer this worker's)."""
+    if transact(lambda session: jobs.acknowledge_cancel(session, job_id, worker_id), retry_for_s):
+        log.info("job %s cancelled after its last step; its result is dropped", job_id)
+        return JobStatus.CANCELLED
+    return None
+
+
 def run_job(job_id: str, worker_id: str, worker_stopping: Callable[[], bool] | None = None) -> JobStatus | None:
     """Run a job end to end; returns its final status, or None if this worker did not claim it or gave it up.
 
@@ -329,7 +339,7 @@ def run_job(job_id: str, worker_id: str, worker_stopping: Callable[[], bool] | N
             heartbeat.check_before_recording()
             ok = transact(lambda session: jobs.succeed(session, job_id, worker_id,
                                                        result={"metrics": {"evaluation": report}}), retry_for_s)
-            return JobStatus.SUCCEEDED if ok else None
+            return JobStatus.SUCCEEDED if ok else _cancelled_at_the_end(job_id, worker_id, retry_for_s)
         spec = get_method(loaded.method)
         params = spec.params.model_validate(loaded.params)
         refuse_if_too_large(estimate_inputs(spec, loaded.inputs, params, resident_bytes()), ctx.device,
@@ -351,8 +361,9 @@ def run_job(job_id: str, worker_id: str, worker_stopping: Callable[[], bool] | N
                                                    artifacts=result.artifacts or None, checkpoint=checkpoint),
                       retry_for_s)
         if not ok:
-            log.warning("job %s: checkpoint %s not recorded, the job is no longer this worker's", job_id, checkpoint.id)
-            return None
+            log.warning("job %s: checkpoint %s not recorded (cancelled, or no longer this worker's)", job_id,
+                        checkpoint.id)
+            return _cancelled_at_the_end(job_id, worker_id, retry_for_s)
         log.info("job succeeded: checkpoint %s (%d bytes)", checkpoint.id, committed.size)
         return JobStatus.SUCCEEDED
     except Cancelled:

@@ -1,11 +1,10 @@
 """Evaluations: a checkpoint (or a base model itself) measured on datasets, run by the workers as a job."""
-from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Response
 
 from app.deps import OwnerDep, ReleasingRoute, SessionDep, SettingsDep, base_model_of, owned_or_404
 from app.problems import PROBLEM_RESPONSES
-from app.schemas import EvaluationCreate, JobOut
+from app.schemas import EvaluationCreate, IdempotencyKeyHeader, JobOut
 from app.submit import check_dataset_needs, invalid, sizing, submit, within_bounds
 from engine.context import REPORT_SPLITS
 from engine.cost import JobEstimate, evaluation_estimate
@@ -63,7 +62,7 @@ def _estimate(session, base_model_id: str, body: EvaluationCreate) -> JobEstimat
 
 @router.post("", status_code=202, response_model=JobOut, summary="Evaluate a checkpoint or base model")
 def create_evaluation(body: EvaluationCreate, response: Response, owner: OwnerDep, session: SessionDep,
-                      settings: SettingsDep, idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+                      settings: SettingsDep, idempotency_key: IdempotencyKeyHeader = None):
     """Queues an evaluation job; follow it at `Location` (/v1/jobs/{id}). Its result's `metrics.evaluation`
     holds each dataset's accuracy with its split, and the normalised accuracy where a reference is given."""
     def build(digest: str) -> Job:

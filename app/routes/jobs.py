@@ -3,7 +3,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import Engine
@@ -24,7 +24,16 @@ from app.deps import (
 from app.problems import PROBLEM_RESPONSES, Problem, not_found
 from app.quotas import check_storage
 from app.rate_limits import rate_limits
-from app.schemas import CoefficientsOut, DryRunOut, JobCreate, JobFields, JobOut, LearningCurveOut, Page
+from app.schemas import (
+    CoefficientsOut,
+    DryRunOut,
+    IdempotencyKeyHeader,
+    JobCreate,
+    JobFields,
+    JobOut,
+    LearningCurveOut,
+    Page,
+)
 from app.submit import check_dataset_needs, invalid, sizing, submit, within_bounds
 from engine.cost import JobEstimate, estimate_job
 from store import jobs
@@ -86,7 +95,7 @@ def _estimate(body: JobFields, rows: JobRows) -> JobEstimate:
     200: {"model": DryRunOut, "description": "With ?dry_run=true: the job is valid; what it would cost. Nothing "
                                             "is queued."}})
 def create_job(body: JobCreate, response: Response, owner: OwnerDep, session: SessionDep, settings: SettingsDep,
-               idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+               idempotency_key: IdempotencyKeyHeader = None,
                dry_run: Annotated[bool, Query(description="Validate everything and estimate the cost; queue "
                                                           "nothing.")] = False):
     if dry_run:
@@ -180,9 +189,13 @@ def cancel_job(job_id: str, owner: OwnerDep, session: SessionDep):
     return session.get(Job, job_id, populate_existing=True)
 
 
-def _snapshot(job_id: str) -> tuple[str, bool]:
+def _snapshot(job_id: str) -> tuple[str, bool] | None:
+    """The job as JSON and whether it has finished; None once it is deleted (its owner may delete it as soon as
+    it finishes, between two polls of a stream)."""
     with session_scope() as session:
         job = session.get(Job, job_id)
+        if job is None:
+            return None
         return JobOut.model_validate(job).model_dump_json(), job.status in jobs.FINISHED
 
 
@@ -195,7 +208,10 @@ async def job_events(job_id: str, request: Request, owner: LongRequestOwnerDep, 
     async def stream():
         last, quiet_s = None, 0.0
         while True:
-            payload, finished = await run_in_threadpool(_snapshot, job_id)
+            snapshot = await run_in_threadpool(_snapshot, job_id)
+            if snapshot is None:  # the stream ends without `end`: a client asking for the job then gets its 404
+                return
+            payload, finished = snapshot
             if payload != last:
                 yield f"event: progress\ndata: {payload}\n\n"
                 last, quiet_s = payload, 0.0
