@@ -1,9 +1,10 @@
 """uvicorn, hardened against slow clients: a deadline for a request's headers (uvicorn has none, so a client
-trickling header bytes held a connection forever), an idle timeout while a request body arrives (an ASGI
-middleware: a stalled upload gets 408 and its partial file is dropped like any interrupted upload), a cap on
-open connections (503 beyond it), keep-alive and graceful-shutdown timeouts. `tvforge api` and the Docker
-image both start the API through serve()."""
+trickling header bytes held a connection forever) and a bound on their size, an idle timeout while a request
+body arrives (an ASGI middleware: a stalled upload gets 408 and its partial file is dropped like any interrupted
+upload), a cap on open connections (503 beyond it), keep-alive and graceful-shutdown timeouts. `tvforge api`
+and the Docker image both start the API through serve()."""
 import asyncio
+import json
 
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -11,23 +12,49 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from tvforge.logs import configure_logging
 from tvforge.settings import Settings
 
+MAX_HEADER_BYTES = 64 * 1024  # a request line and headers together; nginx's default allows 4 x 8 KiB
+HEADERS_TOO_LARGE = json.dumps({
+    "type": "/problems/headers-too-large", "title": "Request Header Fields Too Large", "status": 431,
+    "detail": f"The request line and headers are over {MAX_HEADER_BYTES} bytes."}).encode()
+
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     """Closes a connection whose request headers are not complete within header_timeout_s of their first
-    byte (or of the connection opening): the slowloris defence uvicorn leaves out."""
+    byte (or of the connection opening): the slowloris defence uvicorn leaves out. Also answers 431 and closes
+    once a request line and headers pass MAX_HEADER_BYTES: uvicorn sets no bound, and httptools grows a header
+    value by concatenation (a 100 MiB header held the event loop for seconds and 190 MB of memory)."""
 
     header_timeout_s = 10.0
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._header_bytes: int | None = 0  # bytes of the request's head so far; None once it is complete
         self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        in_head = self._header_bytes is not None
+        super().data_received(data)
+        # Counted after parsing, and only while the head is still incomplete, so that body bytes arriving in the
+        # same read as the head's end are not taken for header bytes: the parser holds at most this bound plus
+        # one read (asyncio reads up to 256 KiB).
+        if in_head and self._header_bytes is not None:
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+                self._cancel_header_deadline()
+                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                     b"content-type: application/problem+json\r\n"
+                                     b"content-length: " + str(len(HEADERS_TOO_LARGE)).encode() + b"\r\n"
+                                     b"connection: close\r\n\r\n" + HEADERS_TOO_LARGE)
+                self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._header_bytes = 0
         if self._header_deadline is None:  # the next request on a kept-alive connection
             self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def on_headers_complete(self) -> None:
+        self._header_bytes = None
         self._cancel_header_deadline()
         super().on_headers_complete()
 

@@ -276,3 +276,29 @@ def test_an_event_stream_whose_job_is_deleted_ends_cleanly(capped_stack, demo_as
             stream.close()
     assert received.endswith(b"0\r\n\r\n") and b"event: end" not in received, received[-300:]
     assert (capped_stack.root / "api.log").read_text(errors="replace").count("unhandled error") == before
+
+
+def test_request_headers_are_bounded_in_size(strict_stack):
+    """A request line and headers past 64 KiB get a 431 problem and the connection closed at once (uvicorn has no
+    bound: a 40 MiB header was answered 200, a 100 MiB one held the event loop for seconds); 32 KiB of headers,
+    and a body sent in the same write as small headers, are served as usual."""
+    sock = _connect(strict_stack)
+    started = time.monotonic()
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+    try:
+        for _ in range(64):  # up to 4 MiB, cut off after the first 64 KiB or so
+            sock.sendall(b"a" * 65536)
+    except OSError:
+        pass  # closed by the server mid-send
+    closed, received = _closed_within(sock, 5)
+    sock.close()
+    assert received.startswith(b"HTTP/1.1 431"), received[:200]
+    assert b"application/problem+json" in received and b"/problems/headers-too-large" in received
+    assert closed and time.monotonic() - started < 5
+    response = httpx.get(f"{strict_stack.url}/healthz", headers={f"X-Pad-{i}": "a" * 4000 for i in range(8)})
+    assert response.status_code == 200
+    with _connect(strict_stack) as sock:  # small headers and a 200 KiB body in one write
+        sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 204800\r\n\r\n" + b" " * 204800)
+        _, received = _closed_within(sock, 2)
+    assert received.split(b" ", 2)[1] in (b"401", b"422"), received[:200]  # read whole, then answered as usual
