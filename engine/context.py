@@ -8,6 +8,9 @@ from typing import Any
 SPLITS = ("train", "val", "test")
 SELECTION_SPLITS = ("val", "train")  # a searched lambda, aTLAS's best epoch
 REPORT_SPLITS = ("test", "val", "train")  # reported accuracy
+# The float32 inputs of one inference batch at most: a model of large images is run on fewer images at a time
+# (256 images at 4096 pixels a side would be 51 GB). engine.data.images_per_batch; engine.cost counts it.
+INFERENCE_INPUT_BYTES = 256 * 2**20
 
 # The zero-shot prompts of a dataset that brings none (engine.heads); "{c}" is replaced by the class name.
 DEFAULT_TEMPLATES: list[str] = [

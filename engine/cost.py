@@ -9,12 +9,13 @@ activations for the backward pass (s tokens, b batch, h width, a heads); in floa
 import math
 from dataclasses import asdict, dataclass
 
-from engine.context import DEFAULT_TEMPLATES, REPORT_SPLITS, SELECTION_SPLITS
+from engine.context import DEFAULT_TEMPLATES, INFERENCE_INPUT_BYTES, REPORT_SPLITS, SELECTION_SPLITS
 
 FLOAT32 = 4
 # The formula counts a fused fp16 layer; open_clip's eager float32 layers keep more (a 4-layer, width-256 tower at
 # batch 128 kept 850 MiB where the formula, doubled for float32, gives 665): a factor of 1.5 covers it.
 EAGER_FP32_FACTOR = 1.5
+INFERENCE_INPUT_COPIES = 3
 SEARCH_POINTS = 30  # the largest lambda grid of the training-free methods (TSV-M, Iso-C, Iso-CTS: 0.1..3.0)
 # The process before any tensor: python, torch, open_clip and the engine imported measure 0.74 GiB of RSS on
 # the development machine (torch 2.14, CPU), and twice that on another install of the same versions; the
@@ -82,6 +83,13 @@ class TowerShape:
 
     def image_bytes(self, images: int) -> int:
         return images * 3 * self.image_size**2 * FLOAT32
+
+    def inference_input_bytes(self, batch: int) -> int:
+        """An inference batch's preprocessed inputs and their temporaries (engine.data.preprocess_images), the
+        batch cut to INFERENCE_INPUT_BYTES (engine.data.images_per_batch). Measured: a 512-pixel tower's
+        evaluation of 256 small images grew the process by 2.2x its batches' inputs (85 images, 255 MiB; before
+        the batch was cut and the copies removed, by 3.1x the inputs of 256 images: 2.3 GiB)."""
+        return INFERENCE_INPUT_COPIES * min(self.image_bytes(batch), max(self.image_bytes(1), INFERENCE_INPUT_BYTES))
 
 
 def _sides(size) -> tuple[int, int]:
@@ -235,7 +243,8 @@ def search_estimate(params, shape: TowerShape, split_sizes: dict[str, dict[str, 
     reports = target_images(targets, split_sizes, REPORT_SPLITS, references=True)
     eval_batch = 256
     peak = (runtime_bytes + 2 * shape.parameters * FLOAT32 + shape.visual_parameters * FLOAT32
-            + shape.activation_bytes(eval_batch) // 4 + dataset_bytes(split_sizes, dataset_side))
+            + shape.activation_bytes(eval_batch) // 4 + shape.inference_input_bytes(eval_batch)
+            + dataset_bytes(split_sizes, dataset_side))
     return JobEstimate(grid * searched + references + reports, peak)
 
 
@@ -249,7 +258,8 @@ def evaluation_estimate(items: list[tuple[str, str | None, bool]], shape: TowerS
                  * (1 + has_reference) for dataset_id, split, has_reference in items) + head_prompts(label_sets)
     eval_batch = 256
     peak = (runtime_bytes + 2 * shape.parameters * FLOAT32 + shape.visual_parameters * FLOAT32
-            + shape.activation_bytes(eval_batch) // 4 + dataset_bytes(split_sizes, dataset_side))
+            + shape.activation_bytes(eval_batch) // 4 + shape.inference_input_bytes(eval_batch)
+            + dataset_bytes(split_sizes, dataset_side))
     return JobEstimate(images, peak)
 
 

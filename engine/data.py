@@ -21,7 +21,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from engine.context import SPLITS, DatasetInput, MergeInputs, TaskVectorInput
+from engine.context import INFERENCE_INPUT_BYTES, SPLITS, DatasetInput, MergeInputs, TaskVectorInput
 
 Split = tuple[np.ndarray, np.ndarray]  # uint8 images [N,H,W,C], int64 labels [N]
 
@@ -135,23 +135,45 @@ def preprocess_images(images_uint8: np.ndarray, model: torch.nn.Module) -> torch
         array = array[..., None]
     if array.ndim != 4 or array.shape[-1] not in (1, 3):
         raise ValueError(f"images must be [N,H,W,3] or [N,H,W], got {tuple(np.asarray(images_uint8).shape)}")
-    # In float the batch takes 12 bytes a source pixel before it is resized (256 images of 2360 x 2360: 17 GB):
-    # converted a bounded slice at a time, each image's result the same.
-    step = max(1, PREPROCESS_CHUNK_BYTES // (3 * FLOAT32_BYTES * array.shape[1] * array.shape[2]))
-    return torch.cat([_preprocess_slice(array[start:start + step], model)
-                      for start in range(0, len(array) or 1, step)])
+    # In float the batch takes 12 bytes a pixel, before resizing (256 images of 2360 x 2360: 17 GB) and after
+    # (256 small images resized to 4096 x 4096: 51 GB): converted a bounded slice at a time, each image's result
+    # the same.
+    # Each slice's result is written into the batch's tensor as it is made (a concatenation would hold every
+    # slice beside their copy); one slice is the batch.
+    height, width = _preprocess_cfg(model)["size"]
+    resized = _resized_size(array.shape[1:3], (height, width))
+    largest = max(array.shape[1] * array.shape[2], resized[0] * resized[1])
+    step = max(1, PREPROCESS_CHUNK_BYTES // (3 * FLOAT32_BYTES * largest))
+    if len(array) <= step:
+        return _preprocess_slice(array, model, resized)
+    batch = torch.empty((len(array), 3, height, width))
+    for start in range(0, len(array), step):
+        batch[start:start + step] = _preprocess_slice(array[start:start + step], model, resized)
+    return batch
 
 
-def _preprocess_slice(array: np.ndarray, model: torch.nn.Module) -> torch.Tensor:
+def images_per_batch(batch_size: int, model: torch.nn.Module) -> int:
+    """batch_size, or fewer where that many of the model's inputs would pass INFERENCE_INPUT_BYTES."""
+    height, width = _preprocess_cfg(model)["size"]
+    return max(1, min(batch_size, INFERENCE_INPUT_BYTES // (3 * FLOAT32_BYTES * height * width)))
+
+
+def _resized_size(source: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """Shortest side to the target's, aspect kept (then centre-cropped to the target)."""
+    (in_h, in_w), (height, width) = source, target
+    scale = max(height / in_h, width / in_w)
+    return max(height, round(in_h * scale)), max(width, round(in_w * scale))
+
+
+def _preprocess_slice(array: np.ndarray, model: torch.nn.Module, resized: tuple[int, int]) -> torch.Tensor:
     # a memory-mapped split's pages are read-only, and torch wants memory it may write to: copied
     images = torch.from_numpy(array if array.flags.writeable else np.array(array))
-    pixels = images.permute(0, 3, 1, 2).float().div_(255.0).expand(-1, 3, -1, -1)
-    cfg = _preprocess_cfg(model)
-    height, width = cfg["size"]
+    # Channels first in memory before resizing (the same values): resized from the permuted view, the pixels
+    # came out channels-last, and the contiguous() after normalising copied the whole batch once more.
+    pixels = images.permute(0, 3, 1, 2).contiguous().float().div_(255.0).expand(-1, 3, -1, -1)
+    height, width = _preprocess_cfg(model)["size"]
     in_h, in_w = pixels.shape[-2:]
     if (in_h, in_w) != (height, width):
-        scale = max(height / in_h, width / in_w)
-        resized = (max(height, round(in_h * scale)), max(width, round(in_w * scale)))
         pixels = F.interpolate(pixels, size=resized, mode="bicubic", align_corners=False, antialias=True)
         top, left = (resized[0] - height) // 2, (resized[1] - width) // 2
         pixels = pixels[:, :, top:top + height, left:left + width].clamp_(0.0, 1.0)
@@ -163,7 +185,7 @@ def normalise_pixels(pixels: torch.Tensor, model: torch.nn.Module) -> torch.Tens
     cfg = _preprocess_cfg(model)
     mean = torch.tensor(cfg["mean"], dtype=pixels.dtype).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"], dtype=pixels.dtype).view(1, 3, 1, 1)
-    return ((pixels - mean) / std).contiguous()
+    return (pixels - mean).div_(std).contiguous()  # one new tensor, not two
 
 
 @dataclass

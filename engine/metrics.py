@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from engine.data import Split, is_labelled, preprocess_images
+from engine.data import Split, images_per_batch, is_labelled, preprocess_images
 from engine.heads import image_logits
 
 CONTROL_KEPT = 0.95
@@ -40,10 +40,12 @@ def predict(logits_fn: LogitsFn, images: np.ndarray, model: torch.nn.Module, bat
             device: str) -> np.ndarray:
     """Predicted class per image (int64); model only supplies the preprocessing."""
     predictions = []
+    batch_size = images_per_batch(batch_size, model)
     for start in range(0, len(images), batch_size):
         pixels = preprocess_images(images[start:start + batch_size], model).to(device)
         with autocast(device):
             predictions.append(logits_fn(pixels).argmax(dim=-1).cpu().numpy())
+        del pixels  # not held while the next batch is made
     return np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int64)
 
 

@@ -256,6 +256,9 @@ class S3BlobStore(BlobStore):
     """
 
     CACHE_MIN_AGE_S = 600.0  # a cached copy used this recently is never pruned: a reader may be about to open it
+    # S3 copies an object in one request up to 5 GB (a larger one answers 400): one re-committed past that (a large
+    # base model uploaded again) is copied in parts
+    single_copy_max_bytes = 5 * 1000**3
 
     def __init__(self, root: Path, url: str, endpoint_url: str | None = None, cache_max_bytes: int | None = None):
         import boto3
@@ -356,8 +359,13 @@ class S3BlobStore(BlobStore):
         with self._exclusive():  # this machine's collector cannot remove it between the question and the touch
             if self._head(sha256) is not None:
                 # In use again: rewriting its metadata restarts the collector's grace period (LastModified).
-                self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
-                                        Metadata={"touched": str(time.time())}, MetadataDirective="REPLACE")
+                from boto3.s3.transfer import TransferConfig
+
+                self.client.copy({"Bucket": self.bucket, "Key": key}, self.bucket, key,
+                                 ExtraArgs={"Metadata": {"touched": str(time.time())}, "MetadataDirective": "REPLACE"},
+                                 Config=TransferConfig(multipart_threshold=self.single_copy_max_bytes,
+                                                       multipart_chunksize=max(5 * 2**20, self.single_copy_max_bytes
+                                                                               // 20)))
                 return False
         self.client.upload_file(str(path), self.bucket, key)
         return True

@@ -205,6 +205,28 @@ def test_zip_bomb_is_refused_quickly_and_cheaply(tmp_path, zip_bomb, max_unpacke
     assert "cat/bomb.bmp" in error.detail or str(max_unpacked_bytes) in error.detail
 
 
+def test_an_npz_is_read_a_piece_at_a_time(tmp_path):
+    """192 MiB of images (deflate packs such uploads 70:1) are streamed into the canonical file: the ingest never
+    holds a split whole (np.load of it did, in the API's process)."""
+    rng = np.random.default_rng(0)
+    images = np.zeros((1000, 224, 224, 3), np.uint8)
+    images[:, ::16] = rng.integers(0, 256, (1000, 14, 224, 3), dtype=np.uint8)
+    source = tmp_path / "big.npz"
+    np.savez_compressed(source, images=images, labels=rng.integers(0, 3, 1000))
+    del images
+    limits = DatasetLimits(max_images=1000, max_unpacked_bytes=1024**3)
+    tracemalloc.start()
+    try:
+        summary = ingest_dataset(source, "big.npz", tmp_path / "out.npz", limits)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert summary.splits["train"]["count"] == 1000
+    assert peak < 48 * 1024**2, f"{peak / 2**20:.0f} MiB"
+    with np.load(source) as original:
+        assert np.array_equal(load_canonical(tmp_path / "out.npz")["train"][0], original["images"])
+
+
 def test_entry_larger_than_its_header_says_is_refused(tmp_path):
     source = tmp_path / "lying.zip"
     with zipfile.ZipFile(source, "w", zipfile.ZIP_DEFLATED) as archive:

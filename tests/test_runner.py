@@ -174,3 +174,21 @@ def test_a_cancel_accepted_while_the_checkpoint_is_stored_wins(job_id, monkeypat
         job = session.get(Job, job_id)
         assert job.status is JobStatus.CANCELLED and job.result is None
         assert session.query(Checkpoint).filter_by(job_id=job_id).count() == 0
+
+
+def test_a_cpu_worker_counts_its_own_memory_once():
+    """The estimate counts the worker's resident memory as its runtime, and MemAvailable leaves that memory out:
+    compared with MemAvailable alone it was counted twice, and jobs that fit were refused."""
+    from pathlib import Path
+
+    from engine.cost import JobEstimate
+
+    available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemAvailable:"))
+    held = runner.resident_bytes()
+    assert held > 2**28  # torch and the engine are imported: the test below means something
+    runner.refuse_if_too_large(JobEstimate(1, available + held // 2), "cpu", 2**62)  # fits beside what it holds
+    with pytest.raises(runner.TooLargeForWorker):
+        runner.refuse_if_too_large(JobEstimate(1, held + available + 2**30), "cpu", 2**62)
+    with pytest.raises(runner.TooLargeForWorker, match="GiB for it"):
+        runner.refuse_if_too_large(JobEstimate(1, 2**30), "cpu", 2**29)  # over the worker's setting

@@ -200,3 +200,23 @@ def test_a_worker_waits_out_an_outage_of_the_store_instead_of_failing_its_job(s3
             assert not storage_unavailable(other)
     finally:
         proxy.close()
+
+
+def test_an_object_too_large_for_one_copy_request_is_touched_in_parts(s3_endpoint, tmp_path):
+    """Committing bytes the bucket already holds restarts the object's grace period by copying it onto itself;
+    S3 takes one copy request only up to 5 GB, so a larger object is copied in parts (here the threshold is cut
+    to 6 MiB, and moto serves the parts' copies)."""
+    store = S3BlobStore(tmp_path / "store", "s3://large/blobs", s3_endpoint)
+    store.single_copy_max_bytes = 6 * 2**20
+    data = os.urandom(13 * 2**20)
+    path, sha = _file(store.tmp_dir, "first", data)
+    assert store.commit_file(path, sha).created is True
+    before = store._head(sha)
+    time.sleep(1.1)  # LastModified has whole seconds
+    again, _ = _file(store.tmp_dir, "again", data)
+    assert store.commit_file(again, sha).created is False
+    after = store._head(sha)
+    assert after["LastModified"] > before["LastModified"] and after["Metadata"]["touched"]
+    assert after["ContentLength"] == len(data) and "-" in after["ETag"]  # a multipart object's ETag
+    store.local_path(sha).unlink()
+    assert hashlib.sha256(store.path(sha).read_bytes()).hexdigest() == sha  # fetched whole from the bucket

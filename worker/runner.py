@@ -254,15 +254,19 @@ class TooLargeForWorker(Exception):
     pass
 
 
-def free_memory_bytes(device: str) -> int:
-    """Free memory of the device a job runs on: the GPU's, or the machine's MemAvailable."""
+def usable_memory_bytes(device: str) -> int:
+    """Memory this process could hold at a job's peak on the device it runs on. The GPU's free memory and what
+    torch's caching allocator holds there for this process (CUDA counts that as used; it is this process's to
+    reuse). On the CPU the machine's MemAvailable and this process's own resident memory, which the estimate
+    counts as its runtime and MemAvailable leaves out (it was counted twice: a worker with 19.3 GiB available
+    refused a job that needed 18.8 GiB besides its 3 GiB)."""
     if device.startswith("cuda"):
         import torch
 
-        return torch.cuda.mem_get_info(torch.device(device))[0]
+        return torch.cuda.mem_get_info(torch.device(device))[0] + torch.cuda.memory_reserved(torch.device(device))
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
+            return int(line.split()[1]) * 1024 + resident_bytes()
     return 2**62  # not Linux: nothing to compare with
 
 
@@ -277,10 +281,10 @@ def refuse_if_too_large(estimate: JobEstimate, device: str, memory_bytes: int) -
     """A job the engine estimates (engine.cost) to need more memory than the device has free (or than
     TVFORGE_WORKER_MEMORY_BYTES gives this worker) is refused with the numbers, instead of being killed
     half-way by the kernel or CUDA. The estimate is given the worker's own resident size for the runtime."""
-    free = min(free_memory_bytes(device), memory_bytes)
+    free = min(usable_memory_bytes(device), memory_bytes)
     if estimate.peak_bytes > free:
         raise TooLargeForWorker(f"this job needs about {estimate.peak_bytes / 2**30:.1f} GiB and the worker's "
-                                f"{device} has {free / 2**30:.1f} GiB free: a smaller batch_size or fewer task "
+                                f"{device} has {free / 2**30:.1f} GiB for it: a smaller batch_size or fewer task "
                                 f"vectors, or a larger worker")
 
 

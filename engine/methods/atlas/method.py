@@ -59,6 +59,7 @@ from engine.context import (
 )
 from engine.data import (
     Task,
+    images_per_batch,
     is_labelled,
     load_task,
     normalise_pixels,
@@ -583,12 +584,14 @@ def most_probable_classes(tower: "ComposedTower", coefficients: torch.Tensor, ta
     200k images of 10k classes)."""
     composed = tower.composition.compose(coefficients)
     labels, confidence = np.empty(len(images), dtype=np.int64), np.empty(len(images), dtype=np.float32)
+    batch_size = images_per_batch(batch_size, tower.model)
     for start in range(0, len(images), batch_size):
         pixels = preprocess_images(images[start:start + batch_size], tower.model).to(device)
         logits = tower.features(coefficients, pixels, composed) @ task.head.T
         best = logits.float().softmax(dim=-1).max(dim=-1)
         labels[start:start + len(pixels)] = best.indices.cpu().numpy()
         confidence[start:start + len(pixels)] = best.values.cpu().numpy()
+        del pixels, logits  # not held while the next batch is made
     return labels, confidence
 
 
