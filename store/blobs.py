@@ -212,7 +212,7 @@ class BlobStore:
         removed = 0
         cutoff = time.time() - older_than_s
         for entry in self.tmp_dir.iterdir():
-            if entry.stat().st_mtime < cutoff:
+            if _older_than(entry, cutoff):  # gone since it was listed (a writer finished): not a crash's leftover
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:

@@ -38,3 +38,15 @@ def test_a_file_written_long_before_its_commit_starts_its_grace_at_the_commit(tm
     late = commit(blobs, b"a merged checkpoint", age_s=7200)
     assert blobs.collect_garbage(lambda: set(), grace_s=3600) == []
     assert blobs.exists(late.sha256)
+
+
+def test_clean_tmp_passes_over_an_entry_that_goes_while_it_looks(tmp_path, monkeypatch):
+    """A writer finishing (its pending file renamed into place) between the listing and the look at the file's
+    age aborted the whole sweep with FileNotFoundError."""
+    store = BlobStore(tmp_path / "blobs")
+    left = store.tmp_dir / "left-by-a-crash"
+    left.write_bytes(b"x")
+    os.utime(left, (time.time() - 2 * 86400,) * 2)
+    listing = store.tmp_dir.iterdir
+    monkeypatch.setattr(type(store.tmp_dir), "iterdir", lambda self: iter([self / "renamed-into-place", *listing()]))
+    assert store.clean_tmp() == 1 and not left.exists()
