@@ -137,9 +137,7 @@ def preprocess_images(images_uint8: np.ndarray, model: torch.nn.Module) -> torch
         raise ValueError(f"images must be [N,H,W,3] or [N,H,W], got {tuple(np.asarray(images_uint8).shape)}")
     # In float the batch takes 12 bytes a pixel, before resizing (256 images of 2360 x 2360: 17 GB) and after
     # (256 small images resized to 4096 x 4096: 51 GB): converted a bounded slice at a time, each image's result
-    # the same.
-    # Each slice's result is written into the batch's tensor as it is made (a concatenation would hold every
-    # slice beside their copy); one slice is the batch.
+    # the same, and written into the batch as it is made (a concatenation held every slice beside their copy).
     height, width = _preprocess_cfg(model)["size"]
     resized = _resized_size(array.shape[1:3], (height, width))
     largest = max(array.shape[1] * array.shape[2], resized[0] * resized[1])
