@@ -29,27 +29,45 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_bytes: int | None = 0  # bytes of the request's head so far; None once it is complete
+        self._head_began_in_read = False
+        self._refused_head = False  # past the bound while earlier pipelined requests were still being answered
         self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def data_received(self, data: bytes) -> None:
-        in_head = self._header_bytes is not None
+        if self._refused_head:
+            return  # its 431 goes once the earlier responses are out; nothing more is parsed
+        self._head_began_in_read = False
         super().data_received(data)
-        # Counted after parsing, and only while the head is still incomplete, so that body bytes arriving in the
-        # same read as the head's end are not taken for header bytes: the parser holds at most this bound plus
-        # one read (asyncio reads up to 256 KiB).
-        if in_head and self._header_bytes is not None:
+        if self._header_bytes is None or self.transport.is_closing():
+            return
+        # Counted after parsing, while a head is still incomplete: a read the head ran through from its start
+        # counts whole; the read a head began in is not counted (it may hold an earlier request's body), so a head
+        # is bounded at this plus one read (asyncio reads up to 256 KiB).
+        if not self._head_began_in_read:
             self._header_bytes += len(data)
-            if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
-                self._cancel_header_deadline()
-                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                                     b"content-type: application/problem+json\r\n"
-                                     b"content-length: " + str(len(HEADERS_TOO_LARGE)).encode() + b"\r\n"
-                                     b"connection: close\r\n\r\n" + HEADERS_TOO_LARGE)
-                self.transport.close()
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._cancel_header_deadline()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._refused_head = True  # answered in order: after the responses before it
+                self.flow.pause_reading()
+            else:
+                self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                             b"content-type: application/problem+json\r\n"
+                             b"content-length: " + str(len(HEADERS_TOO_LARGE)).encode() + b"\r\n"
+                             b"connection: close\r\n\r\n" + HEADERS_TOO_LARGE)
+        self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._refused_head and self.cycle.response_complete and not self.transport.is_closing():
+            self._refuse_head()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._header_bytes = 0
+        self._header_bytes, self._head_began_in_read = 0, True
         if self._header_deadline is None:  # the next request on a kept-alive connection
             self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 

@@ -24,7 +24,7 @@ import string
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -591,8 +591,8 @@ def _to_rgb(images: np.ndarray) -> np.ndarray:
     return images[..., :3]
 
 
-def _image_rows(archive: zipfile.ZipFile, info: zipfile.ZipInfo, shape: tuple[int, ...],
-                per_read: int) -> Iterator[np.ndarray]:
+def _image_rows(archive: zipfile.ZipFile, info: zipfile.ZipInfo, shape: tuple[int, ...], per_read: int,
+                load_whole: Callable[[], np.ndarray]) -> Iterator[np.ndarray]:
     """A uint8 image member's rows, per_read images at a time, decompressed as they are read: np.load held the
     whole split (a 14 MiB deflated upload of 1 GB of images took 1 GB of the API's memory)."""
     row_bytes = math.prod(shape[1:])
@@ -601,19 +601,23 @@ def _image_rows(archive: zipfile.ZipFile, info: zipfile.ZipInfo, shape: tuple[in
             version = np.lib.format.read_magic(member)
             _, fortran_order, _ = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                    else np.lib.format.read_array_header_2_0)(member)
-            if fortran_order:
-                raise _invalid(f"npz member {info.filename!r} is stored in Fortran order; save the images with "
-                               "np.ascontiguousarray(images).")
-            for start in range(0, shape[0], per_read):
-                count = min(per_read, shape[0] - start)
-                data = member.read(count * row_bytes)
-                if len(data) != count * row_bytes:
-                    raise EOFError("the member ends before its declared shape")
-                yield np.frombuffer(data, dtype=np.uint8).reshape(count, *shape[1:])
-            while member.read(WRITE_CHUNK_BYTES):  # to the end, where zipfile checks the CRC
-                pass
+            if not fortran_order:
+                for start in range(0, shape[0], per_read):
+                    count = min(per_read, shape[0] - start)
+                    data = member.read(count * row_bytes)
+                    if len(data) != count * row_bytes:
+                        raise EOFError("the member ends before its declared shape")
+                    yield np.frombuffer(data, dtype=np.uint8).reshape(count, *shape[1:])
+                while member.read(WRITE_CHUNK_BYTES):  # to the end, where zipfile checks the CRC
+                    pass
+                return
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise _invalid(f"npz array {info.filename.removesuffix('.npy')!r} could not be read: {exc}") from None
+    # Fortran order (np.save writes it for an array that is Fortran- and not C-contiguous): an image's pixels are
+    # not together in the file, so the array is loaded whole, as before (within the decoded-bytes limit).
+    images = load_whole()
+    for start in range(0, shape[0], per_read):
+        yield images[start:start + per_read]
 
 
 def _ingest_npz(source: Path, archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], writer: _CanonicalWriter,
@@ -668,10 +672,11 @@ def _ingest_npz(source: Path, archive: zipfile.ZipFile, files: list[zipfile.ZipI
             shape = headers[images_key][0]
             count = shape[0]
             # zipfile inflates and joins what it reads in buffers of their own: at about 5x a piece, 8 MiB pieces
-            # peaked at 39 MiB for a deflated split of 1000 images at 224 pixels (the split whole: 208 MiB)
+            # peaked at 39 MiB for a deflated split of 1000 images at 224 pixels, 144 MiB (loaded whole: 208 MiB)
             per_read = max(1, 8 * 2**20 // (height * width * 3))
             with writer.array(f"{split}_images", np.uint8, (count, height, width, 3)) as member:
-                for rows in _image_rows(archive, members[images_key], shape, per_read):
+                for rows in _image_rows(archive, members[images_key], shape, per_read,
+                                        lambda key=images_key: load(key)):
                     member.write(np.ascontiguousarray(_to_rgb(rows)).data.cast("B"))  # no copy to bytes
             split_labels = labels[split].astype(np.int64) if labeled else np.full(count, -1, dtype=np.int64)
             writer.write(f"{split}_labels", split_labels)

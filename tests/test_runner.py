@@ -176,19 +176,16 @@ def test_a_cancel_accepted_while_the_checkpoint_is_stored_wins(job_id, monkeypat
         assert session.query(Checkpoint).filter_by(job_id=job_id).count() == 0
 
 
-def test_a_cpu_worker_counts_its_own_memory_once():
+def test_a_cpu_worker_counts_its_own_memory_once(monkeypatch):
     """The estimate counts the worker's resident memory as its runtime, and MemAvailable leaves that memory out:
-    compared with MemAvailable alone it was counted twice, and jobs that fit were refused."""
-    from pathlib import Path
-
+    compared with MemAvailable alone it was counted twice, and jobs that fit were refused (19.3 GiB available,
+    3 GiB held, a job needing 18.8 GiB besides)."""
     from engine.cost import JobEstimate
 
-    available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                     if line.startswith("MemAvailable:"))
-    held = runner.resident_bytes()
-    assert held > 2**28  # torch and the engine are imported: the test below means something
-    runner.refuse_if_too_large(JobEstimate(1, available + held // 2), "cpu", 2**62)  # fits beside what it holds
-    with pytest.raises(runner.TooLargeForWorker):
-        runner.refuse_if_too_large(JobEstimate(1, held + available + 2**30), "cpu", 2**62)
-    with pytest.raises(runner.TooLargeForWorker, match="GiB for it"):
+    monkeypatch.setattr(runner, "available_memory_bytes", lambda: 19 * 2**30)
+    monkeypatch.setattr(runner, "resident_bytes", lambda: 3 * 2**30)
+    runner.refuse_if_too_large(JobEstimate(1, 21 * 2**30), "cpu", 2**62)  # fits beside what it holds
+    with pytest.raises(runner.TooLargeForWorker, match="22.0 GiB for it"):
+        runner.refuse_if_too_large(JobEstimate(1, 23 * 2**30), "cpu", 2**62)
+    with pytest.raises(runner.TooLargeForWorker, match="0.5 GiB for it"):
         runner.refuse_if_too_large(JobEstimate(1, 2**30), "cpu", 2**29)  # over the worker's setting

@@ -264,9 +264,13 @@ def usable_memory_bytes(device: str) -> int:
         import torch
 
         return torch.cuda.mem_get_info(torch.device(device))[0] + torch.cuda.memory_reserved(torch.device(device))
+    return available_memory_bytes() + resident_bytes()
+
+
+def available_memory_bytes() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024 + resident_bytes()
+            return int(line.split()[1]) * 1024
     return 2**62  # not Linux: nothing to compare with
 
 
