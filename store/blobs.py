@@ -286,6 +286,16 @@ class S3BlobStore(BlobStore):
             if error.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
                 raise
             self.client.create_bucket(Bucket=self.bucket)
+            # An upload cut off mid-way (a killed process) leaves its parts, which no listing of objects shows to
+            # the collector: the bucket drops them after a day. A bucket that exists keeps its operator's rules.
+            # MinIO refuses the rule (its issue 15681) and purges such parts after 24 h itself: best effort.
+            try:
+                self.client.put_bucket_lifecycle_configuration(Bucket=self.bucket, LifecycleConfiguration={"Rules": [{
+                    "ID": "tvforge-abort-incomplete-uploads", "Status": "Enabled", "Filter": {"Prefix": self.prefix},
+                    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}]})
+            except ClientError:
+                log.info("bucket %s: the server refused a rule to abort abandoned uploads; it keeps its own",
+                         self.bucket, exc_info=True)
 
     def key(self, sha256: str) -> str:
         self.local_path(sha256)  # validates the digest
