@@ -164,12 +164,10 @@ def release(session: Session, job_id: str, worker_id: str) -> bool:
 
 def requeue_short_of_memory(session: Session, job_id: str, worker_id: str, max_attempts: int) -> bool:
     """running -> queued, by a worker that has too little memory free for the job at this moment (the job would fit
-    a worker of the configured size), unless this was its last attempt or its owner asked to cancel it (False: the
-    caller fails or cancels it). The attempt counts, and no message is sent now: published_at is set as if one
-    were, so the reaper sends one once republish_after_s has passed (unclaimed_jobs), when memory may have come
-    free here or on another worker."""
-    return _changed(session, update(Job).where(*_held_by(job_id, worker_id), Job.attempts < max_attempts,
-                                               Job.cancel_requested.is_(False)).values(
+    a worker of the configured size), unless this was its last attempt (False: the caller fails it). The attempt
+    counts, and no message is sent now: published_at is set as if one were, so the reaper sends one once
+    republish_after_s has passed (unclaimed_jobs), when memory may have come free here or on another worker."""
+    return _changed(session, update(Job).where(*_held_by(job_id, worker_id), Job.attempts < max_attempts).values(
         status=JobStatus.QUEUED, worker_id=None, published_at=database_utcnow(), queued_at=database_utcnow(),
         progress={"fraction": 0.0, "stage": "waiting for a worker with enough free memory", "step": 0, "total": 0,
                   "metrics": {}}))

@@ -212,19 +212,3 @@ def test_a_job_short_of_free_memory_waits_for_it_then_fails_on_its_last_attempt(
     with session_scope() as session:
         job = session.get(Job, job_id)
         assert job.error["title"] == "Too large for this worker" and "GiB" in job.error["detail"]
-
-
-def test_a_job_short_of_free_memory_whose_cancel_was_asked_is_cancelled_not_queued(job_id, monkeypatch, tmp_path):
-    from store import jobs
-
-    with_tiny_inputs(job_id, tmp_path)
-
-    def cancelled_then_short(device: str) -> int:
-        with session_scope() as session:
-            assert jobs.cancel(session, job_id) is JobStatus.RUNNING  # the owner's cancel, answered 202
-        return 1
-
-    monkeypatch.setattr(runner, "usable_memory_bytes", cancelled_then_short)
-    assert runner.run_job(job_id, "w1:token") is JobStatus.CANCELLED
-    with session_scope() as session:
-        assert session.get(Job, job_id).status is JobStatus.CANCELLED

@@ -393,14 +393,11 @@ def run_job(job_id: str, worker_id: str, worker_stopping: Callable[[], bool] | N
             # it is back would replace work that may be done. The reaper re-queues the job.
             log.error("job %s: the database is unreachable; left to the reaper", job_id)
             raise
-        if isinstance(exc, TooLargeForWorker) and exc.momentary:
-            if transact(lambda session: jobs.requeue_short_of_memory(session, job_id, worker_id,
-                                                                     settings.max_attempts), retry_for_s):
-                log.warning("job %s: %s; queued again, published in %g s", job_id, exc, settings.republish_after_s)
-                return None
-            if transact(lambda session: jobs.cancel_requested(session, job_id), retry_for_s):
-                transact(lambda session: jobs.acknowledge_cancel(session, job_id, worker_id), retry_for_s)
-                return JobStatus.CANCELLED
+        if isinstance(exc, TooLargeForWorker) and exc.momentary and transact(
+                lambda session: jobs.requeue_short_of_memory(session, job_id, worker_id, settings.max_attempts),
+                retry_for_s):
+            log.warning("job %s: %s; queued again, to be published in %g s", job_id, exc, settings.republish_after_s)
+            return None
         if isinstance(exc, SoftTimeLimitExceeded):
             error = jobs.time_limit_passed(settings.job_time_limit_s)
         elif isinstance(exc, TooLargeForWorker):
