@@ -162,17 +162,6 @@ def release(session: Session, job_id: str, worker_id: str) -> bool:
         progress={"fraction": 0.0, "stage": "released by a stopping worker", "step": 0, "total": 0, "metrics": {}}))
 
 
-def requeue_short_of_memory(session: Session, job_id: str, worker_id: str, max_attempts: int) -> bool:
-    """running -> queued, by a worker that has too little memory free for the job at this moment (the job would fit
-    a worker of the configured size), unless this was its last attempt (False: the caller fails it). The attempt
-    counts, and no message is sent now: published_at is set as if one were, so the reaper sends one once
-    republish_after_s has passed (unclaimed_jobs), when memory may have come free here or on another worker."""
-    return _changed(session, update(Job).where(*_held_by(job_id, worker_id), Job.attempts < max_attempts).values(
-        status=JobStatus.QUEUED, worker_id=None, published_at=database_utcnow(), queued_at=database_utcnow(),
-        progress={"fraction": 0.0, "stage": "waiting for a worker with enough free memory", "step": 0, "total": 0,
-                  "metrics": {}}))
-
-
 def acknowledge_cancel(session: Session, job_id: str, worker_id: str) -> bool:
     """running -> cancelled, by the worker that stopped at a cancel request."""
     return _finish(session, _held_by(job_id, worker_id), JobStatus.CANCELLED)

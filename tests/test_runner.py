@@ -189,26 +189,3 @@ def test_a_cpu_worker_counts_its_own_memory_once(monkeypatch):
         runner.refuse_if_too_large(JobEstimate(1, 23 * 2**30), "cpu", 2**62)
     with pytest.raises(runner.TooLargeForWorker, match="0.5 GiB for it"):
         runner.refuse_if_too_large(JobEstimate(1, 2**30), "cpu", 2**29)  # over the worker's setting
-
-
-def test_a_job_short_of_free_memory_waits_for_it_then_fails_on_its_last_attempt(job_id, monkeypatch, tmp_path):
-    """A job that would fit a worker of the configured size, refused only because this moment's free memory is
-    short (another job, another process on the GPU), goes back to the queue with its attempt counted, to be
-    published once TVFORGE_REPUBLISH_AFTER_S has passed; on its last attempt it fails with the numbers."""
-    from store import jobs
-
-    with_tiny_inputs(job_id, tmp_path)
-    monkeypatch.setattr(runner, "usable_memory_bytes", lambda device: 1)  # the tiny job needs more than this
-    assert runner.run_job(job_id, "w1:token") is None
-    time.sleep(0.01)  # past the millisecond of its requeue, as the database's clock counts
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        assert job.status is JobStatus.QUEUED and job.attempts == 1 and job.worker_id is None
-        assert job.progress["stage"] == "waiting for a worker with enough free memory"
-        assert jobs.unpublished_jobs(session, jobs.database_now(session)) == []  # the reaper waits to publish it
-        assert jobs.unclaimed_jobs(session, republish_after_s=0.0) == [job_id]  # ...republish_after_s, then does
-        job.attempts = get_settings().max_attempts - 1
-    assert runner.run_job(job_id, "w2:token") is JobStatus.FAILED
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        assert job.error["title"] == "Too large for this worker" and "GiB" in job.error["detail"]

@@ -251,9 +251,7 @@ def job_vector_ids(loaded: _LoadedJob) -> list[str]:
 
 
 class TooLargeForWorker(Exception):
-    def __init__(self, message: str, momentary: bool):
-        super().__init__(message)
-        self.momentary = momentary  # it fits a worker of the configured size: only this moment's free memory is short
+    pass
 
 
 def usable_memory_bytes(device: str) -> int:
@@ -291,7 +289,7 @@ def refuse_if_too_large(estimate: JobEstimate, device: str, memory_bytes: int) -
     if estimate.peak_bytes > free:
         raise TooLargeForWorker(f"this job needs about {estimate.peak_bytes / 2**30:.1f} GiB and the worker's "
                                 f"{device} has {free / 2**30:.1f} GiB for it: a smaller batch_size or fewer task "
-                                f"vectors, or a larger worker", momentary=estimate.peak_bytes <= memory_bytes)
+                                f"vectors, or a larger worker")
 
 
 def resolve_device(setting: str) -> str:
@@ -393,11 +391,6 @@ def run_job(job_id: str, worker_id: str, worker_stopping: Callable[[], bool] | N
             # it is back would replace work that may be done. The reaper re-queues the job.
             log.error("job %s: the database is unreachable; left to the reaper", job_id)
             raise
-        if isinstance(exc, TooLargeForWorker) and exc.momentary and transact(
-                lambda session: jobs.requeue_short_of_memory(session, job_id, worker_id, settings.max_attempts),
-                retry_for_s):
-            log.warning("job %s: %s; queued again, to be published in %g s", job_id, exc, settings.republish_after_s)
-            return None
         if isinstance(exc, SoftTimeLimitExceeded):
             error = jobs.time_limit_passed(settings.job_time_limit_s)
         elif isinstance(exc, TooLargeForWorker):
