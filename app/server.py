@@ -60,15 +60,25 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
                              b"connection: close\r\n\r\n" + HEADERS_TOO_LARGE)
         self.transport.close()
 
+    def _answering(self) -> bool:
+        """Whether an earlier request's response is still being made (uvicorn reads no more meanwhile)."""
+        return self.cycle is not None and not self.cycle.response_complete
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._refused_head and self.cycle.response_complete and not self.transport.is_closing():
+        if self._answering() or self.transport.is_closing():
+            return
+        if self._refused_head:
             self._refuse_head()
+        elif self._header_bytes is not None and self._header_deadline is None:  # a pipelined head still coming
+            self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes, self._head_began_in_read = 0, True
-        if self._header_deadline is None:  # the next request on a kept-alive connection
+        # The next request on a kept-alive connection; a pipelined one behind a response in progress is timed from
+        # that response's end, since uvicorn stops reading until then (on_response_complete).
+        if self._header_deadline is None and not self._answering():
             self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def on_headers_complete(self) -> None:

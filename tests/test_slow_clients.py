@@ -1,5 +1,6 @@
 """Slow and stalled clients against the real server (`tvforge api`): trickled headers are cut off, a stalled
 upload gets 408 and leaves nothing behind, and stalled connections do not starve anyone else."""
+import asyncio
 import hashlib
 import socket
 import threading
@@ -315,3 +316,53 @@ def test_request_headers_are_bounded_in_size(strict_stack):
         closed, received = _closed_within(sock, 5)
     assert received.count(b"HTTP/1.1 200") == 40, received[:300]  # every earlier request answered, in order
     assert received.index(b"HTTP/1.1 431") > received.rindex(b"HTTP/1.1 200") and closed
+
+
+async def _slow_or_fast(scope, receive, send):
+    """/slow answers after 2.5 s without reading its body; anything else at once."""
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/slow":
+        await asyncio.sleep(2.5)
+    body = scope["path"].encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def pipelining_server(monkeypatch):
+    """uvicorn with the API's protocol (a 1 s header deadline) in front of _slow_or_fast."""
+    import uvicorn
+
+    from app.server import HeaderDeadlineProtocol
+    from tests.services import free_port
+
+    monkeypatch.setattr(HeaderDeadlineProtocol, "header_timeout_s", 1.0)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(_slow_or_fast, host="127.0.0.1", port=port, http=HeaderDeadlineProtocol,
+                                           lifespan="off", log_level="warning", timeout_keep_alive=30))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_the_header_deadline_waits_while_pipelined_requests_wait(pipelining_server):
+    """uvicorn reads nothing more while it answers a request; a pipelined head behind it is timed from the end of
+    that answer, not from its first byte (a head split across two sends closed the connection and the answer in
+    progress with it); a head that still does not complete after that is cut off."""
+    with socket.create_connection(("127.0.0.1", pipelining_server), timeout=15) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\nGET /c HTTP/1.1\r\nHo")
+        time.sleep(0.2)
+        sock.sendall(b"st: x\r\n\r\n")
+        received, deadline = b"", time.monotonic() + 8
+        while received.count(b"HTTP/1.1 200") < 3 or not received.endswith(b"/c"):
+            assert time.monotonic() < deadline, received
+            received += sock.recv(65536)
+    with socket.create_connection(("127.0.0.1", pipelining_server), timeout=15) as sock:
+        sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /never HTTP/1.1\r\nHo")
+        closed, received = _closed_within(sock, 5, trickle=b"X")
+    assert received.startswith(b"HTTP/1.1 200") and closed
