@@ -47,7 +47,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             self._header_bytes += len(data)
         if self._header_bytes > MAX_HEADER_BYTES:
             self._cancel_header_deadline()
-            if self.cycle is not None and not self.cycle.response_complete:
+            if self._answering():
                 self._refused_head = True  # answered in order: after the responses before it
                 self.flow.pause_reading()
             else:

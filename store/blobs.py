@@ -245,6 +245,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+COPY_PART_BYTES = 512 * 2**20  # 16 parts for the largest upload (TVFORGE_MAX_UPLOAD_BYTES: 8 GiB)
+
+
 class S3BlobStore(BlobStore):
     """Blobs on an S3-compatible server (AWS S3, MinIO), shared by API and workers on many machines.
 
@@ -257,7 +260,7 @@ class S3BlobStore(BlobStore):
 
     CACHE_MIN_AGE_S = 600.0  # a cached copy used this recently is never pruned: a reader may be about to open it
     # S3 copies an object in one request up to 5 GB (a larger one answers 400): one re-committed past that (a large
-    # base model uploaded again) is copied in parts
+    # base model uploaded again) is copied in parts of COPY_PART_BYTES
     single_copy_max_bytes = 5 * 1000**3
 
     def __init__(self, root: Path, url: str, endpoint_url: str | None = None, cache_max_bytes: int | None = None):
@@ -374,8 +377,7 @@ class S3BlobStore(BlobStore):
                 self.client.copy({"Bucket": self.bucket, "Key": key}, self.bucket, key,
                                  ExtraArgs={"Metadata": {"touched": str(time.time())}, "MetadataDirective": "REPLACE"},
                                  Config=TransferConfig(multipart_threshold=self.single_copy_max_bytes,
-                                                       multipart_chunksize=max(5 * 2**20, self.single_copy_max_bytes
-                                                                               // 20)))
+                                                       multipart_chunksize=COPY_PART_BYTES))
                 return False
         self.client.upload_file(str(path), self.bucket, key)
         return True

@@ -28,8 +28,8 @@ from store.models import (  # JobStatus: the states, re-exported here
 )
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
-REPUBLISH_BACKOFF_MAX = timedelta(minutes=30)
 FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+REPUBLISH_BACKOFF_MAX = timedelta(minutes=30)  # unclaimed_jobs
 
 
 def problem(title: str, detail: str, slug: str, status: int = 500) -> dict:
